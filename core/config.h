@@ -1,0 +1,105 @@
+#ifndef TG_CONFIG_H
+#define TG_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The gateway's one configuration file: a Lua chunk that returns a table,
+ * evaluated in an empty sandbox (no libraries but string, table and math;
+ * no io, os, require, load). Paths in it are relative to the file's folder.
+ *
+ *   return {
+ *     listen  = { { host = "127.0.0.1", port = 8080 },
+ *                 { host = "127.0.0.1", port = 8443, tls_cert = "c.pem", tls_key = "k.pem" } },
+ *     admin   = { host = "127.0.0.1", port = 9090, token_file = "admin.token" },
+ *     workers = 0,                 -- 0: one per core
+ *     data_dir = "data",
+ *     log_level = "info",
+ *     limits = { max_header_bytes = 16384, max_body_bytes = 4194304,
+ *                header_timeout_ms = 10000, body_timeout_ms = 30000,
+ *                idle_timeout_ms = 60000, max_connections = 10000,
+ *                shutdown_grace_ms = 10000 },
+ *     tenants = {
+ *       { name = "news", hosts = { "news.example" },
+ *         catalog = { source = "rsl/news.xml", refresh_s = 300 },
+ *         policy = "policies/news.lua",
+ *         signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
+ *                    key_file = "keys/news.key", ttl_s = 300 },
+ *         billing = { type = "builtin" },                -- or { type = "http", url = ..., timeout_ms = 30 }
+ *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532" } } },
+ *     },
+ *   }
+ *
+ * Unknown keys are errors (typos must not pass silently). */
+
+#define TG_CONFIG_MAX_LISTENERS 8
+
+typedef struct tg_config_listener {
+  char *host;
+  int port;
+  char *tls_cert;     /* absolute path or NULL */
+  char *tls_key;
+} tg_config_listener_t;
+
+typedef struct tg_config_kv {
+  char *key;
+  char *value;        /* numbers and booleans are kept as their text */
+} tg_config_kv_t;
+
+/* A flat string table for sections whose keys later modules interpret
+ * (signer, billing, payments): key paths joined by '.', e.g. "x402.pay_to". */
+typedef struct tg_config_section {
+  tg_config_kv_t *items;
+  size_t nitems;
+} tg_config_section_t;
+
+typedef struct tg_config_tenant {
+  char *name;                 /* [a-z0-9_-]{1,64}, unique */
+  char **hosts;               /* lowercased, unique across tenants */
+  size_t nhosts;
+  char *catalog_source;       /* file path (absolute) or http(s) URL; NULL = none */
+  uint32_t catalog_refresh_s; /* default 300 */
+  char *policy_file;          /* absolute path, or NULL for the default policy */
+  tg_config_section_t signer;
+  tg_config_section_t billing;
+  tg_config_section_t payments;
+} tg_config_tenant_t;
+
+typedef struct tg_config {
+  char *path;                 /* the file loaded (absolute) */
+  char *dir;                  /* its folder */
+  tg_config_listener_t listen[TG_CONFIG_MAX_LISTENERS];
+  size_t nlisten;
+  tg_config_listener_t admin; /* host NULL: no admin listener */
+  char *admin_token_file;     /* absolute path */
+  int workers;                /* 0 = number of cores */
+  char *data_dir;             /* absolute path */
+  char *log_level;
+  size_t max_header_bytes;
+  size_t max_body_bytes;
+  uint32_t header_timeout_ms;
+  uint32_t body_timeout_ms;
+  uint32_t idle_timeout_ms;
+  uint32_t max_connections;
+  uint32_t shutdown_grace_ms;
+  tg_config_tenant_t *tenants;
+  size_t ntenants;
+} tg_config_t;
+
+/* Loads and validates path into cfg (zeroed by the call). Returns 0, or -1
+ * with err holding "FILE:LINE: reason" (LINE is the Lua line for syntax and
+ * runtime errors, or the line of the offending tenant/table where known;
+ * "FILE: reason" otherwise). */
+int tg_config_load(const char *path, tg_config_t *cfg, char *err, size_t errlen);
+
+void tg_config_free(tg_config_t *cfg);
+
+/* Value of key in a section, or NULL. */
+const char *tg_config_get(const tg_config_section_t *s, const char *key);
+
+/* Reads the admin token (trimmed) from cfg->admin_token_file into a new
+ * string; NULL with err on failure (missing file, empty, world-readable is
+ * only a warning). */
+char *tg_config_read_token(const tg_config_t *cfg, char *err, size_t errlen);
+
+#endif
