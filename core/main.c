@@ -1,6 +1,106 @@
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-int main(void) {
-  puts("tollgate: not yet");
+#include <uv.h>
+
+#include "config.h"
+#include "gateway.h"
+#include "log.h"
+
+#ifndef TG_VERSION
+#define TG_VERSION "0.1.0"
+#endif
+
+static void usage(FILE *f) {
+  fprintf(f, "usage: tollgate run -c FILE     start the gateway\n"
+             "       tollgate check -c FILE   validate the configuration and its policies, then exit\n"
+             "       tollgate version\n");
+}
+
+typedef struct app {
+  tg_gateway_t *gw;
+  uv_signal_t sigterm, sigint, sighup;
+  int stopping;
+} app_t;
+
+static void on_signal(uv_signal_t *s, int signum) {
+  app_t *app = s->data;
+  if (signum == SIGHUP) {
+    tg_log(TG_LOG_INFO, "SIGHUP received: nothing to reload yet", NULL);
+    return;
+  }
+  if (app->stopping)
+    return;
+  app->stopping = 1;
+  tg_log(TG_LOG_INFO, "stopping", "signal", signum == SIGTERM ? "SIGTERM" : "SIGINT", NULL);
+  uv_close((uv_handle_t *)&app->sigterm, NULL);
+  uv_close((uv_handle_t *)&app->sigint, NULL);
+  uv_close((uv_handle_t *)&app->sighup, NULL);
+}
+
+int main(int argc, char **argv) {
+  const char *cmd = "run", *path = NULL;
+  int i = 1;
+  if (argc > 1 && argv[1][0] != '-')
+    cmd = argv[i++];
+  for (; i < argc; i++) {
+    if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
+      path = argv[++i];
+    } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+      usage(stdout);
+      return 0;
+    } else {
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (strcmp(cmd, "version") == 0) {
+    printf("tollgate %s\n", TG_VERSION);
+    return 0;
+  }
+  if ((strcmp(cmd, "run") != 0 && strcmp(cmd, "check") != 0) || path == NULL) {
+    usage(stderr);
+    return 2;
+  }
+
+  tg_config_t cfg;
+  char err[1024];
+  if (tg_config_load(path, &cfg, err, sizeof err) != 0) {
+    fprintf(stderr, "tollgate: %s\n", err);
+    return 1;
+  }
+  if (strcmp(cmd, "check") == 0) {
+    printf("tollgate: configuration %s is valid (%zu tenants)\n", cfg.path, cfg.ntenants);
+    tg_config_free(&cfg);
+    return 0;
+  }
+  int lvl = cfg.log_level ? tg_log_level_parse(cfg.log_level) : TG_LOG_INFO;
+  tg_log_set_level(lvl < 0 ? TG_LOG_INFO : (tg_log_level_t)lvl);
+  signal(SIGPIPE, SIG_IGN);
+
+  app_t app = {0};
+  uv_loop_t *loop = uv_default_loop();
+  uv_signal_init(loop, &app.sigterm);
+  uv_signal_init(loop, &app.sigint);
+  uv_signal_init(loop, &app.sighup);
+  app.sigterm.data = app.sigint.data = app.sighup.data = &app;
+  uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&app.sigint, on_signal, SIGINT);
+  uv_signal_start(&app.sighup, on_signal, SIGHUP);
+
+  if (tg_gateway_start(&app.gw, &cfg, err, sizeof err) != 0) {
+    fprintf(stderr, "tollgate: %s\n", err);
+    tg_log(TG_LOG_ERROR, "start failed", "reason", err, NULL);
+    tg_config_free(&cfg);
+    return 1;
+  }
+  tg_log(TG_LOG_INFO, "ready", "version", TG_VERSION, "config", cfg.path, NULL);
+  uv_run(loop, UV_RUN_DEFAULT); /* until a stop signal closes the handles */
+  tg_gateway_stop(app.gw);
+  tg_log(TG_LOG_INFO, "stopped", NULL);
+  uv_loop_close(loop);
+  tg_config_free(&cfg);
   return 0;
 }
