@@ -58,24 +58,35 @@ typedef struct tg_connect_router tg_connect_router_t;
 
 tg_connect_router_t *tg_connect_router_new(void);
 void tg_connect_router_free(tg_connect_router_t *r);
-/* Copies m. Returns 0, or -EEXIST / -ENOMEM. Register before the server starts;
- * afterwards the router is read-only and shared by all workers. */
+/* Copies m (and its path and name strings). Returns 0, or -EEXIST / -ENOMEM /
+ * -EINVAL. Register before the server starts; afterwards the router is
+ * read-only and shared by all workers without a lock. */
 int tg_connect_router_add(tg_connect_router_t *r, const tg_connect_method_t *m);
 
-/* Serves req if its path is a registered procedure (or looks like one: a
- * /pkg.Service/Method path that is not registered gets 404 unimplemented).
- * Returns 1 when it took the request (it will be answered), 0 when the path
- * is not a Connect path and the caller should route it elsewhere. */
+/* Largest request message after decompression; larger is resource_exhausted.
+ * Keep it in step with the server's max_body_bytes. Call before start. */
+#define TG_CONNECT_MAX_MESSAGE_BYTES (4u << 20)
+void tg_connect_router_set_max_message(tg_connect_router_t *r, size_t max_bytes);
+
+/* Serves req if its path is a registered procedure, or looks like one: a
+ * /pkg.Service/Method path that is not registered gets a bare 404 (as
+ * connect-go and connect-node answer; clients read it as unimplemented).
+ * Returns 1 when it took the request (it is or will be answered), 0 when the
+ * path is not a Connect path and the caller should route it elsewhere.
+ * Worker thread only. */
 int tg_connect_handle(const tg_connect_router_t *r, tg_http_req_t *req);
 
 /* Finishes with a response message (encoded as the request was, compressed if
  * the client accepts gzip and the body is large enough). */
 void tg_connect_reply(tg_connect_call_t *call, const ProtobufCMessage *response);
-/* Finishes with a Connect error. */
+/* Finishes with a Connect error (TG_CONNECT_OK counts as unknown). A second
+ * reply or fail on the same call is ignored. */
 void tg_connect_fail(tg_connect_call_t *call, tg_connect_code_t code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Accessors for handlers. */
+/* Accessors for handlers, worker thread only, valid until the call is finished. */
+/* The HTTP request (headers, peer, worker); NULL once the call was answered,
+ * i.e. after the deadline passed: do not keep the pointer across waits. */
 tg_http_req_t *tg_connect_call_http(tg_connect_call_t *call);
 /* 1 once the client's Connect-Timeout-Ms has passed (the call was already
  * answered deadline_exceeded; the handler still must finish it, and its
@@ -83,8 +94,12 @@ tg_http_req_t *tg_connect_call_http(tg_connect_call_t *call);
 int tg_connect_call_expired(const tg_connect_call_t *call);
 /* Milliseconds left before the deadline; UINT32_MAX when there is none. */
 uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call);
-/* Sets the tenant_id label the call is counted under in exchange_rpc_total. */
+/* Sets the tenant_id label the call is counted under in exchange_rpc_total
+ * (copied, at most 63 bytes; "" until set). */
 void tg_connect_call_set_tenant(tg_connect_call_t *call, const char *tenant_id);
+/* Memory from the call's arena (aligned for any type), freed with the call:
+ * for building the response. NULL when out of memory. */
+void *tg_connect_call_alloc(tg_connect_call_t *call, size_t n);
 
 /* Registers exchange_rpc_total and exchange_rpc_duration_seconds. Call once,
  * before workers start. */
