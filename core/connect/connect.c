@@ -1045,7 +1045,7 @@ static int serve(const tg_connect_router_t *r, tg_connect_call_t *call) {
     /* As connect-go's JSON codec: an empty body is not a JSON object. */
     snprintf(why, sizeof why, "zero-length payload is not a valid JSON object");
   } else {
-    call->request = tg_pbjson_decode(in, data, len, why, sizeof why);
+    call->request = tg_pbjson_decode_ex(in, data, len, TG_PBJSON_IGNORE_UNKNOWN, why, sizeof why);
     call->request_in_arena = 0;
   }
   free(inflated);
