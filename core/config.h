@@ -30,9 +30,34 @@
  *     },
  *   }
  *
- * Unknown keys are errors (typos must not pass silently). */
+ * Unknown keys are errors (typos must not pass silently). Defaults: the
+ * values shown for workers, data_dir, log_level and limits, refresh_s 300;
+ * no admin listener, no tenants. Rules beyond the types:
+ *   - listen: 1 to TG_CONFIG_MAX_LISTENERS entries; host an IP literal or a
+ *     name; port 0..65535 (0: the system picks a free port); tls_cert and
+ *     tls_key together. admin takes host, port and token_file (required).
+ *   - workers 0..256; limits are integers 1..2^32-1; log_level one of
+ *     debug, info, warn, error.
+ *   - tenant names [a-z0-9_-]{1,64}, unique; hosts are names, IPv4 or
+ *     [IPv6], optionally ":port", lowercased, unique across tenants.
+ *   - files (policy, tls_*, token_file, a catalog source that is not an
+ *     http(s) URL) must be readable when the file is loaded.
+ *   - signer, billing, payments: leaves are strings, integers (money is an
+ *     integer in atomic units: fractions are refused, and integers above
+ *     2^53 must be written as strings) or booleans; list items become
+ *     "key.1", "key.2"; items are sorted by key. A key ending in "_file" is
+ *     a path: resolved and checked like the others. signer and billing need
+ *     a string 'type'.
+ *
+ * Evaluation is bounded: TG_CONFIG_TIME_LIMIT_MS of wall-clock time (the
+ * JIT is off so the check runs) and TG_CONFIG_MEMORY_LIMIT bytes; pcall in
+ * the chunk cannot catch either. A single library call that runs long without allocating
+ * (a pathological string pattern) is not interrupted: the file is trusted
+ * operator input, the limits guard against mistakes. */
 
 #define TG_CONFIG_MAX_LISTENERS 8
+#define TG_CONFIG_TIME_LIMIT_MS 1000
+#define TG_CONFIG_MEMORY_LIMIT (64u << 20)
 
 typedef struct tg_config_listener {
   char *host;
@@ -88,18 +113,23 @@ typedef struct tg_config {
 
 /* Loads and validates path into cfg (zeroed by the call). Returns 0, or -1
  * with err holding "FILE:LINE: reason" (LINE is the Lua line for syntax and
- * runtime errors, or the line of the offending tenant/table where known;
- * "FILE: reason" otherwise). */
+ * runtime errors, or the line of the offending key or value where known;
+ * "FILE: reason" otherwise). FILE is path as given. On failure cfg is left
+ * zeroed and needs no free. Uses no global state: any thread may call it;
+ * it takes a few milliseconds plus what the chunk itself runs. */
 int tg_config_load(const char *path, tg_config_t *cfg, char *err, size_t errlen);
 
+/* Frees everything cfg owns (all strings are malloc'd copies) and zeroes
+ * it; safe on a zeroed cfg. */
 void tg_config_free(tg_config_t *cfg);
 
 /* Value of key in a section, or NULL. */
 const char *tg_config_get(const tg_config_section_t *s, const char *key);
 
 /* Reads the admin token (trimmed) from cfg->admin_token_file into a new
- * string; NULL with err on failure (missing file, empty, world-readable is
- * only a warning). */
+ * string the caller frees; NULL with err on failure (no token_file, missing
+ * or unreadable file, empty, over 4096 bytes, inner whitespace). A file that
+ * group or others may access is only a warning, logged with tg_log. */
 char *tg_config_read_token(const tg_config_t *cfg, char *err, size_t errlen);
 
 #endif

@@ -11,6 +11,7 @@
 #include "buf.h"
 #include "connect/connect.h"
 #include "exchange.h"
+#include "http/client.h"
 #include "http/server.h"
 #include "log.h"
 #include "metrics.h"
@@ -120,6 +121,20 @@ static void admin_handler(tg_http_req_t *req, void *ud) {
   respond_json(req, 404, "{\"error\":\"not found\"}");
 }
 
+/* Each worker gets its own outbound client (billing, facilitator, RSL). */
+static int worker_start(tg_worker_t *w, void *ud) {
+  (void)ud;
+  w->httpc = tg_httpc_new(w->loop, NULL);
+  return w->httpc ? 0 : -ENOMEM;
+}
+
+static void worker_stop(tg_worker_t *w, void *ud) {
+  (void)ud;
+  if (w->httpc)
+    tg_httpc_free(w->httpc);
+  w->httpc = NULL;
+}
+
 int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size_t errlen) {
   int rc = -ENOMEM;
   tg_gateway_t *g = calloc(1, sizeof *g);
@@ -142,6 +157,8 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
     goto fail;
   }
   g->exchange.tenants = g->tenants;
+  if (cfg->max_body_bytes)
+    tg_connect_router_set_max_message(g->router, cfg->max_body_bytes);
   if ((rc = tg_connect_metrics_init()) != 0 || (rc = tg_exchange_register(&g->exchange, g->router)) != 0) {
     snprintf(err, errlen, "cannot register the exchange routes (%d)", rc);
     goto fail;
@@ -161,6 +178,8 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   sc.listeners = ls;
   sc.nlisteners = n;
   sc.nworkers = cfg->workers;
+  sc.on_worker_start = worker_start;
+  sc.on_worker_stop = worker_stop;
   sc.limits.max_header_bytes = cfg->max_header_bytes;
   sc.limits.max_body_bytes = cfg->max_body_bytes;
   sc.limits.header_timeout_ms = cfg->header_timeout_ms;

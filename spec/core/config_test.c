@@ -1,0 +1,617 @@
+#include "config.h"
+#include "log.h"
+#include "test.h"
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdbool.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Each test writes its files into a fresh folder under /tmp; the previous
+ * folder is removed then, and the last one at exit. */
+static char dir[64];
+static char cfgpath[128];
+static char err[1024];
+static tg_config_t cfg;
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+  (void)st;
+  (void)flag;
+  (void)ftw;
+  return remove(path);
+}
+
+static void cleanup(void) {
+  tg_config_free(&cfg);
+  if (dir[0])
+    nftw(dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+  dir[0] = '\0';
+}
+
+static void fresh(void) {
+  static bool registered;
+  if (!registered) {
+    atexit(cleanup);
+    registered = true;
+  }
+  cleanup();
+  snprintf(dir, sizeof(dir), "/tmp/tgcfg-XXXXXX");
+  if (mkdtemp(dir) == NULL) {
+    perror("mkdtemp");
+    exit(1);
+  }
+  snprintf(cfgpath, sizeof(cfgpath), "%s/tollgate.lua", dir);
+  err[0] = '\0';
+}
+
+static void put_bytes(const char *name, const char *data, size_t len, mode_t mode) {
+  char path[256];
+  snprintf(path, sizeof(path), "%s/%s", dir, name);
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
+  if (fd < 0 || write(fd, data, len) != (ssize_t)len) {
+    perror(path);
+    exit(1);
+  }
+  fchmod(fd, mode);
+  close(fd);
+}
+
+static void put(const char *name, const char *text) {
+  put_bytes(name, text, strlen(text), 0644);
+}
+
+/* Writes text as tollgate.lua in a fresh folder and loads it. */
+static int load(const char *text) {
+  fresh();
+  put("tollgate.lua", text);
+  return tg_config_load(cfgpath, &cfg, err, sizeof(err));
+}
+
+/* Same, keeping the folder (and files the test put there before). */
+static int load_here(const char *text) {
+  tg_config_free(&cfg);
+  put("tollgate.lua", text);
+  return tg_config_load(cfgpath, &cfg, err, sizeof(err));
+}
+
+/* err is "<cfgpath>:<line>: ..." (line 0: "<cfgpath>: ...") and holds reason. */
+static bool err_is(int line, const char *reason) {
+  char want[256];
+  if (line > 0)
+    snprintf(want, sizeof(want), "%s:%d: ", cfgpath, line);
+  else
+    snprintf(want, sizeof(want), "%s: ", cfgpath);
+  bool ok = strncmp(err, want, strlen(want)) == 0 && strstr(err, reason) != NULL;
+  if (!ok)
+    fprintf(stderr, "  got:  %s\n  want: %s... %s\n", err, want, reason);
+  return ok;
+}
+
+/* The LINE of "<cfgpath>:<line>: ...", or 0. */
+static int err_line(void) {
+  size_t n = strlen(cfgpath);
+  if (strncmp(err, cfgpath, n) != 0 || err[n] != ':')
+    return 0;
+  return atoi(err + n + 1);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+#define LISTEN "  listen = { { host = \"127.0.0.1\", port = 8080 } },\n"
+
+TEST(demo_config_loads) {
+  fresh();
+  snprintf(cfgpath, sizeof(cfgpath), "%s", TG_SOURCE_DIR "/deploy/demo/tollgate.lua");
+  /* Loaded from the source tree: nothing of this test is written there. */
+  int rc = tg_config_load(cfgpath, &cfg, err, sizeof(err));
+  if (rc != 0)
+    fprintf(stderr, "  %s\n", err);
+  CHECK_INT(rc, 0);
+  CHECK_INT(cfg.nlisten, 1);
+  CHECK_STR(cfg.listen[0].host, "127.0.0.1");
+  CHECK_INT(cfg.listen[0].port, 8080);
+  CHECK(cfg.listen[0].tls_cert == NULL);
+  CHECK_STR(cfg.admin.host, "127.0.0.1");
+  CHECK_INT(cfg.admin.port, 9090);
+  CHECK_STR(cfg.admin_token_file, TG_SOURCE_DIR "/deploy/demo/admin.token");
+  CHECK_STR(cfg.dir, TG_SOURCE_DIR "/deploy/demo");
+  CHECK_STR(cfg.data_dir, TG_SOURCE_DIR "/.cache/demo-data");
+  CHECK_STR(cfg.log_level, "info");
+  CHECK_INT(cfg.workers, 0);
+  CHECK_INT(cfg.max_body_bytes, 4194304);
+  CHECK_INT(cfg.ntenants, 2);
+
+  const tg_config_tenant_t *news = &cfg.tenants[0], *api = &cfg.tenants[1];
+  CHECK_STR(news->name, "news");
+  CHECK_INT(news->nhosts, 2);
+  CHECK_STR(news->hosts[0], "news.example");
+  CHECK_STR(news->hosts[1], "localhost");
+  CHECK_STR(news->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/news.xml");
+  CHECK_INT(news->catalog_refresh_s, 300);
+  CHECK(news->policy_file == NULL);
+  CHECK_STR(tg_config_get(&news->signer, "type"), "nginx_secure_link");
+  CHECK_STR(tg_config_get(&news->signer, "key_file"), TG_SOURCE_DIR "/deploy/demo/keys/news.key");
+  CHECK_STR(tg_config_get(&news->signer, "ttl_s"), "300");
+  CHECK_STR(tg_config_get(&news->billing, "type"), "builtin");
+  CHECK_INT(news->payments.nitems, 0);
+
+  CHECK_STR(api->name, "api");
+  CHECK_STR(api->hosts[0], "api.example");
+  CHECK_STR(api->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/api.xml");
+  CHECK_INT(api->signer.nitems, 0);
+  CHECK_STR(tg_config_get(&api->payments, "x402.network"), "eip155:84532");
+  CHECK_STR(tg_config_get(&api->payments, "x402.price"), "1000");
+  CHECK_STR(tg_config_get(&api->payments, "x402.extra.name"), "USDC");
+  const char *pay_to = tg_config_get(&api->payments, "x402.pay_to");
+  const char *asset = tg_config_get(&api->payments, "x402.asset");
+  CHECK(pay_to && strlen(pay_to) == 42 && strncmp(pay_to, "0x", 2) == 0);
+  CHECK(asset && strlen(asset) == 42 && strncmp(asset, "0x", 2) == 0);
+  CHECK(tg_config_get(&api->payments, "x402") == NULL);
+
+  /* The demo token reads back as a clean string. */
+  char *token = tg_config_read_token(&cfg, err, sizeof(err));
+  CHECK(token != NULL);
+  CHECK(strlen(token) >= 16 && strchr(token, '\n') == NULL);
+  free(token);
+}
+
+TEST(defaults) {
+  CHECK_INT(load("return {\n" LISTEN "}\n"), 0);
+  CHECK_INT(cfg.workers, 0);
+  CHECK_STR(cfg.log_level, "info");
+  char want[128];
+  snprintf(want, sizeof(want), "%s/data", cfg.dir);
+  CHECK_STR(cfg.data_dir, want);
+  CHECK_STR(cfg.path, cfgpath);
+  CHECK(cfg.admin.host == NULL && cfg.admin_token_file == NULL);
+  CHECK_INT(cfg.ntenants, 0);
+  CHECK_INT(cfg.max_header_bytes, 16384);
+  CHECK_INT(cfg.max_body_bytes, 4194304);
+  CHECK_INT(cfg.header_timeout_ms, 10000);
+  CHECK_INT(cfg.body_timeout_ms, 30000);
+  CHECK_INT(cfg.idle_timeout_ms, 60000);
+  CHECK_INT(cfg.max_connections, 10000);
+  CHECK_INT(cfg.shutdown_grace_ms, 10000);
+
+  CHECK_INT(load("return {\n" LISTEN "  limits = { max_body_bytes = 1024, idle_timeout_ms = 5 },\n"
+                 "  workers = 4, log_level = 'debug',\n"
+                 "  tenants = { { name = 'a', hosts = { 'a.example' }, catalog = { source = 'https://x.example/rsl.xml' } } },\n"
+                 "}\n"),
+            0);
+  CHECK_INT(cfg.max_body_bytes, 1024);
+  CHECK_INT(cfg.idle_timeout_ms, 5);
+  CHECK_INT(cfg.max_header_bytes, 16384);
+  CHECK_INT(cfg.workers, 4);
+  CHECK_STR(cfg.log_level, "debug");
+  CHECK_STR(cfg.tenants[0].catalog_source, "https://x.example/rsl.xml");
+  CHECK_INT(cfg.tenants[0].catalog_refresh_s, 300);
+}
+
+TEST(syntax_error_has_line) {
+  CHECK_INT(load("return {\n  listen = {\n    { host = \"127.0.0.1\" port = 1 },\n  },\n}\n"), -1);
+  CHECK(err_is(3, "'}' expected"));
+  CHECK(cfg.path == NULL);
+}
+
+TEST(runtime_error_has_line) {
+  CHECK_INT(load("local t = nil\nreturn {\n" LISTEN "  workers = t.count,\n}\n"), -1);
+  CHECK(err_is(4, "attempt to index"));
+  CHECK_INT(load("-- a comment\nerror('no config today')\n"), -1);
+  CHECK(err_is(2, "no config today"));
+  CHECK_INT(load("error('bare', 0)\n"), -1);
+  CHECK(err_is(0, "bare"));
+  CHECK_INT(load("error({})\n"), -1);
+  CHECK(err_is(0, "not a string"));
+}
+
+TEST(non_table_return) {
+  CHECK_INT(load("local x = 1\n\nreturn x\n"), -1);
+  CHECK(err_is(3, "must return a table, got number"));
+  CHECK_INT(load("local x = {}\n"), -1);
+  CHECK(err_is(0, "must return a table, got nil"));
+}
+
+TEST(unknown_key_top_level) {
+  CHECK_INT(load("return {\n" LISTEN "  workers = 1,\n  data_dri = 'd',\n}\n"), -1);
+  CHECK(err_is(4, "unknown key 'data_dri' in config (did you mean 'data_dir'?)"));
+  CHECK_INT(load("return {\n  listne = { { host = '127.0.0.1', port = 1 } },\n  zzz = 1,\n}\n"), -1);
+  CHECK(err_is(2, "unknown key 'listne' in config (did you mean 'listen'?)"));
+  /* The first unknown key in the file is reported, whatever the hash order. */
+  CHECK_INT(load("return {\n" LISTEN "  bbb = 1,\n  aaa = 2,\n}\n"), -1);
+  CHECK(err_is(3, "unknown key 'bbb' in config"));
+  CHECK(strstr(err, "did you mean") == NULL);
+}
+
+TEST(unknown_key_in_tenant) {
+  static const char text[] = "return {\n" LISTEN
+                             "  tenants = {\n"
+                             "    { name = 'a', hosts = { 'a.example' } },\n"
+                             "    { name = 'b',\n"
+                             "      hosts = { 'b.example' },\n"
+                             "      plicy = 'p.lua' },\n"
+                             "  },\n"
+                             "}\n";
+  CHECK_INT(load(text), -1);
+  CHECK(err_is(7, "unknown key 'plicy' in tenants[2] (did you mean 'policy'?)"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = {\n      sorce = 'x.xml' } } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "unknown key 'sorce' in tenants[1].catalog (did you mean 'source'?)"));
+}
+
+TEST(lines_follow_local_variables) {
+  static const char text[] = "local function ignored() return { colour = 1 } end\n"
+                             "local news = {\n"
+                             "  name = 'news',\n"
+                             "  hosts = { 'news.example' },\n"
+                             "  colour = 'red',\n"
+                             "}\n"
+                             "local cfg = {\n" LISTEN "  tenants = { news },\n"
+                             "}\n"
+                             "return cfg\n";
+  CHECK_INT(load(text), -1);
+  CHECK(err_is(5, "unknown key 'colour' in tenants[1]"));
+  /* A table built by code has no literal: the error names the path, no line. */
+  CHECK_INT(load("local function t(n) return { name = n, hosts = { n .. '.example' }, x = 1 } end\n"
+                 "return {\n" LISTEN "  tenants = { t('a') },\n}\n"),
+            -1);
+  CHECK(err_is(4, "unknown key 'x' in tenants[1]"));
+}
+
+TEST(lines_survive_comments_and_strings) {
+  static const char text[] = "--[[ a long comment { with braces,\n"
+                             "  catalog = { source = 'decoy' } ]]\n"
+                             "local s = [==[\n"
+                             "  ]] still a string, tenants = {\n"
+                             "]==]\n"
+                             "return {\n" LISTEN
+                             "  tenants = { { name = 'a', hosts = { string.format('%s', 'b.example', '\\'}{'), 'c.example' },\n"
+                             "      -- catalog = { source = 'commented out' },\n"
+                             "      [\"catalog\"] = { source = \"x\\\"}.xml\" } } },\n"
+                             "}\n";
+  CHECK_INT(load(text), -1);
+  CHECK(err_is(10, "tenants[1].catalog.source: cannot read '"));
+  CHECK(strstr(err, "/x\"}.xml': No such file") != NULL);
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { ('a'):rep(1) .. '.example' },\n"
+                 "      billing = { type = 'x', f = function(a, b) return a, b end,\n"
+                 "        n = 1.5 } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "tenants[1].billing.f: expected a string, number, boolean or table, got function") ||
+        err_is(5, "tenants[1].billing.n: 1.5 is not an integer"));
+}
+
+TEST(wrong_type) {
+  CHECK_INT(load("return {\n" LISTEN "  workers =\n    'four',\n}\n"), -1);
+  CHECK(err_is(3, "workers: expected an integer, got string"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a',\n    hosts = 'a.example' } },\n}\n"), -1);
+  CHECK(err_is(4, "tenants[1].hosts: expected a list of host names, got string"));
+  CHECK_INT(load("return {\n" LISTEN "  log_level = 'loud',\n}\n"), -1);
+  CHECK(err_is(3, "log_level: 'loud' is not one of"));
+  CHECK_INT(load("return {\n  listen = { host = '127.0.0.1', port = 80 },\n}\n"), -1);
+  CHECK(err_is(2, "listen: expected a list of tables"));
+  CHECK_INT(load("return {\n" LISTEN "  limits = { max_body_bytes = 0 },\n}\n"), -1);
+  CHECK(err_is(3, "limits.max_body_bytes: must be an integer in 1.."));
+  CHECK_INT(load("return {\n" LISTEN "  workers = 257,\n}\n"), -1);
+  CHECK(err_is(3, "workers: must be an integer in 0..256"));
+}
+
+TEST(duplicate_tenant_name) {
+  static const char text[] = "return {\n" LISTEN
+                             "  tenants = {\n"
+                             "    { name = 'news', hosts = { 'a.example' } },\n"
+                             "    { hosts = { 'b.example' },\n"
+                             "      name = 'news' },\n"
+                             "  },\n"
+                             "}\n";
+  CHECK_INT(load(text), -1);
+  CHECK(err_is(6, "tenants[2].name: tenant 'news' is already defined by tenants[1]"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'News', hosts = { 'a.example' } } },\n}\n"), -1);
+  CHECK(err_is(3, "'News' is not a valid tenant name"));
+}
+
+TEST(duplicate_host) {
+  static const char text[] = "return {\n" LISTEN
+                             "  tenants = {\n"
+                             "    { name = 'a', hosts = { 'a.example', 'shared.example' } },\n"
+                             "    { name = 'b', hosts = {\n"
+                             "        'b.example',\n"
+                             "        'Shared.Example',\n"
+                             "      } },\n"
+                             "  },\n"
+                             "}\n";
+  CHECK_INT(load(text), -1);
+  CHECK(err_is(7, "tenants[2].hosts[2]: host 'shared.example' is already used by tenant 'a'"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example', 'A.EXAMPLE' } } },\n}\n"),
+            -1);
+  CHECK(err_is(3, "host 'a.example' is listed twice"));
+}
+
+TEST(hosts_are_checked_and_lowercased) {
+  CHECK_INT(load("return {\n" LISTEN
+                 "  tenants = { { name = 'a', hosts = { 'News.Example:8080', '[::1]:8443', '127.0.0.1', 'api_1.internal' } } },\n"
+                 "}\n"),
+            0);
+  CHECK_STR(cfg.tenants[0].hosts[0], "news.example:8080");
+  CHECK_STR(cfg.tenants[0].hosts[1], "[::1]:8443");
+  static const char *const bad[] = {"'bad host'", "'-a.example'", "'a..example'", "'a.example:0'",
+                                    "'a.example:99999'", "'::1'", "'[::1'", "''"};
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    char text[512];
+    snprintf(text, sizeof(text), "return {\n" LISTEN "  tenants = { { name = 'a',\n  hosts = { %s } } },\n}\n",
+             bad[i]);
+    CHECK_INT(load(text), -1);
+    CHECK(err_is(4, "tenants[1].hosts[1]: "));
+  }
+}
+
+TEST(bad_port) {
+  CHECK_INT(load("return {\n  listen = {\n    { host = '127.0.0.1',\n      port = 70000 } },\n}\n"), -1);
+  CHECK(err_is(4, "listen[1].port: must be an integer in 0..65535, got 70000"));
+  CHECK_INT(load("return {\n  listen = { { host = '127.0.0.1', port = -1 } },\n}\n"), -1);
+  CHECK(err_is(2, "got -1"));
+  CHECK_INT(load("return {\n  listen = { { host = '127.0.0.1', port = 80.5 } },\n}\n"), -1);
+  CHECK(err_is(2, "got 80.5"));
+  CHECK_INT(load("return {\n  listen = {\n    { host = '127.0.0.1' } },\n}\n"), -1);
+  CHECK(err_is(3, "listen[1]: missing 'port'"));
+  CHECK_INT(load("return {\n  listen = { { host = '127.0.0.1', port = 0 } },\n}\n"), 0);
+  CHECK_INT(cfg.listen[0].port, 0);
+}
+
+TEST(listeners) {
+  CHECK_INT(load("return { workers = 1 }\n"), -1);
+  CHECK(err_is(1, "missing 'listen': at least one listener is required"));
+  CHECK_INT(load("return {\n  listen = {},\n}\n"), -1);
+  CHECK(err_is(2, "listen: at least one listener is required"));
+  CHECK_INT(load("return {\n  listen = { { host = '127.0.0.1', port = 1 },\n"
+                 "    { host = '127.0.0.1', port = 1 } },\n}\n"),
+            -1);
+  CHECK(err_is(3, "listen[2].port: 127.0.0.1:1 is already listen[1]"));
+  CHECK_INT(load("return {\n  listen = { { host = 'not a host!', port = 1 } },\n}\n"), -1);
+  CHECK(err_is(2, "listen[1].host: 'not a host!' is not an IP address or host name"));
+  CHECK_INT(load("local l = {}\nfor i = 1, 9 do l[i] = { host = '127.0.0.1', port = 1000 + i } end\n"
+                 "return { listen = l }\n"),
+            -1);
+  CHECK(err_is(3, "listen: at most 8 listeners, got 9"));
+  fresh();
+  put("c.pem", "cert");
+  CHECK_INT(load_here("return {\n  listen = { { host = '::1', port = 1,\n    tls_cert = 'c.pem' } },\n}\n"), -1);
+  CHECK(err_is(3, "listen[1].tls_cert: tls_cert and tls_key go together"));
+  put("k.pem", "key");
+  CHECK_INT(load_here("return {\n  listen = { { host = '::1', port = 1, tls_cert = 'c.pem', tls_key = './k.pem' } },\n}\n"),
+            0);
+  char want[128];
+  snprintf(want, sizeof(want), "%s/k.pem", cfg.dir);
+  CHECK_STR(cfg.listen[0].tls_key, want);
+}
+
+TEST(policy_file) {
+  fresh();
+  put("p.lua", "return {}\n");
+  static const char text[] = "return {\n" LISTEN
+                             "  tenants = {\n"
+                             "    { name = 'a', hosts = { 'a.example' }, policy = 'p.lua' },\n"
+                             "    { name = 'b', hosts = { 'b.example' },\n"
+                             "      policy = 'policies/missing.lua' },\n"
+                             "  },\n"
+                             "}\n";
+  CHECK_INT(load_here(text), -1);
+  CHECK(err_is(6, "tenants[2].policy: cannot read '"));
+  CHECK(strstr(err, "/policies/missing.lua': No such file or directory") != NULL);
+  CHECK_INT(load_here("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' }, policy = 'x/../p.lua' } },\n}\n"),
+            0);
+  char want[128];
+  snprintf(want, sizeof(want), "%s/p.lua", cfg.dir);
+  CHECK_STR(cfg.tenants[0].policy_file, want);
+  CHECK_INT(load_here("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n  policy = '.' } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "is a directory"));
+}
+
+TEST(catalog_source) {
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { source = 'rsl/none.xml' } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "tenants[1].catalog.source: cannot read"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { refresh_s = 5 } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "tenants[1].catalog: missing 'source'"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { source = 'https:///x' } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "is not a valid URL"));
+}
+
+TEST(admin_token_file) {
+  CHECK_INT(load("return {\n" LISTEN "  admin = { host = '127.0.0.1', port = 9090,\n"
+                 "            token_file = 'admin.token' },\n}\n"),
+            -1);
+  CHECK(err_is(4, "admin.token_file: cannot read '"));
+  CHECK(strstr(err, "admin.token': No such file or directory") != NULL);
+  CHECK_INT(load("return {\n" LISTEN "  admin = { host = '127.0.0.1', port = 9090 },\n}\n"), -1);
+  CHECK(err_is(3, "admin: missing 'token_file'"));
+  put("x", "token");
+  CHECK_INT(load_here("return {\n" LISTEN "  admin = { host = '127.0.0.1', port = 8080, token_file = 'x' },\n}\n"), -1);
+  CHECK(err_is(3, "admin.port: 127.0.0.1:8080 is already listen[1]"));
+}
+
+TEST(read_token) {
+  fresh();
+  put_bytes("t1", "  s3cret-token\n\n", 16, 0600);
+  CHECK_INT(load_here("return {\n" LISTEN "  admin = { host = '127.0.0.1', port = 0, token_file = 't1' } }\n"), 0);
+  char *token = tg_config_read_token(&cfg, err, sizeof(err));
+  CHECK_STR(token, "s3cret-token");
+  free(token);
+
+  /* Readable by others: still read, with a warning in the log. */
+  char logpath[128];
+  snprintf(logpath, sizeof(logpath), "%s/log", dir);
+  int logfd = open(logpath, O_RDWR | O_CREAT | O_TRUNC, 0600);
+  CHECK(logfd >= 0);
+  chmod(cfg.admin_token_file, 0644);
+  tg_log_set_fd(logfd);
+  token = tg_config_read_token(&cfg, err, sizeof(err));
+  tg_log_set_fd(-1);
+  char logged[1024] = "";
+  ssize_t n = pread(logfd, logged, sizeof(logged) - 1, 0);
+  close(logfd);
+  CHECK_STR(token, "s3cret-token");
+  free(token);
+  CHECK(n > 0 && strstr(logged, "admin token file is accessible to group or others") != NULL);
+
+  put_bytes("t1", " \n\t", 3, 0600);
+  CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);
+  CHECK(strstr(err, "is empty") != NULL);
+  put_bytes("t1", "two words", 9, 0600);
+  CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);
+  CHECK(strstr(err, "whitespace") != NULL);
+  unlink(cfg.admin_token_file);
+  CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);
+  CHECK(strstr(err, "No such file or directory") != NULL);
+  tg_config_t none = {0};
+  CHECK(tg_config_read_token(&none, err, sizeof(err)) == NULL);
+  CHECK(strstr(err, "no admin token_file") != NULL);
+}
+
+TEST(sections_are_flattened) {
+  fresh();
+  put("news.key", "k");
+  static const char text[] = "return {\n" LISTEN
+                             "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                             "    signer = { type = 'nginx_secure_link', key_file = 'news.key', ttl_s = 300 },\n"
+                             "    billing = { type = 'http', url = 'http://127.0.0.1:1/b', retry = false },\n"
+                             "    payments = { x402 = { price = 1000, networks = { 'eip155:8453', 'eip155:84532' },\n"
+                             "                          big = '1000000000000000000', neg = -5 } },\n"
+                             "  } },\n"
+                             "}\n";
+  CHECK_INT(load_here(text), 0);
+  const tg_config_tenant_t *t = &cfg.tenants[0];
+  char want[128];
+  snprintf(want, sizeof(want), "%s/news.key", cfg.dir);
+  CHECK_STR(tg_config_get(&t->signer, "key_file"), want);
+  CHECK_STR(tg_config_get(&t->signer, "ttl_s"), "300");
+  CHECK_STR(tg_config_get(&t->billing, "retry"), "false");
+  CHECK_STR(tg_config_get(&t->payments, "x402.price"), "1000");
+  CHECK_STR(tg_config_get(&t->payments, "x402.networks.1"), "eip155:8453");
+  CHECK_STR(tg_config_get(&t->payments, "x402.networks.2"), "eip155:84532");
+  CHECK_STR(tg_config_get(&t->payments, "x402.big"), "1000000000000000000");
+  CHECK_STR(tg_config_get(&t->payments, "x402.neg"), "-5");
+  CHECK_INT(t->payments.nitems, 5);
+  for (size_t i = 1; i < t->payments.nitems; i++)
+    CHECK(strcmp(t->payments.items[i - 1].key, t->payments.items[i].key) < 0);
+}
+
+TEST(section_errors) {
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    payments = { x402 = {\n      price = 0.5 } } } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "tenants[1].payments.x402.price: 0.5 is not an integer"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    payments = { x402 = { price = 2^60 } } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "write it as a string"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    signer = { ttl_s = 1 } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "tenants[1].signer: missing 'type'"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    signer = { type = 'x',\n      key_file = 'gone.key' } } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "tenants[1].signer.key_file: cannot read"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    billing = { type = 'x', hook = print or tostring } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "tenants[1].billing.hook: expected a string, number, boolean or table, got function"));
+  CHECK_INT(load("local t = { type = 'x' }\nt.self = t\nreturn {\n" LISTEN
+                 "  tenants = { { name = 'a', hosts = { 'a.example' }, billing = t } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "tenants[1].billing.self.self.self.self.self.self.self.self: nested more than 8 levels deep"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    billing = { type = 'x', ['a.b'] = 1 } } },\n}\n"),
+            -1);
+  CHECK(err_is(4, "contain no '.'"));
+}
+
+TEST(bytecode_is_refused) {
+  fresh();
+  static const char chunk[] = "\033LJ\002\nreturn {}";
+  put_bytes("tollgate.lua", chunk, sizeof(chunk) - 1, 0644);
+  CHECK_INT(tg_config_load(cfgpath, &cfg, err, sizeof(err)), -1);
+  CHECK(err_is(0, "precompiled (bytecode) chunks are not accepted"));
+}
+
+TEST(endless_loop_stops_at_deadline) {
+  double t0 = now_s();
+  CHECK_INT(load("local n = 0\nwhile true do\n  n = n + 1\nend\n"), -1);
+  double took = now_s() - t0;
+  /* The count hook lands on the loop test or its body. */
+  CHECK(strstr(err, "took longer than 1000 ms (an endless loop?)") != NULL);
+  CHECK(err_line() == 2 || err_line() == 3);
+  CHECK(took >= 0.9 && took < 3.0);
+  /* pcall cannot swallow the deadline. */
+  t0 = now_s();
+  CHECK_INT(load("while true do\n  pcall(function() while true do end end)\nend\n"), -1);
+  took = now_s() - t0;
+  CHECK(err_is(2, "took longer than 1000 ms"));
+  CHECK(took < 3.0);
+}
+
+TEST(memory_bomb_stops_at_cap) {
+  double t0 = now_s();
+  CHECK_INT(load("local t, s = {}, string.rep('x', 4096)\nfor i = 1, 1e9 do t[i] = s .. i end\n"), -1);
+  CHECK(err_is(0, "used more than 64 MiB"));
+  CHECK_INT(load("local ok = pcall(string.rep, 'x', 2^30)\nreturn { listen = {} }\n"), -1);
+  CHECK(err_is(0, "used more than 64 MiB"));
+  CHECK_INT(load("local t = {}\nwhile true do\n  pcall(function() for i = 1, 1e9 do t[#t + 1] = {} end end)\nend\n"),
+            -1);
+  CHECK(err_is(0, "used more than 64 MiB"));
+  CHECK(now_s() - t0 < 5.0);
+}
+
+TEST(sandbox_has_only_the_allowlist) {
+  static const char text[] =
+      "for name, v in pairs({ os = os, io = io, require = require, load = load, loadstring = loadstring,\n"
+      "    dofile = dofile, loadfile = loadfile, debug = debug, jit = jit, ffi = ffi, package = package,\n"
+      "    collectgarbage = collectgarbage, setfenv = setfenv, getfenv = getfenv, rawset = rawset,\n"
+      "    rawget = rawget, rawequal = rawequal, setmetatable = setmetatable, getmetatable = getmetatable,\n"
+      "    module = module, newproxy = newproxy, coroutine = coroutine, print = print, xpcall = xpcall,\n"
+      "    gcinfo = gcinfo, _G = _G, dump = string.dump, dump2 = ('').dump }) do\n"
+      "  error('leaked ' .. name)\n"
+      "end\n"
+      "for _, f in ipairs({ pairs, ipairs, next, type, tostring, tonumber, select, error, assert,\n"
+      "    pcall, unpack }) do assert(type(f) == 'function') end\n"
+      "assert(string.format('%d', 42) == '42' and table.concat({ 'a', 'b' }) == 'ab' and math.floor(1.5) == 1)\n"
+      "assert(select('#', pcall(error, 'x')) == 2 and not pcall(error, 'x'))\n"
+      "return {\n" LISTEN "}\n";
+  int rc = load(text);
+  if (rc != 0)
+    fprintf(stderr, "  %s\n", err);
+  CHECK_INT(rc, 0);
+  CHECK_INT(load("local ok = true\nos.execute('touch /tmp/tg-config-escaped')\n"), -1);
+  CHECK(err_is(2, "attempt to index global 'os' (a nil value)"));
+  CHECK_INT(load("local f = io.open('/etc/passwd')\n"), -1);
+  CHECK(err_is(1, "attempt to index global 'io'"));
+  CHECK_INT(load("\nlocal m = require('os')\n"), -1);
+  CHECK(err_is(2, "attempt to call global 'require'"));
+  CHECK_INT(load("local f = load('return 1')\n"), -1);
+  CHECK(err_is(1, "attempt to call global 'load'"));
+}
+
+TEST(get_missing_key) {
+  tg_config_section_t empty = {0};
+  CHECK(tg_config_get(&empty, "type") == NULL);
+  tg_config_free(&cfg); /* safe on a zeroed config */
+  tg_config_free(&cfg);
+}
+
+TEST(missing_config_file) {
+  fresh();
+  CHECK_INT(tg_config_load(cfgpath, &cfg, err, sizeof(err)), -1);
+  CHECK(err_is(0, "cannot open: No such file or directory"));
+}
