@@ -829,39 +829,62 @@ static int looks_like_procedure(const char *p, size_t len) {
   return dot;
 }
 
-/* protobuf-c does not check UTF-8 in string fields; proto3 (and connect-go)
- * rejects such input, and the strings go on to JSON, logs and metrics. */
-static const ProtobufCFieldDescriptor *bad_utf8_field(const ProtobufCMessage *m) {
-  const ProtobufCMessageDescriptor *d = m->descriptor;
-  for (unsigned i = 0; i < d->n_fields; i++) {
-    const ProtobufCFieldDescriptor *f = &d->fields[i];
-    if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
-      continue;
-    const char *member = (const char *)m + f->offset;
-    if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
-      uint32_t which;
-      memcpy(&which, (const char *)m + f->quantifier_offset, sizeof which);
-      if (which != f->id)
-        continue;
+/* protobuf-c checks neither UTF-8 nor embedded NULs in string fields; proto3
+ * (and connect-go) refuse invalid UTF-8, and a NUL would silently cut a C
+ * string (two idempotency keys differing after it would collide). So walk
+ * the wire bytes once and check every string field, nested ones included.
+ * The data already unpacked, so it is well-formed; the walk stays bounded. */
+static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+  uint64_t r = 0;
+  for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+    uint8_t b = *(*p)++;
+    r |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) {
+      *v = r;
+      return 0;
     }
-    size_t n = 1;
-    void *const *items = (void *const *)member;
-    if (f->label == PROTOBUF_C_LABEL_REPEATED) {
-      memcpy(&n, (const char *)m + f->quantifier_offset, sizeof n);
-      memcpy(&items, member, sizeof items);
-    }
-    for (size_t k = 0; k < n; k++) {
-      const void *v = items[k];
-      if (v == NULL)
-        continue;
-      if (f->type == PROTOBUF_C_TYPE_STRING) {
-        if (!tg_utf8_valid(v, strlen(v)))
-          return f;
-      } else {
-        const ProtobufCFieldDescriptor *bad = bad_utf8_field(v);
+  }
+  return -1;
+}
+
+static const ProtobufCFieldDescriptor *bad_string_field(const ProtobufCMessageDescriptor *d,
+                                                        const uint8_t *p, size_t len, int depth) {
+  const uint8_t *end = p + len;
+  if (depth > 64)
+    return NULL; /* protobuf-c refuses deeper nesting itself */
+  while (p < end) {
+    uint64_t key, n;
+    if (read_varint(&p, end, &key) != 0)
+      return NULL;
+    switch (key & 7) {
+    case 0:
+      if (read_varint(&p, end, &n) != 0)
+        return NULL;
+      break;
+    case 1:
+      p += 8;
+      break;
+    case 5:
+      p += 4;
+      break;
+    case 2: {
+      if (read_varint(&p, end, &n) != 0 || n > (uint64_t)(end - p))
+        return NULL;
+      const ProtobufCFieldDescriptor *f =
+          protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3));
+      if (f && f->type == PROTOBUF_C_TYPE_STRING &&
+          (memchr(p, '\0', n) != NULL || !tg_utf8_valid((const char *)p, n)))
+        return f;
+      if (f && f->type == PROTOBUF_C_TYPE_MESSAGE) {
+        const ProtobufCFieldDescriptor *bad = bad_string_field(f->descriptor, p, n, depth + 1);
         if (bad)
           return bad;
       }
+      p += n;
+      break;
+    }
+    default:
+      return NULL;
     }
   }
   return NULL;
@@ -1037,8 +1060,8 @@ static int serve(const tg_connect_router_t *r, tg_connect_call_t *call) {
     const ProtobufCFieldDescriptor *bad;
     if (call->request == NULL) {
       snprintf(why, sizeof why, "cannot parse invalid wire-format data");
-    } else if ((bad = bad_utf8_field(call->request)) != NULL) {
-      snprintf(why, sizeof why, "string field %s contains invalid UTF-8", bad->name);
+    } else if ((bad = bad_string_field(in, (const uint8_t *)data, len, 0)) != NULL) {
+      snprintf(why, sizeof why, "string field %s contains invalid UTF-8 or a NUL", bad->name);
       call->request = NULL; /* arena memory: freed with the call */
     }
   } else if (len == 0) {

@@ -771,6 +771,10 @@ static int decode_value(dec_t *d, const json_t *v, const ProtobufCFieldDescripto
     if (!json_is_string(v))
       return fail(d, "expected string");
     size_t n = json_string_length(v);
+    /* protobuf-c strings are C strings: a NUL would silently cut the value
+     * (two idempotency keys differing after it would collide). */
+    if (memchr(json_string_value(v), '\0', n) != NULL)
+      return fail(d, "string contains a NUL character");
     char *s = malloc(n + 1);
     if (!s)
       return fail(d, "out of memory");

@@ -63,6 +63,7 @@ struct conn {
   tg_buf_t body;
   uint64_t msg_start_ns;
   int err_status;         /* status to answer when a callback aborts parsing */
+  const char *err_msg;    /* and its reason, when not the status' usual one */
   /* Answer queue. */
   req_priv_t *qhead, *qtail;
   uint32_t queued;        /* requests read and not yet answered on the wire */
@@ -505,7 +506,34 @@ static int end_span(conn_t *c, uint32_t slot) {
   return 0;
 }
 
+/* The request target has its own cap so an over-long one is a 414, not a 431. */
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  conn_t *c = p->data;
+  size_t limit = c->worker->server->cfg.limits.max_header_bytes;
+  if (limit > 8192)
+    limit = 8192;
+  if (c->scratch.len + len > limit) {
+    c->err_status = 414;
+    return HPE_USER;
+  }
+  return on_span(p, at, len);
+}
+
 static int on_url_complete(llhttp_t *p) { return end_span(p->data, 0); }
+
+/* RFC 9110 token characters: what a header name may hold. */
+static int is_token(const char *s) {
+  static const char extra[] = "!#$%&'*+-.^_`|~";
+  if (*s == '\0')
+    return 0;
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+          (ch && strchr(extra, ch))))
+      return 0;
+  }
+  return 1;
+}
 
 static int on_field_complete(llhttp_t *p) {
   conn_t *c = p->data;
@@ -515,7 +543,13 @@ static int on_field_complete(llhttp_t *p) {
   }
   if (add_head_bytes(c, 4) != 0) /* ": " and CRLF count against the limit */
     return HPE_USER;
-  return end_span(c, 1 + 2 * c->nhdr);
+  int rc = end_span(c, 1 + 2 * c->nhdr);
+  if (rc == 0 && !is_token(c->scratch.data + c->hoff[1 + 2 * c->nhdr])) {
+    c->err_status = 400;
+    c->err_msg = "invalid header name";
+    return HPE_USER;
+  }
+  return rc;
 }
 
 static int on_value_complete(llhttp_t *p) {
@@ -532,8 +566,21 @@ static int on_headers_complete(llhttp_t *p) {
     c->err_status = 400;
     return HPE_USER;
   }
+  if (p->http_major != 1) { /* HTTP/0.9 and anything newer than 1.x over this parser */
+    c->err_status = 505;
+    return HPE_USER;
+  }
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes) {
     c->err_status = 413;
+    return HPE_USER;
+  }
+  int hosts = 0;
+  for (uint32_t i = 0; i < c->nhdr; i++)
+    hosts += hdr_is(c, i, "host");
+  /* RFC 9112 3.2: exactly one Host in HTTP/1.1; at most one in 1.0. */
+  if (hosts > 1 || (hosts == 0 && p->http_minor >= 1)) {
+    c->err_status = 400;
+    c->err_msg = hosts ? "more than one Host header" : "missing Host header";
     return HPE_USER;
   }
   for (uint32_t i = 0; i < c->nhdr; i++) {
@@ -676,7 +723,7 @@ static int on_message_complete(llhttp_t *p) {
 static void settings_init(void) {
   llhttp_settings_init(&parser_settings);
   parser_settings.on_message_begin = on_message_begin;
-  parser_settings.on_url = on_span;
+  parser_settings.on_url = on_url;
   parser_settings.on_header_field = on_span;
   parser_settings.on_header_value = on_span;
   parser_settings.on_url_complete = on_url_complete;
@@ -714,10 +761,12 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   const char *msg;
   switch (status) {
   case 413: msg = "request body too large"; break;
+  case 414: msg = "request target too long"; break;
   case 431: msg = "request header fields too large"; break;
   case 417: msg = "expectation not supported"; break;
+  case 505: msg = "HTTP version not supported"; break;
   case 500: msg = "out of memory"; break;
-  default: msg = llhttp_errno_name(e); status = 400; break;
+  default: msg = c->err_msg ? c->err_msg : llhttp_errno_name(e); status = 400; break;
   }
   if (e == HPE_INVALID_VERSION)
     status = 505, msg = "HTTP version not supported";

@@ -637,6 +637,22 @@ TEST(bad_protobuf_is_invalid_argument) {
   CHECK_STR(error_code(&r, code, sizeof code), "invalid_argument");
   CHECK(strstr(error_message(&r, msg, sizeof msg), "UTF-8") != NULL);
   resp_free(&r);
+  /* resources[0].uri = "a\0b": a NUL would cut the C string */
+  CHECK_INT(exchange("POST", DISCOVER, "Content-Type: application/proto\r\n",
+                     "\x12\x05\x0a\x03" "a\0b", 7, &r),
+            0);
+  CHECK_INT(r.status, 400);
+  CHECK_STR(error_code(&r, code, sizeof code), "invalid_argument");
+  CHECK(strstr(error_message(&r, msg, sizeof msg), "NUL") != NULL);
+  resp_free(&r);
+  /* ... and in JSON. */
+  static const char nul_json[] = "{\"resources\":[{\"uri\":\"a\\u0000b\"}]}";
+  CHECK_INT(exchange("POST", DISCOVER, "Content-Type: application/json\r\n", nul_json,
+                     sizeof nul_json - 1, &r),
+            0);
+  CHECK_INT(r.status, 400);
+  CHECK(strstr(error_message(&r, msg, sizeof msg), "NUL") != NULL);
+  resp_free(&r);
 }
 
 TEST(bad_json_is_invalid_argument) {

@@ -275,10 +275,16 @@ TEST(limits_answer_with_exact_status) {
       {"GARBAGE\r\n\r\n", "HTTP/1.1 400 "},
       {"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
        "HTTP/1.1 400 "},
-      {"GET / HTTP/9.9\r\nHost: t\r\n\r\n", "HTTP/1.1 "},
+      {"GET / HTTP/9.9\r\nHost: t\r\n\r\n", "HTTP/1.1 505 "},
       {"GET / HTTP/1.1\r\nBad Header\r\n\r\n", "HTTP/1.1 400 "},
       {"POST / HTTP/1.1\r\nHost: t\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\nx",
        "HTTP/1.1 417 "},
+      {"GET / HTTP/1.1\r\nX: y\r\n\r\n", "HTTP/1.1 400 "},
+      {"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "HTTP/1.1 400 "},
+      {"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "HTTP/1.1 400 "},
+      {"GET / HTTP/1.1\r\nHost: a\r\nX(y): 1\r\n\r\n", "HTTP/1.1 400 "},
+      {"GET /\r\n\r\n", "HTTP/1.1 505 "},
+      {"GET /%.1100s HTTP/1.1\r\nHost: t\r\n\r\n", "HTTP/1.1 414 "},
   };
   char big[5000];
   memset(big, 'a', sizeof big - 1);
