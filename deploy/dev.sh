@@ -21,7 +21,7 @@ packages=(
   libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp libmbedtls-dev
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libhiredis-dev libjansson-dev libexpat1-dev zlib1g-dev libsecp256k1-dev
-  lua-busted redis-server wrk nginx-light libnginx-mod-http-lua prometheus
+  lua-busted lua-socket redis-server wrk nginx-light libnginx-mod-http-lua prometheus
   openssl curl ca-certificates
 )
 
@@ -208,7 +208,9 @@ run_fuzzers() {
     mkdir -p "$corpus"
     # New inputs go to the scratch corpus; the repository's seeds are only read.
     [ -d "spec/fuzz/corpus/$name" ] && seeds=("spec/fuzz/corpus/$name")
-    if "$bin" -max_total_time="$fuzz_seconds" -timeout=10 -rss_limit_mb=2048 \
+    local dict=()
+    [ -f "spec/fuzz/$name.dict" ] && dict=(-dict="spec/fuzz/$name.dict")
+    if "$bin" "${dict[@]}" -max_total_time="$fuzz_seconds" -timeout=10 -rss_limit_mb=2048 \
          -artifact_prefix="$fuzz_dir/artifacts/$name-" -print_final_stats=1 \
          "$corpus" "${seeds[@]}" >"$log" 2>&1; then
       printf '  fuzz.%s: 1 passed, 0 failed (%s)\n' "$name" \

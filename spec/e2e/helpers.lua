@@ -1,0 +1,483 @@
+-- Helpers for the e2e specs: start the real tollgate binary on free loopback
+-- ports with a throwaway configuration, talk raw HTTP/1.1 to it over LuaSocket,
+-- and stop it. Runs under LuaJIT (busted --lua=luajit).
+local socket = require("socket")
+
+local M = {}
+
+M.HOST = "127.0.0.1"
+M.TENANT_HOST = "news.example"
+M.LIMITS = {
+  max_header_bytes = 8192,
+  max_body_bytes = 65536,
+  header_timeout_ms = 1000,
+  body_timeout_ms = 1000,
+  idle_timeout_ms = 2000,
+}
+
+M.DISCOVER = "/ramp.v1.ExchangeService/DiscoverResources"
+M.EXECUTE = "/ramp.v1.ExchangeService/ExecuteTransaction"
+M.REPORT = "/ramp.v1.ExchangeService/ReportUsage"
+
+function M.now()
+  return socket.gettime()
+end
+
+function M.sleep(seconds)
+  socket.sleep(seconds)
+end
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+M.sh_quote = sh_quote
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+M.read_file = read_file
+
+local function write_file(path, content, mode)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(content))
+  f:close()
+  if mode then
+    os.execute("chmod " .. mode .. " " .. sh_quote(path))
+  end
+end
+
+-- A port nobody listens on right now: bind port 0, read it back, close.
+-- (Another process could take it before the gateway binds; on loopback in a
+-- test run that race is rare enough, and start() reports it plainly.)
+function M.free_port()
+  local s = assert(socket.tcp4())
+  assert(s:bind(M.HOST, 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+function M.random_hex(nbytes)
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local raw = f:read(nbytes)
+  f:close()
+  return (raw:gsub(".", function(c)
+    return string.format("%02x", c:byte())
+  end))
+end
+
+local function mktemp_dir()
+  local p = assert(io.popen("mktemp -d " .. sh_quote((os.getenv("TMPDIR") or "/tmp") .. "/tollgate-e2e-XXXXXX")))
+  local dir = p:read("*l")
+  p:close()
+  assert(dir and dir ~= "", "mktemp -d failed")
+  return dir
+end
+
+-- Writes the configuration (format in core/config.h) into dir and returns its
+-- path. opts.workers (default 1: one event loop makes "others are served while
+-- a slow client trickles" a real check).
+function M.write_config(dir, ports, token, opts)
+  opts = opts or {}
+  write_file(dir .. "/admin.token", token .. "\n", "600")
+  os.execute("mkdir -p " .. sh_quote(dir .. "/data"))
+  local l = M.LIMITS
+  local config = string.format([[
+return {
+  listen = { { host = %q, port = %d } },
+  admin = { host = %q, port = %d, token_file = "admin.token" },
+  workers = %d,
+  data_dir = "data",
+  log_level = "info",
+  limits = { max_header_bytes = %d, max_body_bytes = %d,
+             header_timeout_ms = %d, body_timeout_ms = %d,
+             idle_timeout_ms = %d, shutdown_grace_ms = 2000 },
+  tenants = {
+    { name = "news", hosts = { %q } },
+  },
+}
+]], M.HOST, ports.public, M.HOST, ports.admin, opts.workers or 1,
+    l.max_header_bytes, l.max_body_bytes, l.header_timeout_ms, l.body_timeout_ms,
+    l.idle_timeout_ms, M.TENANT_HOST)
+  local path = dir .. "/tollgate.lua"
+  write_file(path, config)
+  return path
+end
+
+function M.binary()
+  local bin = os.getenv("TOLLGATE_BIN")
+  assert(bin and bin ~= "", "TOLLGATE_BIN is not set (run through spec/e2e/run-suite.sh)")
+  return bin
+end
+
+-- State letter of a process from /proc/<pid>/stat, or nil when it is gone.
+-- An exited child lingers as a zombie ("Z") until reaped: that counts as exited.
+function M.proc_state(pid)
+  local stat = read_file("/proc/" .. pid .. "/stat")
+  if not stat then
+    return nil
+  end
+  return stat:match("^%d+ %b() (%a)")
+end
+
+function M.proc_alive(pid)
+  local st = M.proc_state(pid)
+  return st ~= nil and st ~= "Z" and st ~= "X"
+end
+
+-- Starts the binary in the background. A wrapper shell waits for it and keeps
+-- its exit status in a file, so stop() can tell a clean exit from a crash.
+-- Returns a gateway table, or raises with the log when it does not come up.
+function M.start(opts)
+  local dir = mktemp_dir()
+  local gw = {
+    dir = dir,
+    port = M.free_port(),
+    admin_port = M.free_port(),
+    token = M.random_hex(16),
+  }
+  gw.config = M.write_config(dir, { public = gw.port, admin = gw.admin_port }, gw.token, opts)
+  gw.log_path = dir .. "/tollgate.log"
+  gw.rc_path = dir .. "/exit.rc"
+  local cmd = string.format(
+    "cd %s && { %s run -c %s >%s 2>&1 </dev/null & pid=$!; echo $pid; wait $pid; echo $? >%s; } &",
+    sh_quote(dir), sh_quote(M.binary()), sh_quote(gw.config), sh_quote(gw.log_path),
+    sh_quote(gw.rc_path))
+  -- The wrapper prints only the pid on popen's pipe; close() waits for the
+  -- outer shell, which returns at once (the wrapper runs in the background).
+  local p = assert(io.popen(cmd))
+  local pid = p:read("*l")
+  p:close()
+  gw.pid = tonumber(pid)
+  assert(gw.pid, "could not start " .. M.binary())
+
+  function gw.log()
+    return read_file(gw.log_path) or ""
+  end
+
+  local deadline = M.now() + 15
+  while true do
+    if not M.proc_alive(gw.pid) then
+      error("tollgate exited during start-up:\n" .. gw.log())
+    end
+    local res = M.request(gw.port, M.get_req("/healthz"), { timeout = 1 })
+    if res and res.status == 200 then
+      break
+    end
+    if M.now() > deadline then
+      M.stop(gw)
+      error("tollgate did not answer /healthz within 15 s:\n" .. gw.log())
+    end
+    M.sleep(0.05)
+  end
+  return gw
+end
+
+-- SIGTERM, then waits for the process to exit. Returns exited (boolean),
+-- the exit status (number, or nil when unknown) and the time taken.
+function M.stop(gw, timeout)
+  timeout = timeout or 10
+  local t0 = M.now()
+  if gw.stopped then
+    return gw.stop_result[1], gw.stop_result[2], gw.stop_result[3]
+  end
+  gw.stopped = true
+  os.execute("kill -TERM " .. gw.pid .. " 2>/dev/null")
+  local exited = false
+  while M.now() - t0 < timeout do
+    if not M.proc_alive(gw.pid) then
+      exited = true
+      break
+    end
+    M.sleep(0.02)
+  end
+  if not exited then
+    os.execute("kill -KILL " .. gw.pid .. " 2>/dev/null")
+  end
+  -- The wrapper writes the status once its wait returns.
+  local rc
+  local t1 = M.now()
+  while M.now() - t1 < 3 do
+    local s = read_file(gw.rc_path)
+    if s and s:match("%d") then
+      rc = tonumber(s:match("%d+"))
+      break
+    end
+    M.sleep(0.02)
+  end
+  local took = M.now() - t0
+  gw.stop_result = { exited, rc, took }
+  if exited and rc == 0 and not os.getenv("TG_E2E_KEEP") then
+    os.execute("rm -rf " .. sh_quote(gw.dir))
+  end
+  return exited, rc, took
+end
+
+-- ---- raw HTTP ----
+
+function M.get_req(path, headers, host)
+  local lines = { "GET " .. path .. " HTTP/1.1", "Host: " .. (host or M.TENANT_HOST) }
+  for _, h in ipairs(headers or {}) do
+    lines[#lines + 1] = h
+  end
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
+-- A request with a body and a Content-Length. headers: list of "Name: value".
+function M.body_req(method, path, headers, body)
+  local lines = { method .. " " .. path .. " HTTP/1.1", "Host: " .. M.TENANT_HOST }
+  for _, h in ipairs(headers or {}) do
+    lines[#lines + 1] = h
+  end
+  lines[#lines + 1] = "Content-Length: " .. #body
+  return table.concat(lines, "\r\n") .. "\r\n\r\n" .. body
+end
+
+-- A Connect unary POST. ctype "json" or "proto" or a full media type.
+function M.connect_req(path, ctype, body, extra)
+  local media = ctype == "json" and "application/json"
+    or ctype == "proto" and "application/proto" or ctype
+  local headers = { "Connect-Protocol-Version: 1" }
+  if media then
+    headers[#headers + 1] = "Content-Type: " .. media
+  end
+  for _, h in ipairs(extra or {}) do
+    headers[#headers + 1] = h
+  end
+  return M.body_req("POST", path, headers, body)
+end
+
+function M.connect(port, timeout)
+  local s = assert(socket.tcp4())
+  s:settimeout(timeout or 5)
+  local ok, err = s:connect(M.HOST, port)
+  if not ok then
+    s:close()
+    return nil, err
+  end
+  s:setoption("tcp-nodelay", true)
+  return s
+end
+
+function M.send(s, data)
+  local i = 1
+  while i <= #data do
+    local n, err, partial = s:send(data, i)
+    if not n then
+      if partial and partial >= i then
+        i = partial + 1
+      end
+      return nil, err
+    end
+    i = n + 1
+  end
+  return true
+end
+
+-- Reads one response from s. Returns a table { status, reason, headers
+-- (lowercased names), body, raw_head } or nil and the error ("closed",
+-- "timeout", ...). 1xx interim answers are skipped.
+function M.read_response(s, timeout)
+  s:settimeout(timeout or 5)
+  while true do
+    local line, err = s:receive("*l")
+    if not line then
+      return nil, err
+    end
+    local ver, status, reason = line:match("^(HTTP/%d%.%d) (%d%d%d) ?(.*)$")
+    if not ver then
+      return nil, "bad status line: " .. line
+    end
+    local res = { status = tonumber(status), reason = reason, headers = {}, head = line .. "\n" }
+    while true do
+      local h, herr = s:receive("*l")
+      if not h then
+        return nil, herr
+      end
+      if h == "" then
+        break
+      end
+      res.head = res.head .. h .. "\n"
+      local name, value = h:match("^([^:]+):%s*(.-)%s*$")
+      if name then
+        res.headers[name:lower()] = value
+      end
+    end
+    if res.status >= 200 then
+      local len = tonumber(res.headers["content-length"] or "0")
+      if len > 0 then
+        local body, berr, partial = s:receive(len)
+        if not body then
+          return nil, "body: " .. tostring(berr) .. " after " .. #(partial or "") .. " bytes"
+        end
+        res.body = body
+      else
+        res.body = ""
+      end
+      return res
+    end
+  end
+end
+
+-- Sends raw on a fresh connection and reads one response; returns the
+-- response (or nil, err) and the still open socket, for checks on what
+-- follows. The caller closes the socket.
+function M.exchange(port, raw, timeout)
+  local s, err = M.connect(port, timeout)
+  if not s then
+    return nil, err
+  end
+  local _, serr = M.send(s, raw)
+  local res, rerr = M.read_response(s, timeout)
+  if not res then
+    return nil, rerr or serr, s
+  end
+  return res, nil, s
+end
+
+-- Whatever arrives on s within seconds (without waiting for a close):
+-- returns the bytes and "data", "closed", "timeout" or the socket error.
+function M.poll_bytes(s, seconds)
+  s:settimeout(seconds)
+  local data, err, partial = s:receive(65536)
+  local got = data or partial or ""
+  if data then
+    return got, "data"
+  end
+  if #got > 0 and err == "timeout" then
+    return got, "data"
+  end
+  return got, err
+end
+
+-- One request on a fresh connection; returns the response (or nil, err).
+function M.request(port, raw, opts)
+  opts = opts or {}
+  local s, err = M.connect(port, opts.timeout)
+  if not s then
+    return nil, err
+  end
+  local ok, serr = M.send(s, raw)
+  local res, rerr = M.read_response(s, opts.timeout)
+  s:close()
+  if not res then
+    return nil, rerr or serr
+  end
+  return res
+end
+
+-- Waits until the peer closes or timeout passes. Returns "closed", "timeout"
+-- or "reset", the bytes that arrived, and the seconds waited.
+function M.wait_close(s, timeout)
+  local t0 = M.now()
+  local got = {}
+  s:settimeout(0.05)
+  while M.now() - t0 < timeout do
+    local data, err, partial = s:receive(4096)
+    local chunk = data or partial
+    if chunk and #chunk > 0 then
+      got[#got + 1] = chunk
+    end
+    if err == "closed" then
+      return "closed", table.concat(got), M.now() - t0
+    elseif err and err ~= "timeout" then
+      return "reset", table.concat(got), M.now() - t0
+    end
+  end
+  return "timeout", table.concat(got), M.now() - t0
+end
+
+-- The server still serves a normal request on a fresh connection.
+function M.alive(port)
+  local res, err = M.request(port, M.get_req("/healthz"), { timeout = 3 })
+  if not res then
+    return false, "no answer to GET /healthz: " .. tostring(err)
+  end
+  if res.status ~= 200 or res.body ~= "ok\n" then
+    return false, "GET /healthz answered " .. res.status .. " " .. res.body
+  end
+  return true
+end
+
+-- ---- message building ----
+
+local function varint(n)
+  local out = {}
+  repeat
+    local b = n % 128
+    n = (n - b) / 128
+    if n > 0 then
+      b = b + 128
+    end
+    out[#out + 1] = string.char(b)
+  until n == 0
+  return table.concat(out)
+end
+M.varint = varint
+
+-- A length-delimited field (wire type 2).
+function M.pb_bytes(field, data)
+  return varint(field * 8 + 2) .. varint(#data) .. data
+end
+
+-- DiscoverResourcesRequest { resources = [{ uri = ... }, ...] } in proto.
+function M.pb_discover(uris)
+  local parts = {}
+  for i, uri in ipairs(uris) do
+    parts[i] = M.pb_bytes(2, M.pb_bytes(1, uri))
+  end
+  return table.concat(parts)
+end
+
+function M.json_discover(uris)
+  local parts = {}
+  for i, uri in ipairs(uris) do
+    parts[i] = string.format('{"uri":"%s"}', uri)
+  end
+  return '{"resources":[' .. table.concat(parts, ",") .. "]}"
+end
+
+-- Standard base64 (for bodies the test builds; the gateway decodes with mbedTLS).
+local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+function M.base64(data, url)
+  local out = {}
+  for i = 1, #data, 3 do
+    local a, b, c = data:byte(i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local chars = {}
+    for k = 3, 0, -1 do
+      local idx = math.floor(n / 64 ^ k) % 64 + 1
+      chars[#chars + 1] = b64chars:sub(idx, idx)
+    end
+    if not b then
+      chars[3], chars[4] = "=", "="
+    elseif not c then
+      chars[4] = "="
+    end
+    out[#out + 1] = table.concat(chars)
+  end
+  local s = table.concat(out)
+  if url then
+    s = s:gsub("+", "-"):gsub("/", "_"):gsub("=", "")
+  end
+  return s
+end
+
+function M.urlencode(s)
+  return (s:gsub("[^%w%-%._~]", function(c)
+    return string.format("%%%02X", c:byte())
+  end))
+end
+
+-- The Connect error code in a JSON error body, or nil.
+function M.connect_code(res)
+  return res and res.body and res.body:match('"code"%s*:%s*"([%a_]+)"')
+end
+
+return M
