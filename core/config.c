@@ -1119,7 +1119,7 @@ done:
 }
 
 static const char *const top_keys[] = {"listen", "admin", "workers", "data_dir", "log_level", "limits",
-                                       "tenants", NULL};
+                                       "redis", "rate_limit", "tenants", NULL};
 static const char *const listener_keys[] = {"host", "port", "tls_cert", "tls_key", NULL};
 static const char *const admin_keys[] = {"host", "port", "token_file", NULL};
 static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "header_timeout_ms",
@@ -1128,6 +1128,8 @@ static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "
 static const char *const tenant_keys[] = {"name", "hosts", "catalog", "policy", "signer", "billing",
                                           "payments", NULL};
 static const char *const catalog_keys[] = {"source", "refresh_s", NULL};
+static const char *const redis_keys[] = {"host", "port", "password_file", "timeout_ms", "db", NULL};
+static const char *const rate_limit_keys[] = {"mode", "table_size", NULL};
 
 /* The table on top of the stack as a listener (or the admin listener). */
 static int load_listener(ctx_t *c, tg_config_listener_t *l, bool admin) {
@@ -1251,6 +1253,70 @@ static int load_limits(ctx_t *c, int root) {
   cfg->idle_timeout_ms = (uint32_t)v[4];
   cfg->max_connections = (uint32_t)v[5];
   cfg->shutdown_grace_ms = (uint32_t)v[6];
+  return rc;
+}
+
+static int load_redis(ctx_t *c, int root) {
+  tg_config_redis_t *r = &c->cfg->redis;
+  long long port = 6379, timeout = 20, db = 0;
+  int rc = 0;
+  if (field(c, root, "redis") != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table { host = ..., port = ... }") != 0 || check_keys(c, t, redis_keys) != 0 ||
+        opt_string(c, t, "host", &r->host) != 0 || opt_integer(c, t, "port", 1, 65535, &port) != 0 ||
+        opt_file(c, t, "password_file", &r->password_file) != 0 ||
+        opt_integer(c, t, "timeout_ms", 1, 60000, &timeout) != 0 || opt_integer(c, t, "db", 0, 65535, &db) != 0)
+      rc = -1;
+    if (rc == 0 && r->host == NULL && (r->host = strdup("127.0.0.1")) == NULL)
+      rc = fail_oom(c);
+    if (rc == 0 && !valid_bind_host(r->host)) {
+      field(c, t, "host");
+      rc = fail_here(c, "'%s' is not an IP address or host name", r->host);
+      leave(c);
+    }
+  }
+  leave(c);
+  r->port = (int)port;
+  r->timeout_ms = (uint32_t)timeout;
+  r->db = (int)db;
+  return rc;
+}
+
+/* After load_redis: mode "redis" needs its section. */
+static int load_rate_limit(ctx_t *c, int root) {
+  tg_config_t *cfg = c->cfg;
+  long long size = 65536;
+  char *mode = NULL;
+  int rc = 0;
+  if (field(c, root, "rate_limit") != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table { mode = ..., table_size = ... }") != 0 ||
+        check_keys(c, t, rate_limit_keys) != 0 || opt_string(c, t, "mode", &mode) != 0 ||
+        opt_integer(c, t, "table_size", 16, 1 << 26, &size) != 0)
+      rc = -1;
+    if (rc == 0 && (size & (size - 1)) != 0) {
+      field(c, t, "table_size");
+      rc = fail_here(c, "must be a power of two, got %lld", size);
+      leave(c);
+    }
+    if (rc == 0 && mode != NULL) {
+      if (strcmp(mode, "redis") == 0) {
+        cfg->rate_limit_mode = TG_CONFIG_RATE_LIMIT_REDIS;
+      } else if (strcmp(mode, "local") != 0) {
+        field(c, t, "mode");
+        rc = fail_here(c, "'%s' is not one of local, redis", mode);
+        leave(c);
+      }
+    }
+    if (rc == 0 && cfg->rate_limit_mode == TG_CONFIG_RATE_LIMIT_REDIS && cfg->redis.host == NULL) {
+      field(c, t, "mode");
+      rc = fail_here(c, "'redis' needs a top-level redis = { host = ..., port = ... } section");
+      leave(c);
+    }
+  }
+  leave(c);
+  free(mode);
+  cfg->rate_limit_table_size = (size_t)size;
   return rc;
 }
 
@@ -1475,7 +1541,8 @@ static int validate(ctx_t *c, int root) {
     leave(c);
     goto fail;
   }
-  if (load_limits(c, root) != 0 || load_tenants(c, root) != 0)
+  if (load_limits(c, root) != 0 || load_redis(c, root) != 0 || load_rate_limit(c, root) != 0 ||
+      load_tenants(c, root) != 0)
     goto fail;
   return 0;
 fail:
@@ -1657,6 +1724,8 @@ void tg_config_free(tg_config_t *cfg) {
   free(cfg->admin_token_file);
   free(cfg->data_dir);
   free(cfg->log_level);
+  free(cfg->redis.host);
+  free(cfg->redis.password_file);
   for (size_t i = 0; i < cfg->ntenants; i++) {
     tg_config_tenant_t *t = &cfg->tenants[i];
     free(t->name);

@@ -19,6 +19,9 @@
  *                header_timeout_ms = 10000, body_timeout_ms = 30000,
  *                idle_timeout_ms = 60000, max_connections = 10000,
  *                shutdown_grace_ms = 10000 },
+ *     redis = { host = "127.0.0.1", port = 6379, password_file = "redis.pass",
+ *               timeout_ms = 20, db = 0 },          -- optional
+ *     rate_limit = { mode = "local", table_size = 65536 },  -- mode "redis" needs redis
  *     tenants = {
  *       { name = "news", hosts = { "news.example" },
  *         catalog = { source = "rsl/news.xml", refresh_s = 300 },
@@ -31,13 +34,19 @@
  *   }
  *
  * Unknown keys are errors (typos must not pass silently). Defaults: the
- * values shown for workers, data_dir, log_level and limits, refresh_s 300;
- * no admin listener, no tenants. Rules beyond the types:
+ * values shown for workers, data_dir, log_level, limits, the keys of redis
+ * (no password) and rate_limit, refresh_s 300; no admin listener, no redis,
+ * no tenants. Rules beyond the types:
  *   - listen: 1 to TG_CONFIG_MAX_LISTENERS entries; host an IP literal or a
  *     name; port 0..65535 (0: the system picks a free port); tls_cert and
  *     tls_key together. admin takes host, port and token_file (required).
  *   - workers 0..256; limits are integers 1..2^32-1; log_level one of
  *     debug, info, warn, error.
+ *   - redis: host an IP literal or a name, port 1..65535, timeout_ms
+ *     1..60000, db 0..65535, password_file a readable file. rate_limit: mode
+ *     "local" (one table per instance) or "redis" (one limit across
+ *     instances; needs the redis section), table_size a power of two in
+ *     16..2^26 (slots of the local table, 16 bytes each).
  *   - tenant names [a-z0-9_-]{1,64}, unique; hosts are names, IPv4 or
  *     [IPv6], optionally ":port", lowercased, unique across tenants.
  *   - files (policy, tls_*, token_file, a catalog source that is not an
@@ -78,6 +87,17 @@ typedef struct tg_config_section {
   size_t nitems;
 } tg_config_section_t;
 
+/* The optional top-level redis section; host NULL when it is absent. */
+typedef struct tg_config_redis {
+  char *host;
+  int port;                   /* default 6379 */
+  char *password_file;        /* absolute path or NULL (no AUTH) */
+  uint32_t timeout_ms;        /* default 20 */
+  int db;                     /* default 0 */
+} tg_config_redis_t;
+
+typedef enum { TG_CONFIG_RATE_LIMIT_LOCAL = 0, TG_CONFIG_RATE_LIMIT_REDIS } tg_config_rate_limit_mode_t;
+
 typedef struct tg_config_tenant {
   char *name;                 /* [a-z0-9_-]{1,64}, unique */
   char **hosts;               /* lowercased, unique across tenants */
@@ -107,6 +127,9 @@ typedef struct tg_config {
   uint32_t idle_timeout_ms;
   uint32_t max_connections;
   uint32_t shutdown_grace_ms;
+  tg_config_redis_t redis;
+  tg_config_rate_limit_mode_t rate_limit_mode;
+  size_t rate_limit_table_size; /* default 65536 */
   tg_config_tenant_t *tenants;
   size_t ntenants;
 } tg_config_t;

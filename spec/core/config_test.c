@@ -615,3 +615,75 @@ TEST(missing_config_file) {
   CHECK_INT(tg_config_load(cfgpath, &cfg, err, sizeof(err)), -1);
   CHECK(err_is(0, "cannot open: No such file or directory"));
 }
+
+TEST(redis_and_rate_limit_defaults) {
+  CHECK_INT(load("return {\n" LISTEN "}\n"), 0);
+  CHECK(cfg.redis.host == NULL);
+  CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_LOCAL);
+  CHECK_INT(cfg.rate_limit_table_size, 65536);
+  /* An empty redis section takes every default; it does not switch the mode. */
+  CHECK_INT(load("return {\n" LISTEN "  redis = {},\n}\n"), 0);
+  CHECK_STR(cfg.redis.host, "127.0.0.1");
+  CHECK_INT(cfg.redis.port, 6379);
+  CHECK(cfg.redis.password_file == NULL);
+  CHECK_INT(cfg.redis.timeout_ms, 20);
+  CHECK_INT(cfg.redis.db, 0);
+  CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_LOCAL);
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = { mode = 'local' },\n}\n"), 0);
+  CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_LOCAL);
+  CHECK_INT(cfg.rate_limit_table_size, 65536);
+}
+
+TEST(redis_and_rate_limit_values) {
+  fresh();
+  put("redis.pass", "s3cret\n");
+  CHECK_INT(load_here("return {\n" LISTEN
+                      "  redis = { host = 'redis.internal', port = 6380, password_file = 'redis.pass',\n"
+                      "            timeout_ms = 50, db = 3 },\n"
+                      "  rate_limit = { mode = 'redis', table_size = 1024 },\n}\n"),
+            0);
+  CHECK_STR(cfg.redis.host, "redis.internal");
+  CHECK_INT(cfg.redis.port, 6380);
+  char want[160];
+  snprintf(want, sizeof(want), "%s/redis.pass", cfg.dir);
+  CHECK_STR(cfg.redis.password_file, want);
+  CHECK_INT(cfg.redis.timeout_ms, 50);
+  CHECK_INT(cfg.redis.db, 3);
+  CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_REDIS);
+  CHECK_INT(cfg.rate_limit_table_size, 1024);
+  CHECK_INT(load_here("return {\n" LISTEN "  redis = { host = '::1' },\n  rate_limit = { mode = 'redis' },\n}\n"), 0);
+  CHECK_STR(cfg.redis.host, "::1");
+  CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_REDIS);
+}
+
+TEST(redis_and_rate_limit_errors) {
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = {\n    mode = 'redis' },\n}\n"), -1);
+  CHECK(err_is(4, "rate_limit.mode: 'redis' needs a top-level redis"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = { mode = 'cluster' },\n}\n"), -1);
+  CHECK(err_is(3, "rate_limit.mode: 'cluster' is not one of local, redis"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = {\n    table_size = 1000 },\n}\n"), -1);
+  CHECK(err_is(4, "rate_limit.table_size: must be a power of two, got 1000"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = { table_size = 8 },\n}\n"), -1);
+  CHECK(err_is(3, "rate_limit.table_size: must be an integer in 16..67108864, got 8"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = { mode = 1 },\n}\n"), -1);
+  CHECK(err_is(3, "rate_limit.mode: expected a string, got number"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = 'redis',\n}\n"), -1);
+  CHECK(err_is(3, "rate_limit: expected a table"));
+  CHECK_INT(load("return {\n" LISTEN "  rate_limit = { size = 16 },\n}\n"), -1);
+  CHECK(err_is(3, "unknown key 'size' in rate_limit"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = {\n    port = 0 },\n}\n"), -1);
+  CHECK(err_is(4, "redis.port: must be an integer in 1..65535, got 0"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = { timeout_ms = 0 },\n}\n"), -1);
+  CHECK(err_is(3, "redis.timeout_ms: must be an integer in 1..60000"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = { db = -1 },\n}\n"), -1);
+  CHECK(err_is(3, "redis.db: must be an integer in 0..65535"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = {\n    timout_ms = 5 },\n}\n"), -1);
+  CHECK(err_is(4, "unknown key 'timout_ms' in redis (did you mean 'timeout_ms'?)"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = {\n    host = 'bad host!' },\n}\n"), -1);
+  CHECK(err_is(4, "redis.host: 'bad host!' is not an IP address or host name"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = { host = '' },\n}\n"), -1);
+  CHECK(err_is(3, "redis.host: must not be empty"));
+  CHECK_INT(load("return {\n" LISTEN "  redis = {\n    password_file = 'none.pass' },\n}\n"), -1);
+  CHECK(err_is(4, "redis.password_file: cannot read '"));
+  CHECK(strstr(err, "none.pass': No such file or directory") != NULL);
+}
