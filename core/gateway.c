@@ -8,6 +8,10 @@
 #include <strings.h>
 #include <time.h>
 
+#include <jansson.h>
+#include <llhttp.h>
+
+#include "app.h"
 #include "buf.h"
 #include "connect/connect.h"
 #include "exchange.h"
@@ -15,11 +19,19 @@
 #include "http/server.h"
 #include "log.h"
 #include "metrics.h"
+#include "policy.h"
+#include "ratelimit.h"
+#include "resource.h"
 #include "tenants.h"
 
 #ifndef TG_VERSION
 #define TG_VERSION "0.1.0"
 #endif
+
+typedef struct watch {
+  uv_fs_event_t ev;
+  struct tg_gateway *g;
+} watch_t;
 
 struct tg_gateway {
   const tg_config_t *cfg;
@@ -27,6 +39,11 @@ struct tg_gateway {
   tg_connect_router_t *router;
   tg_tenants_t *tenants;
   tg_exchange_t exchange;
+  tg_app_t app;
+  watch_t *watches;         /* policy folders watched on the main loop */
+  size_t nwatches;
+  uv_timer_t debounce;      /* editors write in several steps: reload once they settle */
+  int watching;
   char *admin_token;
   size_t admin_token_len;
   size_t nlisten;
@@ -61,7 +78,103 @@ static void public_handler(tg_http_req_t *req, void *ud) {
     readyz(g, req);
     return;
   }
+  const tg_http_header_t *host = tg_http_req_header(req, "host");
+  const tg_config_tenant_t *t = host ? tg_tenants_by_host(g->tenants, host->value, host->value_len) : NULL;
+  if (t) {
+    tg_resource_handle(tg_app_worker(req->worker), t, req);
+    return;
+  }
   respond_json(req, 404, "{\"error\":\"not found\"}");
+}
+
+/* ---- policy reloads ---- */
+
+static void log_reload(const tg_policy_reload_result_t *res, size_t n, tg_buf_t *out) {
+  tg_buf_puts(out, "{\"tenants\":[");
+  for (size_t i = 0; i < n; i++) {
+    static const char *const names[] = {"unchanged", "updated", "failed"};
+    const tg_policy_reload_result_t *r = &res[i];
+    json_t *err = json_string(r->error);
+    char *esc = err ? json_dumps(err, JSON_ENCODE_ANY | JSON_ENSURE_ASCII) : NULL;
+    tg_buf_printf(out, "%s{\"tenant\":\"%s\",\"status\":\"%s\",\"version\":\"%.12s\"%s%s}",
+                  i ? "," : "", r->tenant, names[r->status], r->version,
+                  r->status == TG_POLICY_RELOAD_FAILED ? ",\"error\":" : "",
+                  r->status == TG_POLICY_RELOAD_FAILED && esc ? esc : "");
+    free(esc);
+    json_decref(err);
+    if (r->status == TG_POLICY_RELOAD_UPDATED)
+      tg_log(TG_LOG_INFO, "policy reloaded", "tenant", r->tenant, "version", r->version, NULL);
+  }
+  tg_buf_puts(out, "]}");
+}
+
+int tg_gateway_reload(tg_gateway_t *g, const char *tenant, tg_buf_t *summary) {
+  tg_policy_reload_result_t *res = NULL;
+  size_t n = 0;
+  int rc = tg_policy_reload(g->app.policies, tenant, &res, &n);
+  tg_buf_t tmp = {0};
+  log_reload(res, n, summary ? summary : &tmp);
+  tg_buf_free(&tmp);
+  free(res);
+  return rc;
+}
+
+/* Wakes every worker to rebuild the changed states between requests. */
+static void on_publish(void *ud, uint64_t generation) {
+  tg_app_t *app = ud;
+  (void)generation;
+  for (int i = 0; i < app->nworkers; i++)
+    if (app->workers[i])
+      uv_async_send(&app->workers[i]->policy_sync);
+}
+
+static void on_policy_sync(uv_async_t *a) {
+  tg_app_worker_t *aw = a->data;
+  tg_policy_runtime_sync(aw->policy);
+}
+
+/* The admin reload runs on the thread pool: it compiles and dry-runs
+ * policies, which must not stall worker 0's requests. */
+typedef struct reload_job {
+  uv_work_t work;
+  tg_gateway_t *g;
+  tg_http_req_t *req;
+  char tenant[65];
+  int rc;
+  tg_buf_t summary;
+} reload_job_t;
+
+static void reload_work(uv_work_t *w) {
+  reload_job_t *j = w->data;
+  j->rc = tg_gateway_reload(j->g, j->tenant[0] ? j->tenant : NULL, &j->summary);
+}
+
+static void reload_done(uv_work_t *w, int status) {
+  reload_job_t *j = w->data;
+  int http = status != 0 ? 500 : j->rc == 0 ? 200 : j->rc == -ENOENT ? 404 : 422;
+  if (j->rc == -ENOENT)
+    respond_json(j->req, http, "{\"error\":\"unknown tenant\"}");
+  else
+    tg_http_respond_simple(j->req, http, "application/json", j->summary.data, j->summary.len);
+  tg_buf_free(&j->summary);
+  free(j);
+}
+
+static void admin_reload(tg_gateway_t *g, tg_http_req_t *req) {
+  reload_job_t *j = calloc(1, sizeof *j);
+  if (j == NULL) {
+    respond_json(req, 503, "{\"error\":\"out of memory\"}");
+    return;
+  }
+  j->g = g;
+  j->req = req;
+  j->work.data = j;
+  if (req->query && strncmp(req->query, "tenant=", 7) == 0)
+    snprintf(j->tenant, sizeof j->tenant, "%.*s", (int)strcspn(req->query + 7, "&"), req->query + 7);
+  if (uv_queue_work(req->worker->loop, &j->work, reload_work, reload_done) != 0) {
+    free(j);
+    respond_json(req, 503, "{\"error\":\"cannot schedule the reload\"}");
+  }
 }
 
 /* Compares in time independent of where the first difference is. */
@@ -106,13 +219,35 @@ static void admin_handler(tg_http_req_t *req, void *ud) {
     tg_buf_free(&b);
     return;
   }
+  if (strcmp(req->path, "/reload") == 0) {
+    if (req->method != HTTP_POST) {
+      tg_http_header_t h[2] = {{"Allow", 5, "POST", 4}, {"Content-Type", 12, "application/json", 16}};
+      static const char body[] = "{\"error\":\"use POST\"}";
+      tg_http_respond(req, 405, h, 2, body, sizeof body - 1);
+      return;
+    }
+    admin_reload(g, req);
+    return;
+  }
   if (strcmp(req->path, "/status") == 0) {
     tg_buf_t b = {0};
-    tg_buf_printf(&b, "{\"version\":\"%s\",\"uptime_s\":%lld,\"ready\":%s,\"tenants\":[", TG_VERSION,
-                  (long long)(time(NULL) - g->started_at),
-                  atomic_load(&g->ready) ? "true" : "false");
-    for (size_t i = 0; i < g->cfg->ntenants; i++)
-      tg_buf_printf(&b, "%s{\"name\":\"%s\"}", i ? "," : "", g->cfg->tenants[i].name);
+    tg_buf_printf(&b, "{\"version\":\"%s\",\"uptime_s\":%lld,\"ready\":%s,\"policy_generation\":%llu,"
+                  "\"tenants\":[",
+                  TG_VERSION, (long long)(time(NULL) - g->started_at),
+                  atomic_load(&g->ready) ? "true" : "false",
+                  (unsigned long long)tg_policy_generation(g->app.policies));
+    size_t np = tg_policy_count(g->app.policies);
+    for (size_t i = 0; i < np; i++) {
+      tg_policy_info_t info;
+      if (tg_policy_info(g->app.policies, i, &info) != 0)
+        continue;
+      json_t *path = json_string(info.path);
+      char *esc = path ? json_dumps(path, JSON_ENCODE_ANY | JSON_ENSURE_ASCII) : NULL;
+      tg_buf_printf(&b, "%s{\"name\":\"%s\",\"policy\":{\"file\":%s,\"version\":\"%s\",\"loaded_at\":%.3f}}",
+                    i ? "," : "", info.tenant, esc ? esc : "null", info.version, info.loaded_at);
+      free(esc);
+      json_decref(path);
+    }
     tg_buf_puts(&b, "]}");
     respond_json(req, 200, b.data);
     tg_buf_free(&b);
@@ -121,18 +256,101 @@ static void admin_handler(tg_http_req_t *req, void *ud) {
   respond_json(req, 404, "{\"error\":\"not found\"}");
 }
 
-/* Each worker gets its own outbound client (billing, facilitator, RSL). */
+void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
+                 tg_app_take_cb cb, void *ud);
+
+static void free_handle_data(uv_handle_t *h) { free(h->data); }
+
+static void app_free(tg_gateway_t *g) {
+  tg_connect_router_free(g->router);
+  tg_tenants_free(g->tenants);
+  if (g->app.policies)
+    tg_policy_registry_free(g->app.policies);
+  if (g->app.limits)
+    tg_ratelimit_free(g->app.limits);
+  tg_ratelimit_redis_opts_clear(&g->app.redis_opts);
+  free(g->app.workers);
+  free(g->watches);
+  free(g->admin_token);
+  free(g);
+}
+
+/* Each worker gets its own outbound client (billing, facilitator, RSL), its
+ * own policy states, and in redis mode its own Redis connection. */
 static int worker_start(tg_worker_t *w, void *ud) {
-  (void)ud;
+  tg_gateway_t *g = ud;
+  char err[512];
+  tg_app_worker_t *aw = calloc(1, sizeof *aw);
+  if (aw == NULL)
+    return -ENOMEM;
+  aw->app = &g->app;
+  aw->worker = w;
+  w->app = aw;
   w->httpc = tg_httpc_new(w->loop, NULL);
-  return w->httpc ? 0 : -ENOMEM;
+  aw->policy = tg_policy_runtime_new(g->app.policies, err, sizeof err);
+  if (w->httpc == NULL || aw->policy == NULL) {
+    tg_log(TG_LOG_ERROR, "worker start failed", "reason", aw->policy ? "out of memory" : err, NULL);
+    return -ENOMEM;
+  }
+  if (g->app.redis_opts.host) {
+    aw->redis = tg_ratelimit_redis_new(w->loop, &g->app.redis_opts, g->app.limits, err, sizeof err);
+    if (aw->redis == NULL)
+      return -ENOMEM;
+  }
+  uv_async_init(w->loop, &aw->policy_sync, on_policy_sync);
+  aw->policy_sync.data = aw;
+  g->app.workers[w->id] = aw;
+  return 0;
 }
 
 static void worker_stop(tg_worker_t *w, void *ud) {
-  (void)ud;
+  tg_gateway_t *g = ud;
+  tg_app_worker_t *aw = w->app;
   if (w->httpc)
     tg_httpc_free(w->httpc);
   w->httpc = NULL;
+  if (aw == NULL)
+    return;
+  g->app.workers[w->id] = NULL;
+  if (aw->redis)
+    tg_ratelimit_redis_free(aw->redis);
+  if (aw->policy)
+    tg_policy_runtime_free(aw->policy);
+  /* The async handle lives in aw: free aw once the handle is closed. */
+  if (aw->policy_sync.loop)
+    uv_close((uv_handle_t *)&aw->policy_sync, free_handle_data);
+  else
+    free(aw);
+  w->app = NULL;
+}
+
+typedef struct take {
+  tg_app_take_cb cb;
+  void *ud;
+} take_t;
+
+static void on_redis_take(void *arg, int allowed, uint32_t retry_after_ms, tg_ratelimit_source_t src) {
+  take_t *t = arg;
+  (void)src;
+  t->cb(t->ud, allowed, retry_after_ms);
+  free(t);
+}
+
+void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
+                 tg_app_take_cb cb, void *ud) {
+  if (aw->redis) {
+    take_t *t = malloc(sizeof *t);
+    if (t && (t->cb = cb, t->ud = ud,
+              tg_ratelimit_redis_take(aw->redis, tenant, rate->key, rate->keylen, rate->rate,
+                                      rate->burst, on_redis_take, t) == 0))
+      return;
+    free(t); /* could not ask Redis: decide locally */
+  }
+  uint32_t retry = 0;
+  int allowed = tg_ratelimit_take(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate,
+                                  rate->burst, tg_ratelimit_now_us(), &retry);
+  tg_ratelimit_count(tenant, allowed, TG_RATELIMIT_LOCAL);
+  cb(ud, allowed, retry);
 }
 
 int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size_t errlen) {
@@ -150,9 +368,29 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
     }
     g->admin_token_len = strlen(g->admin_token);
   }
+  g->app.cfg = cfg;
+  tg_policy_options_t popt = {0};
+  popt.version = TG_VERSION;
+  popt.on_publish = on_publish;
+  popt.on_publish_ud = &g->app;
+  if ((rc = tg_policy_registry_new(cfg, &popt, &g->app.policies, err, errlen)) != 0)
+    goto fail;
+  if ((rc = tg_ratelimit_metrics_init()) != 0) {
+    snprintf(err, errlen, "cannot declare the rate-limit metrics");
+    goto fail;
+  }
+  g->app.limits = tg_ratelimit_new(cfg->rate_limit_table_size ? cfg->rate_limit_table_size : 65536);
+  if (cfg->rate_limit_mode == TG_CONFIG_RATE_LIMIT_REDIS &&
+      tg_ratelimit_redis_opts_init(&g->app.redis_opts, &cfg->redis, err, errlen) != 0) {
+    rc = -EINVAL;
+    goto fail;
+  }
+  g->app.nworkers = cfg->workers > 0 ? cfg->workers : (int)uv_available_parallelism();
+  g->app.workers = calloc((size_t)g->app.nworkers, sizeof *g->app.workers);
   g->tenants = tg_tenants_new(cfg);
+  g->app.tenants = g->tenants;
   g->router = tg_connect_router_new();
-  if (g->tenants == NULL || g->router == NULL) {
+  if (g->tenants == NULL || g->router == NULL || g->app.limits == NULL || g->app.workers == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
@@ -180,6 +418,7 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   sc.nworkers = cfg->workers;
   sc.on_worker_start = worker_start;
   sc.on_worker_stop = worker_stop;
+  sc.ud = g;
   sc.limits.max_header_bytes = cfg->max_header_bytes;
   sc.limits.max_body_bytes = cfg->max_body_bytes;
   sc.limits.header_timeout_ms = cfg->header_timeout_ms;
@@ -198,10 +437,7 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   *out = g;
   return 0;
 fail:
-  tg_connect_router_free(g->router);
-  tg_tenants_free(g->tenants);
-  free(g->admin_token);
-  free(g);
+  app_free(g);
   return rc;
 }
 
@@ -214,8 +450,71 @@ int tg_gateway_port(const tg_gateway_t *g, int i) {
 void tg_gateway_stop(tg_gateway_t *g) {
   atomic_store_explicit(&g->ready, 0, memory_order_release);
   tg_server_stop(g->server, g->cfg->shutdown_grace_ms ? g->cfg->shutdown_grace_ms : 10000);
-  tg_connect_router_free(g->router);
-  tg_tenants_free(g->tenants);
-  free(g->admin_token);
-  free(g);
+  app_free(g);
+}
+
+/* ---- watching policy files ---- */
+
+static void on_debounced(uv_timer_t *t) {
+  tg_gateway_t *g = t->data;
+  tg_gateway_reload(g, NULL, NULL);
+}
+
+static void on_fs_event(uv_fs_event_t *ev, const char *filename, int events, int status) {
+  watch_t *w = (watch_t *)ev;
+  (void)filename;
+  (void)events;
+  if (status < 0)
+    return;
+  uv_timer_start(&w->g->debounce, on_debounced, 200, 0);
+}
+
+int tg_gateway_watch(tg_gateway_t *g, uv_loop_t *loop) {
+  size_t n = tg_policy_count(g->app.policies);
+  g->watches = calloc(n ? n : 1, sizeof *g->watches);
+  if (g->watches == NULL)
+    return -ENOMEM;
+  uv_timer_init(loop, &g->debounce);
+  g->debounce.data = g;
+  g->watching = 1;
+  for (size_t i = 0; i < n; i++) {
+    tg_policy_info_t info;
+    if (tg_policy_info(g->app.policies, i, &info) != 0 || info.path[0] == '\0')
+      continue;
+    /* Watch the folder: editors replace files by renaming over them, which
+     * ends a watch on the file itself. */
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", info.path);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+      *slash = '\0';
+    int dup = 0;
+    for (size_t k = 0; k < g->nwatches; k++) {
+      char have[1024];
+      size_t len = sizeof have;
+      if (uv_fs_event_getpath(&g->watches[k].ev, have, &len) == 0 && strcmp(have, dir) == 0)
+        dup = 1;
+    }
+    if (dup)
+      continue;
+    watch_t *w = &g->watches[g->nwatches];
+    w->g = g;
+    uv_fs_event_init(loop, &w->ev);
+    if (uv_fs_event_start(&w->ev, on_fs_event, dir, 0) != 0) {
+      tg_log(TG_LOG_WARN, "cannot watch policy folder", "dir", dir, NULL);
+      uv_close((uv_handle_t *)&w->ev, NULL);
+      continue;
+    }
+    g->nwatches++;
+  }
+  return 0;
+}
+
+void tg_gateway_unwatch(tg_gateway_t *g) {
+  if (!g->watching)
+    return;
+  for (size_t i = 0; i < g->nwatches; i++)
+    uv_close((uv_handle_t *)&g->watches[i].ev, NULL);
+  uv_close((uv_handle_t *)&g->debounce, NULL);
+  g->watching = 0;
 }

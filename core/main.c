@@ -5,9 +5,11 @@
 
 #include <uv.h>
 
+#include "buf.h"
 #include "config.h"
 #include "gateway.h"
 #include "log.h"
+#include "policy.h"
 
 #ifndef TG_VERSION
 #define TG_VERSION "0.1.0"
@@ -28,7 +30,9 @@ typedef struct app {
 static void on_signal(uv_signal_t *s, int signum) {
   app_t *app = s->data;
   if (signum == SIGHUP) {
-    tg_log(TG_LOG_INFO, "SIGHUP received: nothing to reload yet", NULL);
+    tg_log(TG_LOG_INFO, "SIGHUP: reloading policies", NULL);
+    if (app->gw)
+      tg_gateway_reload(app->gw, NULL, NULL);
     return;
   }
   if (app->stopping)
@@ -38,6 +42,8 @@ static void on_signal(uv_signal_t *s, int signum) {
   uv_close((uv_handle_t *)&app->sigterm, NULL);
   uv_close((uv_handle_t *)&app->sigint, NULL);
   uv_close((uv_handle_t *)&app->sighup, NULL);
+  if (app->gw)
+    tg_gateway_unwatch(app->gw);
 }
 
 int main(int argc, char **argv) {
@@ -72,7 +78,14 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (strcmp(cmd, "check") == 0) {
-    printf("tollgate: configuration %s is valid (%zu tenants)\n", cfg.path, cfg.ntenants);
+    /* The same validation a reload runs: compile, top level, hooks, fixtures. */
+    if (tg_policy_check_config(&cfg, NULL, err, sizeof err) != 0) {
+      fprintf(stderr, "tollgate: %s\n", err);
+      tg_config_free(&cfg);
+      return 1;
+    }
+    printf("tollgate: configuration %s is valid (%zu tenants, policies checked)\n", cfg.path,
+           cfg.ntenants);
     tg_config_free(&cfg);
     return 0;
   }
@@ -96,6 +109,8 @@ int main(int argc, char **argv) {
     tg_config_free(&cfg);
     return 1;
   }
+  if (tg_gateway_watch(app.gw, loop) != 0)
+    tg_log(TG_LOG_WARN, "policy files are not watched: reload with SIGHUP or the admin route", NULL);
   tg_log(TG_LOG_INFO, "ready", "version", TG_VERSION, "config", cfg.path, NULL);
   uv_run(loop, UV_RUN_DEFAULT); /* until a stop signal closes the handles */
   tg_gateway_stop(app.gw);

@@ -55,6 +55,8 @@ end
 -- A port nobody listens on right now: bind port 0, read it back, close.
 -- (Another process could take it before the gateway binds; on loopback in a
 -- test run that race is rare enough, and start() reports it plainly.)
+M.write_file = write_file
+
 function M.free_port()
   local s = assert(socket.tcp4())
   assert(s:bind(M.HOST, 0))
@@ -99,12 +101,19 @@ return {
              header_timeout_ms = %d, body_timeout_ms = %d,
              idle_timeout_ms = %d, shutdown_grace_ms = 2000 },
   tenants = {
-    { name = "news", hosts = { %q } },
+    %s
   },
+  %s
 }
 ]], M.HOST, ports.public, M.HOST, ports.admin, opts.workers or 1,
     l.max_header_bytes, l.max_body_bytes, l.header_timeout_ms, l.body_timeout_ms,
-    l.idle_timeout_ms, M.TENANT_HOST)
+    l.idle_timeout_ms,
+    opts.tenants or string.format("{ name = \"news\", hosts = { %q } },", M.TENANT_HOST),
+    opts.extra or "")
+  -- Files the configuration refers to (policies), relative to dir.
+  for name, content in pairs(opts.files or {}) do
+    write_file(dir .. "/" .. name, content)
+  end
   local path = dir .. "/tollgate.lua"
   write_file(path, config)
   return path
@@ -135,6 +144,7 @@ end
 -- its exit status in a file, so stop() can tell a clean exit from a crash.
 -- Returns a gateway table, or raises with the log when it does not come up.
 function M.start(opts)
+  opts = opts or {}
   local dir = mktemp_dir()
   local gw = {
     dir = dir,

@@ -1,0 +1,840 @@
+#include "policy/state.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "log.h"
+
+#define HOOK_COUNT 1000       /* instructions between deadline checks */
+#define LOG_LINES_PER_SEC 20  /* per state, for tollgate.log and for failed calls */
+
+static const char *const hook_names[TG_POLICY_NHOOKS] = {
+    "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure"};
+static const char *const view_names[TG_NVIEWS] = {"req", "offer", "txn"};
+
+const char *tg_policy_hook_name(tg_policy_hook_t hook) {
+  return (unsigned)hook < TG_POLICY_NHOOKS ? hook_names[hook] : "?";
+}
+
+extern const struct tg_lua_file {
+  const char *name;
+  const char *data;
+  size_t len;
+} tg_lua_files[];
+
+const char *tg_policy_embedded(const char *name, size_t *len) {
+  for (const struct tg_lua_file *f = tg_lua_files; f->name; f++) {
+    if (strcmp(f->name, name) == 0) {
+      if (len)
+        *len = f->len;
+      return f->data;
+    }
+  }
+  return NULL;
+}
+
+void tg_policy_metrics_get(tg_policy_metrics_t *m) {
+  static const char *const l_err[] = {"tenant_id", "hook", "kind", NULL};
+  static const char *const l_reload[] = {"tenant_id", "result", NULL};
+  static const char *const l_tenant[] = {"tenant_id", NULL};
+  static const char *const l_version[] = {"tenant_id", "version", NULL};
+  static const char *const l_hook[] = {"hook", NULL};
+  static const double buckets[] = {5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6,
+                                   500e-6, 1e-3, 5e-3, 10e-3, 50e-3};
+  m->errors = tg_metric_new(TG_METRIC_COUNTER, "policy_errors_total",
+                            "Policy hook calls that failed, by kind (error, timeout, memory, type)",
+                            l_err, NULL, 0);
+  m->reloads = tg_metric_new(TG_METRIC_COUNTER, "policy_reloads_total",
+                             "Policy reloads that published (ok) or were refused (error)",
+                             l_reload, NULL, 0);
+  m->reload_errors = tg_metric_new(TG_METRIC_COUNTER, "policy_reload_errors_total",
+                                   "Policy reloads refused by validation", l_tenant, NULL, 0);
+  m->version_info = tg_metric_new(TG_METRIC_GAUGE, "policy_version_info",
+                                  "1 for the active policy version of a tenant", l_version,
+                                  NULL, 0);
+  m->duration = tg_metric_new(TG_METRIC_HISTOGRAM, "policy_hook_duration_seconds",
+                              "Time spent in policy hook calls", l_hook, buckets,
+                              sizeof buckets / sizeof buckets[0]);
+}
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static double wall_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)(ts.tv_nsec / 1000000) / 1000.0;
+}
+
+static tg_policy_state_t *state_of(lua_State *L) {
+  void *ud = NULL;
+  lua_getallocf(L, &ud);
+  return ud;
+}
+
+/* Counts every byte the state holds and refuses growth past the cap; the
+ * refusal is remembered so the call is reported as a memory error even if
+ * the policy caught the "not enough memory" error itself. */
+static void *state_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  tg_policy_state_t *st = ud;
+  if (nsize == 0) {
+    free(ptr);
+    st->mem_used -= osize;
+    return NULL;
+  }
+  if (nsize > osize && st->mem_used + (nsize - osize) > st->mem_limit) {
+    st->mem_failed = true;
+    return NULL;
+  }
+  void *p = realloc(ptr, nsize);
+  if (p == NULL) {
+    if (nsize <= osize)
+      return ptr; /* a failed shrink keeps the larger block */
+    st->mem_failed = true;
+    return NULL;
+  }
+  st->mem_used = st->mem_used - osize + nsize;
+  return p;
+}
+
+static void count_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  tg_policy_state_t *st = state_of(L);
+  if (now_ns() < st->deadline_ns)
+    return;
+  st->timed_out = true;
+  if (!st->fast_hook) {
+    /* Every instruction from now on, so that code catching the error
+     * (pcall in a loop) is interrupted again at once. */
+    st->fast_hook = true;
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, st->timeout_msg_ref);
+  lua_error(L);
+}
+
+static void arm(tg_policy_state_t *st, uint32_t ms) {
+  st->timed_out = false;
+  st->mem_failed = false;
+  if (st->fast_hook) {
+    st->fast_hook = false;
+    lua_sethook(st->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  }
+  st->deadline_ns = now_ns() + (uint64_t)ms * 1000000u;
+}
+
+/* sandbox opts.guard: runs after every pcall/xpcall inside the policy. The
+ * messages are preallocated so raising needs no memory at the cap. */
+static int l_guard(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  if (st->timed_out) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->timeout_msg_ref);
+    return lua_error(L);
+  }
+  if (st->mem_failed) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->memory_msg_ref);
+    return lua_error(L);
+  }
+  return 0;
+}
+
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, wall_now());
+  return 1;
+}
+
+/* Lets `burst` lines per second through; returns false to drop one. */
+static bool log_allowed(double *window, unsigned *lines, unsigned *dropped) {
+  double t = wall_now();
+  if (t - *window >= 1.0) {
+    *window = t;
+    *lines = 0;
+  }
+  if (*lines >= LOG_LINES_PER_SEC) {
+    (*dropped)++;
+    return false;
+  }
+  (*lines)++;
+  return true;
+}
+
+static int l_log(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  const char *level = luaL_checkstring(L, 1);
+  const char *msg = luaL_checkstring(L, 2);
+  if (!log_allowed(&st->log_window, &st->log_lines, &st->log_dropped))
+    return 0;
+  int lv = tg_log_level_parse(level);
+  char dropped[24];
+  snprintf(dropped, sizeof dropped, "%u", st->log_dropped);
+  st->log_dropped = 0;
+  tg_log(lv < 0 ? TG_LOG_INFO : (tg_log_level_t)lv, msg, "source", "policy", "tenant_id",
+         st->tenant, "version", st->version, "dropped_before", dropped, NULL);
+  return 0;
+}
+
+/* sandbox run_fixtures opts.on_call: each fixture gets a full time limit. */
+static int l_on_call(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  arm(st, st->time_limit_ms);
+  return 0;
+}
+
+/* ---- Views over the C structs: userdata whose __index reads the struct of
+ * the current call. One userdata per kind per state, reused for every call,
+ * so a hook call allocates nothing for its arguments. */
+
+static const char *const req_fields[] = {"method", "path", "query", "host", "tenant",
+                                         "ip", "user_agent", "purpose", "purposes", "ai_id",
+                                         "ai_name", "user_type", "country", "header",
+                                         "kind", NULL};
+static const char *const offer_fields[] = {"uri", "model", "amount", "currency", "purposes",
+                                           "lastmod", "license_url", NULL};
+static const char *const txn_fields[] = {"id", "tenant", "amount", "currency", "ai_id",
+                                         "billing_ref", "items", "attempts", "reason", NULL};
+
+static int field_index(const char *const *names, const char *k, size_t len) {
+  for (int i = 0; names[i]; i++)
+    if (names[i][0] == k[0] && strlen(names[i]) == len && memcmp(names[i], k, len) == 0)
+      return i;
+  return -1;
+}
+
+static void push_str(lua_State *L, const char *s) {
+  if (s)
+    lua_pushstring(L, s);
+  else
+    lua_pushnil(L);
+}
+
+static void push_list(lua_State *L, const char *const *items, size_t n) {
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_str(L, items[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+}
+
+static tg_pview_t *check_view(lua_State *L, int idx) {
+  tg_pview_t *v = lua_touserdata(L, idx);
+  if (v->data == NULL)
+    luaL_error(L, "view '%s' used outside its hook call", view_names[v->kind]);
+  return v;
+}
+
+static int l_req_header(lua_State *L) {
+  tg_pview_t *self = lua_touserdata(L, lua_upvalueindex(1));
+  int arg = lua_touserdata(L, 1) == self ? 2 : 1; /* req:header(n) and req.header(n) */
+  size_t nlen;
+  const char *name = luaL_checklstring(L, arg, &nlen);
+  const tg_policy_req_t *req = check_view(L, lua_upvalueindex(1))->data;
+  size_t vlen = 0;
+  const char *v = req->header ? req->header(req->header_ud, name, nlen, &vlen) : NULL;
+  if (v)
+    lua_pushlstring(L, v, vlen);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+static int req_index(lua_State *L, const tg_policy_req_t *r, int f) {
+  switch (f) {
+  case 0: push_str(L, r->method); break;
+  case 1: push_str(L, r->path); break;
+  case 2: push_str(L, r->query); break;
+  case 3: push_str(L, r->host); break;
+  case 4: push_str(L, r->tenant); break;
+  case 5: push_str(L, r->ip); break;
+  case 6: push_str(L, r->user_agent); break;
+  case 7: push_str(L, r->npurposes ? r->purposes[0] : NULL); break;
+  case 8: push_list(L, r->purposes, r->npurposes); break;
+  case 9: push_str(L, r->ai_id); break;
+  case 10: push_str(L, r->ai_name); break;
+  case 11: push_str(L, r->user_type); break;
+  case 12: push_str(L, r->country); break;
+  case 14: lua_pushstring(L, r->kind == TG_POLICY_KIND_CONNECT ? "connect" : "http"); break;
+  default: lua_pushnil(L);
+  }
+  return 1;
+}
+
+static int offer_index(lua_State *L, const tg_policy_offer_t *o, int f) {
+  switch (f) {
+  case 0: push_str(L, o->uri); break;
+  case 1: push_str(L, o->model); break;
+  case 2: lua_pushnumber(L, (lua_Number)o->amount); break;
+  case 3: push_str(L, o->currency); break;
+  case 4: push_list(L, o->purposes, o->npurposes); break;
+  case 5:
+    if (o->lastmod)
+      lua_pushnumber(L, (lua_Number)o->lastmod);
+    else
+      lua_pushnil(L);
+    break;
+  case 6: push_str(L, o->license_url); break;
+  default: lua_pushnil(L);
+  }
+  return 1;
+}
+
+static int txn_index(lua_State *L, const tg_policy_txn_t *t, int f) {
+  char ref[TG_REDACT_REF_LEN];
+  switch (f) {
+  case 0: push_str(L, t->id); break;
+  case 1: push_str(L, t->tenant); break;
+  case 2: lua_pushnumber(L, (lua_Number)t->amount); break;
+  case 3: push_str(L, t->currency); break;
+  case 4: push_str(L, t->ai_id); break;
+  case 5:
+    if (t->billing_ref) {
+      tg_redact_ref(t->billing_ref, ref, sizeof ref);
+      lua_pushstring(L, ref);
+    } else {
+      lua_pushnil(L);
+    }
+    break;
+  case 6: lua_pushnumber(L, t->items); break;
+  case 7: lua_pushnumber(L, t->attempts); break;
+  case 8: push_str(L, t->reason); break;
+  default: lua_pushnil(L);
+  }
+  return 1;
+}
+
+/* __index(view, key); upvalue 1: the header closure (req only). */
+static int l_view_index(lua_State *L) {
+  tg_pview_t *v = check_view(L, 1);
+  size_t len = 0;
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+  if (k == NULL || len == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  switch (v->kind) {
+  case TG_VIEW_REQ: {
+    int f = field_index(req_fields, k, len);
+    if (f == 13) { /* header: the closure lives in the metatable */
+      lua_getmetatable(L, 1);
+      lua_rawgeti(L, -1, 1);
+      return 1;
+    }
+    return req_index(L, v->data, f);
+  }
+  case TG_VIEW_OFFER:
+    return offer_index(L, v->data, field_index(offer_fields, k, len));
+  default:
+    return txn_index(L, v->data, field_index(txn_fields, k, len));
+  }
+}
+
+static int l_view_newindex(lua_State *L) {
+  tg_pview_t *v = lua_touserdata(L, 1);
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : "?";
+  return luaL_error(L, "attempt to modify read-only view '%s' (field '%s')", view_names[v->kind],
+                    k);
+}
+
+static int l_view_tostring(lua_State *L) {
+  tg_pview_t *v = lua_touserdata(L, 1);
+  lua_pushstring(L, view_names[v->kind]);
+  return 1;
+}
+
+static void make_view(tg_policy_state_t *st, int kind) {
+  lua_State *L = st->L;
+  tg_pview_t *v = lua_newuserdata(L, sizeof *v);
+  v->kind = kind;
+  v->data = NULL;
+  v->st = st;
+  lua_createtable(L, 1, 4);
+  lua_pushcfunction(L, l_view_index);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_view_newindex);
+  lua_setfield(L, -2, "__newindex");
+  lua_pushcfunction(L, l_view_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  if (kind == TG_VIEW_REQ) {
+    lua_pushvalue(L, -2);
+    lua_pushcclosure(L, l_req_header, 1);
+    lua_rawseti(L, -2, 1);
+  }
+  lua_setmetatable(L, -2);
+  st->view[kind] = v;
+  st->view_ref[kind] = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* ---- Building a state */
+
+typedef struct init_ctx {
+  tg_policy_state_t *st;
+  const tg_pstate_cfg_t *cfg;
+  bool fixtures;
+  const char *stage;           /* what failed, for messages about the embedded code */
+} init_ctx_t;
+
+/* The embedded runtime is compiled to bytecode once per process: parsing
+ * sandbox.lua takes 2 ms, loading its bytecode 0.06 ms, and every reload
+ * builds a state per worker. Only this trusted code is ever loaded as
+ * bytecode; policies are refused it. */
+static const char *const runtime_modules[] = {"tollgate/money.lua", "tollgate/sandbox.lua"};
+#define NRUNTIME (sizeof runtime_modules / sizeof runtime_modules[0])
+
+typedef struct bytecode {
+  char *data;
+  size_t len, cap;
+} bytecode_t;
+
+static bytecode_t precompiled[NRUNTIME];
+static pthread_once_t precompile_once = PTHREAD_ONCE_INIT;
+
+static int bytecode_write(lua_State *L, const void *p, size_t sz, void *ud) {
+  (void)L;
+  bytecode_t *b = ud;
+  if (b->len + sz > b->cap) {
+    size_t cap = (b->len + sz) * 2;
+    char *n = realloc(b->data, cap);
+    if (n == NULL)
+      return 1;
+    b->data = n;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, p, sz);
+  b->len += sz;
+  return 0;
+}
+
+static void precompile(void) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL)
+    return;
+  for (size_t i = 0; i < NRUNTIME; i++) {
+    size_t len;
+    const char *src = tg_policy_embedded(runtime_modules[i], &len);
+    char chunk[96];
+    snprintf(chunk, sizeof chunk, "=lua/%s", runtime_modules[i]);
+    bytecode_t b = {0};
+    if (src && luaL_loadbuffer(L, src, len, chunk) == 0 && lua_dump(L, bytecode_write, &b) == 0)
+      precompiled[i] = b; /* kept for the life of the process */
+    else
+      free(b.data); /* the source is parsed per state instead */
+    lua_settop(L, 0);
+  }
+  lua_close(L);
+}
+
+static void load_embedded(lua_State *L, size_t i) {
+  pthread_once(&precompile_once, precompile);
+  char chunk[96];
+  snprintf(chunk, sizeof chunk, "=lua/%s", runtime_modules[i]);
+  size_t len = precompiled[i].len;
+  const char *code = precompiled[i].data;
+  if (code == NULL)
+    code = tg_policy_embedded(runtime_modules[i], &len);
+  if (code == NULL)
+    luaL_error(L, "embedded lua/%s is missing", runtime_modules[i]);
+  if (luaL_loadbuffer(L, code, len, chunk) != 0)
+    lua_error(L);
+  lua_call(L, 0, 1);
+}
+
+static int init_state(lua_State *L) {
+  init_ctx_t *c = lua_touserdata(L, 1);
+  tg_policy_state_t *st = c->st;
+  const tg_pstate_cfg_t *cfg = c->cfg;
+  lua_settop(L, 0);
+
+  /* No io, package, debug, jit (opening it would re-enable the JIT) or ffi. */
+  static const lua_CFunction libs[] = {luaopen_base, luaopen_table, luaopen_string,
+                                       luaopen_math, luaopen_os};
+  for (size_t i = 0; i < sizeof libs / sizeof libs[0]; i++) {
+    lua_pushcfunction(L, libs[i]);
+    lua_call(L, 0, 0);
+  }
+  /* The trusted code needs none of these: gone before anything else runs. */
+  static const char *const os_drop[] = {"execute", "exit", "getenv", "remove", "rename",
+                                        "tmpname", "setlocale", NULL};
+  lua_getglobal(L, "os");
+  for (int i = 0; os_drop[i]; i++) {
+    lua_pushnil(L);
+    lua_setfield(L, -2, os_drop[i]);
+  }
+  lua_pop(L, 1);
+  static const char *const g_drop[] = {"dofile", "loadfile", "collectgarbage", "gcinfo", NULL};
+  for (int i = 0; g_drop[i]; i++) {
+    lua_pushnil(L);
+    lua_setglobal(L, g_drop[i]);
+  }
+
+  lua_pushstring(L, "policy exceeded its time limit");
+  st->timeout_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushstring(L, "policy exceeded its memory limit");
+  st->memory_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  c->stage = "lua/tollgate/money.lua";
+  load_embedded(L, 0); /* 1: money */
+  c->stage = "lua/tollgate/sandbox.lua";
+  load_embedded(L, 1); /* 2: sandbox */
+  c->stage = NULL;
+
+  lua_getfield(L, 2, "harden");
+  lua_pushboolean(L, 1);
+  lua_call(L, 1, 0);
+
+  lua_getfield(L, 2, "load"); /* 3 */
+  lua_pushlstring(L, cfg->source, cfg->len);
+  lua_pushstring(L, cfg->chunkname);
+  lua_createtable(L, 0, 6); /* opts */
+  lua_pushstring(L, cfg->tenant ? cfg->tenant : "");
+  lua_setfield(L, -2, "tenant");
+  lua_pushstring(L, cfg->gateway_version ? cfg->gateway_version : "");
+  lua_setfield(L, -2, "version");
+  lua_pushcfunction(L, l_log);
+  lua_setfield(L, -2, "log");
+  lua_pushcfunction(L, l_now);
+  lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, l_guard);
+  lua_setfield(L, -2, "guard");
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, -2, "tollgate.money");
+  lua_setfield(L, -2, "modules");
+  lua_call(L, 3, 2);
+  if (lua_isnil(L, -2))
+    return lua_error(L); /* the message: "FILE:LINE: reason" */
+  lua_pop(L, 1);
+  int policy = lua_gettop(L); /* 3 */
+
+  if (c->fixtures) {
+    lua_getfield(L, 2, "run_fixtures");
+    lua_pushvalue(L, policy);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, l_on_call);
+    lua_setfield(L, -2, "on_call");
+    lua_pushcfunction(L, l_guard);
+    lua_setfield(L, -2, "guard");
+    lua_call(L, 2, 2);
+    if (!lua_toboolean(L, -2)) {
+      const char *display = cfg->chunkname[0] == '@' ? cfg->chunkname + 1 : cfg->chunkname;
+      lua_pushfstring(L, "%s: %s", display, lua_tostring(L, -1));
+      return lua_error(L);
+    }
+    lua_pop(L, 2);
+  }
+
+  lua_getfield(L, 2, "invokers");
+  for (int h = 0; h < TG_POLICY_NHOOKS; h++) {
+    lua_getfield(L, policy, hook_names[h]);
+    st->hook_ref[h] = lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : LUA_NOREF;
+    if (st->hook_ref[h] == LUA_NOREF)
+      lua_pop(L, 1);
+    lua_getfield(L, -1, hook_names[h]);
+    st->invoker_ref[h] = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_pop(L, 1);
+  for (int k = 0; k < TG_NVIEWS; k++)
+    make_view(st, k);
+  lua_settop(L, 0);
+  return 0;
+}
+
+static void error_text(lua_State *L, int idx, char *out, size_t outlen) {
+  /* Never a metamethod: an error object's __tostring could run forever. */
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER)
+    snprintf(out, outlen, "%s", lua_tostring(L, idx));
+  else
+    snprintf(out, outlen, "(error object is a %s value)", luaL_typename(L, idx));
+}
+
+static int classify(const tg_policy_state_t *st, int status) {
+  if (st->timed_out)
+    return TG_POLICY_ERR_TIMEOUT;
+  if (st->mem_failed || status == LUA_ERRMEM)
+    return TG_POLICY_ERR_MEMORY;
+  return TG_POLICY_ERR_RUNTIME;
+}
+
+tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int *code,
+                                 char *err, size_t errlen) {
+  const char *display = cfg->chunkname[0] == '@' ? cfg->chunkname + 1 : cfg->chunkname;
+  tg_policy_state_t *st = calloc(1, sizeof *st);
+  if (st == NULL)
+    goto oom;
+  st->mem_limit = cfg->memory_limit ? cfg->memory_limit : TG_POLICY_DEFAULT_MEMORY_LIMIT;
+  st->time_limit_ms = cfg->time_limit_ms ? cfg->time_limit_ms : TG_POLICY_DEFAULT_TIME_LIMIT_MS;
+  st->load_time_limit_ms =
+      cfg->load_time_limit_ms ? cfg->load_time_limit_ms : TG_POLICY_DEFAULT_LOAD_TIME_LIMIT_MS;
+  snprintf(st->tenant, sizeof st->tenant, "%s", cfg->tenant ? cfg->tenant : "");
+  snprintf(st->version, sizeof st->version, "%s", cfg->version ? cfg->version : "");
+  for (int h = 0; h < TG_POLICY_NHOOKS; h++)
+    st->hook_ref[h] = st->invoker_ref[h] = LUA_NOREF;
+  tg_policy_metrics_t m;
+  tg_policy_metrics_get(&m);
+  st->m_errors = m.errors;
+  st->m_duration = m.duration;
+
+  st->L = lua_newstate(state_alloc, st);
+  if (st->L == NULL)
+    goto oom;
+  /* Count hooks do not fire inside compiled traces: the JIT stays off. */
+  luaJIT_setmode(st->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  st->deadline_ns = now_ns() + (uint64_t)st->load_time_limit_ms * 1000000u;
+  lua_sethook(st->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+
+  init_ctx_t c = {st, cfg, fixtures, NULL};
+  int status = lua_cpcall(st->L, init_state, &c);
+  if (status != 0) {
+    char msg[TG_POLICY_MSG_LEN];
+    error_text(st->L, -1, msg, sizeof msg);
+    int kind = classify(st, status);
+    *code = kind;
+    if (kind == TG_POLICY_ERR_TIMEOUT)
+      snprintf(err, errlen, "%s: %s (%u ms)", display,
+               c.stage ? "the embedded runtime took too long to load" :
+                         "loading ran past its time limit", st->load_time_limit_ms);
+    else if (kind == TG_POLICY_ERR_MEMORY)
+      snprintf(err, errlen, "%s: loading exceeded the memory limit (%zu bytes)", display,
+               st->mem_limit);
+    else if (c.stage)
+      snprintf(err, errlen, "%s: %s failed: %s", display, c.stage, msg);
+    else
+      snprintf(err, errlen, "%s", msg);
+    tg_pstate_free(st);
+    return NULL;
+  }
+  st->deadline_ns = UINT64_MAX;
+  lua_gc(st->L, LUA_GCCOLLECT, 0);
+  return st;
+
+oom:
+  *code = -ENOMEM;
+  snprintf(err, errlen, "%s: out of memory", display);
+  tg_pstate_free(st);
+  return NULL;
+}
+
+void tg_pstate_free(tg_policy_state_t *st) {
+  if (st == NULL)
+    return;
+  if (st->L)
+    lua_close(st->L);
+  free(st);
+}
+
+/* ---- Hook calls */
+
+static const char *const kind_names[] = {"error", "timeout", "memory", "type"};
+
+static void fail(tg_policy_state_t *st, int hook, int code, const char *reason,
+                 const char *request_id, tg_policy_error_t *err) {
+  const char *kind = kind_names[code == TG_POLICY_ERR_TIMEOUT  ? 1
+                                : code == TG_POLICY_ERR_MEMORY ? 2
+                                : code == TG_POLICY_ERR_TYPE   ? 3
+                                                               : 0];
+  char msg[TG_POLICY_MSG_LEN];
+  snprintf(msg, sizeof msg, "policy %s: %s: %s", st->tenant, hook_names[hook], reason);
+  if (err) {
+    err->code = code;
+    memcpy(err->msg, msg, sizeof msg);
+  }
+  const char *labels[] = {st->tenant, hook_names[hook], kind};
+  tg_counter_add(st->m_errors, labels, 1);
+  if (log_allowed(&st->err_window, &st->err_lines, &st->err_dropped)) {
+    char dropped[24];
+    snprintf(dropped, sizeof dropped, "%u", st->err_dropped);
+    st->err_dropped = 0;
+    tg_log_req(TG_LOG_WARN, request_id, "policy hook failed", "tenant_id", st->tenant, "hook",
+               hook_names[hook], "kind", kind, "reason", msg, "version", st->version,
+               "dropped_before", dropped, NULL);
+  }
+}
+
+/* Pushes invoker, hook function and the views (data set for this call).
+ * Returns false when the policy has no such hook. */
+static bool begin(tg_policy_state_t *st, int hook, const void *a, int ka, const void *b,
+                  int kb) {
+  if (st->hook_ref[hook] == LUA_NOREF)
+    return false;
+  lua_State *L = st->L;
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, st->invoker_ref[hook]);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[hook]);
+  st->view[ka]->data = a;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, st->view_ref[ka]);
+  if (b) {
+    st->view[kb]->data = b;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->view_ref[kb]);
+  }
+  return true;
+}
+
+/* Runs the call; on success leaves ok, v1, v2, v3 at stack 1..4 with ok
+ * true. Returns 0 or an error code (already reported). */
+static int finish(tg_policy_state_t *st, int hook, int nargs, const char *request_id,
+                  tg_policy_error_t *err) {
+  lua_State *L = st->L;
+  arm(st, st->time_limit_ms);
+  uint64_t t0 = st->deadline_ns - (uint64_t)st->time_limit_ms * 1000000u;
+  int status = lua_pcall(L, nargs + 1, 4, 0);
+  st->deadline_ns = UINT64_MAX;
+  for (int k = 0; k < TG_NVIEWS; k++)
+    st->view[k]->data = NULL;
+  const char *labels[] = {hook_names[hook]};
+  tg_histogram_observe(st->m_duration, labels, (double)(now_ns() - t0) / 1e9);
+
+  if (status != 0 || st->timed_out || st->mem_failed) {
+    int code = classify(st, status);
+    char reason[TG_POLICY_MSG_LEN];
+    if (code == TG_POLICY_ERR_TIMEOUT)
+      snprintf(reason, sizeof reason, "exceeded its time limit (%u ms)", st->time_limit_ms);
+    else if (code == TG_POLICY_ERR_MEMORY)
+      snprintf(reason, sizeof reason, "exceeded its memory limit (%zu bytes)", st->mem_limit);
+    else
+      error_text(L, -1, reason, sizeof reason);
+    lua_settop(L, 0);
+    if (code == TG_POLICY_ERR_MEMORY) {
+      lua_gc(L, LUA_GCCOLLECT, 0);
+      if (st->mem_used > st->mem_limit / 4 * 3)
+        st->suspect = true;
+    }
+    st->mem_failed = false;
+    fail(st, hook, code, reason, request_id, err);
+    return code;
+  }
+  if (!lua_toboolean(L, 1)) {
+    char reason[TG_POLICY_MSG_LEN];
+    error_text(L, 2, reason, sizeof reason);
+    lua_settop(L, 0);
+    fail(st, hook, TG_POLICY_ERR_TYPE, reason, request_id, err);
+    return TG_POLICY_ERR_TYPE;
+  }
+  if (err)
+    err->code = 0;
+  return 0;
+}
+
+bool tg_policy_has_hook(const tg_policy_state_t *st, tg_policy_hook_t hook) {
+  return (unsigned)hook < TG_POLICY_NHOOKS && st->hook_ref[hook] != LUA_NOREF;
+}
+
+const char *tg_policy_state_version(const tg_policy_state_t *st) {
+  return st->version;
+}
+
+static int nohook(tg_policy_error_t *err) {
+  if (err) {
+    err->code = TG_POLICY_ERR_NOHOOK;
+    err->msg[0] = '\0';
+  }
+  return TG_POLICY_ERR_NOHOOK;
+}
+
+int tg_policy_skip(tg_policy_state_t *st, const tg_policy_req_t *req, bool *skip,
+                   tg_policy_error_t *err) {
+  *skip = false;
+  if (!begin(st, TG_POLICY_HOOK_SKIP, req, TG_VIEW_REQ, NULL, 0))
+    return nohook(err);
+  int rc = finish(st, TG_POLICY_HOOK_SKIP, 1, req->request_id, err);
+  if (rc == 0) {
+    *skip = lua_toboolean(st->L, 2);
+    lua_settop(st->L, 0);
+  }
+  return rc;
+}
+
+int tg_policy_rate_limit(tg_policy_state_t *st, const tg_policy_req_t *req,
+                         tg_policy_rate_t *out, tg_policy_error_t *err) {
+  memset(out, 0, sizeof *out);
+  if (!begin(st, TG_POLICY_HOOK_RATE_LIMIT, req, TG_VIEW_REQ, NULL, 0))
+    return nohook(err);
+  int rc = finish(st, TG_POLICY_HOOK_RATE_LIMIT, 1, req->request_id, err);
+  if (rc == 0) {
+    lua_State *L = st->L;
+    if (lua_type(L, 2) == LUA_TSTRING) {
+      size_t len;
+      const char *key = lua_tolstring(L, 2, &len);
+      if (len > TG_POLICY_KEY_MAX)
+        len = TG_POLICY_KEY_MAX; /* the sandbox refuses longer keys already */
+      memcpy(out->key, key, len);
+      out->key[len] = '\0';
+      out->keylen = len;
+      out->rate = lua_tonumber(L, 3);
+      out->burst = (uint32_t)lua_tonumber(L, 4);
+      out->limited = true;
+    }
+    lua_settop(L, 0);
+  }
+  return rc;
+}
+
+static void default_price(const tg_policy_offer_t *offer, tg_policy_price_t *out) {
+  if (offer->currency == NULL || strlen(offer->currency) > TG_POLICY_CURRENCY_MAX)
+    return;
+  out->for_sale = true;
+  out->amount = offer->model && strcmp(offer->model, "free") == 0 ? 0 : offer->amount;
+  snprintf(out->currency, sizeof out->currency, "%s", offer->currency);
+}
+
+int tg_policy_price(tg_policy_state_t *st, const tg_policy_offer_t *offer,
+                    const tg_policy_req_t *req, tg_policy_price_t *out, tg_policy_error_t *err) {
+  memset(out, 0, sizeof *out);
+  if (!begin(st, TG_POLICY_HOOK_PRICE, offer, TG_VIEW_OFFER, req, TG_VIEW_REQ)) {
+    default_price(offer, out);
+    return nohook(err);
+  }
+  int rc = finish(st, TG_POLICY_HOOK_PRICE, 2, req->request_id, err);
+  if (rc == 0) {
+    lua_State *L = st->L;
+    if (lua_type(L, 2) == LUA_TNUMBER) {
+      out->for_sale = true;
+      out->amount = (int64_t)lua_tonumber(L, 2);
+      size_t clen = 0;
+      const char *cur = lua_tolstring(L, 3, &clen);
+      if (clen > TG_POLICY_CURRENCY_MAX)
+        clen = TG_POLICY_CURRENCY_MAX; /* the sandbox refuses longer codes already */
+      memcpy(out->currency, cur, clen);
+      out->currency[clen] = '\0';
+    }
+    lua_settop(L, 0);
+  }
+  return rc;
+}
+
+int tg_policy_on_billing_timeout(tg_policy_state_t *st, const tg_policy_txn_t *txn,
+                                 tg_policy_billing_t *out, tg_policy_error_t *err) {
+  *out = TG_POLICY_BILLING_REJECT;
+  if (!begin(st, TG_POLICY_HOOK_ON_BILLING_TIMEOUT, txn, TG_VIEW_TXN, NULL, 0))
+    return nohook(err);
+  int rc = finish(st, TG_POLICY_HOOK_ON_BILLING_TIMEOUT, 1, txn->request_id, err);
+  if (rc == 0) {
+    const char *v = lua_tostring(st->L, 2);
+    if (v && strcmp(v, "deferred") == 0)
+      *out = TG_POLICY_BILLING_DEFERRED;
+    lua_settop(st->L, 0);
+  }
+  return rc;
+}
+
+int tg_policy_on_settle_failure(tg_policy_state_t *st, const tg_policy_txn_t *txn,
+                                tg_policy_error_t *err) {
+  if (!begin(st, TG_POLICY_HOOK_ON_SETTLE_FAILURE, txn, TG_VIEW_TXN, NULL, 0))
+    return nohook(err);
+  int rc = finish(st, TG_POLICY_HOOK_ON_SETTLE_FAILURE, 1, txn->request_id, err);
+  if (rc == 0)
+    lua_settop(st->L, 0);
+  return rc;
+}
