@@ -76,6 +76,17 @@
 --     policy is as safe as string.find. Idempotent; load() calls it. The C
 --     runtime also hides the string metatable (its states are private).
 --
+-- The environment is an allowlist: assert error ipairs next pairs pcall
+-- select tonumber tostring type unpack xpcall rawequal getmetatable (tables
+-- only) setmetatable (tables only) _G _VERSION, copies of string (no dump),
+-- table and math, os.{time,clock,date,difftime}, the tollgate API table and
+-- require() of opts.modules; every table handed over is a frozen proxy.
+-- Differences a policy author may notice: string.find/match/gmatch/gsub
+-- switch to a slower Lua matcher when a call's worst case is large (results
+-- are identical); table.sort of a long array uses a Lua comparator; xpcall
+-- runs its message handler after the stack unwound (there is no traceback
+-- in the sandbox, so nothing visible is lost).
+--
 -- State: a policy's upvalues and module locals live in the Lua state that
 -- loaded it. In the gateway that is one state per tenant per worker thread,
 -- rebuilt on every reload: nothing is shared across workers or survives a
@@ -90,9 +101,9 @@ local setmetatable, getmetatable, rawget, rawequal, ipairs, assert, unpack =
 local load, loadstring, setfenv = load, loadstring, setfenv
 local newproxy = newproxy
 local floor, huge = math.floor, math.huge
-local sbyte, ssub, schar, sfind, smatch, sgmatch, sgsub, slower, srep, sformat =
+local sbyte, ssub, schar, sfind, smatch, sgmatch, sgsub, slower, sformat =
   string.byte, string.sub, string.char, string.find, string.match, string.gmatch,
-  string.gsub, string.lower, string.rep, string.format
+  string.gsub, string.lower, string.format
 local tconcat = table.concat
 local os_time, os_clock = os.time, os.clock
 
@@ -1062,8 +1073,18 @@ local function make_env(opts, ctx)
     getmetatable = sandbox_getmetatable, setmetatable = sandbox_setmetatable,
     _VERSION = _VERSION,
   }
+  -- The message handler runs after the stack unwound, as a plain protected
+  -- call: a handler that errors or recurses (xpcall(f, f)) would otherwise
+  -- run inside LuaJIT's error machinery, where each nested error costs a C
+  -- unwind and a timeout would take minutes to get out. There is no
+  -- traceback in the sandbox, so the handler loses nothing it could see.
+  local function after_x(h, ok, ...)
+    guard()
+    if ok then return true, ... end
+    return false, select(2, after(pcall(h, (...))))
+  end
   env.pcall = function(f, ...) return after(pcall(f, ...)) end
-  env.xpcall = function(f, h, ...) return after(xpcall(f, h, ...)) end
+  env.xpcall = function(f, h, ...) return after_x(h, pcall(f, ...)) end
 
   local string_copy = {}
   for k, v in pairs(safe_string) do string_copy[k] = v end

@@ -64,11 +64,16 @@ describe("admin listener", function()
   end)
 
   it("/metrics on the public port -> 404, with or without the token", function()
-    local a = assert(h.request(gw.port, h.get_req("/metrics")))
+    -- A host no tenant claims: nothing answers but the gateway's own routes.
+    local a = assert(h.request(gw.port, h.get_req("/metrics", nil, "127.0.0.1")))
     assert.are.equal(404, a.status)
-    local b = assert(h.request(gw.port, h.get_req("/metrics", { "Authorization: Bearer " .. gw.token })))
+    local b = assert(h.request(gw.port, h.get_req("/metrics", { "Authorization: Bearer " .. gw.token }, "127.0.0.1")))
     assert.are.equal(404, b.status)
     assert.falsy(b.body:find("# HELP", 1, true))
+    -- A tenant's host: /metrics is one of its resource paths, never the registry.
+    local c = assert(h.request(gw.port, h.get_req("/metrics", { "Authorization: Bearer " .. gw.token })))
+    assert.are_not.equal(200, c.status)
+    assert.falsy(c.body:find("# HELP", 1, true))
   end)
 
   it("bad HTTP on the admin port -> 400, admin still answers", function()

@@ -1,0 +1,61 @@
+-- tollgate.money: integer money helpers handed to policies.
+
+local money = require("tollgate.money")
+
+describe("tollgate.money", function()
+  it("parses decimal strings into atomic units", function()
+    assert.are.equal(15000, money.from_decimal("0.015", 6))
+    assert.are.equal(1200, money.from_decimal("12", 2))
+    assert.are.equal(1000000, money.from_decimal("1.000000", 6))
+    assert.are.equal(-50, money.from_decimal("-0.5", 2))
+    assert.are.equal(0, money.from_decimal("0", 6))
+    assert.are.equal(7, money.from_decimal("7", 0))
+  end)
+
+  it("refuses what is not an exact decimal amount", function()
+    assert.has_error(function() money.from_decimal("0.0000001", 6) end,
+      "from_decimal: 0.0000001 has more than 6 decimals")
+    assert.has_error(function() money.from_decimal(0.015, 6) end)
+    assert.has_error(function() money.from_decimal("1e3", 6) end)
+    assert.has_error(function() money.from_decimal("1.", 6) end)
+    assert.has_error(function() money.from_decimal("", 6) end)
+    assert.has_error(function() money.from_decimal("99999999999", 6) end)
+    assert.has_error(function() money.from_decimal("1", 1.5) end)
+  end)
+
+  it("formats atomic units as decimals", function()
+    assert.are.equal("0.015", money.to_decimal(15000, 6))
+    assert.are.equal("1", money.to_decimal(1000000, 6))
+    assert.are.equal("1.5", money.to_decimal(1500000, 6))
+    assert.are.equal("0", money.to_decimal(0, 6))
+    assert.are.equal("-0.05", money.to_decimal(-5, 2))
+    assert.are.equal("123", money.to_decimal(123, 0))
+    assert.has_error(function() money.to_decimal(0.5, 6) end)
+  end)
+
+  it("round-trips", function()
+    for _, v in ipairs({ 0, 1, 9, 10, 15000, 123456789, 9007199254740992 }) do
+      assert.are.equal(v, money.from_decimal(money.to_decimal(v, 6), 6))
+    end
+  end)
+
+  it("takes percentages with rounding half up", function()
+    assert.are.equal(1875, money.percent(15000, 12.5))
+    assert.are.equal(3, money.percent(5, 50))
+    assert.are.equal(50, money.percent(333, 15))
+    assert.are.equal(150000, money.percent(15000, 1000))
+    assert.are.equal(1, money.percent(1, 70))
+    assert.are.equal(0, money.percent(1, 49))
+    assert.has_error(function() money.percent(1.5, 10) end)
+    assert.has_error(function() money.percent(1, 0 / 0) end)
+  end)
+
+  it("rounds and checks amounts", function()
+    assert.are.equal(3, money.round(2.5))
+    assert.are.equal(2, money.round(2.4999))
+    assert.is_true(money.is_amount(0))
+    assert.is_false(money.is_amount(-1))
+    assert.is_false(money.is_amount(0.5))
+    assert.is_false(money.is_amount("1"))
+  end)
+end)

@@ -1,0 +1,395 @@
+-- The policy sandbox (lua/tollgate/sandbox.lua) on its own, under LuaJIT.
+-- The gateway embeds the same file; spec/core/policy_test.c covers the C
+-- runtime around it (time and memory limits, views over C structs, reload).
+
+local sandbox = require("tollgate.sandbox")
+
+local function load_ok(src, opts)
+  local p, err = sandbox.load(src, "@policies/test.lua", opts)
+  assert(p, err)
+  return p
+end
+
+local function load_err(src, opts)
+  local p, err = sandbox.load(src, "@policies/test.lua", opts)
+  assert.is_nil(p)
+  assert.is_string(err)
+  return err
+end
+
+-- Runs src as a policy's top level and returns the error it raised.
+local function escape_error(code)
+  return load_err("do " .. code .. " end\nreturn {}")
+end
+
+describe("sandbox.load", function()
+  it("returns a normalized table of hooks and fixtures", function()
+    local src = [[
+      local P = { _notes = "kept out" }
+      function P.price(offer) return offer.amount, offer.currency end
+      function P.skip() return false end
+      P.fixtures = { { hook = "skip", expect = { false } } }
+      return P
+    ]]
+    local p = load_ok(src)
+    assert.is_function(p.price)
+    assert.is_function(p.skip)
+    assert.is_nil(p.rate_limit)
+    assert.is_nil(p._notes)
+    assert.are.equal(1, #p.fixtures)
+  end)
+
+  it("does not see later changes to the policy's own table", function()
+    local p = load_ok([[
+      local P = {}
+      function P.skip() P.skip = function() return true end return false end
+      return P
+    ]])
+    assert.are.same({ true, false }, { sandbox.call(p, "skip", sandbox.views.req({})) })
+    assert.are.same({ true, false }, { sandbox.call(p, "skip", sandbox.views.req({})) })
+  end)
+
+  it("reports syntax and runtime errors with file and line", function()
+    assert.are.equal("policies/test.lua:2: unexpected symbol near '<eof>'",
+      load_err("local P = {}\nreturn P +"))
+    assert.are.equal("policies/test.lua:3: boom", load_err("local x = 1\n\nerror('boom')"))
+  end)
+
+  it("refuses bytecode", function()
+    local bc = string.dump(function() return {} end)
+    assert.are.equal("policies/test.lua: bytecode chunks are not allowed", load_err(bc))
+    assert.are.equal("policies/test.lua: bytecode chunks are not allowed", load_err("\27LJ junk"))
+  end)
+
+  it("validates what the chunk returns", function()
+    assert.matches("must return a table of hooks, got nil", load_err("x = 1"))
+    assert.matches("must return a table of hooks, got string", load_err("return 'x'"))
+    assert.matches("hook 'price' must be a function, got number", load_err("return { price = 1 }"))
+    assert.matches("unknown field 'pricee'", load_err("return { pricee = function() end }"))
+    assert.matches("unknown field '1'", load_err("return { function() end }"))
+    assert.matches("fixtures must be a list", load_err("return { fixtures = 5 }"))
+    assert.matches("fixture 1: hook must be one of", load_err("return { fixtures = { { hook = 'nope' } } }"))
+    assert.matches("fixture 1: unknown field 'expext'",
+      load_err("return { fixtures = { { hook = 'skip', expext = {} } } }"))
+    assert.matches("fixture 1: give expect or error, not both",
+      load_err("return { fixtures = { { hook = 'skip', expect = {}, error = 'x' } } }"))
+    assert.matches("fixture 2: expected a table", load_err("return { fixtures = { { hook = 'skip' }, 5 } }"))
+  end)
+
+  it("never calls __tostring on an error object", function()
+    local err = load_err("error(setmetatable({}, { __tostring = function() while true do end end }))")
+    assert.are.equal("policies/test.lua: (error object is a table value)", err)
+  end)
+
+  it("gives the policy tollgate.tenant, version, now and log", function()
+    local lines = {}
+    local p = load_ok([[
+      tollgate.log("info", "loaded for " .. tollgate.tenant .. " on " .. tollgate.version)
+      return { skip = function() return tollgate.now() == 1234.5 end }
+    ]], { tenant = "news", version = "1.2.3", now = function() return 1234.5 end,
+          log = function(level, msg) lines[#lines + 1] = level .. ": " .. msg end })
+    assert.are.same({ "info: loaded for news on 1.2.3" }, lines)
+    assert.are.same({ true, true }, { sandbox.call(p, "skip", sandbox.views.req({})) })
+    assert.matches("level must be debug, info, warn or error", load_err("tollgate.log('loud', 'x')"))
+    assert.matches("message must be a string", load_err("tollgate.log('info', {})"))
+  end)
+end)
+
+describe("sandbox escapes", function()
+  local cases = {
+    { "io.open('/etc/passwd')", "attempt to index global 'io' (a nil value)" },
+    { "os.execute('true')", "attempt to call field 'execute' (a nil value)" },
+    { "os.exit(1)", "attempt to call field 'exit' (a nil value)" },
+    { "return os.getenv('HOME')", "attempt to call field 'getenv' (a nil value)" },
+    { "require('ffi')", "module 'ffi' is not allowed in a policy" },
+    { "require('jit')", "module 'jit' is not allowed in a policy" },
+    { "require('debug')", "module 'debug' is not allowed in a policy" },
+    { "require('tollgate.sandbox')", "module 'tollgate.sandbox' is not allowed in a policy" },
+    { "load('return 1')", "attempt to call global 'load' (a nil value)" },
+    { "loadstring('return 1')", "attempt to call global 'loadstring' (a nil value)" },
+    { "dofile('/etc/passwd')", "attempt to call global 'dofile' (a nil value)" },
+    { "loadfile('/etc/passwd')", "attempt to call global 'loadfile' (a nil value)" },
+    { "string.dump(function() end)", "attempt to call field 'dump' (a nil value)" },
+    { "return ('x'):dump()", "attempt to call method 'dump' (a nil value)" },
+    { "getfenv(1)", "attempt to call global 'getfenv' (a nil value)" },
+    { "setfenv(1, {})", "attempt to call global 'setfenv' (a nil value)" },
+    { "rawset(string, 'x', 1)", "attempt to call global 'rawset' (a nil value)" },
+    { "rawget(string, 'x')", "attempt to call global 'rawget' (a nil value)" },
+    { "string.upper = nil", "attempt to modify read-only table 'string' (field 'upper')" },
+    { "table.concat = nil", "attempt to modify read-only table 'table' (field 'concat')" },
+    { "math.floor = nil", "attempt to modify read-only table 'math' (field 'floor')" },
+    { "os.time = nil", "attempt to modify read-only table 'os' (field 'time')" },
+    { "tollgate.log = nil", "attempt to modify read-only table 'tollgate' (field 'log')" },
+    { "require('tollgate.money').MAX = 1",
+      "attempt to modify read-only table 'tollgate.money' (field 'MAX')" },
+    { "getmetatable('').__index.upper = nil", "attempt to index a nil value" },
+    { "setmetatable(string, nil)", "cannot change a protected metatable" },
+    { "setmetatable('', {})", "bad argument #1 to 'setmetatable' (table expected, got string)" },
+    { "collectgarbage()", "attempt to call global 'collectgarbage' (a nil value)" },
+    { "newproxy(true)", "attempt to call global 'newproxy' (a nil value)" },
+    { "coroutine.create(print)", "attempt to index global 'coroutine' (a nil value)" },
+    { "debug.getinfo(1)", "attempt to index global 'debug' (a nil value)" },
+    { "jit.on()", "attempt to index global 'jit' (a nil value)" },
+    { "return package.loaded", "attempt to index global 'package' (a nil value)" },
+    { "return _G.os.execute('x')", "attempt to call field 'execute' (a nil value)" },
+    { "gcinfo()", "attempt to call global 'gcinfo' (a nil value)" },
+    { "module('x')", "attempt to call global 'module' (a nil value)" },
+  }
+  for _, c in ipairs(cases) do
+    it("closes " .. c[1], function()
+      local err = escape_error(c[1])
+      assert.truthy(err:find(c[2], 1, true), "got: " .. err)
+    end)
+  end
+
+  it("leaves the shared library tables untouched", function()
+    local upper, find, meta_index = string.upper, string.find, getmetatable("").__index
+    load_ok([[
+      pcall(function() string.upper = nil end)
+      pcall(function() string.find = function() end end)
+      pcall(function() getmetatable("").__index.upper = nil end)
+      pcall(function() table.insert = nil end)
+      return {}
+    ]])
+    assert.are.equal(upper, string.upper)
+    assert.are.equal(find, string.find)
+    assert.is_function(table.insert)
+    assert.are.equal(meta_index, getmetatable("").__index)
+    assert.are.equal("A", ("a"):upper())
+  end)
+
+  it("gives each policy its own globals", function()
+    local a = load_ok("counter = 1 return { skip = function() counter = counter + 1 return counter == 2 end }")
+    local b = load_ok("return { skip = function() return counter ~= nil end }")
+    assert.are.same({ true, true }, { sandbox.call(a, "skip", sandbox.views.req({})) })
+    assert.are.same({ true, false }, { sandbox.call(b, "skip", sandbox.views.req({})) })
+    assert.is_nil(rawget(_G, "counter"))
+  end)
+
+  it("lets policies iterate the frozen tables and read what is allowed", function()
+    load_ok([[
+      local n = 0
+      for k, v in pairs(string) do n = n + 1 assert(k ~= "dump") end
+      assert(n > 10)
+      for k in pairs(os) do assert(k == "time" or k == "clock" or k == "date" or k == "difftime") end
+      local money = require("tollgate.money")
+      assert(money.from_decimal("0.015", 6) == 15000)
+      assert(require("tollgate.money") == money)
+      assert(getmetatable(string) == false and getmetatable("") == nil)
+      local t = setmetatable({}, { __index = function(_, k) return k .. "!" end })
+      assert(t.x == "x!")
+      assert(select("#", pcall(error, "x")) == 2)
+      assert(_G == _G._G and _G.string == string)
+      return {}
+    ]])
+  end)
+end)
+
+describe("sandbox time bounds in plain Lua", function()
+  local function times_out(src)
+    local t0 = os.clock()
+    local ok, err = pcall(sandbox.with_deadline, 0.05, sandbox.load, src, "@t.lua")
+    assert.is_false(ok)
+    assert.are.equal("policy exceeded its time limit", err)
+    assert.is_true(os.clock() - t0 < 1)
+  end
+
+  it("stops loops, including ones that catch the timeout", function()
+    times_out("while true do end")
+    times_out("while true do pcall(function() while true do end end) end")
+    times_out("while true do local ok = pcall(error, 'x') end")
+    times_out("xpcall(function() error('x') end, function() while true do end end) while true do end")
+    times_out("local function f() local ok, e = xpcall(f, f) error(e, 0) end f()")
+    times_out("local function f() pcall(f) pcall(f) end f()")
+    times_out("local e = setmetatable({}, { __tostring = function() while true do end end })\n" ..
+              "pcall(tostring, e) return {}")
+  end)
+
+  it("stops pattern bombs, which run in C", function()
+    times_out("string.find(string.rep('a', 1e5), '.-.-.-.-b')")
+    times_out("return (string.rep('a', 1e5)):match('.-.-.-.-b')")
+    times_out("local s = string.rep('a', 1e5) s:gsub('.-.-.-b', '')")
+    times_out("for x in string.rep('a', 1e5):gmatch('.-.-.-b') do end")
+    times_out("string.find(string.rep('a', 1e7), string.rep('a', 1e5) .. 'b', 1, true)")
+  end)
+
+  it("runs xpcall's message handler with the error, after unwinding", function()
+    local p = load_ok([[
+      local ok, msg = xpcall(function() error("inner", 0) end, function(e) return "handled: " .. e end)
+      assert(ok == false and msg == "handled: inner")
+      local ok2, a, b = xpcall(function(x, y) return x + y, "z" end, error, 1, 2)
+      assert(ok2 == true and a == 3 and b == "z")
+      local ok3, m3 = xpcall(error, function() error("again", 0) end)
+      assert(ok3 == false and m3 == "again")
+      return {}
+    ]])
+    assert.is_table(p)
+  end)
+
+  it("leaves the deadline and the hook as they were", function()
+    assert.are.equal(3, sandbox.with_deadline(1, function() return 3 end))
+    assert.is_nil(debug.gethook())
+    local n = 0
+    for i = 1, 1e6 do n = n + i end -- would raise if a hook were left behind
+    assert.are.equal(500000500000, n)
+  end)
+end)
+
+describe("sandbox.views", function()
+  it("makes read-only views", function()
+    local req = sandbox.views.req({ path = "/a", purposes = { "ai-input", "ai-train" } })
+    assert.are.equal("/a", req.path)
+    assert.are.equal("GET", req.method)
+    assert.are.equal("http", req.kind)
+    assert.are.equal("ai-input", req.purpose)
+    assert.are.same({ "ai-input", "ai-train" }, req.purposes)
+    assert.has_error(function() req.path = "/b" end,
+      "attempt to modify read-only view 'req' (field 'path')")
+    local offer = sandbox.views.offer({ amount = 5, currency = "USD" })
+    assert.has_error(function() offer.amount = 0 end,
+      "attempt to modify read-only view 'offer' (field 'amount')")
+    local txn = sandbox.views.txn({ id = "t1", amount = 5 }, { tenant = "news" })
+    assert.are.equal("news", txn.tenant)
+    assert.has_error(function() txn.x = 0 end, "attempt to modify read-only view 'txn' (field 'x')")
+  end)
+
+  it("hands out copies of lists", function()
+    local req = sandbox.views.req({ purpose = "ai-train" })
+    local p = req.purposes
+    p[1] = "changed"
+    assert.are.equal("ai-train", req.purposes[1])
+  end)
+
+  it("looks headers up case-insensitively, as req:header() and req.header()", function()
+    local req = sandbox.views.req({ headers = { ["User-Agent"] = "bot/1" } })
+    assert.are.equal("bot/1", req:header("user-agent"))
+    assert.are.equal("bot/1", req.header("USER-AGENT"))
+    assert.is_nil(req:header("x-other"))
+  end)
+
+  it("refuses unknown and mistyped fields", function()
+    assert.has_error(function() sandbox.views.req({ pth = "/" }) end, "req: unknown field 'pth'")
+    assert.has_error(function() sandbox.views.offer({ amount = 0.5 }) end,
+      "offer.amount: expected integer, got 0.5")
+    assert.has_error(function() sandbox.views.req({ purposes = { 1 } }) end,
+      "req.purposes[1]: expected string, got number")
+    assert.has_error(function() sandbox.views.txn({ id = 5 }) end, "txn.id: expected string, got 5")
+  end)
+end)
+
+describe("sandbox.check_result", function()
+  local cr = sandbox.check_result
+
+  it("normalizes valid results", function()
+    assert.are.same({ true }, { cr("skip", true) })
+    assert.are.same({ false }, { cr("skip", nil) })
+    assert.are.same({ false }, { cr("skip", false) })
+    assert.are.same({ "k", 0.5, 3 }, { cr("rate_limit", "k", 0.5, 3) })
+    assert.are.equal(0, select("#", cr("rate_limit", nil)))
+    assert.are.same({ 15000, "USD" }, { cr("price", 15000, "USD") })
+    assert.are.same({ 0, "USDC" }, { cr("price", 0, "USDC") })
+    assert.are.equal(0, select("#", cr("price", nil)))
+    assert.are.same({ "deferred" }, { cr("on_billing_timeout", "deferred") })
+    assert.are.equal(0, select("#", cr("on_settle_failure", "anything")))
+  end)
+
+  it("refuses wrong types with the messages the C runtime reports", function()
+    local function bad(hook, want, ...)
+      local a, b = cr(hook, ...)
+      assert.is_nil(a)
+      assert.are.equal(want, b)
+    end
+    bad("skip", 'expected boolean, got "yes"', "yes")
+    bad("rate_limit", "expected key string (1-256 bytes), got 5", 5, 1, 1)
+    bad("rate_limit", "expected rate number > 0, got -1", "k", -1, 1)
+    bad("rate_limit", "expected rate number > 0, got inf", "k", math.huge, 1)
+    bad("rate_limit", "expected integer burst >= 1, got 1.5", "k", 1, 1.5)
+    bad("price", "expected integer amount, got 0.5", 0.5, "USD")
+    bad("price", "expected integer amount, got -1", -1, "USD")
+    bad("price", 'expected integer amount, got "1"', "1", "USD")
+    bad("price", "expected currency code, got nil", 1)
+    bad("price", 'expected currency code, got "U-S"', 1, "U-S")
+    bad("on_billing_timeout", 'expected "reject" or "deferred", got nil', nil)
+    assert.has_error(function() cr("nope", 1) end, "unknown hook 'nope'")
+  end)
+end)
+
+describe("sandbox.run_fixtures", function()
+  it("passes when every fixture holds", function()
+    local p = load_ok([[
+      return {
+        price = function(offer, req)
+          if req.purpose == "ai-train" then return offer.amount * 10, offer.currency end
+          return offer.amount, offer.currency
+        end,
+        on_billing_timeout = function(txn) return txn.amount <= 5 and "deferred" or "reject" end,
+        skip = function(req) return tollgate.now() > 100 end,
+        fixtures = {
+          { hook = "price", offer = { amount = 7, currency = "USD" }, req = { purpose = "ai-train" },
+            expect = { 70, "USD" } },
+          { hook = "on_billing_timeout", txn = { amount = 9 }, expect = { "reject" } },
+          { hook = "skip", now = 50, expect = { false } },
+          { hook = "skip", now = 500, expect = { true } },
+          { hook = "price", offer = { amount = 7 }, error = "expected currency code" },
+        },
+      }
+    ]])
+    assert.are.same({ true }, { sandbox.run_fixtures(p) })
+  end)
+
+  it("names the fixture that fails and why", function()
+    local p = load_ok([[
+      return { price = function() return 1, "USD" end,
+               fixtures = { { hook = "price", name = "cheap", expect = { 2, "USD" } } } }
+    ]])
+    assert.are.same({ false, 'fixture 1 \'cheap\' (price): expected {2, "USD"}, got {1, "USD"}' },
+      { sandbox.run_fixtures(p) })
+    p = load_ok([[return { skip = function(req) return req.nope.x end,
+                          fixtures = { { hook = "skip", expect = { false } } } }]])
+    local ok, err = sandbox.run_fixtures(p)
+    assert.is_false(ok)
+    assert.matches("^fixture 1 %(skip%): policies/test.lua:1: attempt to index field 'nope'", err)
+    p = load_ok([[return { fixtures = { { hook = "skip" } } }]])
+    assert.are.same({ false, "fixture 1 (skip): the policy has no hook 'skip'" }, { sandbox.run_fixtures(p) })
+    p = load_ok([[return { skip = function() end, fixtures = { { hook = "skip", req = { bad = 1 } } } }]])
+    assert.are.same({ false, "fixture 1 (skip): req: unknown field 'bad'" }, { sandbox.run_fixtures(p) })
+  end)
+
+  it("runs the default policy's own fixtures", function()
+    local f = assert(io.open("lua/default_policy.lua"))
+    local p = load_ok(f:read("*a"))
+    f:close()
+    assert.are.same({ true }, { sandbox.run_fixtures(p) })
+    assert.is_nil(p.skip)
+    assert.is_nil(p.rate_limit)
+  end)
+end)
+
+describe("sandbox.call and sandbox.invoke", function()
+  it("return status first and catch runtime errors in call", function()
+    local p = load_ok("return { price = function() error('nope') end, skip = function() return 1 end }")
+    local ok, err = sandbox.call(p, "price", sandbox.views.offer({}), sandbox.views.req({}))
+    assert.is_false(ok)
+    assert.matches("policies/test.lua:1: nope", err)
+    assert.are.same({ false, "expected boolean, got 1" }, { sandbox.call(p, "skip", sandbox.views.req({})) })
+    assert.are.same({ false, "policy has no hook 'rate_limit'" },
+      { sandbox.call(p, "rate_limit", sandbox.views.req({})) })
+    assert.has_error(function() sandbox.invoke("price", p.price) end)
+  end)
+end)
+
+describe("table.sort in the sandbox", function()
+  it("sorts long arrays (through a Lua comparator) and short ones alike", function()
+    local p = load_ok([[
+      local t = {}
+      for i = 1, 200001 do t[i] = (i * 7919) % 200003 end
+      table.sort(t)
+      for i = 2, #t do assert(t[i - 1] <= t[i]) end
+      local u = { 3, 1, 2 }
+      table.sort(u, function(a, b) return a > b end)
+      assert(u[1] == 3 and u[3] == 1)
+      return {}
+    ]])
+    assert.is_table(p)
+  end)
+end)
