@@ -83,6 +83,12 @@ static void priced(pass_t *p) {
     finish(p, 403, NULL, 0, "{\"error\":\"not for sale\"}");
     return;
   }
+  if (price.amount == 0) { /* priced at nothing: served like a skipped path */
+    char body[160];
+    snprintf(body, sizeof body, "{\"tenant\":\"%s\",\"access\":\"free\"}", p->tenant->name);
+    finish(p, 200, NULL, 0, body);
+    return;
+  }
   char body[512];
   snprintf(body, sizeof body,
            "{\"error\":\"payment required\",\"resource\":\"%s\",\"price\":{\"amount\":\"%lld\","

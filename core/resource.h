@@ -7,7 +7,7 @@
 /* The HTTP path for a tenant's own resources (a request whose Host is one of
  * the tenant's hosts): the policy pipeline skip -> rate_limit -> price, then
  * the answer. Until the payment flow lands (x402/t402 issue) a priced
- * resource answers 402 with the price in a JSON body, a skipped one 200, and
+ * resource answers 402 with the price in a JSON body, a skipped or zero-priced one 200, and
  * there is no origin to proxy to yet.
  *   429 + Retry-After, body {"code":"T402-2005",...}   over the rate limit
  *   500, body {"code":"T402-2001",...}                 a policy failed (closed)

@@ -22,6 +22,7 @@ return {
     { name = "news",
       hosts = { "news.example", "localhost" },
       catalog = { source = "rsl/news.xml", refresh_s = 300 },
+      policy = "../../policies/news_publisher.lua",
       signer = { type = "nginx_secure_link",
                  base_url = "http://127.0.0.1:8081",
                  key_file = "keys/news.key",
@@ -32,6 +33,7 @@ return {
     { name = "api",
       hosts = { "api.example" },
       catalog = { source = "rsl/api.xml" },
+      policy = "../../policies/metered_api.lua",
       billing = { type = "builtin" },
       payments = {
         x402 = {
