@@ -56,7 +56,7 @@ struct conn {
   tg_tls_t *tls;
   /* Parse state of the request being read. */
   tg_buf_t scratch;       /* url\0 name\0 value\0 ... of the current head */
-  uint32_t hoff[MAX_HEADERS * 2 + 1];
+  uint16_t hoff[MAX_HEADERS * 2 + 1]; /* offsets in scratch (heads are < 64 KiB) */
   uint32_t nhdr;          /* header fields seen (name+value pairs completed) */
   uint32_t span_start;    /* start in scratch of the token being read */
   size_t head_bytes;
@@ -395,8 +395,19 @@ static void conn_after_flush(conn_t *c) {
   }
   if (c->paused && c->queued < c->worker->server->cfg.limits.max_pipelined / 2 + 1)
     conn_resume(c);
-  if (!c->closing && c->queued == 0 && c->phase == PHASE_WAIT)
+  if (!c->closing && c->queued == 0 && c->phase == PHASE_WAIT) {
     set_phase(c, PHASE_IDLE, c->worker->server->cfg.limits.idle_timeout_ms);
+    /* An idle connection keeps small buffers for the next request, but not
+     * what one large request or answer grew them to. */
+    if (c->wbuf.cap > 16384)
+      tg_buf_free(&c->wbuf);
+    if (c->inflight.cap > 16384)
+      tg_buf_free(&c->inflight);
+    if (c->body.cap > 16384)
+      tg_buf_free(&c->body);
+    if (c->scratch.cap > 16384 && c->scratch.len == 0)
+      tg_buf_free(&c->scratch);
+  }
   if (!c->closing && c->queued == 0 && c->worker->draining && c->scratch.len == 0 &&
       c->head_bytes == 0)
     conn_close(c);
@@ -504,7 +515,7 @@ static int end_span(conn_t *c, uint32_t slot) {
     c->err_status = 500;
     return HPE_USER;
   }
-  c->hoff[slot] = c->span_start;
+  c->hoff[slot] = (uint16_t)c->span_start;
   c->span_start = (uint32_t)c->scratch.len;
   return 0;
 }
@@ -1188,6 +1199,8 @@ static void server_free(tg_server_t *s) {
 static void limits_defaults(tg_http_limits_t *l) {
   if (!l->max_header_bytes)
     l->max_header_bytes = 16384;
+  if (l->max_header_bytes > 60000) /* header offsets are 16-bit */
+    l->max_header_bytes = 60000;
   if (!l->max_body_bytes)
     l->max_body_bytes = 4u << 20;
   if (!l->header_timeout_ms)
