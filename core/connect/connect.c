@@ -237,8 +237,14 @@ static void arena_pb_free(void *data, void *p) {
   (void)p;
 }
 
+static struct zcache *zcache_get(void);
+static void *call_cache_take(void);
+static int call_cache_put(tg_connect_call_t *call);
+
 static tg_connect_call_t *call_new(tg_http_req_t *req, const route_t *route) {
-  tg_connect_call_t *call = malloc(sizeof *call);
+  tg_connect_call_t *call = call_cache_take();
+  if (call == NULL)
+    call = malloc(sizeof *call);
   if (call == NULL)
     return NULL;
   memset(call, 0, offsetof(tg_connect_call_t, arena_inline));
@@ -262,15 +268,23 @@ static void call_free(tg_connect_call_t *call) {
     free(b);
     b = next;
   }
-  free(call);
+  if (call_cache_put(call) != 0)
+    free(call);
 }
 
 /* One deflate and one inflate state per thread, reset between uses: a fresh
  * deflate state costs ~256 KiB of allocation. Freed when the thread exits. */
+/* Calls are made and freed on their worker, so the same per-thread cache
+ * keeps a few freed call structs: it spares the allocator a 2 KiB block
+ * (past glibc's fast bins) per call. */
+#define CALL_CACHE_MAX 64
+
 typedef struct zcache {
   z_stream def;
   z_stream inf;
   int def_ok, inf_ok;
+  tg_connect_call_t *calls[CALL_CACHE_MAX];
+  unsigned ncalls;
 } zcache_t;
 
 static pthread_key_t zcache_key;
@@ -282,6 +296,8 @@ static void zcache_destroy(void *p) {
     deflateEnd(&z->def);
   if (z->inf_ok)
     inflateEnd(&z->inf);
+  while (z->ncalls)
+    free(z->calls[--z->ncalls]);
   free(z);
 }
 
@@ -298,6 +314,19 @@ static zcache_t *zcache_get(void) {
     }
   }
   return z;
+}
+
+static void *call_cache_take(void) {
+  zcache_t *z = zcache_get();
+  return z && z->ncalls ? z->calls[--z->ncalls] : NULL;
+}
+
+static int call_cache_put(tg_connect_call_t *call) {
+  zcache_t *z = zcache_get();
+  if (z == NULL || z->ncalls == CALL_CACHE_MAX)
+    return -1;
+  z->calls[z->ncalls++] = call;
+  return 0;
 }
 
 /* gzip of in into a new buffer; NULL on failure (the caller then sends the
@@ -599,7 +628,10 @@ uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call) {
 }
 
 void tg_connect_call_set_tenant(tg_connect_call_t *call, const char *tenant_id) {
-  snprintf(call->tenant, sizeof call->tenant, "%s", tenant_id ? tenant_id : "");
+  size_t n = tenant_id ? strnlen(tenant_id, sizeof call->tenant - 1) : 0;
+  if (n)
+    memcpy(call->tenant, tenant_id, n);
+  call->tenant[n] = '\0';
 }
 
 /* Request parsing helpers. */

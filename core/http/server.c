@@ -266,7 +266,13 @@ static void serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
   worker_priv_t *w = c->worker;
   int close = !r->keep_alive || w->draining || c->stop_reading;
   char line[64];
-  int n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, tg_http_reason(status));
+  int n;
+  if (status == 200) { /* the common answer, without formatting */
+    memcpy(line, "HTTP/1.1 200 OK\r\n", 17);
+    n = 17;
+  } else {
+    n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, tg_http_reason(status));
+  }
   size_t need = (size_t)n + w->date_len + 64 + body_len;
   for (size_t i = 0; i < nheaders; i++)
     need += headers[i].name_len + headers[i].value_len + 4;
