@@ -36,16 +36,11 @@ static const char *nonempty(const char *s) { return s && *s ? s : NULL; }
 
 static const char *call_header(void *ud, const char *name, size_t namelen, size_t *vlen) {
   tg_http_req_t *req = tg_connect_call_http(ud);
-  if (req == NULL)
+  const tg_http_header_t *h = req ? tg_http_req_header_n(req, name, namelen) : NULL;
+  if (h == NULL)
     return NULL;
-  for (size_t i = 0; i < req->nheaders; i++) {
-    const tg_http_header_t *h = &req->headers[i];
-    if (h->name_len == namelen && strncasecmp(h->name, name, namelen) == 0) {
-      *vlen = h->value_len;
-      return h->value;
-    }
-  }
-  return NULL;
+  *vlen = h->value_len;
+  return h->value;
 }
 
 /* The policy's view of a Connect call made for an AI system. purposes must
@@ -62,10 +57,7 @@ static void connect_view(tg_policy_req_t *v, tg_connect_call_t *call, const Comp
     v->query = http->query;
     const tg_http_header_t *h = tg_http_req_header(http, "host");
     v->host = h ? h->value : NULL;
-    snprintf(ip, iplen, "%s", http->peer ? http->peer : "");
-    char *colon = strrchr(ip, ':');
-    if (colon && (ip[0] != '[' || colon[-1] == ']'))
-      *colon = '\0';
+    tg_http_peer_ip(http, ip, iplen);
     v->ip = ip;
     v->request_id = http->request_id;
     v->header = call_header;

@@ -20,15 +20,11 @@ typedef struct pass {
 } pass_t;
 
 static const char *header_cb(void *ud, const char *name, size_t namelen, size_t *vlen) {
-  const tg_http_req_t *req = ud;
-  for (size_t i = 0; i < req->nheaders; i++) {
-    const tg_http_header_t *h = &req->headers[i];
-    if (h->name_len == namelen && strncasecmp(h->name, name, namelen) == 0) {
-      *vlen = h->value_len;
-      return h->value;
-    }
-  }
-  return NULL;
+  const tg_http_header_t *h = tg_http_req_header_n(ud, name, namelen);
+  if (h == NULL)
+    return NULL;
+  *vlen = h->value_len;
+  return h->value;
 }
 
 static void finish(pass_t *p, int status, const tg_http_header_t *hdrs, size_t n, const char *body) {
@@ -129,10 +125,7 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     return;
   }
   /* The peer without its port: rate-limit keys by address must not vary. */
-  snprintf(p->ip, sizeof p->ip, "%s", req->peer ? req->peer : "");
-  char *colon = strrchr(p->ip, ':');
-  if (colon && (p->ip[0] != '[' || colon[-1] == ']'))
-    *colon = '\0';
+  tg_http_peer_ip(req, p->ip, sizeof p->ip);
   const tg_http_header_t *host = tg_http_req_header(req, "host");
   const tg_http_header_t *ua = tg_http_req_header(req, "user-agent");
   tg_policy_req_t *v = &p->view;

@@ -114,11 +114,13 @@ void tg_pbjson_camel(const char *name, char *out, size_t outlen) {
   out[i] = '\0';
 }
 
-/* Whether key (klen bytes) is the lowerCamelCase form of name, computed on the
- * fly so that lookups allocate nothing. */
-static bool camel_eq(const char *name, const char *key, size_t klen) {
+/* Matches the camel-case form of snake_case name (UpperCamel when
+ * upper_first, else lowerCamel) against the start of s (n bytes), computed on
+ * the fly so that lookups allocate nothing. Returns the bytes of s matched,
+ * or -1 when they differ. */
+static long camel_match(const char *name, bool upper_first, const char *s, size_t n) {
   size_t i = 0;
-  bool up = false;
+  bool up = upper_first;
   for (; *name; name++) {
     char c = *name;
     if (c == '_') {
@@ -128,31 +130,24 @@ static bool camel_eq(const char *name, const char *key, size_t klen) {
     if (up && c >= 'a' && c <= 'z')
       c = (char)(c - 'a' + 'A');
     up = false;
-    if (i >= klen || key[i] != c)
-      return false;
+    if (i >= n || s[i] != c)
+      return -1;
     i++;
   }
-  return i == klen;
+  return (long)i;
+}
+
+/* Whether key (klen bytes) is the lowerCamelCase form of name. */
+static bool camel_eq(const char *name, const char *key, size_t klen) {
+  return camel_match(name, false, key, klen) == (long)klen;
 }
 
 /* protoc names a map's entry message after the field: "usage_counts" ->
  * "UsageCountsEntry", nested in the message holding the field. protobuf-c keeps
  * no map_entry option, so this naming plus the key/value shape identifies one. */
 static bool entry_name_eq(const char *field, const char *short_name) {
-  bool up = true;
-  for (; *field; field++) {
-    char c = *field;
-    if (c == '_') {
-      up = true;
-      continue;
-    }
-    if (up && c >= 'a' && c <= 'z')
-      c = (char)(c - 'a' + 'A');
-    up = false;
-    if (*short_name++ != c)
-      return false;
-  }
-  return strcmp(short_name, "Entry") == 0;
+  long m = camel_match(field, true, short_name, strlen(short_name));
+  return m >= 0 && strcmp(short_name + m, "Entry") == 0;
 }
 
 static const ProtobufCMessageDescriptor *map_entry(const ProtobufCMessageDescriptor *parent,

@@ -179,13 +179,23 @@ const char *tg_http_reason(int status) {
 }
 
 const tg_http_header_t *tg_http_req_header(const tg_http_req_t *req, const char *name) {
-  size_t n = strlen(name);
+  return tg_http_req_header_n(req, name, strlen(name));
+}
+
+const tg_http_header_t *tg_http_req_header_n(const tg_http_req_t *req, const char *name, size_t n) {
   for (size_t i = 0; i < req->nheaders; i++) {
     const tg_http_header_t *h = &req->headers[i];
     if (h->name_len == n && strncasecmp(h->name, name, n) == 0)
       return h;
   }
   return NULL;
+}
+
+void tg_http_peer_ip(const tg_http_req_t *req, char *out, size_t outlen) {
+  snprintf(out, outlen, "%s", req->peer ? req->peer : "");
+  char *colon = strrchr(out, ':');
+  if (colon && (out[0] != '[' || colon[-1] == ']'))
+    *colon = '\0';
 }
 
 static void update_date(worker_priv_t *w) {
@@ -357,6 +367,16 @@ void tg_http_respond_simple(tg_http_req_t *req, int status, const char *content_
   tg_http_respond(req, status, content_type ? &h : NULL, content_type ? 1 : 0, body, body_len);
 }
 
+/* Appends r to the connection's answer queue (answers leave in this order). */
+static void queue_push(conn_t *c, req_priv_t *r) {
+  if (c->qtail)
+    c->qtail->next = r;
+  else
+    c->qhead = r;
+  c->qtail = r;
+  c->queued++;
+}
+
 /* A server-made answer (400, 408, 413, 431) after which the connection ends. */
 static void queue_error(conn_t *c, int status, const char *msg) {
   req_priv_t *r = calloc(1, sizeof *r);
@@ -367,12 +387,7 @@ static void queue_error(conn_t *c, int status, const char *msg) {
   r->conn = c;
   r->pub.http_minor = 1;
   c->stop_reading = 1;
-  if (c->qtail)
-    c->qtail->next = r;
-  else
-    c->qhead = r;
-  c->qtail = r;
-  c->queued++;
+  queue_push(c, r);
   char body[160];
   int n = snprintf(body, sizeof body, "%s\n", msg);
   tg_http_respond_simple(&r->pub, status, "text/plain; charset=utf-8", body, (size_t)n);
@@ -729,13 +744,7 @@ static int on_message_complete(llhttp_t *p) {
   q->start_ns = c->msg_start_ns;
   q->peer = peer;
   make_request_id(w, r, c);
-
-  if (c->qtail)
-    c->qtail->next = r;
-  else
-    c->qhead = r;
-  c->qtail = r;
-  c->queued++;
+  queue_push(c, r);
   tg_buf_reset(&c->scratch);
   tg_buf_reset(&c->body);
   c->head_bytes = 0;

@@ -46,6 +46,11 @@ struct tg_http_req {
 
 /* Case-insensitive header lookup; NULL when absent. The first match wins. */
 const tg_http_header_t *tg_http_req_header(const tg_http_req_t *req, const char *name);
+/* The same for a name of n bytes (not NUL-terminated). */
+const tg_http_header_t *tg_http_req_header_n(const tg_http_req_t *req, const char *name, size_t n);
+
+/* The client's address without its port ("127.0.0.1", "[::1]") into out. */
+void tg_http_peer_ip(const tg_http_req_t *req, char *out, size_t outlen);
 
 /* Answers req. Copies status, headers and body; after this call req and
  * everything it points to must not be used. Content-Length, Date, Server and

@@ -134,7 +134,8 @@ TEST(demo_config_loads) {
   CHECK_STR(news->hosts[1], "localhost");
   CHECK_STR(news->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/news.xml");
   CHECK_INT(news->catalog_refresh_s, 300);
-  CHECK(news->policy_file == NULL);
+  CHECK_STR(news->policy_file, TG_SOURCE_DIR "/policies/news_publisher.lua");
+  CHECK_STR(api->policy_file, TG_SOURCE_DIR "/policies/metered_api.lua");
   CHECK_STR(tg_config_get(&news->signer, "type"), "nginx_secure_link");
   CHECK_STR(tg_config_get(&news->signer, "key_file"), TG_SOURCE_DIR "/deploy/demo/keys/news.key");
   CHECK_STR(tg_config_get(&news->signer, "ttl_s"), "300");
