@@ -17,17 +17,8 @@ fi
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 busted --lua=luajit --lpath='./lua/?.lua' --pattern='_spec' spec/lua 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
 
-summary="$(grep -E '[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$out" | tail -n 1)"
-if [ -z "$summary" ]; then
-  echo "no busted summary found"
-  echo "0 passed, 1 failed"
-  exit 1
-fi
-count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+'; }
-successes="$(count success)"
-failures="$(count failure)"
-errors="$(count error)"
-failed=$((failures + errors))
-echo "$successes passed, $failed failed"
-[ "$failed" -eq 0 ] && [ "$successes" -gt 0 ]
+# shellcheck source=../busted-summary.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../busted-summary.sh"
+busted_summary lua "$out" "$status"

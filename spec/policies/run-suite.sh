@@ -34,20 +34,6 @@ TOLLGATE_BIN="$bin" busted --lua=luajit --output=plainTerminal --verbose \
   --lpath='./lua/?.lua' --pattern=_spec spec/policies 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
-# busted's closing summary: "N successes / N failures / N errors / N pending"
-# (singular forms for 1). Failures and errors both count as failed.
-summary="$(sed 's/\x1b\[[0-9;]*m//g' "$log" |
-  grep -E '^[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' | tail -n1)"
-if [ -z "$summary" ]; then
-  echo "policies: busted printed no summary (exit $status)" >&2
-  echo "0 passed, 1 failed"
-  exit 1
-fi
-read -r pass failures errors < <(echo "$summary" |
-  sed -E 's#^([0-9]+) success(es)? / ([0-9]+) failures? / ([0-9]+) errors?.*#\1 \3 \4#')
-fail=$((failures + errors))
-if [ "$status" -ne 0 ] && [ "$fail" -eq 0 ]; then fail=1; fi
-if [ "$pass" -eq 0 ] && [ "$fail" -eq 0 ]; then fail=1; fi
-
-echo "$pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+# shellcheck source=../busted-summary.sh
+. "$here/../busted-summary.sh"
+busted_summary policies "$log" "$status"
