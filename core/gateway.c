@@ -203,9 +203,9 @@ static void admin_handler(tg_http_req_t *req, void *ud) {
     tg_http_header_t h[2] = {{"WWW-Authenticate", 16, "Bearer realm=\"tollgate-admin\"", 29},
                              {"Content-Type", 12, "application/json", 16}};
     static const char body[] = "{\"error\":\"unauthorized\"}";
-    tg_http_respond(req, 401, h, 2, body, sizeof body - 1);
     tg_log_req(TG_LOG_WARN, req->request_id, "admin request refused", "peer", req->peer, "path",
                req->path, NULL);
+    tg_http_respond(req, 401, h, 2, body, sizeof body - 1); /* req is gone after this */
     return;
   }
   if (strcmp(req->path, "/metrics") == 0) {
