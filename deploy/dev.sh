@@ -225,27 +225,64 @@ run_fuzzers() {
   echo "$passed $failed"
 }
 
-cmd_test() {
-  local log="$build_dir/ctest.log" ctest_status=0 total_p=0 total_f=0 name verdict p f fz
-  mkdir -p "$build_dir"
-  say "ctest"
+# run_ctest DIR LABEL: runs every test registered in DIR, prints the results by suite
+# (names prefixed with LABEL) and echoes "passed failed" on the last line of stdout.
+run_ctest() {
+  local dir="$1" label="$2" log="$1/ctest.log" status=0 tp=0 tf=0 name verdict p f
+  say "ctest in $dir"
   # Each test's output streams as it runs (ctest -V prefixes it with the test's number).
   set +e
-  ctest --test-dir "$build_dir" -V -j "${TG_CTEST_JOBS:-1}" --no-tests=error 2>&1 | tee "$log"
-  ctest_status=${PIPESTATUS[0]}
+  ctest --test-dir "$dir" -V -j "${TG_CTEST_JOBS:-1}" --no-tests=error >"$log" 2>&1
+  status=$?
   set -e
+  cat "$log" >&2
+  {
+    echo
+    echo "Results by suite${label:+ ($label)}:"
+    while read -r name verdict p f; do
+      printf '  %-32s %5s passed, %s failed  (%s)\n' "$label$name" "$p" "$f" "$verdict"
+      tp=$((tp + p)); tf=$((tf + f))
+    done < <(summarize_ctest "$log")
+    if [ "$status" -ne 0 ] && [ "$tf" -eq 0 ]; then
+      # ctest itself failed (no tests, or a test it could not start).
+      echo "  ctest exited $status"
+      tf=$((tf + 1))
+    fi
+  } >&2
+  echo "$tp $tf"
+}
 
-  echo
-  echo "Results by suite:"
-  while read -r name verdict p f; do
-    printf '  %-32s %5s passed, %s failed  (%s)\n' "$name" "$p" "$f" "$verdict"
-    total_p=$((total_p + p)); total_f=$((total_f + f))
-  done < <(summarize_ctest "$log")
-  if [ "$ctest_status" -ne 0 ] && [ "$total_f" -eq 0 ]; then
-    # ctest itself failed (no tests, or a test it could not start).
-    echo "  ctest exited $ctest_status"
-    total_f=$((total_f + 1))
+# The same tests again on a clang build with AddressSanitizer and UBSan: the
+# suites that drive the binary then drive a sanitized one, which must also exit
+# 0 on SIGTERM (a leak or a memory error fails them). TG_SKIP_ASAN=1 skips it.
+asan_dir="${TG_ASAN_BUILD_DIR:-$root/build-asan}"
+run_asan() {
+  if [ "${TG_SKIP_ASAN:-0}" = 1 ]; then
+    say "asan: skipped (TG_SKIP_ASAN=1)"
+    echo "0 0"
+    return
   fi
+  say "asan: building with clang into $asan_dir"
+  mkdir -p "$asan_dir"
+  if ! cmake -S "$root" -B "$asan_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+         -DTG_SANITIZE=ON >"$asan_dir/configure.log" 2>&1 ||
+     ! cmake --build "$asan_dir" -j "$jobs" >"$asan_dir/build.log" 2>&1; then
+    tail -n 40 "$asan_dir/configure.log" "$asan_dir/build.log" >&2 2>/dev/null || true
+    say "asan: build failed"
+    echo "0 1"
+    return
+  fi
+  ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}" run_ctest "$asan_dir" "asan."
+}
+
+cmd_test() {
+  local total_p=0 total_f=0 r fz
+  mkdir -p "$build_dir"
+  r="$(run_ctest "$build_dir" "" | tail -n 1)"
+  total_p=$((total_p + ${r% *})); total_f=$((total_f + ${r#* }))
+
+  r="$(run_asan | tail -n 1)"
+  total_p=$((total_p + ${r% *})); total_f=$((total_f + ${r#* }))
 
   fz="$(run_fuzzers)"
   total_p=$((total_p + ${fz% *})); total_f=$((total_f + ${fz#* }))
