@@ -6,8 +6,10 @@
 #include <uv.h>
 
 #include "config.h"
+#include "offer.h"
 #include "policy.h"
 #include "ratelimit.h"
+#include "snapshot.h"
 #include "tenants.h"
 #include "worker.h"
 
@@ -24,6 +26,9 @@ typedef struct tg_app {
   tg_ratelimit_redis_opts_t redis_opts;   /* host NULL: local mode */
   struct tg_app_worker **workers;         /* by worker id, set in on_worker_start */
   int nworkers;
+  tg_snapshot_t **catalogs;               /* one per tenant (config order): tg_catalog_t */
+  tg_offer_keyring_t offer_keys;          /* signs offer ids; read-only while serving */
+  uint32_t offer_ttl_s;                   /* how long an offer id is accepted */
 } tg_app_t;
 
 typedef struct tg_app_worker {
@@ -32,7 +37,13 @@ typedef struct tg_app_worker {
   tg_policy_runtime_t *policy;
   tg_ratelimit_redis_t *redis;            /* NULL in local mode */
   uv_async_t policy_sync;                 /* woken after a reload is published */
+  tg_snapshot_reader_t **catalog_readers; /* one per tenant */
 } tg_app_worker_t;
+
+/* Index of tenant t in the configuration (and in app->catalogs). */
+static inline size_t tg_app_tenant_index(const tg_app_t *app, const tg_config_tenant_t *t) {
+  return (size_t)(t - app->cfg->tenants);
+}
 
 static inline tg_app_worker_t *tg_app_worker(tg_worker_t *w) { return (tg_app_worker_t *)w->app; }
 

@@ -3,8 +3,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "app.h"
+#include "catalog.h"
+#include "offer.h"
+#include "rsl.h"
 #include "log.h"
 #include "ramp/v1/exchange.pb-c.h"
 
@@ -192,9 +196,210 @@ static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void 
   discover_gate(ex, call, req);
 }
 
+/* What one call holds of a tenant: the catalog snapshot and the policy
+ * state it started with, so that every URI of that tenant in the answer
+ * comes from the same catalog. */
+typedef struct held {
+  size_t tenant;
+  tg_snapshot_pin_t pin;
+  tg_policy_state_t *st;
+} held_t;
+
+#define HELD_MAX 16
+
+static held_t *hold(tg_app_worker_t *aw, held_t *held, size_t *nheld, size_t ti) {
+  for (size_t k = 0; k < *nheld; k++)
+    if (held[k].tenant == ti)
+      return &held[k];
+  if (*nheld == HELD_MAX)
+    return NULL; /* more distinct tenants than that in one call: answered as not loaded */
+  held_t *h = &held[(*nheld)++];
+  h->tenant = ti;
+  h->pin = tg_snapshot_acquire(aw->catalog_readers[ti]);
+  h->st = tg_policy_acquire(aw->policy, aw->app->cfg->tenants[ti].name);
+  return h;
+}
+
+static void release_all(tg_app_worker_t *aw, held_t *held, size_t nheld) {
+  for (size_t k = 0; k < nheld; k++) {
+    tg_snapshot_release(aw->catalog_readers[held[k].tenant], held[k].pin);
+    if (held[k].st)
+      tg_policy_release(held[k].st);
+  }
+}
+
+static uint32_t usage_bits(const Comp__V1__AISystem *ai) {
+  uint32_t bits = 0;
+  for (size_t i = 0; ai && i < ai->n_usage_purposes; i++) {
+    switch (ai->usage_purposes[i]) {
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_ALL: bits |= TG_RSL_USAGE_ALL; break;
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_ALL: bits |= TG_RSL_USAGE_AI_ALL; break;
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_TRAIN: bits |= TG_RSL_USAGE_AI_TRAIN; break;
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INPUT: bits |= TG_RSL_USAGE_AI_INPUT; break;
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INDEX: bits |= TG_RSL_USAGE_AI_INDEX; break;
+    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_SEARCH: bits |= TG_RSL_USAGE_SEARCH; break;
+    default: break;
+    }
+  }
+  return bits;
+}
+
+static uint32_t user_bits(const Comp__V1__AISystem *ai) {
+  if (ai == NULL)
+    return 0;
+  switch (ai->user_type) {
+  case COMP__V1__USER_TYPE__USER_TYPE_COMMERCIAL: return TG_RSL_USER_COMMERCIAL;
+  case COMP__V1__USER_TYPE__USER_TYPE_NON_COMMERCIAL: return TG_RSL_USER_NON_COMMERCIAL;
+  case COMP__V1__USER_TYPE__USER_TYPE_EDUCATION: return TG_RSL_USER_EDUCATION;
+  case COMP__V1__USER_TYPE__USER_TYPE_GOVERNMENT: return TG_RSL_USER_GOVERNMENT;
+  case COMP__V1__USER_TYPE__USER_TYPE_PERSONAL: return TG_RSL_USER_PERSONAL;
+  default: return 0;
+  }
+}
+
+/* Concrete usage bits -> RSL tokens (for the price hook) and enum values. */
+static const struct {
+  uint32_t bit;
+  const char *token;
+  Comp__V1__UsagePurpose e;
+} USAGES[] = {
+    {TG_RSL_USAGE_AI_TRAIN, "ai-train", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_TRAIN},
+    {TG_RSL_USAGE_AI_INPUT, "ai-input", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INPUT},
+    {TG_RSL_USAGE_AI_INDEX, "ai-index", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INDEX},
+    {TG_RSL_USAGE_SEARCH, "search", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_SEARCH},
+};
+#define NUSAGES (sizeof USAGES / sizeof USAGES[0])
+
+/* Fills r for one URI of tenant ti from its catalog and price hook. Returns
+ * 0, or -1 when a policy failed (the call fails closed). */
+static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h, size_t ti,
+                        const char *uri, const char *host, size_t host_len,
+                        const Ramp__V1__DiscoverResourcesRequest *req, Ramp__V1__ResourceResult *r,
+                        int64_t *built_at) {
+  const tg_app_t *app = aw->app;
+  const tg_catalog_t *cat = h ? h->pin.data : NULL;
+  if (cat == NULL) {
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
+    r->absence_detail = "no catalog loaded for this tenant";
+    return 0;
+  }
+  if (*built_at == 0)
+    *built_at = tg_catalog_built_at(cat);
+  const char *path = host + host_len;
+  size_t plen = strcspn(path, "#");
+  if (plen == 0 || path[0] != '/')
+    path = "/", plen = 1;
+  tg_catalog_query_t q = {usage_bits(req->ai_system), user_bits(req->ai_system), ""};
+  if (req->ai_system && req->ai_system->country && strlen(req->ai_system->country) == 2)
+    memcpy(q.country, req->ai_system->country, 3);
+  tg_catalog_result_t res;
+  tg_catalog_lookup(cat, path, plen, &q, &res);
+  switch (res.status) {
+  case TG_CATALOG_NOT_IN_CATALOG:
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
+    r->absence_detail = "no catalog entry matches this URI";
+    return 0;
+  case TG_CATALOG_PROHIBITED:
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_PROHIBITED;
+    r->absence_detail = "the license prohibits the requested usage";
+    return 0;
+  case TG_CATALOG_FILTERED:
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_FILTERED_BY_RESTRICTIONS;
+    r->absence_detail = "no license admits this usage, user type or country";
+    return 0;
+  case TG_CATALOG_NOT_FOR_SALE:
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE;
+    r->absence_detail = "the catalog entry carries no license";
+    return 0;
+  case TG_CATALOG_OFFERS:
+    break;
+  }
+  if (h->st == NULL)
+    return -1;
+  const char *purposes_view[8];
+  char ip[64];
+  tg_policy_req_t view;
+  connect_view(&view, call, req->ai_system, app->cfg->tenants[ti].name, purposes_view, ip, sizeof ip);
+  Ramp__V1__Offer **offers = tg_connect_call_alloc(call, res.noffers * sizeof *offers);
+  if (offers == NULL)
+    return -1;
+  int64_t now = (int64_t)time(NULL);
+  size_t n = 0;
+  for (uint32_t k = 0; k < res.noffers; k++) {
+    const tg_catalog_offer_t *o = &res.offers[k];
+    const char *tokens[NUSAGES];
+    size_t ntok = 0;
+    for (size_t u = 0; u < NUSAGES; u++)
+      if (o->usage & USAGES[u].bit)
+        tokens[ntok++] = USAGES[u].token;
+    tg_policy_offer_t po = {uri, tg_rsl_pay_type_name(o->type), o->amount,
+                            o->currency[0] ? o->currency : NULL, tokens, ntok, o->lastmod, NULL};
+    tg_policy_price_t price;
+    tg_policy_error_t err;
+    int rc = tg_policy_price(h->st, &po, &view, &price, &err);
+    if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
+      return -1;
+    if (!price.for_sale)
+      continue;
+    tg_offer_t tok = {0};
+    snprintf(tok.tenant, sizeof tok.tenant, "%s", app->cfg->tenants[ti].name);
+    snprintf(tok.uri, sizeof tok.uri, "%s", uri);
+    tok.content = o->content;
+    tok.license = (uint32_t)((o->key >> 16) & 0xffff);
+    tok.payment = (uint32_t)(o->key & 0xffff);
+    tok.amount = price.amount;
+    snprintf(tok.currency, sizeof tok.currency, "%s", price.currency);
+    tok.payment_type = (uint32_t)o->type;
+    tok.usage_bits = o->usage;
+    tok.expires_at = now + app->offer_ttl_s;
+    char *id = tg_connect_call_alloc(call, TG_OFFER_TOKEN_MAX);
+    Ramp__V1__Offer *of = tg_connect_call_alloc(call, sizeof *of);
+    Ramp__V1__Pricing *pr = tg_connect_call_alloc(call, sizeof *pr);
+    Ramp__V1__Money *m = tg_connect_call_alloc(call, sizeof *m);
+    Ramp__V1__Terms *te = tg_connect_call_alloc(call, sizeof *te);
+    Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, NUSAGES * sizeof *pp + 1);
+    char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
+    if (!id || !of || !pr || !m || !te || !pp || !cur ||
+        tg_offer_encode(&app->offer_keys, &tok, id, TG_OFFER_TOKEN_MAX) != 0)
+      return -1;
+    memcpy(cur, tok.currency, sizeof tok.currency);
+    ramp__v1__offer__init(of);
+    ramp__v1__pricing__init(pr);
+    ramp__v1__money__init(m);
+    ramp__v1__terms__init(te);
+    m->currency = cur;
+    m->amount = price.amount;
+    pr->model = (Ramp__V1__PaymentModel)(o->type + 1); /* same order as RSL's payment types */
+    pr->price = m;
+    pr->unit = RAMP__V1__PRICING_UNIT__PRICING_UNIT_REQUEST;
+    size_t np = 0;
+    for (size_t u = 0; u < NUSAGES; u++)
+      if (o->usage & USAGES[u].bit)
+        pp[np++] = USAGES[u].e;
+    te->n_permitted_purposes = np;
+    te->permitted_purposes = pp;
+    of->id = id;
+    of->uri = (char *)uri;
+    of->pricing = pr;
+    of->terms = te;
+    of->expires_at_unix = tok.expires_at;
+    offers[n++] = of;
+  }
+  if (n == 0) {
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE;
+    r->absence_detail = "the tenant's policy does not sell this usage";
+    return 0;
+  }
+  r->n_offers = n;
+  r->offers = offers;
+  return 0;
+}
+
 static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
                             const Ramp__V1__DiscoverResourcesRequest *req) {
   size_t n = req->n_resources;
+  tg_http_req_t *http = tg_connect_call_http(call);
+  tg_app_worker_t *aw = http ? tg_app_worker(http->worker) : NULL;
   /* One block for every result: the answer is built and freed in this call. */
   Ramp__V1__ResourceResult *results = calloc(n, sizeof *results);
   Ramp__V1__ResourceResult **ptrs = calloc(n, sizeof *ptrs);
@@ -204,12 +409,17 @@ static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
     tg_connect_fail(call, TG_CONNECT_RESOURCE_EXHAUSTED, "out of memory");
     return;
   }
+  held_t held[HELD_MAX];
+  size_t nheld = 0;
+  int64_t built_at = 0;
+  int failed = 0;
   const char *tenant_label = NULL;
-  for (size_t i = 0; i < n; i++) {
+  for (size_t i = 0; i < n && !failed; i++) {
     const char *uri = req->resources[i]->uri;
     const char *host;
     size_t host_len;
     if (tg_uri_host(uri, &host, &host_len) != 0) {
+      release_all(aw, held, nheld);
       free(results);
       free(ptrs);
       tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
@@ -223,19 +433,33 @@ static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
     if (t == NULL) {
       results[i].absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_TENANT_UNKNOWN;
       results[i].absence_detail = "no tenant serves this host";
-    } else {
-      if (tenant_label == NULL)
-        tenant_label = t->name;
+      continue;
+    }
+    if (tenant_label == NULL)
+      tenant_label = t->name;
+    if (aw == NULL || aw->catalog_readers == NULL) {
       results[i].absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
       results[i].absence_detail = "no catalog loaded for this tenant";
+      continue;
     }
+    size_t ti = tg_app_tenant_index(aw->app, t);
+    held_t *h = hold(aw, held, &nheld, ti);
+    failed = discover_one(aw, call, h, ti, uri, host, host_len, req, &results[i], &built_at) != 0;
   }
   if (tenant_label)
     tg_connect_call_set_tenant(call, tenant_label);
-  Ramp__V1__DiscoverResourcesResponse resp = RAMP__V1__DISCOVER_RESOURCES_RESPONSE__INIT;
-  resp.n_results = n;
-  resp.results = ptrs;
-  tg_connect_reply(call, &resp.base);
+  if (failed) {
+    tg_connect_fail(call, TG_CONNECT_INTERNAL, "policy error, see the gateway log (request %s)",
+                    http ? http->request_id : "-");
+  } else {
+    Ramp__V1__DiscoverResourcesResponse resp = RAMP__V1__DISCOVER_RESOURCES_RESPONSE__INIT;
+    resp.n_results = n;
+    resp.results = ptrs;
+    resp.catalog_built_at_unix = built_at;
+    tg_connect_reply(call, &resp.base);
+  }
+  if (aw)
+    release_all(aw, held, nheld);
   free(results);
   free(ptrs);
 }

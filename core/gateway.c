@@ -8,10 +8,19 @@
 #include <strings.h>
 #include <time.h>
 
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <jansson.h>
+#include <mbedtls/platform_util.h>
 #include <llhttp.h>
 
 #include "app.h"
+#include "catalog.h"
+#include "offer.h"
+#include "snapshot.h"
 #include "buf.h"
 #include "connect/connect.h"
 #include "exchange.h"
@@ -261,6 +270,73 @@ void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t
 
 static void free_handle_data(uv_handle_t *h) { free(h->data); }
 
+static void destroy_catalog(void *data) { tg_catalog_free(data); }
+
+/* mkdir -p with mode 0700 for the folders it makes. */
+static void mkdir_p(const char *dir) {
+  char tmp[1024];
+  snprintf(tmp, sizeof tmp, "%s", dir);
+  for (char *p = tmp + 1; *p; p++) {
+    if (*p == '/') {
+      *p = '\0';
+      mkdir(tmp, 0700);
+      *p = '/';
+    }
+  }
+  mkdir(tmp, 0700);
+}
+
+/* The key that signs offer ids: <data_dir>/offer.key (64 hex digits), made
+ * on first start. Instances behind one load balancer must share the file, so
+ * that an offer discovered on one is accepted by another. Without a data_dir
+ * the key lives in memory only (offers die with the process). */
+static int offer_keys_load(tg_offer_keyring_t *k, const tg_config_t *cfg, char *err, size_t errlen) {
+  tg_offer_keyring_init(k);
+  uint8_t raw[32];
+  char hex[65];
+  char path[1100];
+  FILE *f = NULL;
+  if (cfg->data_dir) {
+    snprintf(path, sizeof path, "%s/offer.key", cfg->data_dir);
+    f = fopen(path, "r");
+    if (f) {
+      size_t n = fread(hex, 1, 64, f);
+      fclose(f);
+      hex[n] = '\0';
+      if (n != 64 || tg_offer_keyring_add_hex(k, 1, hex, 64) != 0) {
+        snprintf(err, errlen, "%s: expected 64 hex digits", path);
+        return -EINVAL;
+      }
+      mbedtls_platform_zeroize(hex, sizeof hex);
+      return 0;
+    }
+  }
+  if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
+    snprintf(err, errlen, "no randomness for the offer key");
+    return -EIO;
+  }
+  if (tg_offer_keyring_add(k, 1, raw, sizeof raw) != 0)
+    return -EINVAL;
+  if (cfg->data_dir) {
+    for (size_t i = 0; i < 32; i++)
+      snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+    mkdir_p(cfg->data_dir);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 || write(fd, hex, 64) != 64) {
+      snprintf(err, errlen, "%s: cannot write the offer key: %s", path, strerror(errno));
+      if (fd >= 0)
+        close(fd);
+      return -EIO;
+    }
+    close(fd);
+    mbedtls_platform_zeroize(hex, sizeof hex);
+  } else {
+    tg_log(TG_LOG_WARN, "no data_dir: offer ids are signed with a key that dies with the process", NULL);
+  }
+  mbedtls_platform_zeroize(raw, sizeof raw);
+  return 0;
+}
+
 static void app_free(tg_gateway_t *g) {
   tg_connect_router_free(g->router);
   tg_tenants_free(g->tenants);
@@ -269,6 +345,13 @@ static void app_free(tg_gateway_t *g) {
   if (g->app.limits)
     tg_ratelimit_free(g->app.limits);
   tg_ratelimit_redis_opts_clear(&g->app.redis_opts);
+  if (g->app.catalogs) {
+    for (size_t i = 0; i < g->cfg->ntenants; i++)
+      if (g->app.catalogs[i])
+        tg_snapshot_free(g->app.catalogs[i]);
+    free(g->app.catalogs);
+  }
+  tg_offer_keyring_clear(&g->app.offer_keys);
   free(g->app.workers);
   free(g->watches);
   free(g->admin_token);
@@ -297,6 +380,12 @@ static int worker_start(tg_worker_t *w, void *ud) {
     if (aw->redis == NULL)
       return -ENOMEM;
   }
+  aw->catalog_readers = calloc(g->cfg->ntenants ? g->cfg->ntenants : 1, sizeof *aw->catalog_readers);
+  if (aw->catalog_readers == NULL)
+    return -ENOMEM;
+  for (size_t i = 0; i < g->cfg->ntenants; i++)
+    if ((aw->catalog_readers[i] = tg_snapshot_reader_register(g->app.catalogs[i])) == NULL)
+      return -ENOMEM;
   uv_async_init(w->loop, &aw->policy_sync, on_policy_sync);
   aw->policy_sync.data = aw;
   g->app.workers[w->id] = aw;
@@ -316,6 +405,12 @@ static void worker_stop(tg_worker_t *w, void *ud) {
     tg_ratelimit_redis_free(aw->redis);
   if (aw->policy)
     tg_policy_runtime_free(aw->policy);
+  if (aw->catalog_readers) {
+    for (size_t i = 0; i < g->cfg->ntenants; i++)
+      if (aw->catalog_readers[i])
+        tg_snapshot_reader_unregister(aw->catalog_readers[i]);
+    free(aw->catalog_readers);
+  }
   /* The async handle lives in aw: free aw once the handle is closed. */
   if (aw->policy_sync.loop)
     uv_close((uv_handle_t *)&aw->policy_sync, free_handle_data);
@@ -387,10 +482,20 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   }
   g->app.nworkers = cfg->workers > 0 ? cfg->workers : (int)uv_available_parallelism();
   g->app.workers = calloc((size_t)g->app.nworkers, sizeof *g->app.workers);
+  g->app.catalogs = calloc(cfg->ntenants ? cfg->ntenants : 1, sizeof *g->app.catalogs);
+  for (size_t i = 0; g->app.catalogs && i < cfg->ntenants; i++)
+    if ((g->app.catalogs[i] = tg_snapshot_new(destroy_catalog)) == NULL) {
+      snprintf(err, errlen, "out of memory");
+      goto fail;
+    }
+  g->app.offer_ttl_s = 300;
+  if ((rc = offer_keys_load(&g->app.offer_keys, cfg, err, errlen)) != 0)
+    goto fail;
   g->tenants = tg_tenants_new(cfg);
   g->app.tenants = g->tenants;
   g->router = tg_connect_router_new();
-  if (g->tenants == NULL || g->router == NULL || g->app.limits == NULL || g->app.workers == NULL) {
+  if (g->tenants == NULL || g->router == NULL || g->app.limits == NULL || g->app.workers == NULL ||
+      g->app.catalogs == NULL) {
     snprintf(err, errlen, "out of memory");
     goto fail;
   }
