@@ -24,6 +24,7 @@
 #include "buf.h"
 #include "connect/connect.h"
 #include "exchange.h"
+#include "ingest.h"
 #include "http/client.h"
 #include "http/server.h"
 #include "log.h"
@@ -53,6 +54,7 @@ struct tg_gateway {
   size_t nwatches;
   uv_timer_t debounce;      /* editors write in several steps: reload once they settle */
   int watching;
+  tg_ingest_t *ingest;      /* catalog ingestion thread */
   char *admin_token;
   size_t admin_token_len;
   size_t nlisten;
@@ -65,14 +67,30 @@ static void respond_json(tg_http_req_t *req, int status, const char *body) {
 }
 
 static void readyz(tg_gateway_t *g, tg_http_req_t *req) {
-  tg_buf_t b = {0};
+  tg_buf_t b = {0}, reasons = {0};
   int ready = atomic_load_explicit(&g->ready, memory_order_acquire);
+  if (!ready)
+    tg_buf_puts(&reasons, "\"not serving: starting or draining\"");
+  /* A tenant whose catalog never loaded has no inventory: say which and why. */
+  for (size_t i = 0; g->ingest && i < g->cfg->ntenants; i++) {
+    tg_ingest_status_t st;
+    if (tg_ingest_status(g->ingest, i, &st) != 0 || !st.has_source || st.loaded)
+      continue;
+    json_t *why = json_string(st.attempted ? st.last_error : "first load not finished");
+    char *esc = why ? json_dumps(why, JSON_ENCODE_ANY | JSON_ENSURE_ASCII) : NULL;
+    tg_buf_printf(&reasons, "%s{\"tenant\":\"%s\",\"catalog\":%s}", reasons.len ? "," : "",
+                  g->cfg->tenants[i].name, esc ? esc : "\"?\"");
+    free(esc);
+    json_decref(why);
+    ready = 0;
+  }
   tg_buf_printf(&b, "{\"ready\":%s,\"tenants\":%zu,\"connections\":%llu,\"reasons\":[%s]}",
                 ready ? "true" : "false", g->cfg->ntenants,
                 (unsigned long long)(g->server ? tg_server_connections(g->server) : 0),
-                ready ? "" : "\"not serving: starting or draining\"");
+                reasons.len ? reasons.data : "");
   respond_json(req, ready ? 200 : 503, b.data);
   tg_buf_free(&b);
+  tg_buf_free(&reasons);
 }
 
 static void public_handler(tg_http_req_t *req, void *ud) {
@@ -236,6 +254,23 @@ static void admin_handler(tg_http_req_t *req, void *ud) {
       return;
     }
     admin_reload(g, req);
+    return;
+  }
+  if (strcmp(req->path, "/catalog/refresh") == 0) {
+    if (req->method != HTTP_POST) {
+      tg_http_header_t h[2] = {{"Allow", 5, "POST", 4}, {"Content-Type", 12, "application/json", 16}};
+      static const char body[] = "{\"error\":\"use POST\"}";
+      tg_http_respond(req, 405, h, 2, body, sizeof body - 1);
+      return;
+    }
+    char tenant[65] = "";
+    if (req->query && strncmp(req->query, "tenant=", 7) == 0)
+      snprintf(tenant, sizeof tenant, "%.*s", (int)strcspn(req->query + 7, "&"), req->query + 7);
+    int rc = g->ingest ? tg_ingest_refresh(g->ingest, tenant[0] ? tenant : NULL) : -ENOENT;
+    if (rc == 0)
+      respond_json(req, 202, "{\"refresh\":\"started\"}");
+    else
+      respond_json(req, 404, "{\"error\":\"unknown tenant or no catalog source\"}");
     return;
   }
   if (strcmp(req->path, "/status") == 0) {
@@ -538,6 +573,14 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
              tg_server_port(g->server, i));
     tg_log(TG_LOG_INFO, "listening", "addr", addr, "role", i < g->nlisten ? "public" : "admin", NULL);
   }
+  g->ingest = tg_ingest_start(cfg, g->app.catalogs, err, errlen);
+  if (g->ingest == NULL) {
+    tg_server_stop(g->server, 0);
+    rc = -ENOMEM;
+    goto fail;
+  }
+  /* Serve with the catalogs that load quickly; /readyz names the others. */
+  tg_ingest_wait_initial(g->ingest, 5000);
   atomic_store_explicit(&g->ready, 1, memory_order_release);
   *out = g;
   return 0;
@@ -555,6 +598,8 @@ int tg_gateway_port(const tg_gateway_t *g, int i) {
 void tg_gateway_stop(tg_gateway_t *g) {
   atomic_store_explicit(&g->ready, 0, memory_order_release);
   tg_server_stop(g->server, g->cfg->shutdown_grace_ms ? g->cfg->shutdown_grace_ms : 10000);
+  if (g->ingest)
+    tg_ingest_stop(g->ingest);
   app_free(g);
 }
 
