@@ -1,5 +1,6 @@
 #include "exchange.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -10,6 +11,7 @@
 #include "offer.h"
 #include "rsl.h"
 #include "log.h"
+#include "metrics.h"
 #include "ramp/v1/exchange.pb-c.h"
 
 /* RSL usage tokens by enum value. */
@@ -395,6 +397,8 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
   return 0;
 }
 
+static tg_metric_t *m_offers_returned;
+
 static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
                             const Ramp__V1__DiscoverResourcesRequest *req) {
   size_t n = req->n_resources;
@@ -456,6 +460,11 @@ static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
     resp.n_results = n;
     resp.results = ptrs;
     resp.catalog_built_at_unix = built_at;
+    size_t offers = 0;
+    for (size_t i = 0; i < n; i++)
+      offers += results[i].n_offers;
+    const char *labels[] = {tenant_label ? tenant_label : ""};
+    tg_histogram_observe(m_offers_returned, labels, (double)offers);
     tg_connect_reply(call, &resp.base);
   }
   if (aw)
@@ -491,6 +500,13 @@ static void report(tg_connect_call_t *call, const ProtobufCMessage *msg, void *u
 }
 
 int tg_exchange_register(tg_exchange_t *ex, tg_connect_router_t *r) {
+  static const char *const labels[] = {"tenant_id", NULL};
+  static const double buckets[] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
+  m_offers_returned = tg_metric_new(TG_METRIC_HISTOGRAM, "exchange_offers_returned",
+                                    "Offers in each DiscoverResources answer, by tenant (the first URI's).",
+                                    labels, buckets, sizeof buckets / sizeof buckets[0]);
+  if (m_offers_returned == NULL)
+    return -ENOMEM;
   const tg_connect_method_t methods[] = {
       {"/ramp.v1.ExchangeService/DiscoverResources", "DiscoverResources",
        &ramp__v1__discover_resources_request__descriptor,
