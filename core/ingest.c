@@ -1,6 +1,7 @@
 #include "ingest.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -165,6 +166,9 @@ too_large:
 out:
   tg_rsl_doc_free(doc);
   free(rep);
+  /* A build frees a parse tree and often a whole old catalog: hand the pages
+   * back, or the process keeps its peak (two catalogs and a tree) for good. */
+  malloc_trim(0);
 }
 
 /* Reads the file whole, unless mtime and size match the published one. */
@@ -357,8 +361,11 @@ static void on_close_noop(uv_handle_t *h) { (void)h; }
 static void on_collect(uv_timer_t *h) {
   tg_ingest_t *ing = h->data;
   for (size_t i = 0; i < ing->ntenants; i++)
-    if (ing->tenants[i].snap && tg_snapshot_retired(ing->tenants[i].snap) > 0)
+    if (ing->tenants[i].snap && tg_snapshot_retired(ing->tenants[i].snap) > 0) {
       tg_snapshot_collect(ing->tenants[i].snap);
+      if (tg_snapshot_retired(ing->tenants[i].snap) == 0)
+        malloc_trim(0);
+    }
 }
 
 static void on_async(uv_async_t *h) {

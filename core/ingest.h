@@ -33,8 +33,8 @@
  * success), catalog_refresh_duration_seconds{tenant_id} (histogram, every
  * attempt), catalog_refresh_errors_total{tenant_id,reason} (counter). */
 
-#define TG_INGEST_MAX_BYTES (64u << 20)
-#define TG_INGEST_MAX_ELEMENTS 8000000u
+#define TG_INGEST_MAX_BYTES (256u << 20) /* a 1M-entry RSL with a license each */
+#define TG_INGEST_MAX_ELEMENTS 32000000u
 #define TG_INGEST_TIMEOUT_MS 10000u
 
 typedef struct tg_ingest tg_ingest_t;

@@ -13,7 +13,7 @@
 #   report in <build>/discover-perf.txt).
 #
 # The document: <content url="/articles/YYYY/MM/slug-N"> for N = 1..entries, ten years of
-# twelve months. A document is capped at 64 MiB (TG_INGEST_MAX_BYTES, not configurable), and
+# twelve months. A document is capped at TG_INGEST_MAX_BYTES (256 MiB since this script was written; it was 64 MiB), and
 # a million contents take ~46 MB with no licence at all, so only one content in eight
 # (N % 8 == 1, slug-777777 among them) carries one of four licence blocks; the others have no
 # <license> ("not for sale"). The catalog interns licence sets (a 32-bit index per content),
