@@ -1,4 +1,5 @@
 #include "gateway.h"
+#include "hex.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -353,8 +354,7 @@ static int offer_keys_load(tg_offer_keyring_t *k, const tg_config_t *cfg, char *
   if (tg_offer_keyring_add(k, 1, raw, sizeof raw) != 0)
     return -EINVAL;
   if (cfg->data_dir) {
-    for (size_t i = 0; i < 32; i++)
-      snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+    tg_hex_encode(raw, 32, hex);
     mkdir_p(cfg->data_dir);
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
     if (fd < 0 || write(fd, hex, 64) != 64) {

@@ -1,4 +1,5 @@
 #include "log.h"
+#include "hex.h"
 
 #include <errno.h>
 #include <mbedtls/sha256.h>
@@ -316,7 +317,6 @@ const char *tg_redact_secret(const char *secret) {
 }
 
 void tg_redact_url(const char *url, char *out, size_t outlen) {
-  static const char hexdigits[] = "0123456789abcdef";
   if (out == NULL || outlen == 0)
     return;
   if (url == NULL)
@@ -328,10 +328,6 @@ void tg_redact_url(const char *url, char *out, size_t outlen) {
   mbedtls_sha256_ret((const unsigned char *)url, strlen(url), digest, 0);
 #endif
   char hex[17];
-  for (size_t i = 0; i < 8; i++) {
-    hex[2 * i] = hexdigits[digest[i] >> 4];
-    hex[2 * i + 1] = hexdigits[digest[i] & 0xf];
-  }
-  hex[16] = '\0';
+  tg_hex_encode(digest, 8, hex);
   snprintf(out, outlen, "sha256:%s", hex);
 }

@@ -1,4 +1,5 @@
 #include "offer.h"
+#include "hex.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -47,23 +48,13 @@ int tg_offer_keyring_add(tg_offer_keyring_t *k, uint32_t id, const uint8_t *key,
   return 0;
 }
 
-static int hex_digit(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 int tg_offer_keyring_add_hex(tg_offer_keyring_t *k, uint32_t id, const char *hex, size_t len) {
   uint8_t key[TG_OFFER_KEY_LEN];
   int rc = -EINVAL;
   if (hex == NULL || len != 2 * TG_OFFER_KEY_LEN)
     return -EINVAL;
   for (size_t i = 0; i < TG_OFFER_KEY_LEN; i++) {
-    int hi = hex_digit(hex[2 * i]), lo = hex_digit(hex[2 * i + 1]);
+    int hi = tg_hex_value(hex[2 * i]), lo = tg_hex_value(hex[2 * i + 1]);
     if (hi < 0 || lo < 0)
       goto done;
     key[i] = (uint8_t)(hi << 4 | lo);

@@ -1,4 +1,5 @@
 #include "policy.h"
+#include "hex.h"
 
 #include <errno.h>
 #include <mbedtls/sha256.h>
@@ -104,18 +105,13 @@ static void publish(tg_policy_registry_t *r, snapshot_t *s) {
 /* ---- Sources and validation */
 
 static void sha256_hex(const char *data, size_t len, char out[TG_POLICY_VERSION_LEN]) {
-  static const char hexdigits[] = "0123456789abcdef";
   unsigned char digest[32];
 #if MBEDTLS_VERSION_NUMBER >= 0x03000000
   mbedtls_sha256((const unsigned char *)data, len, digest, 0);
 #else
   mbedtls_sha256_ret((const unsigned char *)data, len, digest, 0);
 #endif
-  for (size_t i = 0; i < 32; i++) {
-    out[2 * i] = hexdigits[digest[i] >> 4];
-    out[2 * i + 1] = hexdigits[digest[i] & 0xf];
-  }
-  out[64] = '\0';
+  tg_hex_encode(digest, 32, out);
 }
 
 static int read_source(const char *path, char **out, size_t *len, char *err, size_t errlen) {

@@ -1,4 +1,5 @@
 #include "ratelimit.h"
+#include "hex.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -556,8 +557,7 @@ tg_ratelimit_redis_t *tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit
   unsigned char digest[20];
   if (mbedtls_sha1_ret((const unsigned char *)script, sizeof(script) - 1, digest) != 0)
     goto oom;
-  for (int i = 0; i < 20; i++)
-    snprintf(r->sha + 2 * i, 3, "%02x", digest[i]);
+  tg_hex_encode(digest, 20, r->sha);
   uv_timer_init(loop, &r->deadline_timer);
   uv_timer_init(loop, &r->reconnect_timer);
   uv_idle_init(loop, &r->deliver_idle);

@@ -1,4 +1,5 @@
 #include "connect.h"
+#include "../hex.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -741,16 +742,6 @@ static int query_get(const char *q, size_t qlen, const char *key, const char **v
   return 0;
 }
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 /* Form decoding of a query value ('+' is a space); out needs len bytes.
  * -1 on a bad escape. */
 static long percent_decode(const char *in, size_t len, char *out) {
@@ -759,7 +750,7 @@ static long percent_decode(const char *in, size_t len, char *out) {
     if (in[i] == '%') {
       if (i + 2 >= len)
         return -1;
-      int hi = hexval(in[i + 1]), lo = hexval(in[i + 2]);
+      int hi = tg_hex_value(in[i + 1]), lo = tg_hex_value(in[i + 2]);
       if (hi < 0 || lo < 0)
         return -1;
       out[o++] = (char)(hi << 4 | lo);

@@ -1,4 +1,5 @@
 #include "test.h"
+#include "child.h"
 #include "tls_fixture.h"
 
 #include <errno.h>
@@ -16,19 +17,12 @@
 /* The fixture server (spec/core/fixtures/httpd.js under node), started once
  * and stopped at exit; it also exits by itself when our end of its stdin
  * closes, so a crashed test leaves nothing running. */
-static pid_t node_pid;
-static int node_stdin = -1;
+static child_t node = {0, -1, -1};
 static int http_port, https_port;
 static tls_fixture_t fx;
 
 static void stop_server(void) {
-  if (node_stdin >= 0)
-    close(node_stdin);
-  if (node_pid > 0) {
-    kill(node_pid, SIGTERM);
-    waitpid(node_pid, NULL, 0);
-    node_pid = 0;
-  }
+  child_stop(&node);
   tls_fixture_remove(&fx);
 }
 
@@ -40,41 +34,12 @@ static int start_server(void) {
   if (tls_fixture_make(&fx) != 0)
     return -1;
   atexit(stop_server);
-  int in[2], out[2];
-  if (pipe(in) != 0 || pipe(out) != 0)
+  char *argv[] = {"node", TG_SOURCE_DIR "/spec/core/fixtures/httpd.js", fx.cert, fx.key, NULL};
+  if (child_start(&node, argv) != 0)
     return -1;
-  pid_t pid = fork();
-  if (pid < 0)
-    return -1;
-  if (pid == 0) {
-    dup2(in[0], 0);
-    dup2(out[1], 1);
-    close(in[0]);
-    close(in[1]);
-    close(out[0]);
-    close(out[1]);
-    execlp("node", "node", TG_SOURCE_DIR "/spec/core/fixtures/httpd.js", fx.cert, fx.key,
-           (char *)NULL);
-    _exit(127);
-  }
-  node_pid = pid;
-  close(in[0]);
-  close(out[1]);
-  node_stdin = in[1];
   char line[128] = "";
-  size_t len = 0;
-  struct pollfd pfd = {.fd = out[0], .events = POLLIN};
-  while (len < sizeof line - 1 && strchr(line, '\n') == NULL) {
-    if (poll(&pfd, 1, 10000) <= 0)
-      break;
-    ssize_t n = read(out[0], line + len, sizeof line - 1 - len);
-    if (n <= 0)
-      break;
-    len += (size_t)n;
-    line[len] = '\0';
-  }
-  close(out[0]);
-  if (sscanf(line, "{\"http\":%d,\"https\":%d}", &http_port, &https_port) != 2 || http_port <= 0 ||
+  if (child_read_line(&node, line, sizeof line, 10000) != 0 ||
+      sscanf(line, "{\"http\":%d,\"https\":%d}", &http_port, &https_port) != 2 || http_port <= 0 ||
       https_port <= 0) {
     fprintf(stderr, "  fixture server did not start: '%s'\n", line);
     return -1;

@@ -16,6 +16,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "test.h"
+#include "child.h"
 
 #define NS "https://rslstandard.org/rsl"
 #define DOC_V1                                                                                     \
@@ -206,64 +207,17 @@ TEST(file_source) {
 }
 
 /* The node fixture: spec/core/fixtures/rsl_httpd.js. */
-static pid_t node_pid;
-static int node_in = -1, node_out = -1;
+static child_t node = {0, -1, -1};
 
-static void stop_node(void) {
-  if (node_in >= 0)
-    close(node_in);
-  if (node_out >= 0)
-    close(node_out);
-  node_in = node_out = -1;
-  if (node_pid > 0) {
-    kill(node_pid, SIGTERM);
-    waitpid(node_pid, NULL, 0);
-    node_pid = 0;
-  }
-}
+static void stop_node(void) { child_stop(&node); }
 
-static int read_line(char *line, size_t cap) {
-  size_t len = 0;
-  line[0] = '\0';
-  struct pollfd pfd = {.fd = node_out, .events = POLLIN};
-  while (len < cap - 1) {
-    if (poll(&pfd, 1, 10000) <= 0)
-      return -1;
-    ssize_t n = read(node_out, line + len, 1); /* byte by byte: keep what follows unread */
-    if (n <= 0)
-      return -1;
-    if (line[len] == '\n') {
-      line[len] = '\0';
-      return 0;
-    }
-    line[++len] = '\0';
-  }
-  return -1;
-}
+static int read_line(char *line, size_t cap) { return child_read_line(&node, line, cap, 10000); }
 
 static int start_node(void) {
-  int in[2], out[2];
-  if (pipe(in) != 0 || pipe(out) != 0)
+  char *argv[] = {"node", TG_SOURCE_DIR "/spec/core/fixtures/rsl_httpd.js", NULL};
+  if (child_start(&node, argv) != 0)
     return -1;
-  pid_t pid = fork();
-  if (pid < 0)
-    return -1;
-  if (pid == 0) {
-    dup2(in[0], 0);
-    dup2(out[1], 1);
-    close(in[0]);
-    close(in[1]);
-    close(out[0]);
-    close(out[1]);
-    execlp("node", "node", TG_SOURCE_DIR "/spec/core/fixtures/rsl_httpd.js", (char *)NULL);
-    _exit(127);
-  }
-  node_pid = pid;
   atexit(stop_node);
-  close(in[0]);
-  close(out[1]);
-  node_in = in[1];
-  node_out = out[0];
   char line[128];
   int port = 0;
   if (read_line(line, sizeof line) != 0 || sscanf(line, "{\"port\":%d}", &port) != 1 || port <= 0) {
@@ -276,7 +230,7 @@ static int start_node(void) {
 
 static int node_cmd(const char *cmd) {
   size_t n = strlen(cmd);
-  return write(node_in, cmd, n) == (ssize_t)n ? 0 : -1;
+  return write(node.in, cmd, n) == (ssize_t)n ? 0 : -1;
 }
 
 static int node_not_modified(void) {

@@ -126,15 +126,7 @@ local cases = {
   { "unknown procedure", h.connect_req("/ramp.v1.ExchangeService/Nope", "json", "{}"), 404, nil },
 }
 
-local function show(raw)
-  local s = raw:gsub("\r", "\\r"):gsub("\n", "\\n"):gsub("[%z\1-\8\11\12\14-\31\127-\255]", function(c)
-    return string.format("\\x%02x", c:byte())
-  end)
-  if #s > 200 then
-    s = s:sub(1, 200) .. "... (" .. #raw .. " bytes)"
-  end
-  return s
-end
+local show = h.show
 
 describe("bad Connect input", function()
   local gw
@@ -145,9 +137,7 @@ describe("bad Connect input", function()
 
   teardown(function()
     if gw then
-      local exited, rc = h.stop(gw)
-      assert.is_true(exited, "tollgate did not exit on SIGTERM")
-      assert.are.equal(0, rc, "tollgate exit status; log:\n" .. gw.log())
+      h.stop_clean(gw)
     end
   end)
 

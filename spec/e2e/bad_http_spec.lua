@@ -80,13 +80,7 @@ local framing = {
   { "HTTP/2 preface on an HTTP/1.1 port", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400 },
 }
 
-local function show(raw)
-  local s = raw:gsub("\r", "\\r"):gsub("\n", "\\n"):gsub("%z", "\\0")
-  if #s > 160 then
-    s = s:sub(1, 160) .. "... (" .. #raw .. " bytes)"
-  end
-  return s
-end
+local show = h.show
 
 describe("bad HTTP input", function()
   local gw
@@ -97,9 +91,7 @@ describe("bad HTTP input", function()
 
   teardown(function()
     if gw then
-      local exited, rc = h.stop(gw)
-      assert.is_true(exited, "tollgate did not exit on SIGTERM")
-      assert.are.equal(0, rc, "tollgate exit status; log:\n" .. gw.log())
+      h.stop_clean(gw)
     end
   end)
 

@@ -229,6 +229,25 @@ function M.stop(gw, timeout)
   return exited, rc, took
 end
 
+-- Stops gw and asserts it exited 0 on SIGTERM (its log in the message).
+function M.stop_clean(gw)
+  local exited, rc = M.stop(gw)
+  assert(exited, "tollgate did not exit on SIGTERM")
+  assert(rc == 0, "tollgate exit status " .. tostring(rc) .. "; log:\n" .. gw.log())
+end
+
+-- Raw bytes made readable for an assertion message, cut at max bytes.
+function M.show(raw, max)
+  max = max or 200
+  local s = raw:gsub("\r", "\\r"):gsub("\n", "\\n"):gsub("[%z\1-\8\11\12\14-\31\127-\255]", function(c)
+    return string.format("\\x%02x", c:byte())
+  end)
+  if #s > max then
+    s = s:sub(1, max) .. "... (" .. #raw .. " bytes)"
+  end
+  return s
+end
+
 -- ---- raw HTTP ----
 
 function M.get_req(path, headers, host)

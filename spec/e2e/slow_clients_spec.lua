@@ -25,9 +25,7 @@ describe("slow and abusive clients", function()
 
   teardown(function()
     if gw then
-      local exited, rc = h.stop(gw)
-      assert.is_true(exited, "tollgate did not exit on SIGTERM")
-      assert.are.equal(0, rc, "tollgate exit status; log:\n" .. gw.log())
+      h.stop_clean(gw)
     end
   end)
 
