@@ -5,15 +5,11 @@
 
 #include <uv.h>
 
-#include "buf.h"
-#include "config.h"
-#include "gateway.h"
-#include "log.h"
-#include "policy.h"
-
-#ifndef TG_VERSION
-#define TG_VERSION "0.1.0"
-#endif
+#include "base/buf.h"
+#include "config/config.h"
+#include "gateway/gateway.h"
+#include "base/log.h"
+#include "policy/policy.h"
 
 static void usage(FILE *f) {
   fprintf(f, "usage: tollgate run -c FILE     start the gateway\n"
@@ -32,7 +28,7 @@ static void on_signal(uv_signal_t *s, int signum) {
   if (signum == SIGHUP) {
     tg_log(TG_LOG_INFO, "SIGHUP: reloading policies", NULL);
     if (app->gw)
-      tg_gateway_reload(app->gw, NULL, NULL);
+      tg_gateway_reload(app->gw);
     return;
   }
   if (app->stopping)

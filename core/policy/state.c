@@ -13,7 +13,7 @@
 #include <strings.h>
 #include <time.h>
 
-#include "log.h"
+#include "base/log.h"
 
 #define HOOK_COUNT 1000       /* instructions between deadline checks */
 #define LOG_LINES_PER_SEC 20  /* per state, for tollgate.log and for failed calls */

@@ -9,8 +9,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "metrics.h"
-#include "policy.h"
+#include "base/metrics.h"
+#include "policy/policy.h"
 
 typedef struct tg_pstate_cfg {
   const char *tenant;

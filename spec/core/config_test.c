@@ -1,5 +1,5 @@
-#include "config.h"
-#include "log.h"
+#include "config/config.h"
+#include "base/log.h"
 #include "test.h"
 
 #include <fcntl.h>
@@ -464,7 +464,7 @@ TEST(read_token) {
   close(logfd);
   CHECK_STR(token, "s3cret-token");
   free(token);
-  CHECK(n > 0 && strstr(logged, "admin token file is accessible to group or others") != NULL);
+  CHECK(n > 0 && strstr(logged, "secret file is accessible to group or others") != NULL);
 
   put_bytes("t1", " \n\t", 3, 0600);
   CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);

@@ -12,10 +12,10 @@
 #include <mbedtls/base64.h>
 #include <zlib.h>
 
-#include "buf.h"
-#include "connect/connect.h"
-#include "http/server.h"
-#include "metrics.h"
+#include "base/buf.h"
+#include "rpc/connect.h"
+#include "net/server.h"
+#include "base/metrics.h"
 #include "ramp/v1/exchange.pb-c.h"
 #include "test.h"
 

@@ -12,7 +12,7 @@
 
 #include <uv.h>
 
-#include "http/client.h"
+#include "net/client.h"
 
 /* The fixture server (spec/core/fixtures/httpd.js under node), started once
  * and stopped at exit; it also exits by itself when our end of its stdin

@@ -1,4 +1,4 @@
-#include "ingest.h"
+#include "catalog/ingest.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -11,10 +11,10 @@
 
 #include <uv.h>
 
-#include "buf.h"
-#include "catalog.h"
-#include "log.h"
-#include "metrics.h"
+#include "base/buf.h"
+#include "catalog/catalog.h"
+#include "base/log.h"
+#include "base/metrics.h"
 #include "test.h"
 #include "child.h"
 

@@ -1,4 +1,4 @@
-#include "metrics.h"
+#include "base/metrics.h"
 
 #include <math.h>
 #include <pthread.h>

@@ -1,4 +1,4 @@
-#include "offer.h"
+#include "catalog/offer.h"
 #include "test.h"
 
 #include <errno.h>

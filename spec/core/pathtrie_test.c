@@ -3,7 +3,7 @@
 #include <sys/resource.h>
 #include <time.h>
 
-#include "pathtrie.h"
+#include "catalog/pathtrie.h"
 #include "test.h"
 
 #if defined(__SANITIZE_ADDRESS__)

@@ -3,7 +3,7 @@
 #include <stdint.h>
 
 #include "comp/v1/ai_system.pb-c.h"
-#include "connect/pbjson.h"
+#include "rpc/pbjson.h"
 #include "ramp/v1/exchange.pb-c.h"
 #include "test.h"
 

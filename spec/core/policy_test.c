@@ -1,4 +1,4 @@
-#include "policy.h"
+#include "policy/policy.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -8,9 +8,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "buf.h"
-#include "log.h"
-#include "metrics.h"
+#include "base/buf.h"
+#include "base/log.h"
+#include "base/metrics.h"
 #include "test.h"
 
 /* ---- helpers */

@@ -18,10 +18,10 @@
 #include <mbedtls/sha256.h>
 #include <uv.h>
 
-#include "buf.h"
-#include "log.h"
-#include "metrics.h"
-#include "ratelimit.h"
+#include "base/buf.h"
+#include "base/log.h"
+#include "base/metrics.h"
+#include "limit/ratelimit.h"
 
 #define S 1000000ull /* us */
 #define T0 (1000 * S) /* a start time well clear of 0 */

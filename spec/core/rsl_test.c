@@ -1,4 +1,4 @@
-#include "rsl.h"
+#include "catalog/rsl.h"
 
 #include <errno.h>
 

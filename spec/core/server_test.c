@@ -9,8 +9,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "buf.h"
-#include "http/server.h"
+#include "base/buf.h"
+#include "net/server.h"
 #include "test.h"
 
 /* ---- the server under test ---- */

@@ -1,4 +1,4 @@
-#include "snapshot.h"
+#include "base/snapshot.h"
 #include "test.h"
 
 #include <pthread.h>

@@ -3,7 +3,7 @@
 
 #include <errno.h>
 
-#include "http/tls.h"
+#include "net/tls.h"
 
 static tls_fixture_t fx;
 static int fx_state; /* 0 not made, 1 ready, -1 failed */

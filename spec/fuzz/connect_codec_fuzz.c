@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "connect/pbjson.h"
+#include "rpc/pbjson.h"
 #include "ramp/v1/exchange.pb-c.h"
 
 static const ProtobufCMessageDescriptor *const descriptors[] = {

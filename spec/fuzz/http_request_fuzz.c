@@ -17,9 +17,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "gateway.h"
-#include "log.h"
+#include "config/config.h"
+#include "gateway/gateway.h"
+#include "base/log.h"
 
 /* Longest wait for the server to finish with one input. Above the server's
  * timeouts below, so the server always acts first. */

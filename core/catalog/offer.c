@@ -1,0 +1,422 @@
+#include "catalog/offer.h"
+#include "base/hex.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <mbedtls/base64.h>
+#include <mbedtls/constant_time.h>
+#include <mbedtls/md.h>
+#include <mbedtls/platform_util.h>
+#include <mbedtls/sha256.h>
+
+#define HEADER_LEN 5 /* version + fixed-width key id */
+#define MIN_PAYLOAD (HEADER_LEN + 7 + 2 + TG_OFFER_HASH_LEN) /* seven 1-byte varints, two empty strings */
+#define MAX_PAYLOAD (HEADER_LEN + 2 * 9 + 5 * 5 + 1 + 16 + 1 + 64 + TG_OFFER_HASH_LEN + TG_OFFER_TAG_LEN)
+
+/* Domain separation: a key shared by mistake with another HMAC use in the
+ * gateway still cannot turn that use's tags into offer tags. */
+static const char mac_context[] = "tg-offer"; /* MACed with its NUL */
+
+void tg_offer_keyring_init(tg_offer_keyring_t *k) {
+  memset(k, 0, sizeof(*k));
+}
+
+static tg_offer_key_t *find_key(const tg_offer_keyring_t *k, uint32_t id) {
+  for (size_t i = 0; i < k->n; i++)
+    if (k->keys[i].id == id)
+      return (tg_offer_key_t *)&k->keys[i];
+  return NULL;
+}
+
+int tg_offer_keyring_add(tg_offer_keyring_t *k, uint32_t id, const uint8_t *key, size_t len) {
+  if (k == NULL || key == NULL || len != TG_OFFER_KEY_LEN)
+    return -EINVAL;
+  if (find_key(k, id))
+    return -EEXIST;
+  if (k->n >= TG_OFFER_MAX_KEYS)
+    return -ENOSPC;
+  k->keys[k->n].id = id;
+  memcpy(k->keys[k->n].key, key, TG_OFFER_KEY_LEN);
+  k->n++;
+  if (!k->has_active) {
+    k->active = id;
+    k->has_active = 1;
+  }
+  return 0;
+}
+
+int tg_offer_keyring_add_hex(tg_offer_keyring_t *k, uint32_t id, const char *hex, size_t len) {
+  uint8_t key[TG_OFFER_KEY_LEN];
+  int rc = -EINVAL;
+  if (hex == NULL || len != 2 * TG_OFFER_KEY_LEN)
+    return -EINVAL;
+  for (size_t i = 0; i < TG_OFFER_KEY_LEN; i++) {
+    int hi = tg_hex_value(hex[2 * i]), lo = tg_hex_value(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0)
+      goto done;
+    key[i] = (uint8_t)(hi << 4 | lo);
+  }
+  rc = tg_offer_keyring_add(k, id, key, sizeof(key));
+done:
+  mbedtls_platform_zeroize(key, sizeof(key));
+  return rc;
+}
+
+int tg_offer_keyring_set_active(tg_offer_keyring_t *k, uint32_t id) {
+  if (find_key(k, id) == NULL)
+    return -ENOKEY;
+  k->active = id;
+  k->has_active = 1;
+  return 0;
+}
+
+int tg_offer_keyring_remove(tg_offer_keyring_t *k, uint32_t id) {
+  tg_offer_key_t *key = find_key(k, id);
+  if (key == NULL)
+    return -ENOKEY;
+  size_t i = (size_t)(key - k->keys);
+  memmove(&k->keys[i], &k->keys[i + 1], (k->n - i - 1) * sizeof(k->keys[0]));
+  k->n--;
+  mbedtls_platform_zeroize(&k->keys[k->n], sizeof(k->keys[0]));
+  if (k->has_active && k->active == id) {
+    k->has_active = 0;
+    k->active = 0;
+  }
+  return 0;
+}
+
+void tg_offer_keyring_clear(tg_offer_keyring_t *k) {
+  mbedtls_platform_zeroize(k, sizeof(*k));
+}
+
+static size_t put_varint(uint8_t *p, uint64_t v) {
+  size_t n = 0;
+  while (v >= 0x80) {
+    p[n++] = (uint8_t)(v | 0x80);
+    v >>= 7;
+  }
+  p[n++] = (uint8_t)v;
+  return n;
+}
+
+/* Strict: at most max_bytes, no value above max, no overlong zero tail, so
+ * each value has exactly one encoding. Returns bytes read or 0 on error. */
+static size_t get_varint(const uint8_t *p, size_t avail, size_t max_bytes, uint64_t max,
+                         uint64_t *out) {
+  uint64_t v = 0;
+  for (size_t i = 0; i < avail && i < max_bytes; i++) {
+    v |= (uint64_t)(p[i] & 0x7f) << (7 * i);
+    if (!(p[i] & 0x80)) {
+      if (i > 0 && p[i] == 0)
+        return 0;
+      if (v > max)
+        return 0;
+      *out = v;
+      return i + 1;
+    }
+  }
+  return 0;
+}
+
+static void put_u32le(uint8_t *p, uint32_t v) {
+  p[0] = (uint8_t)v;
+  p[1] = (uint8_t)(v >> 8);
+  p[2] = (uint8_t)(v >> 16);
+  p[3] = (uint8_t)(v >> 24);
+}
+
+static uint32_t get_u32le(const uint8_t *p) {
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int uri_hash(const char *uri, size_t len, uint8_t out[TG_OFFER_HASH_LEN]) {
+  uint8_t digest[32];
+  if (mbedtls_sha256_ret((const unsigned char *)uri, len, digest, 0) != 0)
+    return -EIO;
+  memcpy(out, digest, TG_OFFER_HASH_LEN);
+  return 0;
+}
+
+/* Per-thread HMAC states with the key already absorbed: an offer's tag then
+ * costs two SHA-256 compressions fewer than mbedtls_md_hmac, which sets the
+ * key up on every call (Discover signs every offer it answers). Found by the
+ * key's bytes, so a rotated keyring can never reuse a stale state. */
+#define HMAC_CACHE 4
+
+typedef struct hmac_cache {
+  struct {
+    int used;
+    uint8_t key[TG_OFFER_KEY_LEN];
+    mbedtls_md_context_t ctx;
+  } e[HMAC_CACHE];
+  unsigned next;
+} hmac_cache_t;
+
+static pthread_key_t hmac_key;
+static pthread_once_t hmac_once = PTHREAD_ONCE_INIT;
+
+static void hmac_cache_free(void *p) {
+  hmac_cache_t *c = p;
+  for (unsigned i = 0; i < HMAC_CACHE; i++)
+    if (c->e[i].used)
+      mbedtls_md_free(&c->e[i].ctx);
+  mbedtls_platform_zeroize(c, sizeof *c);
+  free(c);
+}
+
+static void hmac_key_init(void) { pthread_key_create(&hmac_key, hmac_cache_free); }
+
+static mbedtls_md_context_t *hmac_ctx(const tg_offer_key_t *key, const mbedtls_md_info_t *md) {
+  pthread_once(&hmac_once, hmac_key_init);
+  hmac_cache_t *c = pthread_getspecific(hmac_key);
+  if (c == NULL) {
+    if ((c = calloc(1, sizeof *c)) == NULL || pthread_setspecific(hmac_key, c) != 0) {
+      free(c);
+      return NULL;
+    }
+  }
+  for (unsigned i = 0; i < HMAC_CACHE; i++)
+    if (c->e[i].used && mbedtls_ct_memcmp(c->e[i].key, key->key, sizeof key->key) == 0)
+      return &c->e[i].ctx;
+  unsigned i = c->next++ % HMAC_CACHE;
+  if (c->e[i].used)
+    mbedtls_md_free(&c->e[i].ctx);
+  c->e[i].used = 0;
+  mbedtls_md_init(&c->e[i].ctx);
+  if (mbedtls_md_setup(&c->e[i].ctx, md, 1) != 0 ||
+      mbedtls_md_hmac_starts(&c->e[i].ctx, key->key, sizeof key->key) != 0) {
+    mbedtls_md_free(&c->e[i].ctx);
+    return NULL;
+  }
+  memcpy(c->e[i].key, key->key, sizeof key->key);
+  c->e[i].used = 1;
+  return &c->e[i].ctx;
+}
+
+static int compute_tag(const tg_offer_key_t *key, const uint8_t *msg, size_t len,
+                       uint8_t tag[TG_OFFER_TAG_LEN]) {
+  uint8_t input[sizeof(mac_context) + MAX_PAYLOAD];
+  uint8_t full[32];
+  const mbedtls_md_info_t *md = mbedtls_md_info_from_type(MBEDTLS_MD_SHA256);
+  if (md == NULL || len > MAX_PAYLOAD)
+    return -EIO;
+  mbedtls_md_context_t *ctx = hmac_ctx(key, md);
+  if (ctx && mbedtls_md_hmac_reset(ctx) == 0 &&
+      mbedtls_md_hmac_update(ctx, (const unsigned char *)mac_context, sizeof(mac_context)) == 0 &&
+      mbedtls_md_hmac_update(ctx, msg, len) == 0 && mbedtls_md_hmac_finish(ctx, full) == 0) {
+    memcpy(tag, full, TG_OFFER_TAG_LEN);
+    mbedtls_platform_zeroize(full, sizeof(full));
+    return 0;
+  }
+  memcpy(input, mac_context, sizeof(mac_context));
+  memcpy(input + sizeof(mac_context), msg, len);
+  if (mbedtls_md_hmac(md, key->key, sizeof(key->key), input, sizeof(mac_context) + len, full) != 0)
+    return -EIO;
+  memcpy(tag, full, TG_OFFER_TAG_LEN);
+  mbedtls_platform_zeroize(full, sizeof(full));
+  return 0;
+}
+
+/* base64url without padding, through mbedTLS' standard base64. */
+static int b64url_encode(const uint8_t *src, size_t len, char *out, size_t outlen) {
+  char tmp[4 * ((MAX_PAYLOAD + 2) / 3) + 1];
+  size_t olen = 0;
+  if (mbedtls_base64_encode((unsigned char *)tmp, sizeof(tmp), &olen, src, len) != 0)
+    return -EIO;
+  while (olen > 0 && tmp[olen - 1] == '=')
+    olen--;
+  if (olen + 1 > outlen)
+    return -ENOSPC;
+  for (size_t i = 0; i < olen; i++)
+    out[i] = tmp[i] == '+' ? '-' : tmp[i] == '/' ? '_' : tmp[i];
+  out[olen] = '\0';
+  return 0;
+}
+
+int tg_offer_encode(const tg_offer_keyring_t *k, const tg_offer_t *o, char *out, size_t outlen) {
+  uint8_t buf[MAX_PAYLOAD];
+  size_t n = 0;
+  int rc;
+  if (out != NULL && outlen > 0)
+    out[0] = '\0';
+  if (k == NULL || o == NULL || out == NULL)
+    return -EINVAL;
+  const tg_offer_key_t *key = k->has_active ? find_key(k, k->active) : NULL;
+  if (key == NULL)
+    return -ENOKEY;
+  size_t tenant_len = strnlen(o->tenant, sizeof(o->tenant));
+  size_t currency_len = strnlen(o->currency, sizeof(o->currency));
+  size_t uri_len = strnlen(o->uri, sizeof(o->uri));
+  if (tenant_len == sizeof(o->tenant) || currency_len == sizeof(o->currency) ||
+      uri_len == sizeof(o->uri) || o->amount < 0 || o->expires_at < 0)
+    return -EINVAL;
+
+  buf[n++] = TG_OFFER_VERSION;
+  put_u32le(buf + n, key->id);
+  n += 4;
+  n += put_varint(buf + n, (uint64_t)o->expires_at);
+  n += put_varint(buf + n, (uint64_t)o->amount);
+  n += put_varint(buf + n, o->content);
+  n += put_varint(buf + n, o->license);
+  n += put_varint(buf + n, o->payment);
+  n += put_varint(buf + n, o->payment_type);
+  n += put_varint(buf + n, o->usage_bits);
+  buf[n++] = (uint8_t)currency_len;
+  memcpy(buf + n, o->currency, currency_len);
+  n += currency_len;
+  buf[n++] = (uint8_t)tenant_len;
+  memcpy(buf + n, o->tenant, tenant_len);
+  n += tenant_len;
+  if ((rc = uri_hash(o->uri, uri_len, buf + n)) < 0)
+    return rc;
+  n += TG_OFFER_HASH_LEN;
+  if ((rc = compute_tag(key, buf, n, buf + n)) < 0)
+    return rc;
+  n += TG_OFFER_TAG_LEN;
+  return b64url_encode(buf, n, out, outlen);
+}
+
+/* Strict base64url: only the url alphabet, no padding, and the result must
+ * re-encode to the input so that each payload has a single spelling. */
+static int b64url_decode(const char *token, size_t len, uint8_t *out, size_t *outlen) {
+  char tmp[4 * ((MAX_PAYLOAD + 2) / 3) + 1];
+  char again[sizeof(tmp)];
+  if (len == 0 || len % 4 == 1 || len > sizeof(tmp) - 1)
+    return -EINVAL;
+  size_t i;
+  for (i = 0; i < len; i++) {
+    char c = token[i];
+    if (c == '-')
+      c = '+';
+    else if (c == '_')
+      c = '/';
+    else if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')))
+      return -EINVAL;
+    tmp[i] = c;
+  }
+  while (i % 4 != 0)
+    tmp[i++] = '=';
+  if (mbedtls_base64_decode(out, MAX_PAYLOAD, outlen, (const unsigned char *)tmp, i) != 0)
+    return -EINVAL;
+  if (b64url_encode(out, *outlen, again, sizeof(again)) != 0 || strlen(again) != len ||
+      memcmp(again, token, len) != 0)
+    return -EINVAL;
+  return 0;
+}
+
+/* Parses the authenticated body (everything between the header and the URI
+ * hash). Only called once the tag has been verified. */
+static int parse_body(const uint8_t *p, size_t len, tg_offer_t *o) {
+  uint64_t v[7];
+  static const uint64_t max[7] = {INT64_MAX, INT64_MAX, UINT32_MAX, UINT32_MAX,
+                                  UINT32_MAX, UINT32_MAX, UINT32_MAX};
+  size_t off = 0;
+  for (int i = 0; i < 7; i++) {
+    size_t used = get_varint(p + off, len - off, i < 2 ? 9 : 5, max[i], &v[i]);
+    if (used == 0)
+      return -EINVAL;
+    off += used;
+  }
+  o->expires_at = (int64_t)v[0];
+  o->amount = (int64_t)v[1];
+  o->content = (uint32_t)v[2];
+  o->license = (uint32_t)v[3];
+  o->payment = (uint32_t)v[4];
+  o->payment_type = (uint32_t)v[5];
+  o->usage_bits = (uint32_t)v[6];
+
+  char *dst[2] = {o->currency, o->tenant};
+  size_t cap[2] = {sizeof(o->currency) - 1, sizeof(o->tenant) - 1};
+  for (int i = 0; i < 2; i++) {
+    if (off >= len)
+      return -EINVAL;
+    size_t slen = p[off++];
+    if (slen > cap[i] || slen > len - off || memchr(p + off, '\0', slen) != NULL)
+      return -EINVAL;
+    memcpy(dst[i], p + off, slen);
+    dst[i][slen] = '\0';
+    off += slen;
+  }
+  return off == len ? 0 : -EINVAL;
+}
+
+int tg_offer_decode(const tg_offer_keyring_t *k, const char *token, size_t len, int64_t now,
+                    const char *uri, tg_offer_t *out) {
+  uint8_t buf[MAX_PAYLOAD];
+  uint8_t tag[TG_OFFER_TAG_LEN];
+  size_t n = 0;
+  int rc;
+  if (out == NULL)
+    return -EINVAL;
+  memset(out, 0, sizeof(*out));
+  if (k == NULL || (token == NULL && len > 0))
+    return -EINVAL;
+  if ((rc = b64url_decode(token, len, buf, &n)) < 0)
+    goto fail;
+  rc = -EINVAL;
+  if (n < MIN_PAYLOAD + TG_OFFER_TAG_LEN || buf[0] != TG_OFFER_VERSION)
+    goto fail;
+
+  const tg_offer_key_t *key = find_key(k, get_u32le(buf + 1));
+  rc = -ENOKEY;
+  if (key == NULL)
+    goto fail;
+  size_t signed_len = n - TG_OFFER_TAG_LEN;
+  if ((rc = compute_tag(key, buf, signed_len, tag)) < 0)
+    goto fail;
+  rc = -EBADMSG;
+  if (mbedtls_ct_memcmp(tag, buf + signed_len, TG_OFFER_TAG_LEN) != 0)
+    goto fail;
+
+  const uint8_t *hash = buf + signed_len - TG_OFFER_HASH_LEN;
+  if ((rc = parse_body(buf + HEADER_LEN, signed_len - TG_OFFER_HASH_LEN - HEADER_LEN, out)) < 0)
+    goto fail;
+  out->key_id = key->id;
+  rc = -ETIMEDOUT;
+  if (now >= out->expires_at)
+    goto fail;
+  if (uri != NULL) {
+    uint8_t claimed[TG_OFFER_HASH_LEN];
+    size_t uri_len = strnlen(uri, sizeof(out->uri));
+    rc = -EXDEV;
+    if (uri_len == sizeof(out->uri))
+      goto fail;
+    if ((rc = uri_hash(uri, uri_len, claimed)) < 0)
+      goto fail;
+    rc = -EXDEV;
+    if (mbedtls_ct_memcmp(claimed, hash, TG_OFFER_HASH_LEN) != 0)
+      goto fail;
+    memcpy(out->uri, uri, uri_len + 1);
+  }
+  return 0;
+
+fail:
+  memset(out, 0, sizeof(*out));
+  return rc;
+}
+
+const char *tg_offer_strerror(int rc) {
+  switch (rc) {
+  case 0:
+    return "ok";
+  case -EINVAL:
+    return "malformed offer id";
+  case -ENOKEY:
+    return "offer id signed with an unknown or retired key";
+  case -EBADMSG:
+    return "offer id signature does not match";
+  case -ETIMEDOUT:
+    return "offer expired";
+  case -EXDEV:
+    return "offer was made for another resource";
+  case -ENOSPC:
+    return "buffer too small for an offer id";
+  case -EIO:
+    return "crypto failure";
+  default:
+    return "offer error";
+  }
+}

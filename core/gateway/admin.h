@@ -1,0 +1,34 @@
+#ifndef TG_ADMIN_H
+#define TG_ADMIN_H
+
+#include <stddef.h>
+#include <time.h>
+
+#include "catalog/ingest.h"
+#include "gateway/readiness.h"
+#include "net/server.h"
+#include "pipeline/app.h"
+
+/* The admin listener's routes, behind a bearer token compared in constant
+ * time (401 with WWW-Authenticate otherwise, logged without the token):
+ *   GET  /metrics                     Prometheus text
+ *   GET  /status                      version, uptime, readiness, policies
+ *   POST /reload[?tenant=NAME]        policy reload (gateway/reload.h)
+ *   POST /catalog/refresh[?tenant=N]  catalog ingestion now (202)
+ * Everything the struct points to is borrowed and outlives the listener;
+ * token is a secret: it never reaches a log or an answer. Handlers run on
+ * worker 0 (the admin listener is single-worker). */
+typedef struct tg_admin {
+  const char *token;
+  size_t token_len;
+  const char *version;
+  time_t started_at;
+  tg_app_t *app;
+  tg_ingest_t *ingest;          /* may be NULL */
+  tg_readiness_t *readiness;
+} tg_admin_t;
+
+/* tg_http_handler_fn with ud a tg_admin_t. */
+void tg_admin_handle(tg_http_req_t *req, void *ud);
+
+#endif

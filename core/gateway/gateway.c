@@ -1,0 +1,184 @@
+#include "gateway/gateway.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "base/log.h"
+#include "base/secret.h"
+#include "catalog/ingest.h"
+#include "gateway/admin.h"
+#include "gateway/readiness.h"
+#include "gateway/reload.h"
+#include "gateway/watch.h"
+#include "net/server.h"
+#include "pipeline/app.h"
+#include "pipeline/exchange.h"
+#include "pipeline/resource.h"
+#include "rpc/connect.h"
+
+struct tg_gateway {
+  const tg_config_t *cfg;
+  tg_app_t app;
+  tg_server_t *server;
+  tg_connect_router_t *router;
+  tg_exchange_t exchange;
+  tg_ingest_t *ingest;      /* catalog ingestion thread */
+  tg_readiness_t readiness;
+  tg_admin_t admin;
+  char *admin_token;
+  tg_watch_t *watch;
+  size_t nlisten;           /* public listeners; the admin one comes after them */
+};
+
+static void public_handler(tg_http_req_t *req, void *ud) {
+  tg_gateway_t *g = ud;
+  if (tg_connect_handle(g->router, req))
+    return;
+  if (strcmp(req->path, "/healthz") == 0) {
+    tg_http_respond_simple(req, 200, "text/plain; charset=utf-8", "ok\n", 3);
+    return;
+  }
+  if (strcmp(req->path, "/readyz") == 0) {
+    tg_readiness_respond(&g->readiness, req);
+    return;
+  }
+  const tg_http_header_t *host = tg_http_req_header(req, "host");
+  const tg_config_tenant_t *t = host ? tg_tenants_by_host(g->app.tenants, host->value, host->value_len) : NULL;
+  if (t) {
+    tg_resource_handle(tg_app_worker(&g->app, req->worker), t, req);
+    return;
+  }
+  tg_http_respond_json(req, 404, json_pack("{s:s}", "error", "not found"));
+}
+
+static int worker_start(tg_worker_t *w, void *ud) {
+  tg_gateway_t *g = ud;
+  return tg_app_worker_start(&g->app, w);
+}
+
+static void worker_stop(tg_worker_t *w, void *ud) {
+  tg_gateway_t *g = ud;
+  tg_app_worker_stop(&g->app, w);
+}
+
+static void gateway_free(tg_gateway_t *g) {
+  tg_connect_router_free(g->router);
+  tg_app_clear(&g->app);
+  tg_secret_free(g->admin_token);
+  free(g);
+}
+
+static int start_listeners(tg_gateway_t *g, char *err, size_t errlen) {
+  const tg_config_t *cfg = g->cfg;
+  tg_listener_config_t ls[TG_CONFIG_MAX_LISTENERS + 1];
+  size_t n = 0;
+  for (size_t i = 0; i < cfg->nlisten; i++) {
+    const tg_config_listener_t *l = &cfg->listen[i];
+    ls[n++] = (tg_listener_config_t){l->host, l->port, l->tls_cert, l->tls_key, 0, public_handler, g};
+  }
+  g->nlisten = n;
+  if (cfg->admin.host)
+    ls[n++] = (tg_listener_config_t){cfg->admin.host, cfg->admin.port, cfg->admin.tls_cert,
+                                     cfg->admin.tls_key, 1, tg_admin_handle, &g->admin};
+  tg_server_config_t sc = {0};
+  sc.listeners = ls;
+  sc.nlisteners = n;
+  sc.nworkers = g->app.nworkers;
+  sc.on_worker_start = worker_start;
+  sc.on_worker_stop = worker_stop;
+  sc.ud = g;
+  sc.limits.max_header_bytes = cfg->max_header_bytes;
+  sc.limits.max_body_bytes = cfg->max_body_bytes;
+  sc.limits.header_timeout_ms = cfg->header_timeout_ms;
+  sc.limits.body_timeout_ms = cfg->body_timeout_ms;
+  sc.limits.idle_timeout_ms = cfg->idle_timeout_ms;
+  sc.limits.max_connections = cfg->max_connections;
+  int rc = tg_server_start(&g->server, &sc, err, errlen);
+  if (rc != 0)
+    return rc;
+  for (size_t i = 0; i < n; i++) {
+    char addr[300];
+    snprintf(addr, sizeof addr, "%s://%s:%d", ls[i].tls_cert_file ? "https" : "http", ls[i].host,
+             tg_server_port(g->server, i));
+    tg_log(TG_LOG_INFO, "listening", "addr", addr, "role", i < g->nlisten ? "public" : "admin", NULL);
+  }
+  return 0;
+}
+
+int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size_t errlen) {
+  int rc;
+  tg_gateway_t *g = calloc(1, sizeof *g);
+  if (g == NULL)
+    return -ENOMEM;
+  g->cfg = cfg;
+  if (cfg->admin.host) {
+    if ((g->admin_token = tg_config_read_token(cfg, err, errlen)) == NULL) {
+      rc = -EINVAL;
+      goto fail;
+    }
+  }
+  if ((rc = tg_app_init(&g->app, cfg, TG_VERSION, err, errlen)) != 0)
+    goto fail;
+  rc = -ENOMEM;
+  if ((g->router = tg_connect_router_new()) == NULL) {
+    snprintf(err, errlen, "out of memory");
+    goto fail;
+  }
+  g->exchange.app = &g->app;
+  if (cfg->max_body_bytes)
+    tg_connect_router_set_max_message(g->router, cfg->max_body_bytes);
+  if ((rc = tg_connect_metrics_init()) != 0 || (rc = tg_exchange_register(&g->exchange, g->router)) != 0) {
+    snprintf(err, errlen, "cannot register the exchange routes (%d)", rc);
+    goto fail;
+  }
+  g->readiness.cfg = cfg;
+  g->admin = (tg_admin_t){g->admin_token, g->admin_token ? strlen(g->admin_token) : 0, TG_VERSION,
+                          time(NULL), &g->app, NULL, &g->readiness};
+  if ((rc = start_listeners(g, err, errlen)) != 0)
+    goto fail;
+  g->readiness.server = g->server;
+  g->ingest = tg_ingest_start(cfg, g->app.catalogs, err, errlen);
+  if (g->ingest == NULL) {
+    tg_server_stop(g->server, 0);
+    rc = -ENOMEM;
+    goto fail;
+  }
+  g->readiness.ingest = g->ingest;
+  g->admin.ingest = g->ingest;
+  /* Serve with the catalogs that load quickly; /readyz names the others. */
+  tg_ingest_wait_initial(g->ingest, 5000);
+  tg_readiness_set_serving(&g->readiness, 1);
+  *out = g;
+  return 0;
+fail:
+  gateway_free(g);
+  return rc;
+}
+
+int tg_gateway_port(const tg_gateway_t *g, int i) {
+  if (i < 0)
+    return g->cfg->admin.host ? tg_server_port(g->server, g->nlisten) : -1;
+  return tg_server_port(g->server, (size_t)i);
+}
+
+int tg_gateway_reload(tg_gateway_t *g) { return tg_reload_policies(g->app.policies, NULL, NULL); }
+
+int tg_gateway_watch(tg_gateway_t *g, uv_loop_t *loop) {
+  g->watch = tg_watch_start(g->app.policies, loop);
+  return g->watch ? 0 : -ENOMEM;
+}
+
+void tg_gateway_unwatch(tg_gateway_t *g) {
+  tg_watch_stop(g->watch);
+  g->watch = NULL;
+}
+
+void tg_gateway_stop(tg_gateway_t *g) {
+  tg_readiness_set_serving(&g->readiness, 0);
+  tg_server_stop(g->server, g->cfg->shutdown_grace_ms ? g->cfg->shutdown_grace_ms : 10000);
+  tg_ingest_stop(g->ingest);
+  gateway_free(g);
+}

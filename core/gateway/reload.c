@@ -1,0 +1,87 @@
+#include "gateway/reload.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "base/log.h"
+#include "base/utf8.h"
+
+static const char *const status_names[] = {"unchanged", "updated", "failed"};
+
+int tg_reload_policies(tg_policy_registry_t *r, const char *tenant, json_t **report) {
+  tg_policy_reload_result_t *res = NULL;
+  size_t n = 0;
+  int rc = tg_policy_reload(r, tenant, &res, &n);
+  json_t *list = json_array();
+  for (size_t i = 0; i < n; i++) {
+    const tg_policy_reload_result_t *x = &res[i];
+    char version[13];
+    snprintf(version, sizeof version, "%.12s", x->version);
+    json_t *o = json_pack("{s:s, s:s, s:s}", "tenant", x->tenant, "status", status_names[x->status],
+                          "version", version);
+    if (o && x->status == TG_POLICY_RELOAD_FAILED)
+      json_object_set_new(o, "error", tg_utf8_json_string(x->error));
+    json_array_append_new(list, o);
+    if (x->status == TG_POLICY_RELOAD_UPDATED)
+      tg_log(TG_LOG_INFO, "policy reloaded", "tenant", x->tenant, "version", version, NULL);
+  }
+  free(res);
+  if (report)
+    *report = json_pack("{s:o}", "tenants", list);
+  else
+    json_decref(list);
+  return rc;
+}
+
+typedef struct job {
+  uv_work_t work;
+  tg_policy_registry_t *registry;
+  tg_http_req_t *req;
+  char tenant[65];
+  int has_tenant;
+  int rc;
+  json_t *report;
+} job_t;
+
+static void work(uv_work_t *w) {
+  job_t *j = w->data;
+  j->rc = tg_reload_policies(j->registry, j->has_tenant ? j->tenant : NULL, &j->report);
+}
+
+static void done(uv_work_t *w, int status) {
+  job_t *j = w->data;
+  if (status != 0) {
+    json_decref(j->report);
+    tg_http_respond_json(j->req, 500, json_pack("{s:s}", "error", "reload did not run"));
+  } else if (j->rc == -ENOENT) {
+    json_decref(j->report);
+    tg_http_respond_json(j->req, 404, json_pack("{s:s}", "error", "unknown tenant"));
+  } else {
+    tg_http_respond_json(j->req, j->rc == 0 ? 200 : 422, j->report);
+  }
+  free(j);
+}
+
+void tg_reload_respond(tg_policy_registry_t *r, tg_http_req_t *req, const char *tenant) {
+  job_t *j = calloc(1, sizeof *j);
+  if (j == NULL) {
+    tg_http_respond_json(req, 503, json_pack("{s:s}", "error", "out of memory"));
+    return;
+  }
+  j->registry = r;
+  j->req = req;
+  j->work.data = j;
+  if (tenant) {
+    if (snprintf(j->tenant, sizeof j->tenant, "%s", tenant) >= (int)sizeof j->tenant) {
+      free(j);
+      tg_http_respond_json(req, 404, json_pack("{s:s}", "error", "unknown tenant"));
+      return;
+    }
+    j->has_tenant = 1;
+  }
+  if (uv_queue_work(req->worker->loop, &j->work, work, done) != 0) {
+    free(j);
+    tg_http_respond_json(req, 503, json_pack("{s:s}", "error", "cannot schedule the reload"));
+  }
+}

@@ -1,0 +1,125 @@
+#ifndef TG_HTTP_SERVER_H
+#define TG_HTTP_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "base/worker.h"
+
+/* HTTP/1.1 server: N worker threads, each with its own libuv loop and its own
+ * SO_REUSEPORT listening socket per listener; no lock on the request path.
+ * Keep-alive, pipelining (responses in request order), chunked request bodies,
+ * Expect: 100-continue, limits (431, 413, 408, connection cap), optional TLS. */
+
+typedef struct tg_http_header {
+  const char *name;
+  size_t name_len;
+  const char *value;
+  size_t value_len;
+} tg_http_header_t;
+
+typedef struct tg_http_req tg_http_req_t;
+
+/* Called on the worker thread once the whole request (headers and body) is in.
+ * The handler answers now or later with tg_http_respond(), exactly once. */
+typedef void (*tg_http_handler_fn)(tg_http_req_t *req, void *ud);
+
+struct tg_http_req {
+  tg_worker_t *worker;
+  uint64_t id;                 /* unique in this process */
+  char request_id[40];         /* X-Request-Id if the client sent a sane one, else generated */
+  int method;                  /* llhttp_method_t (HTTP_GET, HTTP_POST, ...) */
+  const char *method_name;     /* "GET", "POST", ... */
+  const char *path;            /* raw request target up to '?', NUL-terminated */
+  size_t path_len;
+  const char *query;           /* after '?', NUL-terminated, or NULL */
+  size_t query_len;
+  tg_http_header_t *headers;   /* as received; names and values NUL-terminated */
+  size_t nheaders;
+  const char *body;            /* de-chunked body, NUL-terminated (terminator not counted) */
+  size_t body_len;
+  int http_minor;              /* 0 or 1 */
+  int tls;                     /* arrived over TLS */
+  uint64_t start_ns;           /* uv_hrtime() when the request line arrived */
+  const char *peer;            /* "ip:port" of the client */
+};
+
+/* Case-insensitive header lookup; NULL when absent. The first match wins. */
+const tg_http_header_t *tg_http_req_header(const tg_http_req_t *req, const char *name);
+/* The same for a name of n bytes (not NUL-terminated). */
+const tg_http_header_t *tg_http_req_header_n(const tg_http_req_t *req, const char *name, size_t n);
+
+/* The client's address without its port ("127.0.0.1", "[::1]") into out. */
+void tg_http_peer_ip(const tg_http_req_t *req, char *out, size_t outlen);
+
+/* Answers req. Copies status, headers and body; after this call req and
+ * everything it points to must not be used. Content-Length, Date, Server and
+ * Connection are added by the server: do not pass them. Safe to call from the
+ * worker thread only, at any time after the handler was called (also after
+ * the client went away: the answer is then dropped). */
+void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *headers,
+                     size_t nheaders, const void *body, size_t body_len);
+
+/* Convenience for small fixed answers: one Content-Type header and a body. */
+void tg_http_respond_simple(tg_http_req_t *req, int status, const char *content_type,
+                            const void *body, size_t body_len);
+
+/* Answers with body serialized as compact JSON (Content-Type
+ * application/json), or a 500 when it cannot be serialized. Takes the
+ * reference to body (NULL answers 500: a json_* constructor failed). */
+void tg_http_respond_json(tg_http_req_t *req, int status, json_t *body);
+
+/* Reason phrase for a status code ("OK", "Not Found", ...). */
+const char *tg_http_reason(int status);
+
+typedef struct tg_http_limits {
+  size_t max_header_bytes;     /* request line + headers; over it: 431 (default 16 KiB) */
+  size_t max_body_bytes;       /* over it: 413 (default 4 MiB) */
+  uint32_t header_timeout_ms;  /* whole head must arrive within this: else 408 and close (default 10 s) */
+  uint32_t body_timeout_ms;    /* whole body within this after the head: else 408 (default 30 s) */
+  uint32_t idle_timeout_ms;    /* keep-alive idle before close (default 60 s) */
+  uint32_t max_connections;    /* for the whole server; spread over workers (default 10000) */
+  uint32_t max_pipelined;      /* requests queued on one connection before reading pauses (default 32) */
+} tg_http_limits_t;
+
+typedef struct tg_listener_config {
+  const char *host;            /* "127.0.0.1", "0.0.0.0", "::" */
+  int port;                    /* 0 picks a free port; tg_server_port() tells which */
+  const char *tls_cert_file;   /* PEM; both set enables TLS on this listener */
+  const char *tls_key_file;
+  int single_worker;           /* 1: only worker 0 accepts (admin listener) */
+  tg_http_handler_fn handler;
+  void *ud;
+} tg_listener_config_t;
+
+typedef struct tg_server_config {
+  const tg_listener_config_t *listeners;
+  size_t nlisteners;
+  int nworkers;                /* <= 0: number of cores */
+  tg_http_limits_t limits;     /* zero fields take the defaults */
+  /* Called on each worker thread before it accepts, and after it stops. */
+  int (*on_worker_start)(tg_worker_t *w, void *ud);
+  void (*on_worker_stop)(tg_worker_t *w, void *ud);
+  void *ud;
+} tg_server_config_t;
+
+typedef struct tg_server tg_server_t;
+
+/* Binds every listener, starts the workers and returns once all accept.
+ * Returns 0 or a negative errno; on failure err names the reason. */
+int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err, size_t errlen);
+
+/* Actual bound port of listener i (useful with port 0). */
+int tg_server_port(const tg_server_t *s, size_t i);
+
+/* Number of open connections across workers (approximate while running). */
+uint64_t tg_server_connections(const tg_server_t *s);
+
+/* Graceful stop: closes listeners, lets in-flight requests finish for up to
+ * grace_ms, then closes every connection, joins the workers and frees s.
+ * Call from the thread that started the server. */
+void tg_server_stop(tg_server_t *s, uint32_t grace_ms);
+
+#endif

@@ -1,0 +1,169 @@
+#include "pipeline/app.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "base/log.h"
+#include "catalog/catalog.h"
+#include "catalog/offerkey.h"
+
+/* Wakes every worker to rebuild the changed states between requests. */
+static void on_publish(void *ud, uint64_t generation) {
+  tg_app_t *app = ud;
+  (void)generation;
+  for (int i = 0; i < app->nworkers; i++)
+    if (app->workers[i])
+      uv_async_send(&app->workers[i]->policy_sync);
+}
+
+static void on_policy_sync(uv_async_t *a) {
+  tg_app_worker_t *aw = a->data;
+  tg_policy_runtime_sync(aw->policy);
+}
+
+static void destroy_catalog(void *data) { tg_catalog_free(data); }
+
+int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char *err,
+                size_t errlen) {
+  int rc;
+  *app = (tg_app_t){0};
+  app->cfg = cfg;
+  tg_offer_keyring_init(&app->offer_keys);
+  tg_policy_options_t popt = {0};
+  popt.version = version;
+  popt.on_publish = on_publish;
+  popt.on_publish_ud = app;
+  if ((rc = tg_policy_registry_new(cfg, &popt, &app->policies, err, errlen)) != 0)
+    return rc;
+  if (tg_ratelimit_metrics_init() != 0) {
+    snprintf(err, errlen, "cannot declare the rate-limit metrics");
+    return -ENOMEM;
+  }
+  app->limits = tg_ratelimit_new(cfg->rate_limit_table_size ? cfg->rate_limit_table_size : 65536);
+  if (cfg->rate_limit_mode == TG_CONFIG_RATE_LIMIT_REDIS &&
+      tg_ratelimit_redis_opts_init(&app->redis_opts, &cfg->redis, err, errlen) != 0)
+    return -EINVAL;
+  app->nworkers = cfg->workers > 0 ? cfg->workers : (int)uv_available_parallelism();
+  app->workers = calloc((size_t)app->nworkers, sizeof *app->workers);
+  app->catalogs = calloc(cfg->ntenants ? cfg->ntenants : 1, sizeof *app->catalogs);
+  app->tenants = tg_tenants_new(cfg);
+  if (app->limits == NULL || app->workers == NULL || app->catalogs == NULL || app->tenants == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  for (size_t i = 0; i < cfg->ntenants; i++)
+    if ((app->catalogs[i] = tg_snapshot_new(destroy_catalog)) == NULL) {
+      snprintf(err, errlen, "out of memory");
+      return -ENOMEM;
+    }
+  app->offer_ttl_s = 300;
+  return tg_offerkey_load(&app->offer_keys, cfg->data_dir, err, errlen);
+}
+
+void tg_app_clear(tg_app_t *app) {
+  tg_tenants_free(app->tenants);
+  if (app->policies)
+    tg_policy_registry_free(app->policies);
+  if (app->limits)
+    tg_ratelimit_free(app->limits);
+  tg_ratelimit_redis_opts_clear(&app->redis_opts);
+  if (app->catalogs) {
+    for (size_t i = 0; i < app->cfg->ntenants; i++)
+      if (app->catalogs[i])
+        tg_snapshot_free(app->catalogs[i]);
+    free(app->catalogs);
+  }
+  tg_offer_keyring_clear(&app->offer_keys);
+  free(app->workers);
+  *app = (tg_app_t){0};
+}
+
+int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
+  char err[512] = "out of memory";
+  tg_app_worker_t *aw = calloc(1, sizeof *aw);
+  if (aw == NULL)
+    return -ENOMEM;
+  aw->app = app;
+  aw->worker = w;
+  app->workers[w->id] = aw;
+  if ((aw->httpc = tg_httpc_new(w->loop, NULL)) == NULL ||
+      (aw->policy = tg_policy_runtime_new(app->policies, err, sizeof err)) == NULL)
+    goto fail;
+  if (app->redis_opts.host &&
+      (aw->redis = tg_ratelimit_redis_new(w->loop, &app->redis_opts, app->limits, err, sizeof err)) == NULL)
+    goto fail;
+  aw->catalog_readers = calloc(app->cfg->ntenants ? app->cfg->ntenants : 1, sizeof *aw->catalog_readers);
+  if (aw->catalog_readers == NULL)
+    goto fail;
+  for (size_t i = 0; i < app->cfg->ntenants; i++)
+    if ((aw->catalog_readers[i] = tg_snapshot_reader_register(app->catalogs[i])) == NULL)
+      goto fail;
+  if (uv_async_init(w->loop, &aw->policy_sync, on_policy_sync) != 0) {
+    snprintf(err, sizeof err, "cannot create the reload wake-up handle");
+    goto fail;
+  }
+  aw->policy_sync.data = aw;
+  return 0;
+fail:
+  tg_log(TG_LOG_ERROR, "worker start failed", "reason", err, NULL);
+  return -ENOMEM;
+}
+
+static void free_handle_data(uv_handle_t *h) { free(h->data); }
+
+void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
+  tg_app_worker_t *aw = app->workers[w->id];
+  if (aw == NULL)
+    return;
+  app->workers[w->id] = NULL;
+  if (aw->httpc)
+    tg_httpc_free(aw->httpc);
+  if (aw->redis)
+    tg_ratelimit_redis_free(aw->redis);
+  if (aw->policy)
+    tg_policy_runtime_free(aw->policy);
+  if (aw->catalog_readers) {
+    for (size_t i = 0; i < app->cfg->ntenants; i++)
+      if (aw->catalog_readers[i])
+        tg_snapshot_reader_unregister(aw->catalog_readers[i]);
+    free(aw->catalog_readers);
+  }
+  /* The async handle lives in aw: free aw once the handle is closed. */
+  if (aw->policy_sync.loop) {
+    aw->policy_sync.data = aw;
+    uv_close((uv_handle_t *)&aw->policy_sync, free_handle_data);
+  } else {
+    free(aw);
+  }
+}
+
+typedef struct take {
+  tg_app_take_cb cb;
+  void *ud;
+} take_t;
+
+static void on_redis_take(void *arg, int allowed, uint32_t retry_after_ms, tg_ratelimit_source_t src) {
+  take_t *t = arg;
+  (void)src;
+  t->cb(t->ud, allowed, retry_after_ms);
+  free(t);
+}
+
+void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
+                 tg_app_take_cb cb, void *ud) {
+  if (aw->redis) {
+    take_t *t = malloc(sizeof *t);
+    if (t && (t->cb = cb, t->ud = ud,
+              tg_ratelimit_redis_take(aw->redis, tenant, rate->key, rate->keylen, rate->rate,
+                                      rate->burst, on_redis_take, t) == 0))
+      return;
+    free(t); /* could not ask Redis: decide locally */
+  }
+  uint32_t retry = 0;
+  /* Counted once, inside tg_ratelimit_take. A rate the table refuses (the
+   * policy module checks it first) denies rather than lets through. */
+  int rc = tg_ratelimit_take(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate,
+                             rate->burst, tg_ratelimit_now_us(), &retry);
+  cb(ud, rc == 1, rc == 1 ? 0 : retry ? retry : 1000);
+}

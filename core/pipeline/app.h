@@ -1,0 +1,84 @@
+#ifndef TG_APP_H
+#define TG_APP_H
+
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "base/snapshot.h"
+#include "base/worker.h"
+#include "catalog/offer.h"
+#include "config/config.h"
+#include "config/tenants.h"
+#include "limit/ratelimit.h"
+#include "net/client.h"
+#include "policy/policy.h"
+
+/* What the request pipeline shares: the process-wide parts (read-only after
+ * tg_app_init, or internally synchronized) and each worker's own parts, in
+ * app->workers[worker id]. Threads: tg_app_init/tg_app_clear on the main
+ * thread while no worker runs; tg_app_worker_start/stop on the worker's own
+ * thread; everything else on a worker's thread, for that worker. */
+
+typedef struct tg_app_worker tg_app_worker_t;
+
+typedef struct tg_app {
+  const tg_config_t *cfg;                 /* borrowed; outlives the app */
+  tg_tenants_t *tenants;
+  tg_policy_registry_t *policies;
+  tg_ratelimit_t *limits;                 /* local table; also the Redis fallback */
+  tg_ratelimit_redis_opts_t redis_opts;   /* host NULL: local mode */
+  tg_app_worker_t **workers;              /* by worker id; NULL until that worker started */
+  int nworkers;
+  tg_snapshot_t **catalogs;               /* one per tenant (config order): tg_catalog_t */
+  tg_offer_keyring_t offer_keys;          /* signs offer ids; read-only while serving */
+  uint32_t offer_ttl_s;                   /* how long an offer id is accepted */
+} tg_app_t;
+
+struct tg_app_worker {
+  tg_app_t *app;
+  tg_worker_t *worker;
+  tg_httpc_t *httpc;                      /* outbound client (billing, facilitator) */
+  tg_policy_runtime_t *policy;
+  tg_ratelimit_redis_t *redis;            /* NULL in local mode */
+  uv_async_t policy_sync;                 /* woken after a reload is published */
+  tg_snapshot_reader_t **catalog_readers; /* one per tenant */
+};
+
+/* Builds the shared parts from cfg: policy registry (version is reported in
+ * policy_version_info), rate-limit table and Redis options, one catalog
+ * snapshot slot per tenant, the offer key (catalog/offerkey.h). Returns 0,
+ * or negative with err set; tg_app_clear frees a half-built app too. */
+int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char *err,
+                size_t errlen);
+void tg_app_clear(tg_app_t *app);
+
+/* The per-worker parts, on worker w's thread: client, policy states, Redis
+ * connection, catalog readers. 0 or negative (logged). tg_app_worker_stop
+ * undoes a partial start too; run the loop once more after it. */
+int tg_app_worker_start(tg_app_t *app, tg_worker_t *w);
+void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w);
+
+/* This worker's part, from the worker a request runs on. */
+static inline tg_app_worker_t *tg_app_worker(const tg_app_t *app, const tg_worker_t *w) {
+  return app->workers[w->id];
+}
+
+/* Index of tenant t in the configuration (and in app->catalogs). */
+static inline size_t tg_app_tenant_index(const tg_app_t *app, const tg_config_tenant_t *t) {
+  return (size_t)(t - app->cfg->tenants);
+}
+
+/* A rate-limit decision: allowed 1/0 and, when limited, the wait in ms. */
+typedef void (*tg_app_take_cb)(void *ud, int allowed, uint32_t retry_after_ms);
+
+/* Takes one request from tenant's bucket rate->key: the local table, or Redis
+ * in redis mode (with the local table as fallback). cb runs exactly once:
+ * before this returns in local mode, from the loop in redis mode. */
+void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
+                 tg_app_take_cb cb, void *ud);
+
+/* Seconds for a Retry-After header: ceil(ms / 1000), at least 1. */
+static inline uint32_t tg_app_retry_after_s(uint32_t ms) { return ms ? (ms + 999) / 1000 : 1; }
+
+#endif

@@ -1,0 +1,279 @@
+#ifndef TG_POLICY_H
+#define TG_POLICY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config/config.h"
+
+/* Per-tenant Lua policies: hooks the request pipeline calls (skip,
+ * rate_limit, price, on_billing_timeout, on_settle_failure), run in the
+ * sandbox of lua/tollgate/sandbox.lua (embedded in the binary), each call
+ * bounded in time and each Lua state in memory. The policy API for operators
+ * is in policies/README.md; the Lua side of the contract at the top of
+ * lua/tollgate/sandbox.lua.
+ *
+ * Three layers:
+ *   - the registry (one per process, main thread): every tenant's policy
+ *     source and version, validated at start-up and on reload, published to
+ *     the workers as an immutable refcounted snapshot (one atomic pointer
+ *     store plus a generation counter);
+ *   - a runtime per worker thread: one Lua state per tenant, compiled once,
+ *     rebuilt when the snapshot's version of that tenant changes;
+ *   - a state pinned for one request: tg_policy_acquire .. tg_policy_release.
+ *     A request finishes on the version it started with; a replaced state is
+ *     closed when its last request releases it.
+ *
+ * Failing closed: every hook call returns 0 or a TG_POLICY_ERR_* code with a
+ * message ("policy news: price: expected integer amount, got 0.5"); the
+ * module has then already logged it (tenant, hook, reason, request id) and
+ * counted policy_errors_total{tenant_id,hook,kind}. The caller answers the
+ * request as failed (no free pass, no sale). The state stays usable.
+ *
+ * Metrics (declared by tg_policy_registry_new):
+ *   policy_errors_total{tenant_id,hook,kind}   kind: error|timeout|memory|type
+ *   policy_reloads_total{tenant_id,result}     result: ok|error
+ *   policy_reload_errors_total{tenant_id}
+ *   policy_version_info{tenant_id,version}     1 for the active version, 0 for replaced ones
+ *   policy_hook_duration_seconds{hook}         histogram, buckets 5 us .. 50 ms */
+
+typedef struct tg_policy_registry tg_policy_registry_t;
+typedef struct tg_policy_runtime tg_policy_runtime_t;
+typedef struct tg_policy_state tg_policy_state_t;
+
+/* Error codes (negative, as hook calls return them). */
+#define TG_POLICY_ERR_RUNTIME (-1001) /* the hook raised an error */
+#define TG_POLICY_ERR_TIMEOUT (-1002) /* the call ran past its time limit */
+#define TG_POLICY_ERR_MEMORY  (-1003) /* the state hit its memory cap */
+#define TG_POLICY_ERR_TYPE    (-1004) /* the hook returned values of the wrong type */
+#define TG_POLICY_ERR_NOHOOK  (-1005) /* the policy defines no such hook: the results hold
+                                         the default policy's answer, use them */
+
+#define TG_POLICY_MSG_LEN 512
+#define TG_POLICY_VERSION_LEN 65        /* sha256 hex + NUL */
+#define TG_POLICY_KEY_MAX 256           /* rate-limit keys: 1..256 bytes */
+#define TG_POLICY_CURRENCY_MAX 16
+
+#define TG_POLICY_DEFAULT_TIME_LIMIT_MS 50
+#define TG_POLICY_DEFAULT_LOAD_TIME_LIMIT_MS 1000
+#define TG_POLICY_DEFAULT_MEMORY_LIMIT (32u << 20)
+#define TG_POLICY_MAX_SOURCE (1u << 20) /* larger policy files are refused */
+
+typedef enum {
+  TG_POLICY_HOOK_SKIP = 0,
+  TG_POLICY_HOOK_RATE_LIMIT,
+  TG_POLICY_HOOK_PRICE,
+  TG_POLICY_HOOK_ON_BILLING_TIMEOUT,
+  TG_POLICY_HOOK_ON_SETTLE_FAILURE,
+  TG_POLICY_NHOOKS
+} tg_policy_hook_t;
+
+/* "skip", "rate_limit", ... */
+const char *tg_policy_hook_name(tg_policy_hook_t hook);
+
+typedef struct tg_policy_error {
+  int code;                       /* 0 or TG_POLICY_ERR_* */
+  char msg[TG_POLICY_MSG_LEN];    /* "policy <tenant>: <hook>: <reason>" */
+} tg_policy_error_t;
+
+typedef struct tg_policy_options {
+  uint32_t time_limit_ms;         /* per hook call; 0: TG_POLICY_DEFAULT_TIME_LIMIT_MS */
+  uint32_t load_time_limit_ms;    /* running a policy's top level; 0: default */
+  size_t memory_limit;            /* bytes per Lua state; 0: TG_POLICY_DEFAULT_MEMORY_LIMIT */
+  const char *version;            /* tollgate.version seen by policies (copied); NULL: "" */
+  /* Called on the reloading thread after a new snapshot was published, so
+   * the caller can wake each worker (uv_async_send) to call
+   * tg_policy_runtime_sync. Must not call back into the registry. */
+  void (*on_publish)(void *ud, uint64_t generation);
+  void *on_publish_ud;
+} tg_policy_options_t;
+
+/* ---- Views: what hooks see. All strings NUL-terminated; NULL is nil in Lua.
+ * The structs and everything they point to must stay valid for the duration
+ * of the hook call only; the Lua side cannot keep them (a view used after its
+ * call raises an error). */
+
+typedef enum { TG_POLICY_KIND_HTTP = 0, TG_POLICY_KIND_CONNECT } tg_policy_kind_t;
+
+/* Header lookup for req:header(name): name is namelen bytes (any case; the
+ * callback compares case-insensitively). Returns the value (vlen bytes,
+ * valid for the call) or NULL. */
+typedef const char *(*tg_policy_header_fn)(void *ud, const char *name, size_t namelen,
+                                           size_t *vlen);
+
+typedef struct tg_policy_req {
+  const char *method, *path, *query, *host;
+  const char *tenant;
+  const char *ip, *user_agent;
+  const char *const *purposes;    /* usage purpose tokens of the AI system; req.purpose = first */
+  size_t npurposes;
+  const char *ai_id, *ai_name, *user_type, *country;
+  tg_policy_header_fn header;     /* NULL: req:header() answers nil */
+  void *header_ud;
+  tg_policy_kind_t kind;          /* req.kind: "http" or "connect" */
+  const char *request_id;         /* for logs only; not visible to the policy */
+} tg_policy_req_t;
+
+typedef struct tg_policy_offer {
+  const char *uri;
+  const char *model;              /* "purchase", "subscription", ..., "free" */
+  int64_t amount;                 /* atomic units (micro-USD for USD/USDC) */
+  const char *currency;
+  const char *const *purposes;    /* purposes the license permits */
+  size_t npurposes;
+  int64_t lastmod;                /* unix seconds; 0: unknown (nil) */
+  const char *license_url;
+} tg_policy_offer_t;
+
+typedef struct tg_policy_txn {
+  const char *id, *tenant;
+  int64_t amount;
+  const char *currency;
+  const char *ai_id;
+  const char *billing_ref;        /* raw: the policy only ever sees it redacted ("****1234") */
+  uint32_t items, attempts;
+  const char *reason;             /* "timeout", "error", ... */
+  const char *request_id;         /* for logs only */
+} tg_policy_txn_t;
+
+/* ---- Results */
+
+typedef struct tg_policy_rate {
+  bool limited;                   /* false: the hook returned nil, no limit */
+  char key[TG_POLICY_KEY_MAX + 1];
+  size_t keylen;                  /* the key may hold NUL bytes: use keylen */
+  double rate;                    /* requests per second, > 0 */
+  uint32_t burst;                 /* >= 1 */
+} tg_policy_rate_t;
+
+typedef struct tg_policy_price {
+  bool for_sale;                  /* false: the hook returned nil */
+  int64_t amount;                 /* 0 .. 2^53 */
+  char currency[TG_POLICY_CURRENCY_MAX + 1];
+} tg_policy_price_t;
+
+typedef enum { TG_POLICY_BILLING_REJECT = 0, TG_POLICY_BILLING_DEFERRED } tg_policy_billing_t;
+
+/* ---- Registry (main thread) */
+
+/* Builds the registry from cfg: reads each tenant's policy_file (NULL: the
+ * embedded lua/default_policy.lua), validates it exactly as
+ * tg_policy_check_file does and declares the metrics. Fails start-up on the
+ * first invalid policy: -EINVAL (or -ENOMEM, -errno of a read) with err =
+ * "FILE:LINE: reason" ("FILE: reason" when there is no line). opt may be
+ * NULL. cfg is only read during the call. */
+int tg_policy_registry_new(const tg_config_t *cfg, const tg_policy_options_t *opt,
+                           tg_policy_registry_t **out, char *err, size_t errlen);
+
+/* Frees the registry. Every runtime made from it must be freed first. */
+void tg_policy_registry_free(tg_policy_registry_t *r);
+
+/* Validates one policy file as the registry does (compile, top level,
+ * returned hooks, fixtures) in a throwaway state, for `tollgate check`.
+ * tenant is what tollgate.tenant reads (may be NULL); path NULL checks the
+ * embedded default policy. Any thread. 0, or -EINVAL/-errno with err. */
+int tg_policy_check_file(const char *path, const char *tenant, const tg_policy_options_t *opt,
+                         char *err, size_t errlen);
+
+/* tg_policy_check_file for every tenant of cfg; stops at the first error. */
+int tg_policy_check_config(const tg_config_t *cfg, const tg_policy_options_t *opt, char *err,
+                           size_t errlen);
+
+typedef enum {
+  TG_POLICY_RELOAD_UNCHANGED = 0, /* same source as the active version */
+  TG_POLICY_RELOAD_UPDATED,       /* validated and published */
+  TG_POLICY_RELOAD_FAILED         /* refused: the old version stays active */
+} tg_policy_reload_status_t;
+
+typedef struct tg_policy_reload_result {
+  char tenant[65];
+  tg_policy_reload_status_t status;
+  char version[TG_POLICY_VERSION_LEN]; /* active after the reload */
+  char error[TG_POLICY_MSG_LEN];       /* "FILE:LINE: reason" when FAILED */
+} tg_policy_reload_result_t;
+
+/* Re-reads and validates the policy of tenant (NULL: every tenant); tenants
+ * that pass and changed are published together in one new snapshot; one
+ * that fails keeps its old version (logged with file:line, counted in
+ * policy_reload_errors_total). *results (malloc'd, caller frees with free)
+ * gets one entry per tenant considered, *nresults their count; both may be
+ * NULL when not wanted. Returns 0 when nothing failed, -EINVAL when some
+ * tenant failed, -ENOENT for an unknown tenant, -ENOMEM. Any thread except a
+ * worker's request path (it compiles and runs policies: milliseconds);
+ * concurrent calls are serialized. */
+int tg_policy_reload(tg_policy_registry_t *r, const char *tenant,
+                     tg_policy_reload_result_t **results, size_t *nresults);
+
+/* Active version (sha256 hex of the source) of tenant into out; 0 or -ENOENT.
+ * Any thread. Display the first 12 characters. */
+int tg_policy_version(tg_policy_registry_t *r, const char *tenant,
+                      char out[TG_POLICY_VERSION_LEN]);
+
+typedef struct tg_policy_info {
+  char tenant[65];
+  char path[1024];                /* "" for the embedded default policy */
+  char version[TG_POLICY_VERSION_LEN];
+  double loaded_at;               /* unix seconds of the validation that published it */
+} tg_policy_info_t;
+
+/* Number of tenants, and the active policy of the i-th (0 or -ENOENT). Any
+ * thread (admin status route, file watchers: watch each non-empty path). */
+size_t tg_policy_count(tg_policy_registry_t *r);
+int tg_policy_info(tg_policy_registry_t *r, size_t i, tg_policy_info_t *out);
+
+/* Generation of the published snapshot (starts at 1, +1 per publish). */
+uint64_t tg_policy_generation(tg_policy_registry_t *r);
+
+/* ---- Runtime (one per worker thread; all calls from that thread) */
+
+/* Builds the worker's states for every tenant (from its on_worker_start).
+ * NULL with err on failure (memory, or a policy that no longer loads). */
+tg_policy_runtime_t *tg_policy_runtime_new(tg_policy_registry_t *r, char *err, size_t errlen);
+
+/* Frees the runtime and its states (on_worker_stop). States still acquired
+ * are closed when released. */
+void tg_policy_runtime_free(tg_policy_runtime_t *rt);
+
+/* Rebuilds the states of tenants whose version changed since the runtime
+ * last looked. tg_policy_acquire does this by itself when the generation
+ * moved (one atomic load per request); call this from a uv_async on the
+ * worker after on_publish to take the compile cost off the next request.
+ * Returns the number of states rebuilt, or a negative errno when one failed
+ * to build (that tenant keeps its previous state; logged). */
+int tg_policy_runtime_sync(tg_policy_runtime_t *rt);
+
+/* Pins tenant's current state for one request; NULL when the tenant is
+ * unknown or has no usable state (fail the request closed). Release it with
+ * tg_policy_release on the same thread once the request is done with policy
+ * calls. */
+tg_policy_state_t *tg_policy_acquire(tg_policy_runtime_t *rt, const char *tenant);
+void tg_policy_release(tg_policy_state_t *st);
+
+/* Version of a pinned state (NUL-terminated sha256 hex, valid while pinned). */
+const char *tg_policy_state_version(const tg_policy_state_t *st);
+
+/* True when the state's policy defines hook (so the caller can skip work). */
+bool tg_policy_has_hook(const tg_policy_state_t *st, tg_policy_hook_t hook);
+
+/* ---- Hook calls (worker thread, pinned state). Each returns 0 with the
+ * result filled, TG_POLICY_ERR_NOHOOK with the default policy's result
+ * filled (skip: false; rate_limit: not limited; price: the offer's amount and
+ * currency, 0 for model "free", not for sale without a currency;
+ * on_billing_timeout: reject), or another TG_POLICY_ERR_* with err filled and
+ * the result zeroed. err may be NULL. */
+int tg_policy_skip(tg_policy_state_t *st, const tg_policy_req_t *req, bool *skip,
+                   tg_policy_error_t *err);
+int tg_policy_rate_limit(tg_policy_state_t *st, const tg_policy_req_t *req,
+                         tg_policy_rate_t *out, tg_policy_error_t *err);
+int tg_policy_price(tg_policy_state_t *st, const tg_policy_offer_t *offer,
+                    const tg_policy_req_t *req, tg_policy_price_t *out, tg_policy_error_t *err);
+int tg_policy_on_billing_timeout(tg_policy_state_t *st, const tg_policy_txn_t *txn,
+                                 tg_policy_billing_t *out, tg_policy_error_t *err);
+int tg_policy_on_settle_failure(tg_policy_state_t *st, const tg_policy_txn_t *txn,
+                                tg_policy_error_t *err);
+
+/* The embedded copy of lua/<name> (e.g. "tollgate/sandbox.lua"), or NULL. */
+const char *tg_policy_embedded(const char *name, size_t *len);
+
+#endif
