@@ -471,7 +471,7 @@ TEST(read_token) {
   CHECK(strstr(err, "is empty") != NULL);
   put_bytes("t1", "two words", 9, 0600);
   CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);
-  CHECK(strstr(err, "whitespace") != NULL);
+  CHECK(strstr(err, "white space") != NULL);
   unlink(cfg.admin_token_file);
   CHECK(tg_config_read_token(&cfg, err, sizeof(err)) == NULL);
   CHECK(strstr(err, "No such file or directory") != NULL);
