@@ -1751,5 +1751,9 @@ const char *tg_config_get(const tg_config_section_t *s, const char *key) {
 
 
 char *tg_config_read_token(const tg_config_t *cfg, char *err, size_t errlen) {
+  if (cfg->admin_token_file == NULL) {
+    snprintf(err, errlen, "no admin token_file is configured");
+    return NULL;
+  }
   return tg_secret_read(cfg->admin_token_file, "admin token", TG_SECRET_TOKEN, err, errlen);
 }
