@@ -32,6 +32,7 @@ usage() {
   cat >&2 <<'EOF'
 usage: deploy/dev.sh run    install, build, start the gateway on deploy/demo/tollgate.lua
        deploy/dev.sh test   install, build, run every test suite
+       deploy/dev.sh fuzz [SECONDS]   only the fuzzers, SECONDS each (default 300)
 EOF
   exit 2
 }
@@ -213,8 +214,9 @@ run_fuzzers() {
     if "$bin" "${dict[@]}" -max_total_time="$fuzz_seconds" -timeout=10 -rss_limit_mb=2048 \
          -artifact_prefix="$fuzz_dir/artifacts/$name-" -print_final_stats=1 \
          "$corpus" "${seeds[@]}" >"$log" 2>&1; then
-      printf '  fuzz.%s: 1 passed, 0 failed (%s)\n' "$name" \
-        "$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$' | sed 's/$/ runs/')" >&2
+      printf '  fuzz.%s: 1 passed, 0 failed (%s runs, %s)\n' "$name" \
+        "$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$')" \
+        "$(grep -Eo 'DONE +cov: [0-9]+ ft: [0-9]+' "$log" | tail -n 1 | sed 's/DONE *//')" >&2
       passed=$((passed + 1))
     else
       printf '  fuzz.%s: 0 passed, 1 failed; log %s:\n' "$name" "$log" >&2
@@ -301,6 +303,14 @@ case "$1" in
     # A build that breaks is one failed test, so CI's closing line still counts it.
     build || { echo; echo "build failed"; echo "0 passed, 1 failed"; exit 1; }
     cmd_test ;;
+  fuzz)
+    # Long fuzz runs, apart from the tests: deploy/dev.sh fuzz 600
+    install_debian
+    fuzz_seconds="${2:-300}"
+    fz="$(run_fuzzers)"
+    echo
+    echo "${fz% *} passed, ${fz#* } failed"
+    [ "${fz#* }" -eq 0 ] ;;
   -h|--help|help) usage ;;
   *) usage ;;
 esac
