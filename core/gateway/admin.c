@@ -76,6 +76,19 @@ static void metrics(tg_http_req_t *req) {
   tg_buf_free(&b);
 }
 
+/* The tenant's catalog ingestion, with the detail /readyz leaves out. */
+static json_t *catalog_status(const tg_admin_t *a, size_t i) {
+  tg_ingest_status_t st;
+  if (a->ingest == NULL || tg_ingest_status(a->ingest, i, &st) != 0 || !st.has_source)
+    return json_null();
+  json_t *o = json_pack("{s:b, s:b, s:I, s:I, s:I, s:I}", "loaded", st.loaded, "failing", st.failing,
+                        "last_success", (json_int_t)st.last_success, "attempts", (json_int_t)st.attempts,
+                        "entries", (json_int_t)st.entries, "warnings", (json_int_t)st.warnings);
+  if (o && st.last_error[0])
+    json_object_set_new(o, "last_error", tg_utf8_json_string(st.last_error));
+  return o ? o : json_null();
+}
+
 static void status(const tg_admin_t *a, tg_http_req_t *req) {
   tg_policy_registry_t *reg = a->app->policies;
   json_t *tenants = json_array();
@@ -85,9 +98,9 @@ static void status(const tg_admin_t *a, tg_http_req_t *req) {
     if (tg_policy_info(reg, i, &info) != 0)
       continue;
     json_array_append_new(
-        tenants, json_pack("{s:s, s:{s:o, s:s, s:f}}", "name", info.tenant, "policy", "file",
+        tenants, json_pack("{s:s, s:{s:o, s:s, s:f}, s:o}", "name", info.tenant, "policy", "file",
                            info.path[0] ? tg_utf8_json_string(info.path) : json_null(), "version",
-                           info.version, "loaded_at", info.loaded_at));
+                           info.version, "loaded_at", info.loaded_at, "catalog", catalog_status(a, i)));
   }
   json_t *body = json_pack("{s:s, s:I, s:b, s:I, s:o}", "version", a->version, "uptime_s",
                            (json_int_t)(time(NULL) - a->started_at), "ready",

@@ -2,8 +2,6 @@
 
 #include <jansson.h>
 
-#include "base/utf8.h"
-
 void tg_readiness_set_serving(tg_readiness_t *r, int serving) {
   atomic_store_explicit(&r->serving, serving, memory_order_release);
 }
@@ -22,9 +20,8 @@ void tg_readiness_respond(tg_readiness_t *r, tg_http_req_t *req) {
     tg_ingest_status_t st;
     if (tg_ingest_status(r->ingest, i, &st) != 0 || !st.has_source || st.loaded)
       continue;
-    json_array_append_new(reasons, json_pack("{s:s, s:o}", "tenant", r->cfg->tenants[i].name, "catalog",
-                                             tg_utf8_json_string(st.attempted ? st.last_error
-                                                                              : "first load not finished")));
+    json_array_append_new(reasons, json_pack("{s:s, s:s}", "tenant", r->cfg->tenants[i].name, "catalog",
+                                             st.attempted ? st.last_reason : "first load not finished"));
     ready = 0;
   }
   json_t *body = json_pack("{s:b, s:I, s:I, s:o}", "ready", ready, "tenants", (json_int_t)r->cfg->ntenants,

@@ -9,7 +9,9 @@
 
 /* /readyz: 200 while the gateway serves and every tenant with a catalog
  * source has loaded one; 503 otherwise, naming each reason (starting or
- * draining, a tenant whose catalog never loaded and why).
+ * draining, a tenant whose catalog never loaded and the kind of failure:
+ * "fetch", "parse", ...). The public answer leaves out the failure's detail
+ * (paths, URLs, parser messages): the admin /status carries it.
  *
  * The fields are set on the main thread before serving starts (ingest and
  * server may stay NULL); serving flips at start and at the start of a drain,

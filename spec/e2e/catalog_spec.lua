@@ -142,3 +142,41 @@ end
     assert.truthy(res.body:find('catalog_refresh_errors_total{tenant_id="news",reason="parse"} 1', 1, true))
   end)
 end)
+
+describe("catalog that never loaded", function()
+  local gw
+
+  setup(function()
+    gw = h.start({ tenants = '{ name = "news", hosts = { "news.example" }, catalog = { source = "broken.xml" } },',
+      files = { ["broken.xml"] = "<rsl xmlns='https://rslstandard.org/rsl'><content" } })
+  end)
+
+  teardown(function()
+    if gw and not gw.stopped then h.stop(gw) end
+  end)
+
+  it("is named on the public /readyz by kind only; the admin /status has the detail", function()
+    local res = assert(h.request(gw.port, h.get_req("/readyz")))
+    assert.are.equal(503, res.status, res.body)
+    local ready = h.json_decode(res.body)
+    assert.are.equal(false, ready.ready)
+    local named
+    for _, r in ipairs(ready.reasons) do
+      if type(r) == "table" and r.tenant == "news" then named = r end
+    end
+    assert.truthy(named, res.body)
+    assert.are.equal("parse", named.catalog)
+    -- The parser's message (and any path or URL) is for operators, not for
+    -- whoever can reach /readyz.
+    assert.falsy(res.body:find("parse:", 1, true), res.body)
+    assert.falsy(res.body:find(gw.dir, 1, true), res.body)
+
+    local st = assert(h.request(gw.admin_port,
+      h.get_req("/status", { "Authorization: Bearer " .. gw.token }, "127.0.0.1")))
+    assert.are.equal(200, st.status, st.body)
+    local status = h.json_decode(st.body)
+    local cat = status.tenants[1].catalog
+    assert.are.equal(false, cat.loaded)
+    assert.truthy(cat.last_error:find("^parse: .+"), st.body)
+  end)
+end)

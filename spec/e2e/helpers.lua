@@ -504,6 +504,14 @@ function M.urlencode(s)
   end))
 end
 
+-- A JSON body decoded (lua-cjson), or an assertion failure showing the body:
+-- a test that reads a field must first know the body is JSON at all.
+function M.json_decode(body)
+  local ok, v = pcall(require("cjson").decode, body or "")
+  assert(ok, "not JSON: " .. M.show(body or "", 300))
+  return v
+end
+
 -- The Connect error code in a JSON error body, or nil.
 function M.connect_code(res)
   return res and res.body and res.body:match('"code"%s*:%s*"([%a_]+)"')
