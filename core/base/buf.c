@@ -1,17 +1,20 @@
 #include "base/buf.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 int tg_buf_reserve(tg_buf_t *b, size_t extra) {
+  if (extra > SIZE_MAX - b->len - 1) /* a length that wraps is no length */
+    return -ENOMEM;
   size_t need = b->len + extra + 1;
   if (need <= b->cap)
     return 0;
   size_t cap = b->cap ? b->cap : 256;
   while (cap < need)
-    cap *= 2;
+    cap = cap > SIZE_MAX / 2 ? need : cap * 2;
   char *p = realloc(b->data, cap);
   if (p == NULL)
     return -ENOMEM;

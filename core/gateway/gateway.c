@@ -45,8 +45,8 @@ static void public_handler(tg_http_req_t *req, void *ud) {
     tg_readiness_respond(&g->readiness, req);
     return;
   }
-  const tg_http_header_t *host = tg_http_req_header(req, "host");
-  const tg_config_tenant_t *t = host ? tg_tenants_by_host(g->app.tenants, host->value, host->value_len) : NULL;
+  /* req->host: the absolute-form authority or the Host header, normalized by the server. */
+  const tg_config_tenant_t *t = req->host ? tg_tenants_by_host(g->app.tenants, req->host, req->host_len) : NULL;
   if (t) {
     tg_resource_handle(tg_app_worker(&g->app, req->worker), t, req);
     return;

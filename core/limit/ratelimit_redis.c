@@ -192,10 +192,11 @@ static void schedule_reconnect(tg_ratelimit_redis_t *r);
 /* Queues EVALSHA (or EVAL after NOSCRIPT) for q on the current connection. */
 static int send_take(tg_ratelimit_redis_t *r, req_t *q, bool eval) {
   char interval[24], tau[24];
-  int ni = snprintf(interval, sizeof(interval), "%" PRIu64, q->interval);
-  int nt = snprintf(tau, sizeof(tau), "%" PRIu64, q->tau);
+  snprintf(interval, sizeof(interval), "%" PRIu64, q->interval);
+  snprintf(tau, sizeof(tau), "%" PRIu64, q->tau);
   const char *argv[6] = {eval ? "EVAL" : "EVALSHA", eval ? script : r->sha, "1", q->rkey, interval, tau};
-  size_t lens[6] = {eval ? 4 : 7, eval ? sizeof(script) - 1 : 40, 1, q->rkey_len, (size_t)ni, (size_t)nt};
+  /* Lengths from the text, not from snprintf's return (the untruncated size). */
+  size_t lens[6] = {eval ? 4 : 7, eval ? sizeof(script) - 1 : 40, 1, q->rkey_len, strlen(interval), strlen(tau)};
   if (r->ac == NULL || redisAsyncCommandArgv(r->ac, reply_cb, q, 6, argv, lens) != REDIS_OK)
     return -1;
   q->in_redis = true;

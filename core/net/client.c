@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -323,8 +324,13 @@ static int conn_write(conn_t *conn, const char *data, size_t len) {
     free(wr);
     return rc;
   }
+  if (wr->buf.len > UINT_MAX) { /* uv_buf_t lengths are unsigned int */
+    tg_buf_free(&wr->buf);
+    free(wr);
+    return -E2BIG;
+  }
   wr->conn = conn;
-  uv_buf_t b = uv_buf_init(wr->buf.data, (unsigned)wr->buf.len);
+  uv_buf_t b = uv_buf_init(wr->buf.data, (unsigned int)wr->buf.len);
   rc = uv_write(&wr->w, (uv_stream_t *)&conn->tcp, &b, 1, on_write);
   if (rc != 0) {
     tg_buf_free(&wr->buf);
@@ -1007,8 +1013,11 @@ static int build_request(tg_buf_t *b, const tg_httpc_request_t *req, const url_t
   if (rc == 0)
     rc = tg_buf_append(b, u->target, u->target_len);
   if (rc == 0)
-    rc = tg_buf_printf(b, " HTTP/1.1\r\nHost: %s%.*s%s", u->bracketed ? "[" : "", (int)u->host_len,
-                       u->host, u->bracketed ? "]" : "");
+    rc = tg_buf_puts(b, u->bracketed ? " HTTP/1.1\r\nHost: [" : " HTTP/1.1\r\nHost: ");
+  if (rc == 0)
+    rc = tg_buf_append(b, u->host, u->host_len);
+  if (rc == 0 && u->bracketed)
+    rc = tg_buf_puts(b, "]");
   if (rc == 0 && u->port != (u->tls ? 443 : 80))
     rc = tg_buf_printf(b, ":%u", u->port);
   if (rc == 0)
@@ -1020,7 +1029,14 @@ static int build_request(tg_buf_t *b, const tg_httpc_request_t *req, const url_t
     if (name_is(h, "host") || name_is(h, "content-length") || name_is(h, "transfer-encoding"))
       continue;
     has_ua |= name_is(h, "user-agent");
-    rc = tg_buf_printf(b, "%.*s: %.*s\r\n", (int)h->name_len, h->name, (int)h->value_len, h->value);
+    /* Appended by length: a printf precision is an int. */
+    rc = tg_buf_append(b, h->name, h->name_len);
+    if (rc == 0)
+      rc = tg_buf_append(b, ": ", 2);
+    if (rc == 0)
+      rc = tg_buf_append(b, h->value, h->value_len);
+    if (rc == 0)
+      rc = tg_buf_append(b, "\r\n", 2);
   }
   if (rc == 0 && !has_ua)
     rc = tg_buf_puts(b, "User-Agent: tollgate\r\n");

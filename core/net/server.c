@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,16 +18,27 @@
 #include <llhttp.h>
 
 #include "base/buf.h"
+#include "net/target.h"
 #include "net/tls.h"
 
 #define MAX_HEADERS 100
 #define READ_BUF_SIZE 65536
+/* Output a client may leave unread before we stop reading its requests: a
+ * few large answers or a few thousand small ones, and a bounded cost for a
+ * client that pipelines and never reads. */
+#define MAX_UNSENT_BYTES (256 * 1024)
+/* One write call's share: uv_buf_t lengths are unsigned int and uv_try_write
+ * answers an int. */
+#define MAX_WRITE ((size_t)1 << 30)
 
 typedef struct worker_priv worker_priv_t;
 typedef struct conn conn_t;
 
-/* What the per-connection timer currently guards. */
-enum conn_phase { PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_WAIT };
+/* What the per-connection timer currently guards. PHASE_SEND: between
+ * requests, with output the client is not reading; the connection goes when
+ * no write makes progress for idle_timeout_ms (nginx's send_timeout), or a
+ * client that never reads would hold its slot forever. */
+enum conn_phase { PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_WAIT, PHASE_SEND };
 
 typedef struct req_priv {
   tg_http_req_t pub;      /* first: handlers see only this part */
@@ -67,12 +79,18 @@ struct conn {
   int chunk_has_data;     /* the chunk being read carries data (its CRLF is checked) */
   int check_crlf;         /* paused in on_chunk_complete to check that CRLF */
   char tail[2];           /* last two bytes of the previous read */
+  const char *exec_data;  /* start of the bytes llhttp_execute is working on */
+  tg_buf_t target;        /* normalized path\0query\0host\0 of the current head */
+  tg_target_t tgt;        /* lengths, and which parts exist; pointers into target */
   /* Answer queue. */
   req_priv_t *qhead, *qtail;
-  uint32_t queued;        /* requests read and not yet answered on the wire */
+  uint32_t queued;        /* requests read and not yet answered */
+  uint32_t unsent;        /* answers serialized since the output last drained */
   tg_buf_t wbuf;          /* answers waiting to be written */
   tg_buf_t inflight;      /* bytes handed to uv_write */
   uv_write_t wreq;
+  size_t wlen;            /* bytes of inflight handed to the pending uv_write */
+  uint64_t write_ms;      /* loop time the pending write started */
   tg_buf_t pending_in;    /* bytes read but not parsed (parser paused) */
   /* Timer. */
   enum conn_phase phase;
@@ -85,6 +103,10 @@ struct conn {
   unsigned closing : 1;
   unsigned in_execute : 1;
   unsigned expect_continue : 1;
+  unsigned in_trailers : 1;     /* past the head: header callbacks are trailer fields */
+  unsigned resuming : 1;        /* inside conn_resume */
+  unsigned resume_again : 1;    /* the output drained meanwhile: resume once more */
+  unsigned upgrade : 1;         /* the request carries Upgrade: close after its answer */
   unsigned closed_handles : 2;  /* the struct goes when both handles closed */
   char peer[64];
   struct conn *prev, *nextc;    /* worker's connection list */
@@ -136,6 +158,7 @@ static void conn_read_start(conn_t *c);
 static void worker_finish(worker_priv_t *w);
 static void conn_resume(conn_t *c);
 static void queue_error(conn_t *c, int status, const char *msg);
+static void on_write(uv_write_t *wr, int status);
 
 /* ---- helpers ---- */
 
@@ -251,6 +274,7 @@ static void on_conn_timer(uv_timer_t *t) {
   }
   switch (c->phase) {
   case PHASE_IDLE:
+  case PHASE_SEND:
     conn_close(c);
     break;
   case PHASE_HEAD:
@@ -270,25 +294,63 @@ static void on_conn_timer(uv_timer_t *t) {
 
 /* ---- answer queue ---- */
 
-static void serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
-                      const tg_http_header_t *headers, size_t nheaders, const void *body,
-                      size_t body_len) {
+/* RFC 9110 token characters: what a header name may hold. */
+static int is_token_n(const char *s, size_t n) {
+  static const char extra[] = "!#$%&'*+-.^_`|~";
+  if (n == 0)
+    return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+          (ch && strchr(extra, ch))))
+      return 0;
+  }
+  return 1;
+}
+
+static int name_is(const tg_http_header_t *h, const char *name) {
+  size_t n = strlen(name);
+  return h->name_len == n && strncasecmp(h->name, name, n) == 0;
+}
+
+/* A handler's header that could split the head or change its framing. */
+static int header_ok(const tg_http_header_t *h) {
+  if (h->name == NULL || !is_token_n(h->name, h->name_len) || (h->value == NULL && h->value_len))
+    return 0;
+  for (size_t i = 0; i < h->value_len; i++) {
+    unsigned char ch = (unsigned char)h->value[i];
+    if ((ch < 0x20 && ch != '\t') || ch == 0x7f)
+      return 0;
+  }
+  return !name_is(h, "content-length") && !name_is(h, "transfer-encoding") &&
+         !name_is(h, "connection");
+}
+
+/* Appends the answer to out. 0, or -ENOMEM with out unchanged. */
+static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
+                     const tg_http_header_t *headers, size_t nheaders, const void *body,
+                     size_t body_len) {
   worker_priv_t *w = c->worker;
   int close = !r->keep_alive || w->draining || c->stop_reading;
-  char line[64];
-  int n;
-  if (status == 200) { /* the common answer, without formatting */
-    memcpy(line, "HTTP/1.1 200 OK\r\n", 17);
-    n = 17;
-  } else {
-    n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, tg_http_reason(status));
-  }
-  size_t need = (size_t)n + w->date_len + 64 + body_len;
-  for (size_t i = 0; i < nheaders; i++)
-    need += headers[i].name_len + headers[i].value_len + 4;
-  if (tg_buf_reserve(out, need) != 0)
-    return; /* out of memory: the client sees a reset when we close */
-  tg_buf_append(out, line, (size_t)n);
+  const char *reason = tg_http_reason(status);
+  size_t reason_len = strlen(reason);
+  /* Sized with checked sums: a wrapped size would reserve too little, and an
+   * append that then fails would leave a head without its body. */
+  size_t need = 16 + reason_len + w->date_len + 64;
+  bool wrap = __builtin_add_overflow(need, body_len, &need);
+  for (size_t i = 0; i < nheaders && !wrap; i++)
+    wrap = __builtin_add_overflow(need, headers[i].name_len, &need) ||
+           __builtin_add_overflow(need, headers[i].value_len, &need) ||
+           __builtin_add_overflow(need, (size_t)4, &need);
+  if (wrap || tg_buf_reserve(out, need) != 0)
+    return -ENOMEM;
+  /* status is 200..599 here (tg_http_respond checks): three digits. */
+  char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
+                  (char)('0' + status % 10), ' '};
+  tg_buf_append(out, "HTTP/1.1 ", 9);
+  tg_buf_append(out, code, 4);
+  tg_buf_append(out, reason, reason_len);
+  tg_buf_append(out, "\r\n", 2);
   tg_buf_append(out, w->date_hdr, w->date_len);
   tg_buf_append(out, "Server: tollgate\r\n", 18);
   for (size_t i = 0; i < nheaders; i++) {
@@ -314,6 +376,7 @@ static void serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
   }
   if (!r->head_method && body_len)
     tg_buf_append(out, body, body_len);
+  return 0;
 }
 
 static void req_free(req_priv_t *r) {
@@ -328,9 +391,14 @@ static void drain_queue(conn_t *c) {
     c->qhead = r->next;
     if (c->qhead == NULL)
       c->qtail = NULL;
-    if (r->out.len)
-      tg_buf_append(&c->wbuf, r->out.data, r->out.len);
+    if (r->out.len && tg_buf_append(&c->wbuf, r->out.data, r->out.len) != 0) {
+      /* Skipping an answer would pair every later one with the wrong request. */
+      req_free(r);
+      conn_close(c);
+      return;
+    }
     c->queued--;
+    c->unsent++;
     req_free(r);
   }
 }
@@ -343,27 +411,44 @@ void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *hea
     req_free(r);
     return;
   }
-  if (c->qhead == r) {
-    /* Common case: the oldest request, nothing ahead of it. */
-    serialize(c, &c->wbuf, r, status, headers, nheaders, body, body_len);
+  int bad = status < 200 || status > 599;
+  for (size_t i = 0; !bad && i < nheaders; i++)
+    bad = !header_ok(&headers[i]);
+  if (bad) {
+    static const char oops[] = "internal error: invalid response\n";
+    static const tg_http_header_t ct = {"Content-Type", 12, "text/plain; charset=utf-8", 25};
+    status = 500;
+    headers = &ct;
+    nheaders = 1;
+    body = oops;
+    body_len = sizeof oops - 1;
+  }
+  int head = c->qhead == r; /* common case: the oldest request, nothing ahead of it */
+  if (serialize(c, head ? &c->wbuf : &r->out, r, status, headers, nheaders, body, body_len) != 0) {
+    /* No answer at all would shift every later one onto the wrong request. */
     r->done = 1;
+    conn_close(c); /* frees r: it is in the queue */
+    return;
+  }
+  r->done = 1;
+  if (head) {
     c->qhead = r->next;
     if (c->qhead == NULL)
       c->qtail = NULL;
     c->queued--;
+    c->unsent++;
     req_free(r);
-  } else {
-    serialize(c, &r->out, r, status, headers, nheaders, body, body_len);
-    r->done = 1;
   }
   drain_queue(c);
+  if (c->closing)
+    return;
   if (!c->in_execute)
     conn_flush(c);
 }
 
 void tg_http_respond_simple(tg_http_req_t *req, int status, const char *content_type,
                             const void *body, size_t body_len) {
-  tg_http_header_t h = {"Content-Type", 12, content_type, strlen(content_type)};
+  tg_http_header_t h = {"Content-Type", 12, content_type, content_type ? strlen(content_type) : 0};
   tg_http_respond(req, status, content_type ? &h : NULL, content_type ? 1 : 0, body, body_len);
 }
 
@@ -389,7 +474,8 @@ static void queue_push(conn_t *c, req_priv_t *r) {
   c->queued++;
 }
 
-/* A server-made answer (400, 408, 413, 431) after which the connection ends. */
+/* A server-made answer (400, 405, 408, 413, 431, 501, ...) after which the
+ * connection ends. */
 static void queue_error(conn_t *c, int status, const char *msg) {
   req_priv_t *r = calloc(1, sizeof *r);
   if (r == NULL) {
@@ -401,33 +487,78 @@ static void queue_error(conn_t *c, int status, const char *msg) {
   c->stop_reading = 1;
   queue_push(c, r);
   char body[160];
-  int n = snprintf(body, sizeof body, "%s\n", msg);
-  tg_http_respond_simple(&r->pub, status, "text/plain; charset=utf-8", body, (size_t)n);
+  size_t n = strlen(msg);
+  if (n > sizeof body - 1)
+    n = sizeof body - 1;
+  memcpy(body, msg, n);
+  body[n++] = '\n';
+  tg_http_header_t h[2] = {{"Content-Type", 12, "text/plain; charset=utf-8", 25},
+                           {"Allow", 5, "GET, HEAD, POST, OPTIONS", 24}};
+  /* RFC 9110 15.5.6: a 405 lists the methods the server does take. */
+  tg_http_respond(&r->pub, status, h, status == 405 ? 2 : 1, body, n);
 }
 
 /* ---- writing ---- */
 
+/* Between requests, with a write pending: the connection may wait for the
+ * client to read until idle_timeout_ms after the last write progress. Head
+ * and body deadlines stay as they are. */
+static void send_deadline(conn_t *c) {
+  if (c->phase != PHASE_WAIT && c->phase != PHASE_IDLE && c->phase != PHASE_SEND)
+    return;
+  uint64_t now = uv_now(&c->worker->loop);
+  uint64_t due = c->write_ms + c->worker->server->cfg.limits.idle_timeout_ms;
+  set_phase(c, PHASE_SEND, due > now ? (uint32_t)(due - now) : 0);
+}
+
+/* Hands the head of inflight (at most MAX_WRITE bytes) to uv_write. */
+static void write_inflight(conn_t *c) {
+  size_t n = c->inflight.len < MAX_WRITE ? c->inflight.len : MAX_WRITE;
+  c->write_ms = uv_now(&c->worker->loop); /* a write starts: the last one made progress */
+  send_deadline(c);
+  uv_buf_t b = uv_buf_init(c->inflight.data, (unsigned int)n);
+  c->wreq.data = c;
+  c->writing = 1;
+  c->wlen = n;
+  if (uv_write(&c->wreq, (uv_stream_t *)&c->handle, &b, 1, on_write) != 0) {
+    c->writing = 0;
+    conn_close(c);
+  }
+}
+
 static void on_write(uv_write_t *wr, int status) {
   conn_t *c = wr->data;
   c->writing = 0;
-  tg_buf_reset(&c->inflight);
   if (status < 0 || c->closing) {
     if (!c->closing)
       conn_close(c);
+    return;
+  }
+  tg_buf_consume(&c->inflight, c->wlen);
+  if (c->inflight.len) {
+    write_inflight(c);
     return;
   }
   conn_flush(c);
 }
 
 static void conn_after_flush(conn_t *c) {
-  if (c->closing || c->writing || c->wbuf.len)
+  if (c->closing || c->writing || c->wbuf.len || c->inflight.len)
     return;
+  c->unsent = 0; /* everything serialized so far is on the wire */
   if (c->queued == 0 && c->close_when_done) {
     conn_close(c);
     return;
   }
-  if (c->paused && c->queued < c->worker->server->cfg.limits.max_pipelined / 2 + 1)
+  if (c->paused && c->queued < c->worker->server->cfg.limits.max_pipelined / 2 + 1) {
     conn_resume(c);
+    /* Resuming answers more requests and may have started a write whose
+     * buffer must not be freed below. */
+    if (c->closing || c->writing || c->wbuf.len || c->inflight.len)
+      return;
+  }
+  if (c->phase == PHASE_SEND) /* drained: back to waiting for handlers, or idle below */
+    set_phase(c, PHASE_WAIT, 0);
   if (!c->closing && c->queued == 0 && c->phase == PHASE_WAIT) {
     set_phase(c, PHASE_IDLE, c->worker->server->cfg.limits.idle_timeout_ms);
     /* An idle connection keeps small buffers for the next request, but not
@@ -438,6 +569,8 @@ static void conn_after_flush(conn_t *c) {
       tg_buf_free(&c->inflight);
     if (c->body.cap > 16384)
       tg_buf_free(&c->body);
+    if (c->target.cap > 16384)
+      tg_buf_free(&c->target);
     if (c->scratch.cap > 16384 && c->scratch.len == 0)
       tg_buf_free(&c->scratch);
   }
@@ -469,9 +602,10 @@ static void conn_flush(conn_t *c) {
     src = &c->inflight;
   } else {
     /* Try the socket directly first: most answers fit and need no request. */
-    uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned)c->wbuf.len);
+    size_t want = c->wbuf.len < MAX_WRITE ? c->wbuf.len : MAX_WRITE;
+    uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned int)want);
     int n = uv_try_write((uv_stream_t *)&c->handle, &b, 1);
-    if (n == (int)c->wbuf.len) {
+    if (n >= 0 && (size_t)n == c->wbuf.len) {
       tg_buf_reset(&c->wbuf);
       conn_after_flush(c);
       return;
@@ -482,6 +616,7 @@ static void conn_flush(conn_t *c) {
     }
     if (n < 0)
       n = 0;
+    /* inflight is empty here (not writing): swap rather than copy. */
     tg_buf_t t = c->inflight;
     c->inflight = c->wbuf;
     c->wbuf = t;
@@ -493,13 +628,7 @@ static void conn_flush(conn_t *c) {
     conn_after_flush(c);
     return;
   }
-  uv_buf_t b = uv_buf_init(src->data, (unsigned)src->len);
-  c->wreq.data = c;
-  c->writing = 1;
-  if (uv_write(&c->wreq, (uv_stream_t *)&c->handle, &b, 1, on_write) != 0) {
-    c->writing = 0;
-    conn_close(c);
-  }
+  write_inflight(c);
 }
 
 /* ---- parsing ---- */
@@ -518,6 +647,9 @@ static int on_message_begin(llhttp_t *p) {
   c->span_start = 0;
   c->head_bytes = 0;
   c->expect_continue = 0;
+  c->in_trailers = 0;
+  c->upgrade = 0;
+  tg_buf_reset(&c->target);
   c->msg_start_ns = uv_hrtime();
   set_phase(c, PHASE_HEAD, c->worker->server->cfg.limits.header_timeout_ms);
   return 0;
@@ -536,11 +668,32 @@ static int on_span(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = p->data;
   if (add_head_bytes(c, len) != 0)
     return HPE_USER;
+  if (c->in_trailers) /* counted against the head limit, then dropped */
+    return 0;
   if (tg_buf_append(&c->scratch, at, len) != 0) {
     c->err_status = 500;
     return HPE_USER;
   }
   return 0;
+}
+
+/* llhttp 8.1 takes obs-fold (a line starting with SP or HT continues the
+ * previous field) and hands the continuation as more value bytes; RFC 9112
+ * 5.2 lets a server refuse it, and a proxy that unfolds differently would see
+ * other fields than we do. The byte before such a span is the LF that ended
+ * the previous line, possibly at the end of the previous read. */
+static int on_value_span(llhttp_t *p, const char *at, size_t len) {
+  conn_t *c = p->data;
+  if (len && (at[0] == ' ' || at[0] == '\t')) {
+    size_t off = (size_t)(at - c->exec_data);
+    char prev = off >= 1 ? at[-1] : c->tail[1];
+    if (prev == '\n') {
+      c->err_status = 400;
+      c->err_msg = "obsolete line folding";
+      return HPE_USER;
+    }
+  }
+  return on_span(p, at, len);
 }
 
 static int end_span(conn_t *c, uint32_t slot) {
@@ -568,22 +721,10 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
 
 static int on_url_complete(llhttp_t *p) { return end_span(p->data, 0); }
 
-/* RFC 9110 token characters: what a header name may hold. */
-static int is_token(const char *s) {
-  static const char extra[] = "!#$%&'*+-.^_`|~";
-  if (*s == '\0')
-    return 0;
-  for (; *s; s++) {
-    unsigned char ch = (unsigned char)*s;
-    if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-          (ch && strchr(extra, ch))))
-      return 0;
-  }
-  return 1;
-}
-
 static int on_field_complete(llhttp_t *p) {
   conn_t *c = p->data;
+  if (c->in_trailers)
+    return add_head_bytes(c, 4);
   if (c->nhdr >= MAX_HEADERS) {
     c->err_status = 431;
     return HPE_USER;
@@ -591,7 +732,8 @@ static int on_field_complete(llhttp_t *p) {
   if (add_head_bytes(c, 4) != 0) /* ": " and CRLF count against the limit */
     return HPE_USER;
   int rc = end_span(c, 1 + 2 * c->nhdr);
-  if (rc == 0 && !is_token(c->scratch.data + c->hoff[1 + 2 * c->nhdr])) {
+  const char *name = c->scratch.data + c->hoff[1 + 2 * c->nhdr];
+  if (rc == 0 && !is_token_n(name, strlen(name))) {
     c->err_status = 400;
     c->err_msg = "invalid header name";
     return HPE_USER;
@@ -601,41 +743,137 @@ static int on_field_complete(llhttp_t *p) {
 
 static int on_value_complete(llhttp_t *p) {
   conn_t *c = p->data;
+  if (c->in_trailers)
+    return 0;
+  /* RFC 9110 5.5: trailing whitespace is not part of a field value, and
+   * llhttp 8.1 leaves it in ("Host: api.example " names api.example). */
+  while (c->scratch.len > c->span_start &&
+         (c->scratch.data[c->scratch.len - 1] == ' ' || c->scratch.data[c->scratch.len - 1] == '\t'))
+    c->scratch.len--;
   int rc = end_span(c, 2 + 2 * c->nhdr);
   c->nhdr++;
   return rc;
 }
 
+static int head_error(conn_t *c, int status, const char *msg) {
+  c->err_status = status;
+  c->err_msg = msg;
+  return HPE_USER;
+}
+
+static int is_ows(char ch) { return ch == ' ' || ch == '\t'; }
+
+/* RFC 9112 6.1 and 7: we decode "chunked" and nothing else. Returns 0, or
+ * the status to answer: 501 for a coding we do not implement ahead of a
+ * final chunked, 400 when chunked is missing, not last, or repeated. */
+static int check_transfer_encoding(const char *v) {
+  int chunked = 0, other = 0;
+  for (const char *e = v; *e;) {
+    while (is_ows(*e) || *e == ',')
+      e++;
+    if (*e == '\0')
+      break;
+    const char *stop = e;
+    while (*stop && *stop != ',')
+      stop++;
+    size_t n = (size_t)(stop - e);
+    while (n && is_ows(e[n - 1]))
+      n--;
+    if (chunked) /* something after chunked, or chunked twice */
+      return 400;
+    if (n == 7 && strncasecmp(e, "chunked", 7) == 0)
+      chunked = 1;
+    else
+      other = 1;
+    e = stop;
+  }
+  if (!chunked)
+    return 400;
+  return other ? 501 : 0;
+}
+
+/* Normalizes the target and the host into c->target (net/target.h), so a
+ * bad one is refused before any body is read. */
+static int parse_target(conn_t *c, llhttp_t *p, const char *host_hdr) {
+  const char *url = c->scratch.data + c->hoff[0];
+  size_t url_len = strlen(url);
+  size_t host_len = host_hdr ? strlen(host_hdr) : 0;
+  if (tg_buf_reserve(&c->target, url_len + 4 + host_len + 1) != 0)
+    return head_error(c, 500, NULL);
+  const char *why = NULL;
+  tg_target_t *t = &c->tgt;
+  if (tg_target_parse(url, url_len, c->target.data, t, &why) != 0)
+    return head_error(c, 400, why);
+  if (t->asterisk && p->method != HTTP_OPTIONS)
+    return head_error(c, 400, "\"*\" is for OPTIONS only");
+  const char *end = t->host ? t->host + t->host_len + 1
+                    : t->query ? t->query + t->query_len + 1
+                               : t->path + t->path_len + 1;
+  size_t used = (size_t)(end - c->target.data);
+  if (host_hdr) {
+    /* Checked even when an absolute-form authority wins (RFC 9112 3.2.2):
+     * a malformed Host is a malformed request. */
+    char *out = c->target.data + used;
+    size_t n;
+    if (tg_target_host(host_hdr, host_len, out, &n, &why) != 0)
+      return head_error(c, 400, why);
+    if (t->host == NULL && n > 0) {
+      t->host = out;
+      t->host_len = n;
+    }
+    used += n + 1;
+  }
+  c->target.len = used;
+  return 0;
+}
+
 static int on_headers_complete(llhttp_t *p) {
   conn_t *c = p->data;
   const tg_http_limits_t *lim = &c->worker->server->cfg.limits;
-  if (c->hoff[0] >= c->scratch.len) { /* no URL at all */
-    c->err_status = 400;
-    return HPE_USER;
+  c->in_trailers = 1; /* any header callback from here on is a trailer field */
+  if (c->hoff[0] >= c->scratch.len) /* no URL at all */
+    return head_error(c, 400, NULL);
+  if (p->http_major != 1) /* HTTP/0.9 and anything newer than 1.x over this parser */
+    return head_error(c, 505, NULL);
+  /* A tunnel is not ours to open; the bytes after it must not be read as
+   * requests either (the error closes the connection). */
+  if (p->method == HTTP_CONNECT)
+    return head_error(c, 405, "CONNECT is not supported");
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes)
+    return head_error(c, 413, NULL);
+  int hosts = 0, te = 0;
+  const char *host = NULL, *te_value = NULL;
+  for (uint32_t i = 0; i < c->nhdr; i++) {
+    if (hdr_is(c, i, "host")) {
+      hosts++;
+      host = hdr_value(c, i);
+    } else if (hdr_is(c, i, "transfer-encoding")) {
+      te++;
+      te_value = hdr_value(c, i);
+    } else if (hdr_is(c, i, "upgrade")) {
+      c->upgrade = 1;
+    }
   }
-  if (p->http_major != 1) { /* HTTP/0.9 and anything newer than 1.x over this parser */
-    c->err_status = 505;
-    return HPE_USER;
-  }
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > lim->max_body_bytes) {
-    c->err_status = 413;
-    return HPE_USER;
-  }
-  int hosts = 0;
-  for (uint32_t i = 0; i < c->nhdr; i++)
-    hosts += hdr_is(c, i, "host");
   /* RFC 9112 3.2: exactly one Host in HTTP/1.1; at most one in 1.0. */
-  if (hosts > 1 || (hosts == 0 && p->http_minor >= 1)) {
-    c->err_status = 400;
-    c->err_msg = hosts ? "more than one Host header" : "missing Host header";
-    return HPE_USER;
+  if (hosts > 1 || (hosts == 0 && p->http_minor >= 1))
+    return head_error(c, 400, hosts ? "more than one Host header" : "missing Host header");
+  if (te) {
+    /* RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+     * framing; answer and close rather than guess. */
+    if (p->http_minor == 0)
+      return head_error(c, 400, "Transfer-Encoding in an HTTP/1.0 request");
+    int status = te > 1 ? 400 : check_transfer_encoding(te_value);
+    if (status)
+      return head_error(c, status, status == 501 ? "transfer coding not supported"
+                                                 : "invalid Transfer-Encoding");
   }
+  int rc = parse_target(c, p, host);
+  if (rc != 0)
+    return rc;
   for (uint32_t i = 0; i < c->nhdr; i++) {
     if (hdr_is(c, i, "expect")) {
-      if (strcasecmp(hdr_value(c, i), "100-continue") != 0) {
-        c->err_status = 417;
-        return HPE_USER;
-      }
+      if (strcasecmp(hdr_value(c, i), "100-continue") != 0)
+        return head_error(c, 417, NULL);
       c->expect_continue = p->http_minor >= 1;
     }
   }
@@ -674,6 +912,8 @@ static int on_chunk_complete(llhttp_t *p) {
   return HPE_PAUSED;
 }
 
+/* A client's X-Request-Id goes into every log line of its request: only a
+ * short token ([A-Za-z0-9._:-], 1..39 bytes) is adopted, else we make one. */
 static void make_request_id(worker_priv_t *w, req_priv_t *r, conn_t *c) {
   for (uint32_t i = 0; i < c->nhdr; i++) {
     if (!hdr_is(c, i, "x-request-id"))
@@ -683,7 +923,8 @@ static void make_request_id(worker_priv_t *w, req_priv_t *r, conn_t *c) {
     int ok = n > 0 && n < sizeof r->pub.request_id;
     for (size_t k = 0; ok && k < n; k++)
       ok = (v[k] >= '0' && v[k] <= '9') || (v[k] >= 'a' && v[k] <= 'z') ||
-           (v[k] >= 'A' && v[k] <= 'Z') || v[k] == '-' || v[k] == '_' || v[k] == '.';
+           (v[k] >= 'A' && v[k] <= 'Z') || v[k] == '-' || v[k] == '_' || v[k] == '.' ||
+           v[k] == ':';
     if (ok) {
       memcpy(r->pub.request_id, v, n + 1);
       return;
@@ -706,7 +947,8 @@ static int on_message_complete(llhttp_t *p) {
   worker_priv_t *w = c->worker;
   size_t peer_len = strlen(c->peer) + 1;
   size_t hdrs_size = c->nhdr * sizeof(tg_http_header_t);
-  size_t total = sizeof(req_priv_t) + hdrs_size + c->scratch.len + c->body.len + 1 + peer_len;
+  size_t total = sizeof(req_priv_t) + hdrs_size + c->scratch.len + c->target.len + c->body.len + 1 +
+                 peer_len;
   req_priv_t *r = malloc(total);
   if (r == NULL) {
     c->err_status = 500;
@@ -717,7 +959,9 @@ static int on_message_complete(llhttp_t *p) {
   tg_http_header_t *hdrs = (tg_http_header_t *)mem;
   char *head = mem + hdrs_size;
   memcpy(head, c->scratch.data, c->scratch.len);
-  char *body = head + c->scratch.len;
+  char *target = head + c->scratch.len;
+  memcpy(target, c->target.data, c->target.len);
+  char *body = target + c->target.len;
   if (c->body.len)
     memcpy(body, c->body.data, c->body.len);
   body[c->body.len] = '\0';
@@ -731,22 +975,28 @@ static int on_message_complete(llhttp_t *p) {
     hdrs[i].value_len = strlen(hdrs[i].value);
   }
   r->conn = c;
-  r->keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
+  /* After an Upgrade request the client may switch protocols whatever we
+   * answer: its next bytes are not ours to parse as HTTP. */
+  r->keep_alive = llhttp_should_keep_alive(p) && !c->upgrade && !p->upgrade ? 1 : 0;
   r->head_method = p->method == HTTP_HEAD;
   tg_http_req_t *q = &r->pub;
   q->worker = &w->pub;
   q->id = ++w->req_counter;
   q->method = p->method;
   q->method_name = llhttp_method_name((llhttp_method_t)p->method);
-  char *url = head + c->hoff[0];
-  char *qm = strchr(url, '?');
-  if (qm) {
-    *qm = '\0';
-    q->query = qm + 1;
-    q->query_len = strlen(qm + 1);
+  const tg_target_t *t = &c->tgt;
+  q->raw_target = head + c->hoff[0];
+  q->raw_target_len = strlen(q->raw_target);
+  q->path = target + (t->path - c->target.data);
+  q->path_len = t->path_len;
+  if (t->query) {
+    q->query = target + (t->query - c->target.data);
+    q->query_len = t->query_len;
   }
-  q->path = url;
-  q->path_len = strlen(url);
+  if (t->host) {
+    q->host = target + (t->host - c->target.data);
+    q->host_len = t->host_len;
+  }
   q->headers = hdrs;
   q->nheaders = c->nhdr;
   q->body = body;
@@ -767,9 +1017,15 @@ static int on_message_complete(llhttp_t *p) {
   const tg_listener_config_t *lc = c->listener->cfg;
   lc->handler(q, lc->ud);
 
+  if (c->writing && !c->closing) /* reading on does not move the send deadline */
+    send_deadline(c);
   if (c->stop_reading || c->closing)
     return HPE_PAUSED;
-  if (c->queued >= w->server->cfg.limits.max_pipelined) {
+  /* Answers the client has not taken yet count, whether still with their
+   * handler or written into our buffers: a client that pipelines and never
+   * reads stops being read. */
+  if (c->queued + c->unsent >= w->server->cfg.limits.max_pipelined ||
+      c->wbuf.len + c->inflight.len >= MAX_UNSENT_BYTES) {
     c->paused = 1;
     return HPE_PAUSED;
   }
@@ -781,7 +1037,7 @@ static void settings_init(void) {
   parser_settings.on_message_begin = on_message_begin;
   parser_settings.on_url = on_url;
   parser_settings.on_header_field = on_span;
-  parser_settings.on_header_value = on_span;
+  parser_settings.on_header_value = on_value_span;
   parser_settings.on_url_complete = on_url_complete;
   parser_settings.on_header_field_complete = on_field_complete;
   parser_settings.on_header_value_complete = on_value_complete;
@@ -802,6 +1058,7 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
     return 1;
   }
   c->in_execute = 1;
+  c->exec_data = data;
   const char *cur = data;
   llhttp_errno_t e;
   for (;;) {
@@ -838,7 +1095,9 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
     return 1;
   if (e == HPE_OK)
     return 0;
-  if (e == HPE_PAUSED) {
+  if (e == HPE_PAUSED_UPGRADE) /* the Upgrade request was answered; nothing after it is read */
+    c->stop_reading = 1;
+  if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
     const char *pos = llhttp_get_error_pos(&c->parser);
     size_t used = pos ? (size_t)(pos - data) : len;
     if (c->paused && used < len)
@@ -854,6 +1113,7 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   case 417: msg = "expectation not supported"; break;
   case 505: msg = "HTTP version not supported"; break;
   case 500: msg = "out of memory"; break;
+  case 405: case 501: msg = c->err_msg ? c->err_msg : tg_http_reason(status); break;
   default: msg = c->err_msg ? c->err_msg : llhttp_errno_name(e); status = 400; break;
   }
   if (e == HPE_INVALID_VERSION)
@@ -862,22 +1122,34 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   return 1;
 }
 
+/* Parses what was read while paused, then reads again. A flush inside may
+ * find the output drained and ask to resume once more: that is done by this
+ * loop rather than by recursion, so a long pipeline costs no stack. */
 static void conn_resume(conn_t *c) {
-  c->paused = 0;
-  llhttp_resume(&c->parser);
-  if (c->pending_in.len) {
+  if (c->resuming) {
+    c->resume_again = 1;
+    return;
+  }
+  c->resuming = 1;
+  do {
+    c->resume_again = 0;
+    c->paused = 0;
+    llhttp_resume(&c->parser);
+    if (c->pending_in.len == 0)
+      break;
     tg_buf_t in = c->pending_in;
     c->pending_in = (tg_buf_t){0};
     conn_parse(c, in.data, in.len);
     tg_buf_free(&in);
     if (c->closing)
-      return;
+      break;
     drain_queue(c);
+    if (c->closing)
+      break;
     conn_flush(c);
-    if (c->closing || c->paused || c->stop_reading)
-      return;
-  }
-  if (!c->reading && !c->stop_reading)
+  } while (c->resume_again && !c->closing);
+  c->resuming = 0;
+  if (!c->closing && !c->paused && !c->reading && !c->stop_reading)
     conn_read_start(c);
 }
 
@@ -993,6 +1265,7 @@ static void conn_handle_closed(uv_handle_t *h) {
   tg_buf_free(&c->wbuf);
   tg_buf_free(&c->inflight);
   tg_buf_free(&c->pending_in);
+  tg_buf_free(&c->target);
   if (c->tls)
     tg_tls_free(c->tls);
   free(c);

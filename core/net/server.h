@@ -11,7 +11,21 @@
 /* HTTP/1.1 server: N worker threads, each with its own libuv loop and its own
  * SO_REUSEPORT listening socket per listener; no lock on the request path.
  * Keep-alive, pipelining (responses in request order), chunked request bodies,
- * Expect: 100-continue, limits (431, 413, 408, connection cap), optional TLS. */
+ * Expect: 100-continue, limits (431, 413, 408, connection cap), optional TLS.
+ *
+ * What never reaches a handler (answered here, then the connection closes):
+ * a target or Host that does not normalize (400, net/target.h), "*" but for
+ * OPTIONS (400), CONNECT (405), Transfer-Encoding in HTTP/1.0 (400), a
+ * transfer coding other than a lone "chunked" (501, or 400 when chunked is
+ * not last), obs-fold (400). Trailer fields are read and dropped, never
+ * merged into the headers. A request carrying Upgrade is served as plain
+ * HTTP (RFC 9110 7.8 lets a server ignore it) and the connection then
+ * closes, so bytes after it are never parsed as another request.
+ *
+ * Backpressure: a connection stops being read while the client has not taken
+ * max_pipelined answers (queued, or serialized but unwritten) or 256 KiB of
+ * unwritten output, and is read again once its output has drained; one whose
+ * output makes no progress for idle_timeout_ms is closed. */
 
 typedef struct tg_http_header {
   const char *name;
@@ -32,10 +46,23 @@ struct tg_http_req {
   char request_id[40];         /* X-Request-Id if the client sent a sane one, else generated */
   int method;                  /* llhttp_method_t (HTTP_GET, HTTP_POST, ...) */
   const char *method_name;     /* "GET", "POST", ... */
-  const char *path;            /* raw request target up to '?', NUL-terminated */
+  /* The target, normalized once before the handler runs (net/target.h): dot
+   * segments removed, unreserved %XX decoded, '/' runs merged. Every lookup
+   * (routing, policy, catalog) uses this; "*" only for OPTIONS *. */
+  const char *path;            /* NUL-terminated, starts with '/' (or is "*") */
   size_t path_len;
-  const char *query;           /* after '?', NUL-terminated, or NULL */
+  const char *query;           /* after '?', verbatim, NUL-terminated, or NULL */
   size_t query_len;
+  const char *raw_target;      /* the request target exactly as received, NUL-terminated */
+  size_t raw_target_len;
+  /* The host the request is for, validated and lower-cased (net/target.h):
+   * from an absolute-form target when there is one (RFC 9112 3.2.2: it wins
+   * over Host), else from the Host header. The port is included when the
+   * client sent one ("api.example:8080", "[::1]:80"); tg_tenants_by_host
+   * matches with and without it. NULL when the request names no host
+   * (HTTP/1.0 without Host, or an empty Host). */
+  const char *host;
+  size_t host_len;
   tg_http_header_t *headers;   /* as received; names and values NUL-terminated */
   size_t nheaders;
   const char *body;            /* de-chunked body, NUL-terminated (terminator not counted) */
@@ -56,7 +83,11 @@ void tg_http_peer_ip(const tg_http_req_t *req, char *out, size_t outlen);
 
 /* Answers req. Copies status, headers and body; after this call req and
  * everything it points to must not be used. Content-Length, Date, Server and
- * Connection are added by the server: do not pass them. Safe to call from the
+ * Connection are added by the server: do not pass them. A status outside
+ * 200..599, a header name that is not a token, a value holding CR, LF, NUL or
+ * another control byte, or a framing header (Content-Length,
+ * Transfer-Encoding, Connection) is a handler bug: the client gets a plain
+ * 500 instead, never a split or doubled header. Safe to call from the
  * worker thread only, at any time after the handler was called (also after
  * the client went away: the answer is then dropped). */
 void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *headers,
@@ -79,9 +110,9 @@ typedef struct tg_http_limits {
   size_t max_body_bytes;       /* over it: 413 (default 4 MiB) */
   uint32_t header_timeout_ms;  /* whole head must arrive within this: else 408 and close (default 10 s) */
   uint32_t body_timeout_ms;    /* whole body within this after the head: else 408 (default 30 s) */
-  uint32_t idle_timeout_ms;    /* keep-alive idle before close (default 60 s) */
+  uint32_t idle_timeout_ms;    /* keep-alive idle, or output left unread, before close (default 60 s) */
   uint32_t max_connections;    /* for the whole server; spread over workers (default 10000) */
-  uint32_t max_pipelined;      /* requests queued on one connection before reading pauses (default 32) */
+  uint32_t max_pipelined;      /* answers not yet written (queued or unsent) before reading pauses (default 32) */
 } tg_http_limits_t;
 
 typedef struct tg_listener_config {

@@ -181,16 +181,18 @@ static const ProtobufCMessageDescriptor *map_entry(const ProtobufCMessageDescrip
 
 static json_t *encode_message(const ProtobufCMessage *m, int depth);
 
+/* The text's length is taken from the buffer, never from snprintf's return
+ * (which is what it wanted to write, not what it wrote). */
 static json_t *int64_string(int64_t v) {
   char b[24];
-  int n = snprintf(b, sizeof b, "%" PRId64, v);
-  return json_stringn(b, (size_t)n);
+  snprintf(b, sizeof b, "%" PRId64, v);
+  return json_string(b);
 }
 
 static json_t *uint64_string(uint64_t v) {
   char b[24];
-  int n = snprintf(b, sizeof b, "%" PRIu64, v);
-  return json_stringn(b, (size_t)n);
+  snprintf(b, sizeof b, "%" PRIu64, v);
+  return json_string(b);
 }
 
 static json_t *encode_double(double v) {
@@ -492,7 +494,8 @@ static const char *format_path(const seg_t *s, char buf[PATH_MAX_SHOWN]) {
         prepend(buf, &start, &cut, ".", 1);
       break;
     case SEG_INDEX:
-      prepend(buf, &start, &cut, num, (size_t)snprintf(num, sizeof num, "[%zu]", s->index));
+      snprintf(num, sizeof num, "[%zu]", s->index);
+      prepend(buf, &start, &cut, num, strlen(num));
       break;
     case SEG_KEY:
       prepend(buf, &start, &cut, "\"]", 2);

@@ -32,8 +32,10 @@ static void on_delay(uv_timer_t *t) {
   uv_close((uv_handle_t *)&d->timer, on_delay_closed);
 }
 
-/* /delay/<ms>: answers after ms; /echo: method, path, query, body length and
- * body; /hdr/<name>: the value of a request header. */
+/* /delay/<ms>: answers after ms; /hdr/<name>: the value of a request header;
+ * /host: req->host and the raw target; /rid: the request id; /big: 1 KiB;
+ * /badhdr/<kind>: an invalid answer header; anything else echoes method,
+ * path, query, body length and body. */
 static void handler(tg_http_req_t *req, void *ud) {
   (void)ud;
   atomic_fetch_add(&handled, 1);
@@ -43,6 +45,40 @@ static void handler(tg_http_req_t *req, void *ud) {
     uv_timer_init(req->worker->loop, &d->timer);
     d->timer.data = d;
     uv_timer_start(&d->timer, on_delay, (uint64_t)atoi(req->path + 7), 0);
+    return;
+  }
+  if (strcmp(req->path, "/host") == 0) {
+    tg_buf_t b = {0};
+    tg_buf_printf(&b, "host=%s raw=%s", req->host ? req->host : "-", req->raw_target);
+    tg_http_respond_simple(req, 200, "text/plain", b.data, b.len);
+    tg_buf_free(&b);
+    return;
+  }
+  if (strcmp(req->path, "/rid") == 0) {
+    tg_http_respond_simple(req, 200, "text/plain", req->request_id, strlen(req->request_id));
+    return;
+  }
+  if (strcmp(req->path, "/big") == 0) { /* 1 KiB answers fill a client's window fast */
+    char body[1024];
+    memset(body, 'b', sizeof body);
+    tg_http_respond_simple(req, 200, "text/plain", body, sizeof body);
+    return;
+  }
+  if (strncmp(req->path, "/badhdr/", 8) == 0) { /* a handler bug: a header that would split the head */
+    const char *kind = req->path + 8;
+    tg_http_header_t h = {"X-Ok", 4, "fine", 4};
+    int status = 200;
+    if (strcmp(kind, "crlf") == 0)
+      h = (tg_http_header_t){"X-A", 3, "a\r\nInjected: 1", 16};
+    else if (strcmp(kind, "nul") == 0)
+      h = (tg_http_header_t){"X-A", 3, "a\0b", 3};
+    else if (strcmp(kind, "name") == 0)
+      h = (tg_http_header_t){"X-A: b\r\nInjected", 17, "1", 1};
+    else if (strcmp(kind, "cl") == 0)
+      h = (tg_http_header_t){"Content-Length", 14, "0", 1};
+    else if (strcmp(kind, "status") == 0)
+      status = 1000;
+    tg_http_respond(req, status, &h, 1, "body", 4);
     return;
   }
   if (strncmp(req->path, "/hdr/", 5) == 0) {
@@ -522,4 +558,404 @@ TEST(grace_deadline_cuts_slow_handlers) {
   pthread_join(th, NULL);
   CHECK(ms >= 250 && ms < 1200);
   close(fd);
+}
+
+/* Sends raw on a fresh connection; returns everything until the server
+ * closes (or goes quiet). */
+static void exchange(int port, const char *raw, size_t len, tg_buf_t *out) {
+  int fd = dial(port);
+  send_all(fd, raw, len);
+  read_until_quiet(fd, out, 1000);
+  close(fd);
+}
+
+static int count_str(const char *hay, const char *needle) {
+  int n = 0;
+  for (const char *p = hay; p && (p = strstr(p, needle)); p++)
+    n++;
+  return n;
+}
+
+TEST(target_is_normalized_before_the_handler) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  struct {
+    const char *target;
+    const char *seen; /* what the echo handler prints: "<path> q=<query>" */
+  } cases[] = {
+      {"/a/./b/../c", "GET /a/c q=-"},
+      {"/docs/../v1/quotes/ACME", "GET /v1/quotes/ACME q=-"},
+      {"/docs/%2e%2E/v1/quotes", "GET /v1/quotes q=-"},
+      {"/docs/.%2e/v1", "GET /v1 q=-"},
+      {"//v1//quotes/", "GET /v1/quotes/ q=-"},
+      {"/a%7e%41%5fb%3a%3A", "GET /a~A_b%3A%3A q=-"},
+      {"/a/b/..", "GET /a/ q=-"},
+      {"/a/.", "GET /a/ q=-"},
+      {"/%252e%252e/x", "GET /%252e%252e/x q=-"}, /* decoded once: "%25" then "2e" */
+      {"/a%3a%c3%a9", "GET /a%3A%C3%A9 q=-"},
+      {"/x?y=/../z&%2F", "GET /x q=y=/../z&%2F"},
+      {"/x?", "GET /x q= "},
+      {"http://api.example/p/../q?z", "GET /q q=z"},
+      {"HTTPS://api.example", "GET / q=-"},
+      {"http://api.example?k", "GET / q=k"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n\r\n", cases[i].target);
+    tg_buf_t b = {0};
+    exchange(port, req, (size_t)n, &b);
+    if (b.data == NULL || strncmp(b.data, "HTTP/1.1 200 ", 13) != 0 || strstr(b.data, cases[i].seen) == NULL) {
+      fprintf(stderr, "  case %s: got %.300s\n", cases[i].target, b.data ? b.data : "(nothing)");
+      CHECK(0);
+    }
+    tg_buf_free(&b);
+  }
+  tg_server_stop(s, 1000);
+}
+
+TEST(bad_targets_are_400_and_close) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  const char *targets[] = {
+      "/../x", "/a/../..", "/%2e%2e/x", "/a%2fb", "/a%2F..%2Fb", "/a%5cb", "/a%00b", "/a%zz", "/a%4",
+      "/a#frag", "/a?b#frag", "/a\\b", "/a\x80", "/x/..;/y", "/x/.;/y", "*",
+      "ftp://api.example/x", "http://user@api.example/x", "http://user:pw@api.example/x",
+      "http:///x", "http:/x", "api.example:443", "http://api.example:99999/", "http://[fe80::1%25eth0]/",
+      "http://a b/", "//api.example/../..",
+  };
+  for (size_t i = 0; i < sizeof targets / sizeof targets[0]; i++) {
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: t\r\n\r\nGET /after HTTP/1.1\r\nHost: t\r\n\r\n",
+                     targets[i]);
+    tg_buf_t b = {0};
+    exchange(port, req, (size_t)n, &b);
+    if (b.data == NULL || strncmp(b.data, "HTTP/1.1 400 ", 13) != 0 ||
+        strstr(b.data, "Connection: close") == NULL || strstr(b.data, "/after") != NULL) {
+      fprintf(stderr, "  target %s: got %.200s\n", targets[i], b.data ? b.data : "(nothing)");
+      CHECK(0);
+    }
+    tg_buf_free(&b);
+  }
+  /* "*" is for OPTIONS, which gets it as its path. */
+  tg_buf_t b = {0};
+  exchange(port, "OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", 31, &b);
+  CHECK(b.data && strncmp(b.data, "HTTP/1.1 200 ", 13) == 0 && strstr(b.data, "OPTIONS * q=-"));
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+TEST(host_is_validated_and_normalized) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  struct {
+    const char *head; /* request line and headers, without the final CRLF */
+    const char *seen; /* "host=..." from the /host handler, or a status line */
+  } cases[] = {
+      {"GET /host HTTP/1.1\r\nHost: API.Example\r\n", "host=api.example raw=/host"},
+      {"GET /host HTTP/1.1\r\nHost:api.example \t \r\n", "host=api.example raw=/host"},
+      {"GET /host HTTP/1.1\r\nHost: api.example.:00443\r\n", "host=api.example:443 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example:\r\n", "host=api.example "},
+      {"GET /host HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n", "host=127.0.0.1:8080 "},
+      {"GET /host HTTP/1.1\r\nHost: [::1]:80\r\n", "host=[::1]:80 "},
+      {"GET /host HTTP/1.1\r\nHost: [2001:DB8::1]\r\n", "host=[2001:db8::1] "},
+      {"GET /host HTTP/1.1\r\nHost:\r\n", "host=- "},
+      {"GET /host HTTP/1.0\r\n", "host=- "},
+      /* RFC 9112 3.2.2: the absolute-form authority wins over Host. */
+      {"GET http://Paid.Example:80/./host HTTP/1.1\r\nHost: free.example\r\n",
+       "host=paid.example:80 raw=http://Paid.Example:80/./host"},
+      {"GET /host HTTP/1.1\r\nHost: exa mple/../x\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example/x\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: user@api.example\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example:65536\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example:000080\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example:80:80\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: api.example:-1\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: [fe80::1%25eth0]\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: [v1.x]\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: [::1\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: a..b\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: .\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: a%62c\r\n", "HTTP/1.1 400 "},
+      {"GET /host HTTP/1.1\r\nHost: a\xc3\xa9\r\n", "HTTP/1.1 400 "},
+      /* A bad Host is refused even when an absolute-form authority wins. */
+      {"GET http://api.example/host HTTP/1.1\r\nHost: a b\r\n", "HTTP/1.1 400 "},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    char req[512];
+    int n = snprintf(req, sizeof req, "%s\r\n", cases[i].head);
+    tg_buf_t b = {0};
+    exchange(port, req, (size_t)n, &b);
+    if (b.data == NULL || strstr(b.data, cases[i].seen) == NULL) {
+      fprintf(stderr, "  case %zu: got %.300s\n", i, b.data ? b.data : "(nothing)");
+      CHECK(0);
+    }
+    tg_buf_free(&b);
+  }
+  tg_server_stop(s, 1000);
+}
+
+TEST(answer_headers_are_never_split) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  const char *kinds[] = {"crlf", "nul", "name", "cl", "status"};
+  for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+    char req[128];
+    int n = snprintf(req, sizeof req, "GET /badhdr/%s HTTP/1.1\r\nHost: t\r\n\r\n", kinds[i]);
+    int fd = dial(port);
+    send_all(fd, req, (size_t)n);
+    tg_buf_t b = {0};
+    CHECK_INT(read_responses(fd, &b, 1, 1000), 1);
+    if (strncmp(b.data, "HTTP/1.1 500 ", 13) != 0 || strstr(b.data, "Injected") ||
+        count_str(b.data, "Content-Length") != 1) {
+      fprintf(stderr, "  kind %s: got %.300s\n", kinds[i], b.data);
+      CHECK(0);
+    }
+    /* The connection goes on: the 500 was framed as usual. */
+    tg_buf_reset(&b);
+    send_str(fd, "GET /badhdr/ok HTTP/1.1\r\nHost: t\r\n\r\n");
+    CHECK_INT(read_responses(fd, &b, 1, 1000), 1);
+    CHECK(strncmp(b.data, "HTTP/1.1 200 ", 13) == 0 && strstr(b.data, "X-Ok: fine\r\n"));
+    close(fd);
+    tg_buf_free(&b);
+  }
+  tg_server_stop(s, 1000);
+}
+
+TEST(obs_fold_is_400_and_trailers_are_dropped) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  const char *folds[] = {
+      "GET /hdr/x-a HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n",
+      "GET /hdr/x-a HTTP/1.1\r\nHost: t\r\nX-A: a\r\n\tb\r\n\r\n",
+      "GET /hdr/x-a HTTP/1.1\r\nHost: t\r\n X-A: b\r\n\r\n",
+  };
+  for (size_t i = 0; i < sizeof folds / sizeof folds[0]; i++) {
+    tg_buf_t b = {0};
+    exchange(port, folds[i], strlen(folds[i]), &b);
+    CHECK(b.data && strncmp(b.data, "HTTP/1.1 400 ", 13) == 0 && strstr(b.data, "Connection: close"));
+    tg_buf_free(&b);
+  }
+  /* A fold split over two reads, at the LF. */
+  int fd = dial(port);
+  send_str(fd, "GET /hdr/x-a HTTP/1.1\r\nHost: t\r\nX-A: a\r\n");
+  usleep(50 * 1000);
+  send_str(fd, " b\r\n\r\n");
+  tg_buf_t b = {0};
+  read_until_quiet(fd, &b, 1000);
+  CHECK(b.data && strncmp(b.data, "HTTP/1.1 400 ", 13) == 0);
+  close(fd);
+  /* A value split over reads elsewhere is still one value. */
+  fd = dial(port);
+  send_str(fd, "GET /hdr/x-a HTTP/1.1\r\nHost: t\r\nX-A: a");
+  usleep(50 * 1000);
+  send_str(fd, " b\r\n\r\n");
+  tg_buf_reset(&b);
+  CHECK_INT(read_responses(fd, &b, 1, 1000), 1);
+  CHECK(strstr(b.data, "\r\n\r\na b") != NULL);
+  close(fd);
+  /* Trailer fields are never merged into the headers (RFC 9110 6.5.1). */
+  const char *trailer = "POST /hdr/x-t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        "1\r\nx\r\n0\r\nX-T: smuggled\r\n\r\n";
+  tg_buf_reset(&b);
+  exchange(port, trailer, strlen(trailer), &b);
+  CHECK(b.data && strncmp(b.data, "HTTP/1.1 404 ", 13) == 0 && !strstr(b.data, "smuggled"));
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+TEST(connect_and_upgrade_get_exactly_one_answer) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  const char *smuggled = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+  struct {
+    const char *head;
+    const char *status;
+  } cases[] = {
+      {"CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n", "HTTP/1.1 405 "},
+      {"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "HTTP/1.1 200 "},
+      {"GET /h2c HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+       "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", "HTTP/1.1 200 "},
+      /* Upgrade without "Connection: upgrade": llhttp reads on, we still close. */
+      {"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n\r\n", "HTTP/1.1 200 "},
+      {"POST /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+       "Content-Length: 3\r\n\r\nabc", "HTTP/1.1 200 "},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    tg_buf_t req = {0}, b = {0};
+    tg_buf_printf(&req, "%s%s", cases[i].head, smuggled);
+    int fd = dial(port);
+    send_all(fd, req.data, req.len);
+    read_until_quiet(fd, &b, 1000);
+    if (b.data == NULL || strncmp(b.data, cases[i].status, 13) != 0 || count_str(b.data, "HTTP/1.1") != 1 ||
+        strstr(b.data, "Connection: close") == NULL || strstr(b.data, "smuggled")) {
+      fprintf(stderr, "  case %zu: got %.400s\n", i, b.data ? b.data : "(nothing)");
+      CHECK(0);
+    }
+    CHECK(peer_closed(fd, 1000) || b.len > 0);
+    close(fd);
+    tg_buf_free(&b);
+    tg_buf_free(&req);
+  }
+  tg_server_stop(s, 1000);
+}
+
+TEST(transfer_encoding_rules) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  struct {
+    const char *req;
+    const char *status;
+  } cases[] = {
+      /* RFC 9112 6.1: HTTP/1.0 with Transfer-Encoding has faulty framing. */
+      {"POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 "},
+      {"POST /te HTTP/1.0\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 "},
+      {"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "HTTP/1.1 501 "},
+      {"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 "},
+      {"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 "},
+      {"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+       "HTTP/1.1 400 "},
+      {"POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 "},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    tg_buf_t req = {0}, b = {0};
+    tg_buf_printf(&req, "%sGET /after HTTP/1.1\r\nHost: t\r\n\r\n", cases[i].req);
+    exchange(port, req.data, req.len, &b);
+    if (b.data == NULL || strncmp(b.data, cases[i].status, 13) != 0 || strstr(b.data, "/after") ||
+        strstr(b.data, "Connection: close") == NULL) {
+      fprintf(stderr, "  case %zu: got %.300s\n", i, b.data ? b.data : "(nothing)");
+      CHECK(0);
+    }
+    tg_buf_free(&b);
+    tg_buf_free(&req);
+  }
+  /* A lone chunked, any case, is fine. */
+  tg_buf_t b = {0};
+  const char *ok = "POST /te HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+  int fd = dial(port);
+  send_str(fd, ok);
+  CHECK_INT(read_responses(fd, &b, 1, 1000), 1);
+  CHECK(strstr(b.data, "n=2 body=hi") != NULL);
+  close(fd);
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+TEST(request_id_is_a_short_token) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int fd = dial(tg_server_port(s, 0));
+  send_str(fd, "GET /rid HTTP/1.1\r\nHost: t\r\nX-Request-Id: trace:01.a_b-c\r\n\r\n"
+               "GET /rid HTTP/1.1\r\nHost: t\r\nX-Request-Id: a\"b\r\n\r\n"
+               "GET /rid HTTP/1.1\r\nHost: t\r\nX-Request-Id: 0123456789012345678901234567890123456789\r\n\r\n"
+               "GET /rid HTTP/1.1\r\nHost: t\r\nX-Request-Id: a b\r\n\r\n");
+  tg_buf_t b = {0};
+  CHECK_INT(read_responses(fd, &b, 4, 1000), 4);
+  CHECK(strstr(b.data, "\r\n\r\ntrace:01.a_b-c") != NULL);
+  CHECK(strstr(b.data, "a\"b") == NULL && strstr(b.data, "0123456789012345678901234567890123456789") == NULL &&
+        strstr(b.data, "a b") == NULL);
+  close(fd);
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+/* A client that pipelines and never reads must stop being read: what it
+ * makes us hold is bounded, and it gets every answer once it reads. */
+TEST(pipelining_without_reading_is_bounded) {
+  tg_http_limits_t lim = small_limits();
+  lim.idle_timeout_ms = 10000;
+  lim.header_timeout_ms = 10000;
+  tg_server_t *s = start(lim, 1);
+  CHECK(s != NULL);
+  int fd = dial(tg_server_port(s, 0));
+  enum { N = 50000 };
+  static const char one[] = "GET /big HTTP/1.1\r\nHost: t\r\n\r\n";
+  tg_buf_t req = {0};
+  for (int i = 0; i < N; i++)
+    tg_buf_append(&req, one, sizeof one - 1);
+  atomic_store(&handled, 0);
+  size_t off = 0;
+  uint64_t quiet_since = uv_hrtime();
+  while (off < req.len && uv_hrtime() - quiet_since < 500000000ull) {
+    ssize_t n = send(fd, req.data + off, req.len - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      off += (size_t)n;
+      quiet_since = uv_hrtime();
+    } else {
+      usleep(5000);
+    }
+  }
+  /* 50 MiB of answers if it read everything; the socket buffers hold a few.
+   * Wait until the server stops handling (it would not, reading on). */
+  int seen = -1;
+  for (int i = 0; i < 50 && seen != atomic_load(&handled); i++) {
+    seen = atomic_load(&handled);
+    usleep(100 * 1000);
+  }
+  fprintf(stderr, "  sent %zu of %zu bytes, %d requests handled before reading\n", off, req.len, seen);
+  CHECK(seen < N / 2);
+  /* Now read: every request gets its answer, in order. */
+  size_t answers = 0, got = 0;
+  char tmp[65536];
+  size_t per = 0; /* bytes of one answer, learnt from the first */
+  uint64_t t0 = uv_hrtime();
+  tg_buf_t first = {0};
+  while (answers < N && uv_hrtime() - t0 < 20000000000ull) {
+    if (off < req.len) {
+      ssize_t n = send(fd, req.data + off, req.len - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n > 0)
+        off += (size_t)n;
+    }
+    struct pollfd pf = {fd, POLLIN, 0};
+    if (poll(&pf, 1, 100) <= 0)
+      continue;
+    ssize_t n = recv(fd, tmp, sizeof tmp, 0);
+    if (n <= 0)
+      break;
+    if (per == 0) {
+      tg_buf_append(&first, tmp, (size_t)n);
+      const char *end = strstr(first.data, "\r\n\r\n");
+      if (end == NULL)
+        continue;
+      per = (size_t)(end + 4 - first.data) + 1024;
+      got = first.len;
+    } else {
+      got += (size_t)n;
+    }
+    answers = got / per;
+  }
+  CHECK_INT(answers, N);
+  CHECK_INT(got, (size_t)N * per);
+  close(fd);
+  tg_buf_free(&first);
+  tg_buf_free(&req);
+  tg_server_stop(s, 1000);
+}
+
+/* A client that stops reading may not hold its connection forever: once no
+ * write makes progress for idle_timeout_ms, the connection goes. */
+TEST(client_that_never_reads_is_cut_after_the_idle_timeout) {
+  tg_server_t *s = start(small_limits(), 1); /* idle_timeout_ms 300 */
+  CHECK(s != NULL);
+  int fd = dial(tg_server_port(s, 0));
+  static const char one[] = "GET /big HTTP/1.1\r\nHost: t\r\n\r\n";
+  tg_buf_t req = {0};
+  for (int i = 0; i < 20000; i++)
+    tg_buf_append(&req, one, sizeof one - 1);
+  uint64_t t0 = uv_hrtime(); /* before the first byte: the server's clock starts later */
+  send_all(fd, req.data, req.len);
+  while (tg_server_connections(s) > 0 && uv_hrtime() - t0 < 3000000000ull)
+    usleep(20 * 1000);
+  uint64_t ms = (uv_hrtime() - t0) / 1000000;
+  CHECK_INT(tg_server_connections(s), 0);
+  CHECK(ms >= 300); /* idle_timeout_ms after the last write that made progress */
+  close(fd);
+  tg_buf_free(&req);
+  tg_server_stop(s, 1000);
 }
