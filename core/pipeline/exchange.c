@@ -1,6 +1,7 @@
 #include "pipeline/exchange.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -12,6 +13,7 @@
 #include "catalog/rsl.h"
 #include "base/log.h"
 #include "base/metrics.h"
+#include "net/target.h"
 #include "ramp/v1/exchange.pb-c.h"
 
 /* RSL usage tokens by enum value. */
@@ -36,6 +38,21 @@ static const char *user_type_token(Comp__V1__UserType t) {
   case COMP__V1__USER_TYPE__USER_TYPE_PERSONAL: return "personal";
   default: return NULL;
   }
+}
+
+#define MAX_URI (sizeof(((tg_offer_t *)0)->uri) - 1)
+
+/* True when the path of a URI (up to '?' or '#') is its own normal form,
+ * as the server normalizes request targets (net/target.h). */
+static bool normal_path(const char *path) {
+  char norm[MAX_URI + 1];
+  size_t len = strcspn(path, "?#"), n;
+  const char *why;
+  if (len == 0)
+    return true; /* no path: "/" */
+  if (len > MAX_URI || tg_target_path(path, len, norm, &n, &why) != 0)
+    return false;
+  return n == len && memcmp(norm, path, len) == 0;
 }
 
 static const char *nonempty(const char *s) { return s && *s ? s : NULL; }
@@ -190,6 +207,27 @@ static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void 
                     req->n_resources, TG_EXCHANGE_MAX_RESOURCES);
     return;
   }
+  for (size_t i = 0; i < req->n_resources; i++) {
+    const char *uri = req->resources[i]->uri;
+    /* An offer id binds the hash of its URI: a longer URI would be cut to fit
+     * and the offer would be signed for a prefix of it, another resource. */
+    if (strnlen(uri, MAX_URI + 1) > MAX_URI) {
+      tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "resources[%zu].uri: longer than %zu bytes", i,
+                      (size_t)MAX_URI);
+      return;
+    }
+    /* The catalog is matched on the path as written, the origin serves it
+     * normalized: "/free/../paid" must not be priced as "/free/". */
+    const char *host;
+    size_t host_len;
+    if (tg_uri_host(uri, &host, &host_len) == 0 && !normal_path(host + host_len)) {
+      tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
+                      "resources[%zu].uri: the path is not in normal form (dot segments, '//', "
+                      "%%XX of an unreserved character, lower-case hex or a byte to escape)",
+                      i);
+      return;
+    }
+  }
   discover_gate(ex, call, req);
 }
 
@@ -209,7 +247,7 @@ static held_t *hold(tg_app_worker_t *aw, held_t *held, size_t *nheld, size_t ti)
     if (held[k].tenant == ti)
       return &held[k];
   if (*nheld == HELD_MAX)
-    return NULL; /* more distinct tenants than that in one call: answered as not loaded */
+    return NULL; /* more distinct tenants than that in one call: answered without offers */
   held_t *h = &held[(*nheld)++];
   h->tenant = ti;
   h->pin = tg_snapshot_acquire(aw->catalog_readers[ti]);
@@ -274,7 +312,12 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
                         const Ramp__V1__DiscoverResourcesRequest *req, Ramp__V1__ResourceResult *r,
                         int64_t *built_at) {
   const tg_app_t *app = aw->app;
-  const tg_catalog_t *cat = h ? h->pin.data : NULL;
+  if (h == NULL) { /* neither rate-limited nor priced: no offer may leave */
+    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
+    r->absence_detail = "more tenants in this call than one call serves: ask for this URI in another call";
+    return 0;
+  }
+  const tg_catalog_t *cat = h->pin.data;
   if (cat == NULL) {
     r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
     r->absence_detail = "no catalog loaded for this tenant";

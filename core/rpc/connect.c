@@ -468,24 +468,16 @@ static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const 
   char *text = NULL;
   if (o) {
     json_object_set_new(o, "code", json_string(tg_connect_code_name(code)));
-    if (msg && *msg) {
-      json_t *m = json_string(msg);
-      if (m == NULL) { /* not UTF-8: keep the ASCII part readable */
-        char clean[MESSAGE_MAX];
-        size_t i = 0;
-        for (; msg[i] && i < sizeof clean - 1; i++)
-          clean[i] = (unsigned char)msg[i] < 0x80 ? msg[i] : '?';
-        clean[i] = '\0';
-        m = json_string(clean);
-      }
-      json_object_set_new(o, "message", m);
-    }
+    /* Messages quote client input and may be cut mid-character by the
+     * formatting buffer: repaired, never dropped or mangled to ASCII. */
+    if (msg && *msg)
+      json_object_set_new(o, "message", tg_utf8_json_string(msg));
     text = json_dumps(o, JSON_COMPACT);
     json_decref(o);
   }
   char fallback[64];
   const char *body = text;
-  if (body == NULL) {
+  if (body == NULL) { /* out of memory: jansson cannot build it; the code names are constants */
     snprintf(fallback, sizeof fallback, "{\"code\":\"%s\"}", tg_connect_code_name(code));
     body = fallback;
   }

@@ -510,11 +510,11 @@ TEST(sections_are_flattened) {
 
 TEST(section_errors) {
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                 "    payments = { x402 = {\n      price = 0.5 } } } },\n}\n"),
+                 "    payments = { x402 = {\n      max_timeout_s = 0.5 } } } },\n}\n"),
             -1);
-  CHECK(err_is(5, "tenants[1].payments.x402.price: 0.5 is not an integer"));
+  CHECK(err_is(5, "tenants[1].payments.x402.max_timeout_s: 0.5 is not an integer"));
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                 "    payments = { x402 = { price = 2^60 } } } },\n}\n"),
+                 "    payments = { x402 = { big = 2^60 } } } },\n}\n"),
             -1);
   CHECK(err_is(4, "write it as a string"));
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
@@ -690,4 +690,88 @@ TEST(redis_and_rate_limit_errors) {
   CHECK_INT(load("return {\n" LISTEN "  redis = {\n    password_file = 'none.pass' },\n}\n"), -1);
   CHECK(err_is(4, "redis.password_file: cannot read '"));
   CHECK(strstr(err, "none.pass': No such file or directory") != NULL);
+}
+
+/* A tenant whose payments.x402.price is the Lua expression price, on line 5. */
+static int load_price(const char *price) {
+  char text[512];
+  snprintf(text, sizeof(text),
+           "return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+           "    payments = { x402 = { pay_to = '0xabc',\n"
+           "      price = %s } } } },\n}\n",
+           price);
+  return load(text);
+}
+
+TEST(x402_price_is_parsed_once) {
+  static const struct {
+    const char *lua;
+    long long want;
+  } ok[] = {
+      {"1000", 1000}, {"'1000'", 1000}, {"0", 0}, {"'0'", 0}, {"1e3", 1000}, /* a number has no spelling */
+      {"2^53", 9007199254740992LL}, {"'9007199254740992'", 9007199254740992LL},
+  };
+  for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+    int rc = load_price(ok[i].lua);
+    if (rc != 0)
+      fprintf(stderr, "  price = %s: %s\n", ok[i].lua, err);
+    CHECK_INT(rc, 0);
+    CHECK(cfg.tenants[0].x402_priced);
+    CHECK_INT(cfg.tenants[0].x402_price, ok[i].want);
+  }
+  /* No price: nothing to sell, which is not the same as 0. */
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    payments = { x402 = { pay_to = '0xabc' } } } },\n}\n"),
+            0);
+  CHECK(!cfg.tenants[0].x402_priced);
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' } } },\n}\n"), 0);
+  CHECK(!cfg.tenants[0].x402_priced);
+  /* The demo's price, as its comment says: 1000 atomic units = 0.001 USDC. */
+  fresh();
+  snprintf(cfgpath, sizeof(cfgpath), "%s", TG_SOURCE_DIR "/deploy/demo/tollgate.lua");
+  CHECK_INT(tg_config_load(cfgpath, &cfg, err, sizeof(err)), 0);
+  CHECK(!cfg.tenants[0].x402_priced);
+  CHECK(cfg.tenants[1].x402_priced);
+  CHECK_INT(cfg.tenants[1].x402_price, 1000);
+}
+
+/* Each used to load, and strtoll made it 0: the resource was served free. */
+TEST(x402_price_malformed_is_a_config_error) {
+  static const struct {
+    const char *lua, *why;
+  } bad[] = {
+      {"'0.001'", "\"0.001\" is not an amount in atomic units (a decimal fraction; an integer: 1000 = 0.001 "
+                  "USDC at 6 decimals)"},
+      {"'abc'", "\"abc\" is not an amount in atomic units (not digits;"},
+      {"'-5'", "\"-5\" is not an amount in atomic units (negative;"},
+      {"-5", "-5 is not an amount in atomic units (negative;"},
+      {"'+5'", "\"+5\" is not an amount in atomic units (a sign;"},
+      {"'1e3'", "\"1e3\" is not an amount in atomic units (an exponent;"},
+      {"' 10'", "\" 10\" is not an amount in atomic units (spaces;"},
+      {"'10 '", "\"10 \" is not an amount in atomic units (spaces;"},
+      {"'10\\n'", "\"10\\x0a\" is not an amount in atomic units (spaces;"},
+      {"''", "\"\" is not an amount in atomic units (empty;"},
+      {"'0x10'", "\"0x10\" is not an amount in atomic units (not digits;"},
+      {"'1_000'", "\"1_000\" is not an amount in atomic units (not digits;"},
+      {"'0010'", "\"0010\" is not an amount in atomic units (leading zeros;"},
+      {"'1\\0'", "\"1\\x00\" is not an amount in atomic units (not digits;"},
+      {"1.5", "1.5 is not an amount in atomic units (a decimal fraction;"},
+      {"0.001", "0.001 is not an amount in atomic units (a decimal fraction;"},
+      {"1e30", "1e+30 is more than 2^53 = 9007199254740992 atomic units"},
+      {"2^53 + 2", "9007199254740994 is more than 2^53"},
+      {"1/0", "inf is not an amount in atomic units (not finite;"},
+      {"'99999999999999999999'", "\"99999999999999999999\" is more than 2^53 = 9007199254740992 atomic units"},
+      {"'9007199254740993'", "\"9007199254740993\" is more than 2^53"},
+      {"{ 1000 }", "expected an amount in atomic units (an integer, or a string of digits: 1000 = 0.001 USDC at 6 "
+                   "decimals), got table"},
+      {"true", "expected an amount in atomic units"},
+  };
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    int rc = load_price(bad[i].lua);
+    if (rc == 0)
+      fprintf(stderr, "  price = %s loaded\n", bad[i].lua);
+    CHECK_INT(rc, -1);
+    CHECK(err_is(5, "tenants[1].payments.x402.price: "));
+    CHECK(err_is(5, bad[i].why));
+  }
 }
