@@ -5,12 +5,17 @@
 #include <mbedtls/sha256.h>
 #include <mbedtls/version.h>
 #include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "base/log.h"
 #include "policy/state.h"
@@ -206,9 +211,213 @@ static int validate(const tg_policy_options_t *o, const char *tenant, const char
   return 0;
 }
 
-/* Reads (path NULL: the embedded default) and validates into a new entry. */
+/* ---- Validation in a child process. A policy that crashes LuaJIT (a bug we
+ * do not know of yet) takes down the validator, not the gateway serving
+ * every tenant: reloads run validate() in `exe policy-validate`, which gets
+ * the source on fd 0 and writes its verdict to fd 3 (its stdout and stderr
+ * stay the gateway's, for the log lines the policy writes). */
+
+#define VALIDATOR_DEFAULT_TIMEOUT_MS 30000u
+#define VALIDATOR_FD 3
+
+static const char *validator_exe;
+static uint32_t validator_timeout_ms;
+
+void tg_policy_set_validator(const char *exe, uint32_t timeout_ms) {
+  validator_exe = exe;
+  validator_timeout_ms = timeout_ms ? timeout_ms : VALIDATOR_DEFAULT_TIMEOUT_MS;
+}
+
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static int write_all(int fd, const char *p, size_t len) {
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0)
+      return -1;
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* Runs the validator on src; 0, or -EINVAL/-ENOMEM with err "FILE...: reason". */
+static int validate_in_child(const tg_policy_options_t *o, const char *tenant, const char *path,
+                             const char *src, size_t len, char *err, size_t errlen) {
+  int in = memfd_create("tollgate-policy-source", MFD_CLOEXEC);
+  int out = memfd_create("tollgate-policy-verdict", MFD_CLOEXEC);
+  int rc = -EINVAL;
+  bool fa_ok = false, at_ok = false;
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t at;
+  if (in < 0 || out < 0 || write_all(in, src, len) != 0 || lseek(in, 0, SEEK_SET) != 0) {
+    snprintf(err, errlen, "%s: cannot hand the policy to its validator: %s", path,
+             strerror(errno));
+    goto done;
+  }
+  char t_ms[16], l_ms[16], mem[24];
+  snprintf(t_ms, sizeof t_ms, "%u", o->time_limit_ms);
+  snprintf(l_ms, sizeof l_ms, "%u", o->load_time_limit_ms);
+  snprintf(mem, sizeof mem, "%zu", o->memory_limit);
+  char *argv[] = {(char *)validator_exe, "policy-validate", "--tenant", (char *)tenant,
+                  "--path", (char *)path, "--time-limit-ms", t_ms, "--load-time-limit-ms",
+                  l_ms, "--memory-limit", mem, "--version",
+                  (char *)(o->version ? o->version : ""), NULL};
+  fa_ok = posix_spawn_file_actions_init(&fa) == 0;
+  at_ok = posix_spawnattr_init(&at) == 0;
+  /* posix_spawn, not fork: the gateway has threads, and only this thread
+   * would live on in a forked child until exec. Signals the gateway ignores
+   * (SIGPIPE) or blocks would stay so across exec: reset both. */
+  sigset_t none, dflt;
+  sigemptyset(&none);
+  sigemptyset(&dflt);
+  sigaddset(&dflt, SIGPIPE);
+  if (!fa_ok || !at_ok || posix_spawn_file_actions_adddup2(&fa, in, 0) != 0 ||
+      posix_spawn_file_actions_adddup2(&fa, out, VALIDATOR_FD) != 0 ||
+      posix_spawn_file_actions_addclosefrom_np(&fa, VALIDATOR_FD + 1) != 0 ||
+      posix_spawnattr_setsigmask(&at, &none) != 0 ||
+      posix_spawnattr_setsigdefault(&at, &dflt) != 0 ||
+      posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF) != 0) {
+    rc = -ENOMEM;
+    snprintf(err, errlen, "%s: cannot start its validator: out of memory", path);
+    goto done;
+  }
+  pid_t pid;
+  int e = posix_spawn(&pid, validator_exe, &fa, &at, argv, environ);
+  if (e != 0) {
+    snprintf(err, errlen, "%s: cannot start its validator %s: %s", path, validator_exe,
+             strerror(e));
+    goto done;
+  }
+  /* Validation is bounded in the child already; this bounds the child. */
+  uint64_t deadline = mono_ms() + validator_timeout_ms;
+  int status = 0;
+  bool killed = false;
+  for (;;) {
+    pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == pid)
+      break;
+    if (w < 0 && errno != EINTR) {
+      snprintf(err, errlen, "%s: lost its validator: %s", path, strerror(errno));
+      goto done;
+    }
+    if (!killed && mono_ms() >= deadline) {
+      kill(pid, SIGKILL);
+      killed = true;
+    }
+    struct timespec nap = {0, 1000000};
+    nanosleep(&nap, NULL);
+  }
+  if (killed) {
+    snprintf(err, errlen, "%s: validation did not finish within %u ms", path,
+             validator_timeout_ms);
+  } else if (WIFSIGNALED(status)) {
+    const char *name = sigabbrev_np(WTERMSIG(status));
+    snprintf(err, errlen, "%s: the policy crashed its validation (signal %d, SIG%s)", path,
+             WTERMSIG(status), name ? name : "?");
+  } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+    rc = 0;
+  } else {
+    char verdict[TG_POLICY_MSG_LEN];
+    ssize_t n = pread(out, verdict, sizeof verdict - 1, 0);
+    while (n > 0 && (verdict[n - 1] == '\n' || verdict[n - 1] == '\0'))
+      n--;
+    verdict[n > 0 ? n : 0] = '\0';
+    if (n > 0)
+      snprintf(err, errlen, "%s", verdict);
+    else
+      snprintf(err, errlen, "%s: its validator failed (exit status %d)", path,
+               WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 3)
+      rc = -ENOMEM;
+  }
+
+done:
+  if (fa_ok)
+    posix_spawn_file_actions_destroy(&fa);
+  if (at_ok)
+    posix_spawnattr_destroy(&at);
+  if (in >= 0)
+    close(in);
+  if (out >= 0)
+    close(out);
+  return rc;
+}
+
+static int parse_u64(const char *s, uint64_t max, uint64_t *out) {
+  char *end;
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno || end == s || *end || v > max)
+    return -1;
+  *out = v;
+  return 0;
+}
+
+int tg_policy_validator_main(int argc, char **argv) {
+  tg_policy_options_t o = {0};
+  const char *tenant = "", *path = NULL;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    uint64_t v = 0;
+    const char *k = argv[i], *val = argv[i + 1];
+    if (strcmp(k, "--tenant") == 0)
+      tenant = val;
+    else if (strcmp(k, "--path") == 0)
+      path = val;
+    else if (strcmp(k, "--version") == 0)
+      o.version = val;
+    else if (strcmp(k, "--time-limit-ms") == 0 && parse_u64(val, UINT32_MAX, &v) == 0)
+      o.time_limit_ms = (uint32_t)v;
+    else if (strcmp(k, "--load-time-limit-ms") == 0 && parse_u64(val, UINT32_MAX, &v) == 0)
+      o.load_time_limit_ms = (uint32_t)v;
+    else if (strcmp(k, "--memory-limit") == 0 && parse_u64(val, SIZE_MAX, &v) == 0)
+      o.memory_limit = (size_t)v;
+    else
+      return 2;
+  }
+  if (path == NULL || argc % 2 == 0)
+    return 2;
+  tg_policy_options_t opt;
+  options_defaults(&opt, &o);
+  char *src = malloc(TG_POLICY_MAX_SOURCE + 1);
+  size_t len = 0;
+  if (src == NULL)
+    return 3;
+  for (;;) {
+    ssize_t n = read(0, src + len, TG_POLICY_MAX_SOURCE + 1 - len);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0) {
+      free(src);
+      return 2;
+    }
+    if (n == 0 || (len += (size_t)n) > TG_POLICY_MAX_SOURCE)
+      break;
+  }
+  char err[TG_POLICY_MSG_LEN];
+  int rc = len > TG_POLICY_MAX_SOURCE ? -EINVAL : 0;
+  if (rc != 0)
+    snprintf(err, sizeof err, "%s: not a regular file of at most %u bytes", path,
+             TG_POLICY_MAX_SOURCE);
+  else
+    rc = validate(&opt, tenant, path, src, len, err, sizeof err);
+  free(src);
+  if (rc == 0)
+    return 0;
+  write_all(VALIDATOR_FD, err, strlen(err));
+  return rc == -ENOMEM ? 3 : 1;
+}
+
+/* Reads (path NULL: the embedded default) and validates into a new entry;
+ * isolated: in the validator process, when there is one. */
 static int entry_load(const tg_policy_options_t *o, const char *tenant, const char *path,
-                      entry_t **out, char *err, size_t errlen) {
+                      bool isolated, entry_t **out, char *err, size_t errlen) {
   entry_t *e = calloc(1, sizeof *e);
   int rc = -ENOMEM;
   if (e == NULL)
@@ -233,7 +442,10 @@ static int entry_load(const tg_policy_options_t *o, const char *tenant, const ch
     }
   }
   sha256_hex(e->source, e->len, e->version);
-  rc = validate(o, tenant, path, e->source, e->len, err, errlen);
+  if (isolated && validator_exe && path)
+    rc = validate_in_child(o, tenant, path, e->source, e->len, err, errlen);
+  else
+    rc = validate(o, tenant, path, e->source, e->len, err, errlen);
   if (rc != 0)
     goto fail;
   struct timespec ts;
@@ -254,7 +466,7 @@ int tg_policy_check_file(const char *path, const char *tenant, const tg_policy_o
   tg_policy_options_t o;
   options_defaults(&o, opt);
   entry_t *e = NULL;
-  int rc = entry_load(&o, tenant ? tenant : "", path, &e, err, errlen);
+  int rc = entry_load(&o, tenant ? tenant : "", path, false, &e, err, errlen);
   entry_unref(e);
   return rc;
 }
@@ -304,7 +516,7 @@ int tg_policy_registry_new(const tg_config_t *cfg, const tg_policy_options_t *op
     goto oom;
   for (size_t i = 0; i < cfg->ntenants; i++) {
     const tg_config_tenant_t *t = &cfg->tenants[i];
-    rc = entry_load(&r->opt, t->name, t->policy_file, &s->entries[i], err, errlen);
+    rc = entry_load(&r->opt, t->name, t->policy_file, false, &s->entries[i], err, errlen);
     if (rc != 0)
       goto fail;
     s->n++;
@@ -420,8 +632,8 @@ static void reload_one(tg_policy_registry_t *r, const entry_t *cur, entry_t **fr
     }
     /* Read again inside entry_load: simpler than handing the buffer over,
      * and a file replaced in between is validated as it is now. */
-    if (entry_load(&r->opt, cur->tenant, cur->path, fresh, res->error, sizeof res->error) ==
-        0) {
+    if (entry_load(&r->opt, cur->tenant, cur->path, true, fresh, res->error,
+                   sizeof res->error) == 0) {
       res->status = TG_POLICY_RELOAD_UPDATED;
       memcpy(res->version, (*fresh)->version, TG_POLICY_VERSION_LEN);
       count_reload(r, cur->tenant, true);

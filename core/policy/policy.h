@@ -25,6 +25,16 @@
  *     A request finishes on the version it started with; a replaced state is
  *     closed when its last request releases it.
  *
+ * Bounds, per call (hook, load, fixture): time, checked by a count hook
+ * every 1000 instructions, by a process-wide watchdog thread that signals a
+ * thread still in a call past its deadline (so the instruction after a long
+ * C call is checked at once; the signal is SIGRTMIN+6, which nothing else in
+ * the process may use), and when the call returns (an overrun inside C fails
+ * closed as a timeout); memory, per state; the C stack: library functions
+ * that call back into Lua nest at most 100 deep and within 1 MiB of C stack
+ * (less on a thread whose stack is smaller), since LuaJIT itself bounds only
+ * its Lua stack and recursion through them would crash the process.
+ *
  * Failing closed: every hook call returns 0 or a TG_POLICY_ERR_* code with a
  * message ("policy news: price: expected integer amount, got 0.5"); the
  * module has then already logged it (tenant, hook, reason, request id) and
@@ -175,6 +185,23 @@ void tg_policy_registry_free(tg_policy_registry_t *r);
  * embedded default policy. Any thread. 0, or -EINVAL/-errno with err. */
 int tg_policy_check_file(const char *path, const char *tenant, const tg_policy_options_t *opt,
                          char *err, size_t errlen);
+
+/* Makes tg_policy_reload validate each changed policy (compile, top level,
+ * hooks, fixtures) in a child process before anything of it runs in this one:
+ * exe is started as `exe policy-validate --tenant T --path P ...` (use
+ * "/proc/self/exe" for this binary; core/main.c hands that subcommand to
+ * tg_policy_validator_main). A child that crashes, or runs longer than
+ * timeout_ms (0: 30 s; it is killed), refuses the reload with that reason;
+ * the old version stays. NULL (the default) validates in this process.
+ * Start-up (tg_policy_registry_new) and tg_policy_check_file always validate
+ * in-process. Call on the main thread before any reload may run. */
+void tg_policy_set_validator(const char *exe, uint32_t timeout_ms);
+
+/* The child's side of tg_policy_set_validator: argv[0] is "policy-validate",
+ * then the options the parent passes; the source comes on fd 0, a failure's
+ * "FILE:LINE: reason" goes to fd 3. Returns the exit status: 0 valid, 1
+ * invalid, 2 bad usage, 3 out of memory. */
+int tg_policy_validator_main(int argc, char **argv);
 
 /* tg_policy_check_file for every tenant of cfg; stops at the first error. */
 int tg_policy_check_config(const tg_config_t *cfg, const tg_policy_options_t *opt, char *err,

@@ -6,7 +6,9 @@
 #include <lualib.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,26 @@
 
 #define HOOK_COUNT 1000       /* instructions between deadline checks */
 #define LOG_LINES_PER_SEC 20  /* per state, for tollgate.log and for failed calls */
+
+/* C stack a policy call may use: library functions that call back into Lua
+ * (gsub, sort, format's __tostring) nest on it, and LuaJIT itself sets no
+ * bound. RESERVE stays free below it for the frames between two checks and
+ * for unwinding an error. */
+#define CSTACK_BUDGET (1u << 20)
+#define CSTACK_RESERVE (128u << 10)
+/* Nesting of those functions, as lua/tollgate/sandbox.lua counts it (its
+ * MAX_NESTED); one level takes 224 bytes of C stack at least (table.sort),
+ * about 9 KiB with gsub's buffer. */
+#define MAX_NESTED 100
+#define MIN_NESTED_BYTES 128u
+
+/* The watchdog scans running calls this often and signals overrunning ones,
+ * so that an instruction that takes long (a C call on a big string) is
+ * followed by a deadline check at once, not up to HOOK_COUNT of them later. */
+#define WATCH_PERIOD_NS 5000000u
+
+#define PREFAULT_MIN (1u << 20)   /* blocks from this size on are touched in steps */
+#define PREFAULT_STEP (256u << 10)
 
 static const char *const hook_names[TG_POLICY_NHOOKS] = {
     "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure"};
@@ -85,6 +107,31 @@ static tg_policy_state_t *state_of(lua_State *L) {
   return ud;
 }
 
+/* A big new block costs a page fault per page on first touch, inside the C
+ * function that asked for it, where no hook fires (tens of milliseconds for
+ * some MiB on a VM). It is touched here, a step at a time with the deadline
+ * checked between steps, so one allocation cannot outlast the call's time. */
+static void *big_alloc(tg_policy_state_t *st, void *ptr, size_t osize, size_t nsize) {
+  char *p = malloc(nsize);
+  if (p == NULL)
+    return NULL;
+  for (size_t off = 0; off < nsize; off += PREFAULT_STEP) {
+    size_t end = nsize - off > PREFAULT_STEP ? off + PREFAULT_STEP : nsize;
+    for (size_t q = off; q < end; q += 4096)
+      ((volatile char *)p)[q] = 0;
+    if (now_ns() >= st->deadline_ns) {
+      free(p);
+      st->timed_out = true;
+      return NULL;
+    }
+  }
+  if (ptr) {
+    memcpy(p, ptr, osize);
+    free(ptr);
+  }
+  return p;
+}
+
 /* Counts every byte the state holds and refuses growth past the cap; the
  * refusal is remembered so the call is reported as a memory error even if
  * the policy caught the "not enough memory" error itself. */
@@ -99,27 +146,216 @@ static void *state_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     st->mem_failed = true;
     return NULL;
   }
-  void *p = realloc(ptr, nsize);
+  void *p = nsize >= PREFAULT_MIN && nsize > osize ? big_alloc(st, ptr, osize, nsize)
+                                                   : realloc(ptr, nsize);
   if (p == NULL) {
     if (nsize <= osize)
       return ptr; /* a failed shrink keeps the larger block */
-    st->mem_failed = true;
+    if (!st->timed_out)
+      st->mem_failed = true;
     return NULL;
   }
   st->mem_used = st->mem_used - osize + nsize;
   return p;
 }
 
+static void count_hook(lua_State *L, lua_Debug *ar);
+
+/* ---- Watchdog. One thread per process looks at every thread that runs
+ * policy code; one that is still in a call past its deadline gets kick_signal,
+ * whose handler (on that thread, as LuaJIT's own interpreter does for Ctrl-C)
+ * makes the count hook fire at the next instruction. A slot's deadline is 0
+ * when no call runs, KICKING while the watchdog signals the thread (the
+ * thread waits before it publishes anything else, so it is alive and the
+ * kick is for the call it is in) and KICKED once it did. */
+
+#define WATCH_KICKING 1u
+#define WATCH_KICKED 2u
+
+typedef struct watch_slot {
+  pthread_t thread;
+  _Atomic uint64_t deadline;
+  struct watch_slot *next;
+} watch_slot_t;
+
+static pthread_mutex_t watch_lock = PTHREAD_MUTEX_INITIALIZER; /* watch_slots */
+static watch_slot_t *watch_slots;
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static pthread_key_t watch_key;
+static bool watch_ok;
+static int kick_signal;
+static _Thread_local watch_slot_t *tl_slot;
+static _Thread_local tg_policy_state_t *volatile tl_running; /* the state in a call */
+
+static void on_kick(int sig) {
+  (void)sig;
+  watch_slot_t *s = tl_slot;
+  tg_policy_state_t *st = tl_running;
+  if (s == NULL || st == NULL ||
+      atomic_load_explicit(&s->deadline, memory_order_relaxed) != WATCH_KICKED)
+    return; /* the call it was meant for is over */
+  st->fast_hook = 1;
+  lua_sethook(st->L, count_hook, LUA_MASKCOUNT, 1);
+}
+
+static void *watchdog(void *arg) {
+  (void)arg;
+  struct timespec period = {0, WATCH_PERIOD_NS};
+  for (;;) {
+    nanosleep(&period, NULL);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    pthread_mutex_lock(&watch_lock);
+    for (watch_slot_t *s = watch_slots; s; s = s->next) {
+      uint64_t d = atomic_load_explicit(&s->deadline, memory_order_acquire);
+      if (d <= WATCH_KICKED || now < d ||
+          !atomic_compare_exchange_strong(&s->deadline, &d, WATCH_KICKING))
+        continue;
+      pthread_kill(s->thread, kick_signal);
+      atomic_store_explicit(&s->deadline, WATCH_KICKED, memory_order_release);
+    }
+    pthread_mutex_unlock(&watch_lock);
+  }
+  return NULL;
+}
+
+static void slot_free(void *p) {
+  watch_slot_t *slot = p;
+  pthread_mutex_lock(&watch_lock);
+  for (watch_slot_t **s = &watch_slots; *s; s = &(*s)->next) {
+    if (*s == slot) {
+      *s = slot->next;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&watch_lock);
+  free(slot);
+}
+
+static void watch_init(void) {
+  kick_signal = SIGRTMIN + 6; /* clear of the first ones, which libraries tend to take */
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_kick;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(kick_signal, &sa, NULL) != 0 || pthread_key_create(&watch_key, slot_free) != 0)
+    return;
+  /* The watchdog blocks every signal, so that none meant for the process
+   * lands on it. */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pthread_attr_t a;
+  pthread_attr_init(&a);
+  pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&a, 64u << 10);
+  pthread_t t;
+  watch_ok = pthread_create(&t, &a, watchdog, NULL) == 0;
+  pthread_attr_destroy(&a);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (!watch_ok)
+    tg_log(TG_LOG_WARN, "policy watchdog did not start: a long C call may overrun the time limit",
+           NULL);
+}
+
+/* This thread's slot, registered on first use (NULL without a watchdog). */
+static watch_slot_t *watch_slot(void) {
+  if (tl_slot)
+    return tl_slot;
+  pthread_once(&watch_once, watch_init);
+  if (!watch_ok)
+    return NULL;
+  watch_slot_t *s = calloc(1, sizeof *s);
+  if (s == NULL)
+    return NULL;
+  s->thread = pthread_self();
+  atomic_init(&s->deadline, 0);
+  if (pthread_setspecific(watch_key, s) != 0) {
+    free(s);
+    return NULL;
+  }
+  pthread_mutex_lock(&watch_lock);
+  s->next = watch_slots;
+  watch_slots = s;
+  pthread_mutex_unlock(&watch_lock);
+  tl_slot = s;
+  return s;
+}
+
+/* Publishes this thread's deadline (0: no call), waiting out a kick in flight. */
+static void watch_publish(uint64_t deadline) {
+  watch_slot_t *s = tl_slot;
+  if (s == NULL)
+    return;
+  uint64_t cur = atomic_load_explicit(&s->deadline, memory_order_relaxed);
+  for (;;) {
+    if (cur == WATCH_KICKING) {
+      sched_yield();
+      cur = atomic_load_explicit(&s->deadline, memory_order_relaxed);
+      continue;
+    }
+    if (atomic_compare_exchange_weak_explicit(&s->deadline, &cur, deadline, memory_order_release,
+                                              memory_order_relaxed))
+      return;
+  }
+}
+
+/* ---- C stack bound */
+
+static _Thread_local uintptr_t tl_stack_lo; /* lowest usable address; 1: unknown */
+
+static uintptr_t stack_low(void) {
+  if (tl_stack_lo == 0) {
+    tl_stack_lo = 1;
+    pthread_attr_t a;
+    void *addr;
+    size_t size;
+    if (pthread_getattr_np(pthread_self(), &a) == 0) {
+      if (pthread_attr_getstack(&a, &addr, &size) == 0)
+        tl_stack_lo = (uintptr_t)addr;
+      pthread_attr_destroy(&a);
+    }
+  }
+  return tl_stack_lo;
+}
+
+/* Sets the floor for a call starting here: CSTACK_BUDGET below this frame,
+ * but never closer than CSTACK_RESERVE to the end of this thread's stack, so
+ * a thread with a small stack gets errors, not a crash. */
+static void set_cstack_floor(tg_policy_state_t *st) {
+  uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
+  uintptr_t lo = stack_low();
+  uintptr_t floor = sp - CSTACK_BUDGET;
+  st->cstack_base = sp;
+  if (lo <= 1)
+    floor = sp - CSTACK_BUDGET / 4; /* unknown bounds: stay well inside any default */
+  else if (floor < lo + CSTACK_RESERVE)
+    floor = lo + CSTACK_RESERVE;
+  st->cstack_floor = floor;
+}
+
+static bool cstack_exhausted(const tg_policy_state_t *st) {
+  return (uintptr_t)__builtin_frame_address(0) < st->cstack_floor;
+}
+
+/* ---- Time */
+
 static void count_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   tg_policy_state_t *st = state_of(L);
+  if (cstack_exhausted(st)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->cstack_msg_ref);
+    lua_error(L);
+  }
   if (now_ns() < st->deadline_ns)
     return;
   st->timed_out = true;
   if (!st->fast_hook) {
     /* Every instruction from now on, so that code catching the error
      * (pcall in a loop) is interrupted again at once. */
-    st->fast_hook = true;
+    st->fast_hook = 1;
     lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, st->timeout_msg_ref);
@@ -130,16 +366,45 @@ static void arm(tg_policy_state_t *st, uint32_t ms) {
   st->timed_out = false;
   st->mem_failed = false;
   if (st->fast_hook) {
-    st->fast_hook = false;
+    st->fast_hook = 0;
     lua_sethook(st->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
   }
   st->deadline_ns = now_ns() + (uint64_t)ms * 1000000u;
+  watch_publish(st->deadline_ns);
 }
 
-/* sandbox opts.guard: runs after every pcall/xpcall inside the policy. The
- * messages are preallocated so raising needs no memory at the cap. */
+/* Brackets a call or a load on this thread: the watchdog, the C stack floor
+ * and os.clock() follow it. */
+static void call_begin(tg_policy_state_t *st, uint32_t ms) {
+  watch_slot();
+  set_cstack_floor(st);
+  tl_running = st;
+  arm(st, ms);
+  st->call_start_ns = st->deadline_ns - (uint64_t)ms * 1000000u;
+}
+
+/* Ends the call; a call that ran past its deadline inside C, where no hook
+ * fires, is a timeout all the same. Returns its duration. */
+static uint64_t call_end(tg_policy_state_t *st) {
+  uint64_t now = now_ns();
+  if (now > st->deadline_ns)
+    st->timed_out = true;
+  watch_publish(0);
+  tl_running = NULL;
+  st->deadline_ns = UINT64_MAX;
+  uint64_t took = now - st->call_start_ns;
+  st->clock_ns += took;
+  st->call_start_ns = 0;
+  return took;
+}
+
+/* sandbox opts.guard: runs after every pcall/xpcall inside the policy and
+ * after each fixture. The messages are preallocated so raising needs no
+ * memory at the cap. */
 static int l_guard(lua_State *L) {
   tg_policy_state_t *st = state_of(L);
+  if (!st->timed_out && now_ns() >= st->deadline_ns)
+    st->timed_out = true; /* the time went by inside a C function */
   if (st->timed_out) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->timeout_msg_ref);
     return lua_error(L);
@@ -149,6 +414,51 @@ static int l_guard(lua_State *L) {
     return lua_error(L);
   }
   return 0;
+}
+
+/* sandbox.set_cstack: false once library functions that call back into Lua
+ * (the upvalues: string.gsub, string.format, table.sort) are nested
+ * MAX_NESTED deep, as the sandbox counts them in plain Lua, or the C stack
+ * budget is spent. Fewer levels also keep the unwinding of an error through
+ * them short: each costs microseconds per C frame. */
+static int l_cstack(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
+  if (sp < st->cstack_floor) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (st->cstack_base - sp < MAX_NESTED * MIN_NESTED_BYTES) {
+    lua_pushboolean(L, 1); /* too little C stack in use to hold that many levels */
+    return 1;
+  }
+  int n = 0;
+  lua_Debug ar;
+  for (int level = 1; n < MAX_NESTED && lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "f", &ar);
+    for (int i = 1; i <= 3; i++) {
+      if (lua_rawequal(L, -1, lua_upvalueindex(i))) {
+        n++;
+        break;
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushboolean(L, n < MAX_NESTED);
+  return 1;
+}
+
+/* sandbox opts.clock, behind os.clock(): seconds this state spent running
+ * its load and its hook calls (the current one so far included), never the
+ * process's CPU time, which would tell one tenant how busy the others keep
+ * the gateway. */
+static int l_clock(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  uint64_t ns = st->clock_ns;
+  if (st->call_start_ns)
+    ns += now_ns() - st->call_start_ns;
+  lua_pushnumber(L, (double)ns / 1e9);
+  return 1;
 }
 
 static int l_now(lua_State *L) {
@@ -186,9 +496,12 @@ static int l_log(lua_State *L) {
   return 0;
 }
 
-/* sandbox run_fixtures opts.on_call: each fixture gets a full time limit. */
+/* sandbox run_fixtures opts.on_call(hook, label): each fixture gets a full
+ * hook time limit, and a limit hit names it. */
 static int l_on_call(lua_State *L) {
   tg_policy_state_t *st = state_of(L);
+  const char *label = lua_tostring(L, 2);
+  snprintf(st->fixture, sizeof st->fixture, "%s", label ? label : "fixture");
   arm(st, st->time_limit_ms);
   return 0;
 }
@@ -484,6 +797,8 @@ static int init_state(lua_State *L) {
   st->timeout_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushstring(L, "policy exceeded its memory limit");
   st->memory_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushstring(L, "C stack overflow (library functions calling back into Lua nested too deeply)");
+  st->cstack_msg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
   c->stage = "lua/tollgate/money.lua";
   load_embedded(L, 0); /* 1: money */
@@ -494,11 +809,21 @@ static int init_state(lua_State *L) {
   lua_getfield(L, 2, "harden");
   lua_pushboolean(L, 1);
   lua_call(L, 1, 0);
+  lua_getfield(L, 2, "set_cstack");
+  lua_getglobal(L, "string");
+  lua_getfield(L, -1, "gsub");
+  lua_getfield(L, -2, "format");
+  lua_remove(L, -3);
+  lua_getglobal(L, "table");
+  lua_getfield(L, -1, "sort");
+  lua_remove(L, -2);
+  lua_pushcclosure(L, l_cstack, 3);
+  lua_call(L, 1, 0);
 
   lua_getfield(L, 2, "load"); /* 3 */
   lua_pushlstring(L, cfg->source, cfg->len);
   lua_pushstring(L, cfg->chunkname);
-  lua_createtable(L, 0, 6); /* opts */
+  lua_createtable(L, 0, 7); /* opts */
   lua_pushstring(L, cfg->tenant ? cfg->tenant : "");
   lua_setfield(L, -2, "tenant");
   lua_pushstring(L, cfg->gateway_version ? cfg->gateway_version : "");
@@ -509,6 +834,8 @@ static int init_state(lua_State *L) {
   lua_setfield(L, -2, "now");
   lua_pushcfunction(L, l_guard);
   lua_setfield(L, -2, "guard");
+  lua_pushcfunction(L, l_clock);
+  lua_setfield(L, -2, "clock");
   lua_createtable(L, 0, 1);
   lua_pushvalue(L, 1);
   lua_setfield(L, -2, "tollgate.money");
@@ -530,10 +857,14 @@ static int init_state(lua_State *L) {
     lua_call(L, 2, 2);
     if (!lua_toboolean(L, -2)) {
       const char *display = cfg->chunkname[0] == '@' ? cfg->chunkname + 1 : cfg->chunkname;
+      st->fixture[0] = '\0'; /* the message names it already */
       lua_pushfstring(L, "%s: %s", display, lua_tostring(L, -1));
       return lua_error(L);
     }
     lua_pop(L, 2);
+    /* What is left is the runtime's own bookkeeping: under the load limit. */
+    st->fixture[0] = '\0';
+    arm(st, st->load_time_limit_ms);
   }
 
   lua_getfield(L, 2, "invokers");
@@ -578,6 +909,7 @@ tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int 
   st->time_limit_ms = cfg->time_limit_ms ? cfg->time_limit_ms : TG_POLICY_DEFAULT_TIME_LIMIT_MS;
   st->load_time_limit_ms =
       cfg->load_time_limit_ms ? cfg->load_time_limit_ms : TG_POLICY_DEFAULT_LOAD_TIME_LIMIT_MS;
+  st->deadline_ns = UINT64_MAX;
   snprintf(st->tenant, sizeof st->tenant, "%s", cfg->tenant ? cfg->tenant : "");
   snprintf(st->version, sizeof st->version, "%s", cfg->version ? cfg->version : "");
   for (int h = 0; h < TG_POLICY_NHOOKS; h++)
@@ -587,25 +919,36 @@ tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int 
   st->m_errors = m.errors;
   st->m_duration = m.duration;
 
+  st->timeout_msg_ref = st->memory_msg_ref = st->cstack_msg_ref = LUA_NOREF;
   st->L = lua_newstate(state_alloc, st);
   if (st->L == NULL)
     goto oom;
   /* Count hooks do not fire inside compiled traces: the JIT stays off. */
   luaJIT_setmode(st->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-  st->deadline_ns = now_ns() + (uint64_t)st->load_time_limit_ms * 1000000u;
   lua_sethook(st->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
 
   init_ctx_t c = {st, cfg, fixtures, NULL};
+  call_begin(st, st->load_time_limit_ms);
   int status = lua_cpcall(st->L, init_state, &c);
-  if (status != 0) {
+  call_end(st);
+  if (status != 0 || st->timed_out) {
     char msg[TG_POLICY_MSG_LEN];
-    error_text(st->L, -1, msg, sizeof msg);
+    if (status != 0)
+      error_text(st->L, -1, msg, sizeof msg);
+    else
+      msg[0] = '\0';
     int kind = classify(st, status);
     *code = kind;
-    if (kind == TG_POLICY_ERR_TIMEOUT)
+    if (kind == TG_POLICY_ERR_TIMEOUT && st->fixture[0])
+      snprintf(err, errlen, "%s: %s: exceeded its time limit (%u ms)", display, st->fixture,
+               st->time_limit_ms);
+    else if (kind == TG_POLICY_ERR_TIMEOUT)
       snprintf(err, errlen, "%s: %s (%u ms)", display,
                c.stage ? "the embedded runtime took too long to load" :
                          "loading ran past its time limit", st->load_time_limit_ms);
+    else if (kind == TG_POLICY_ERR_MEMORY && st->fixture[0])
+      snprintf(err, errlen, "%s: %s: exceeded its memory limit (%zu bytes)", display,
+               st->fixture, st->mem_limit);
     else if (kind == TG_POLICY_ERR_MEMORY)
       snprintf(err, errlen, "%s: loading exceeded the memory limit (%zu bytes)", display,
                st->mem_limit);
@@ -616,7 +959,6 @@ tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int 
     tg_pstate_free(st);
     return NULL;
   }
-  st->deadline_ns = UINT64_MAX;
   lua_gc(st->L, LUA_GCCOLLECT, 0);
   return st;
 
@@ -687,14 +1029,13 @@ static bool begin(tg_policy_state_t *st, int hook, const void *a, int ka, const 
 static int finish(tg_policy_state_t *st, int hook, int nargs, const char *request_id,
                   tg_policy_error_t *err) {
   lua_State *L = st->L;
-  arm(st, st->time_limit_ms);
-  uint64_t t0 = st->deadline_ns - (uint64_t)st->time_limit_ms * 1000000u;
+  call_begin(st, st->time_limit_ms);
   int status = lua_pcall(L, nargs + 1, 4, 0);
-  st->deadline_ns = UINT64_MAX;
+  uint64_t took = call_end(st);
   for (int k = 0; k < TG_NVIEWS; k++)
     st->view[k]->data = NULL;
   const char *labels[] = {hook_names[hook]};
-  tg_histogram_observe(st->m_duration, labels, (double)(now_ns() - t0) / 1e9);
+  tg_histogram_observe(st->m_duration, labels, (double)took / 1e9);
 
   if (status != 0 || st->timed_out || st->mem_failed) {
     int code = classify(st, status);

@@ -6,6 +6,7 @@
  * the per-worker runtimes and decides when states are built and closed. */
 
 #include <lua.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -37,8 +38,16 @@ struct tg_policy_state {
   uint64_t deadline_ns;       /* CLOCK_MONOTONIC; the count hook raises past it */
   uint32_t time_limit_ms, load_time_limit_ms;
   bool timed_out, mem_failed; /* set by the hook / the allocator during a call */
-  bool fast_hook;             /* the hook fires every instruction after a timeout */
+  /* The hook fires every instruction: after a timeout, or once the watchdog
+   * saw the call overrun (set from its signal handler, hence the type). */
+  volatile sig_atomic_t fast_hook;
   bool suspect;               /* memory stayed near the cap: rebuild before next use */
+  uintptr_t cstack_base;      /* the C stack where the current call started */
+  uintptr_t cstack_floor;     /* the C stack may not grow below this address in a call */
+  uint64_t call_start_ns;     /* start of the current call or load */
+  uint64_t clock_ns;          /* time spent in finished calls: what os.clock() counts */
+  char fixture[160];          /* label of the fixture running (validation), or "" */
+  int cstack_msg_ref;
   int hook_ref[TG_POLICY_NHOOKS];    /* LUA_NOREF when the policy lacks the hook */
   int invoker_ref[TG_POLICY_NHOOKS]; /* sandbox.invokers[hook] */
   int view_ref[TG_NVIEWS];

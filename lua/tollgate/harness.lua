@@ -54,6 +54,8 @@
 --     spec flaky; the gateway uses wall-clock time.
 --   - The memory limit applies to what one call adds to the heap; the
 --     gateway caps the tenant's whole Lua state.
+--   - os.clock() in the policy is the CPU time since it loaded; in the
+--     gateway, the time its own state has spent running.
 --   - The JIT is turned off for the rest of the busted process on the first
 --     call: LuaJIT's count hook, which enforces the time limit, does not fire
 --     inside compiled traces (the gateway runs policy states with the JIT off).

@@ -17,6 +17,10 @@
 --       version = "0.1.0"                     tollgate.version
 --       log     = function(level, msg) end    behind tollgate.log
 --       now     = function() return secs end  behind tollgate.now (default os.time)
+--       clock   = function() return secs end  behind os.clock: the seconds this
+--                                             policy's state has spent running (the C
+--                                             runtime); default: os.clock() minus its
+--                                             value at load
 --       modules = { ["tollgate.money"] = M }  what require() may return
 --                                             (default: tollgate.money if `require` finds it)
 --       guard   = function() end              called after every pcall/xpcall inside the
@@ -58,8 +62,10 @@
 --
 --   sandbox.run_fixtures(policy, opts) -> true | false, err
 --     Runs every fixture of the policy. opts: tenant (default tenant of the
---     views), on_call(hook) called before each fixture's hook (the C runtime
---     resets the deadline there), guard (as for load). A fixture is
+--     views), on_call(hook, label) called before each fixture builds its
+--     views and calls its hook (the C runtime resets the deadline there, and
+--     names the fixture, e.g. "fixture 2 'slow' (price)", when a limit hits),
+--     guard (as for load). A fixture is
 --       { hook = "price", offer = {...}, req = {...}, txn = {...},
 --         expect = { 15000, "USD" },   -- the normalized results, in order
 --         error = "substring",         -- instead of expect: the call must fail so
@@ -76,6 +82,13 @@
 --     policy is as safe as string.find. Idempotent; load() calls it. The C
 --     runtime also hides the string metatable (its states are private).
 --
+--   sandbox.set_cstack(fn)
+--     fn() -> false once library functions that call back into Lua (gsub
+--     with a function or table, format of a value with __tostring, sort) are
+--     nested too deep to go on; they then raise "C stack overflow (...)".
+--     The C runtime gives one that measures its C stack; nil (the default)
+--     counts nested calls with the debug library, up to MAX_NESTED.
+--
 -- The environment is an allowlist: assert error ipairs next pairs pcall
 -- select tonumber tostring type unpack xpcall rawequal getmetatable (tables
 -- only) setmetatable (tables only) _G _VERSION, copies of string (no dump),
@@ -83,9 +96,12 @@
 -- require() of opts.modules; every table handed over is a frozen proxy.
 -- Differences a policy author may notice: string.find/match/gmatch/gsub
 -- switch to a slower Lua matcher when a call's worst case is large (results
--- are identical); table.sort of a long array uses a Lua comparator; xpcall
--- runs its message handler after the stack unwound (there is no traceback
--- in the sandbox, so nothing visible is lost).
+-- are identical); table.sort of more than 64 elements uses a Lua comparator;
+-- table.concat and string.rep build big results in steps (same bytes);
+-- table.insert takes positions 1..#t+1 only (as Lua 5.3); library calls that
+-- call back into Lua nest at most about 100 deep; os.clock counts the
+-- policy's own time; xpcall runs its message handler after the stack unwound
+-- (there is no traceback in the sandbox, so nothing visible is lost).
 --
 -- State: a policy's upvalues and module locals live in the Lua state that
 -- loaded it. In the gateway that is one state per tenant per worker thread,
@@ -141,6 +157,43 @@ local function is_integer(v)
   return type(v) == "number" and v == floor(v) and v >= -MAX_INT and v <= MAX_INT
 end
 
+-- Library functions that call back into Lua.
+--
+-- string.gsub (a function or table replacement), string.format ("%s" of a
+-- value with __tostring) and table.sort (its comparator, __lt) run those
+-- callbacks on the C stack, and LuaJIT bounds only the Lua stack: a policy
+-- recursing through them would overflow the C stack and take the process
+-- down. Each of them first asks cstack_ok(): the C runtime answers from its
+-- C stack (set_cstack); plain Lua counts the nested calls.
+
+local MAX_NESTED = 100
+local CSTACK_MSG = "C stack overflow (library functions calling back into Lua nested too deeply)"
+local CALLS_BACK = { [sgsub] = true, [sformat] = true, [table.sort] = true }
+local getinfo = (rawget(_G, "debug") or {}).getinfo
+
+local function count_nested()
+  -- Each level is at least a C frame and a Lua one: a shallower stack is fine.
+  if not getinfo or not getinfo(2 * MAX_NESTED, "l") then return true end
+  local n, level = 0, 2
+  while true do
+    local info = getinfo(level, "f")
+    if not info then return true end
+    if CALLS_BACK[info.func] then
+      n = n + 1
+      if n >= MAX_NESTED then return false end
+    end
+    level = level + 1
+  end
+end
+
+local cstack_ok = count_nested
+
+-- The C runtime's check (a state holds one policy, and the string metatable
+-- serves every policy of the state alike); nil restores the count above.
+function M.set_cstack(fn)
+  cstack_ok = fn or count_nested
+end
+
 -- Bounded pattern matching.
 --
 -- string.find/match/gmatch/gsub run in C, where no instruction hook fires, so
@@ -150,6 +203,7 @@ end
 -- (and so the time limit) does fire. Semantics follow LuaJIT's lib_string.c.
 
 local NATIVE_BUDGET = 2e6 -- worst-case match steps we let C run unchecked
+local GSUB_BUDGET = 4e6   -- bytes x (8 + #replacement) of a native gsub (~10 ms)
 local MAX_CAPTURES = 32
 local MAX_DEPTH = 200     -- LuaJIT's LJ_MAX_XLEVEL: "pattern too complex"
 local CAP_UNFINISHED, CAP_POSITION = -1, -2
@@ -669,7 +723,12 @@ local function safe_gsub(s, p, repl, n)
      (rt ~= "string" and rt ~= "number" and rt ~= "table" and rt ~= "function") then
     return sgsub(s, p, repl, n)
   end
-  if #ss <= shape_of(ps).nmax_anchor then return sgsub(ss, ps, repl, nn) end
+  if (rt == "function" or rt == "table") and not cstack_ok() then error(CSTACK_MSG, 2) end
+  -- Besides matching, each match appends its replacement: linear in #s.
+  local per_match = 8 + (rt == "string" and #repl or 0)
+  if #ss <= shape_of(ps).nmax_anchor and #ss * per_match <= GSUB_BUDGET then
+    return sgsub(ss, ps, repl, nn)
+  end
   return lua_gsub(ss, ps, repl, nn)
 end
 
@@ -695,6 +754,31 @@ end
 safe_string.find, safe_string.match = safe_find, safe_match
 safe_string.gmatch, safe_string.gsub = safe_gmatch, safe_gsub
 if safe_string.gfind then safe_string.gfind = safe_gmatch end
+
+safe_string.format = function(fmt, ...)
+  if not cstack_ok() then error(CSTACK_MSG, 2) end
+  return sformat(fmt, ...)
+end
+
+-- string.rep appends one copy at a time: millions of small copies in one C
+-- call can outlast the time limit. A big result is built from 64 KiB blocks
+-- (the same bytes, one C call per step, so the limit can stop it between).
+local srep = string.rep
+local REP_BLOCK = 65536
+safe_string.rep = function(s, n, sep)
+  if type(s) == "string" and type(n) == "number" and n > 1 and n == floor(n) and
+     n < 2147483648 and (sep == nil or type(sep) == "string") then
+    sep = sep or ""
+    local unit = #s + #sep
+    if unit > 0 and unit < REP_BLOCK and unit * n > 4 * REP_BLOCK then
+      local u = s .. sep
+      local k = floor(REP_BLOCK / unit)
+      -- n copies of s with n-1 separators: (s..sep) n-1 times, then s.
+      return srep(srep(u, k), floor((n - 1) / k)) .. srep(u, (n - 1) % k) .. s
+    end
+  end
+  return srep(s, n, sep)
+end
 
 local hardened = false
 function M.harden(hide)
@@ -1047,13 +1131,66 @@ M.with_deadline = with_deadline
 
 local contexts = setmetatable({}, { __mode = "k" }) -- policy -> ctx
 
--- table.sort runs in C too: a long array gets a Lua comparator, so the
--- hook fires while it sorts (a short one sorts natively in well under 10 ms).
+-- Library functions whose cost in C follows an argument, or that call back
+-- into Lua, get wrappers: no single C call may outlast the time limit by much
+-- (the hook cannot fire inside one), and none may nest without bound.
+
+-- table.sort runs in C: an array of more than a few elements gets a Lua
+-- comparator, so the time limit can stop it between two comparisons.
 local tsort = table.sort
+local SORT_NATIVE = 64
 local function less(a, b) return a < b end
 local function safe_sort(t, comp)
-  if comp == nil and type(t) == "table" and #t > 1e5 then comp = less end
+  if not cstack_ok() then error(CSTACK_MSG, 2) end
+  if comp == nil and type(t) == "table" and #t > SORT_NATIVE then comp = less end
   return tsort(t, comp)
+end
+
+-- table.insert(t, pos, v) shifts every element from #t down to pos, however
+-- far below 1 pos is: positions are 1..#t+1, as in Lua 5.3.
+local tinsert = table.insert
+local function safe_insert(...)
+  if select("#", ...) == 3 then
+    local t, pos = ...
+    if type(pos) == "string" then pos = tonumber(pos) end
+    if type(t) == "table" and type(pos) == "number" and not (pos >= 1 and pos <= #t + 1) then
+      error("bad argument #2 to 'insert' (position out of bounds)", 2)
+    end
+  end
+  return tinsert(...)
+end
+
+-- table.concat over a long range is done in blocks, one C call each.
+local CONCAT_BLOCK = 16384
+local function safe_concat(t, sep, i, j)
+  if type(t) == "table" and (sep == nil or type(sep) == "string" or type(sep) == "number") then
+    local a = i == nil and 1 or tonumber(i)
+    local b = j == nil and #t or tonumber(j)
+    if a and b and a == floor(a) and b == floor(b) and b - a >= CONCAT_BLOCK and
+       a > -2147483648 and b < 2147483648 then
+      local parts, k = {}, a
+      while k <= b do
+        local e = k + CONCAT_BLOCK - 1
+        if e > b then e = b end
+        local ok, part = pcall(tconcat, t, sep, k, e)
+        if not ok then error(part, 2) end -- "invalid value ... for 'concat'", at the caller
+        parts[#parts + 1] = part
+        k = e + 1
+      end
+      return tconcat(parts, sep)
+    end
+  end
+  return tconcat(t, sep, i, j)
+end
+
+-- os.time reads the fields of its table from C, through __index: copied
+-- here, in Lua, so no metamethod runs on the C stack.
+local TIME_FIELDS = { "year", "month", "day", "hour", "min", "sec", "isdst" }
+local function safe_time(t)
+  if type(t) ~= "table" then return os_time(t) end
+  local plain = {}
+  for _, k in ipairs(TIME_FIELDS) do plain[k] = t[k] end
+  return os_time(plain)
 end
 
 local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
@@ -1091,12 +1228,20 @@ local function make_env(opts, ctx)
   env.string = freeze(string_copy, "string")
   local table_copy = {}
   for k, v in pairs(table) do table_copy[k] = v end
-  table_copy.sort = safe_sort
+  table_copy.sort, table_copy.insert, table_copy.concat = safe_sort, safe_insert, safe_concat
   env.table = freeze(table_copy, "table")
   local math_copy = {}
   for k, v in pairs(math) do math_copy[k] = v end
   env.math = freeze(math_copy, "math")
-  env.os = freeze({ time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }, "os")
+  -- os.clock of the process would tell a policy how busy the other tenants
+  -- keep the gateway: it counts this policy's own time instead.
+  local clock = opts.clock
+  if clock == nil then
+    local base = os_clock()
+    clock = function() return os_clock() - base end
+  end
+  env.os = freeze({ time = safe_time, clock = function() return clock() end, date = os.date,
+                    difftime = os.difftime }, "os")
 
   local log = opts.log
   local now = opts.now or os_time
@@ -1282,13 +1427,13 @@ function M.run_fixtures(policy, opts)
     local label = "fixture " .. i .. (f.name and (" '" .. f.name .. "'") or "") .. " (" .. f.hook .. ")"
     local fn = policy[f.hook]
     if not fn then return false, label .. ": the policy has no hook '" .. f.hook .. "'" end
+    if opts.on_call then opts.on_call(f.hook, label) end
     local args = {}
     for j, kind in ipairs(HOOK_ARGS[f.hook]) do
       local ok, v = pcall(build_view, kind, f[kind], view_opts)
       if not ok then return false, label .. ": " .. errstr(v) end
       args[j] = v
     end
-    if opts.on_call then opts.on_call(f.hook) end
     ctx.now_override = f.now
     local r = { pcall(M.invokers[f.hook], fn, args[1], args[2]) }
     ctx.now_override = nil

@@ -724,8 +724,10 @@ static int64_t price_of(tg_policy_state_t *st) {
   tg_policy_offer_t offer = sample_offer();
   tg_policy_price_t pr;
   tg_policy_error_t e;
-  if (tg_policy_price(st, &offer, &req, &pr, &e) != 0)
+  if (tg_policy_price(st, &offer, &req, &pr, &e) != 0) {
+    fprintf(stderr, "  price failed: %s\n", e.msg); /* unexpected: say why */
     return -1;
+  }
   return pr.amount;
 }
 
@@ -970,4 +972,412 @@ TEST(deep_recursion_is_a_runtime_error) {
     tg_policy_release(st);
     fix_close(&f);
   }
+}
+
+/* ---- The C stack and time spent inside C functions */
+
+/* A policy with a top level (prelude) and a price hook running body. */
+static const char *body_policy(const char *name, const char *prelude, const char *body) {
+  static char src[4096];
+  snprintf(src, sizeof src,
+           "%s\n"
+           "local P = {}\n"
+           "function P.skip() return true end\n"
+           "function P.price(offer, req)\n%s\nend\n"
+           "return P\n",
+           prelude, body);
+  return write_policy(name, src);
+}
+
+/* Calls price once on a fresh runtime; rc, the time it took and e. */
+static int price_call(const tg_policy_options_t *opt, const char *path, tg_policy_price_t *pr,
+                      tg_policy_error_t *e, double *took, bool *still_answers) {
+  fix_t f;
+  int rc = fix_open(&f, opt, "news", path, NULL, NULL);
+  if (rc != 0) {
+    snprintf(e->msg, sizeof e->msg, "%s", f.err);
+    return rc;
+  }
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  tg_policy_req_t req = sample_req();
+  tg_policy_offer_t offer = sample_offer();
+  double t0 = now_s();
+  rc = tg_policy_price(st, &offer, &req, pr, e);
+  *took = now_s() - t0;
+  tg_policy_error_t e2;
+  bool skip = false;
+  *still_answers = tg_policy_skip(st, &req, &skip, &e2) == 0 && skip;
+  tg_policy_release(st);
+  fix_close(&f);
+  return rc;
+}
+
+/* Recursion through library functions that call back into Lua from C. LuaJIT
+ * bounds only its Lua stack, so each of these used to crash the process with
+ * SIGSEGV (gsub: 9 KiB of C stack a level) or, unwinding thousands of C
+ * frames, to overrun the time limit (sort, format). */
+static const char *const nested_bodies[] = {
+    "local function f(s) return (s:gsub('.', f)) end return f('x')",
+    "local t\n"
+    "t = setmetatable({}, { __index = function(_, k) return (('x'):gsub('x', t)) end })\n"
+    "return ('x'):gsub('x', t)",
+    "local o = setmetatable({}, { __tostring = function(o) return string.format('%s', o) end })\n"
+    "return string.format('%s', o)",
+    "local function f(a, b) table.sort({ 3, 2, 1 }, f) return a < b end table.sort({ 3, 2, 1 }, f)",
+    "local mt = {}\n"
+    "mt.__lt = function() table.sort({ setmetatable({}, mt), setmetatable({}, mt) }) return false end\n"
+    "table.sort({ setmetatable({}, mt), setmetatable({}, mt) })",
+    "local function f(s)\n"
+    "  local o = setmetatable({}, { __tostring = function() return (s:gsub('.', f)) end })\n"
+    "  return string.format('%s', o)\n"
+    "end\n"
+    "return f('x')",
+    "local function f(s)\n"
+    "  local ok, r = pcall(string.gsub, s, '.', f)\n"
+    "  if not ok then error(r, 0) end\n"
+    "  return r\n"
+    "end\n"
+    "return f('x')",
+    NULL};
+
+TEST(callbacks_nested_in_c_fail_instead_of_crashing) {
+  tg_policy_options_t opt = {.time_limit_ms = 50};
+  for (int i = 0; nested_bodies[i]; i++) {
+    tg_policy_price_t pr;
+    tg_policy_error_t e;
+    double took;
+    bool answers = false;
+    int rc = price_call(&opt, body_policy("nested", "", nested_bodies[i]), &pr, &e, &took,
+                        &answers);
+    if (rc != TG_POLICY_ERR_RUNTIME || strstr(e.msg, "C stack overflow") == NULL)
+      fprintf(stderr, "  body %d: rc %d: %s\n", i, rc, e.msg);
+    CHECK_INT(rc, TG_POLICY_ERR_RUNTIME);
+    CHECK(strstr(e.msg, "C stack overflow (library functions calling back into Lua nested too "
+                        "deeply)") != NULL);
+    CHECK(took < 0.5);
+    CHECK(answers);
+  }
+  /* os.time reads its table in Lua now: a recursive __index ends on the Lua stack. */
+  tg_policy_price_t pr;
+  tg_policy_error_t e;
+  double took;
+  bool answers = false;
+  const char *p = body_policy(
+      "ostime", "",
+      "local t\n"
+      "t = setmetatable({}, { __index = function(_, k) if k == 'day' then return os.time(t) end end })\n"
+      "return os.time(t)");
+  CHECK_INT(price_call(&opt, p, &pr, &e, &took, &answers), TG_POLICY_ERR_RUNTIME);
+  CHECK(strstr(e.msg, "stack overflow") != NULL);
+  CHECK(answers);
+
+  /* At load, as `tollgate check` and a reload run it. */
+  char err[TG_POLICY_MSG_LEN];
+  p = write_policy("nested_load", "local function f(s) return (s:gsub('.', f)) end\n"
+                                  "f('x')\n"
+                                  "return {}\n");
+  CHECK_INT(tg_policy_check_file(p, "news", NULL, err, sizeof err), -EINVAL);
+  char want[700];
+  snprintf(want, sizeof want,
+           "%s:1: C stack overflow (library functions calling back into Lua nested too deeply)", p);
+  CHECK_STR(err, want);
+
+  /* A policy may still nest them a little. */
+  p = body_policy("nested_ok", "",
+                  "local function f(s, d)\n"
+                  "  if d == 0 then return s end\n"
+                  "  return (s:gsub('.', function(c) return f(c, d - 1) end))\n"
+                  "end\n"
+                  "assert(f('ab', 40) == 'ab')\n"
+                  "local t = { 3, 1, 2 }\n"
+                  "table.sort(t, function(a, b) return string.format('%s', a) < f(tostring(b), 5) end)\n"
+                  "assert(t[1] == 1 and t[3] == 3)\n"
+                  "return 7, 'USD'");
+  CHECK_INT(price_call(&opt, p, &pr, &e, &took, &answers), 0);
+  CHECK_INT(pr.amount, 7);
+}
+
+typedef struct small_stack_arg {
+  tg_policy_registry_t *r;
+  int rc[2];
+  char msg[2][TG_POLICY_MSG_LEN];
+} small_stack_arg_t;
+
+static void *small_stack_main(void *p) {
+  small_stack_arg_t *a = p;
+  char err[TG_POLICY_MSG_LEN];
+  tg_policy_runtime_t *rt = tg_policy_runtime_new(a->r, err, sizeof err);
+  if (rt == NULL) {
+    a->rc[0] = a->rc[1] = -1;
+    snprintf(a->msg[0], sizeof a->msg[0], "%s", err);
+    return NULL;
+  }
+  tg_policy_state_t *st = tg_policy_acquire(rt, "news");
+  tg_policy_req_t req = sample_req();
+  tg_policy_offer_t offer = sample_offer();
+  tg_policy_price_t pr;
+  tg_policy_error_t e;
+  a->rc[0] = tg_policy_price(st, &offer, &req, &pr, &e);
+  snprintf(a->msg[0], sizeof a->msg[0], "%s", e.msg);
+  bool skip = false;
+  a->rc[1] = tg_policy_skip(st, &req, &skip, &e);
+  tg_policy_release(st);
+  tg_policy_runtime_free(rt);
+  return NULL;
+}
+
+/* A thread with a small stack gets the error sooner, never a crash. */
+TEST(small_thread_stacks_get_errors_not_crashes) {
+  static const size_t sizes[] = {256u << 10, 512u << 10};
+  for (int b = 0; b < 3; b++) {
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+      fix_t f;
+      CHECK_INT(fix_open(&f, NULL, "news", body_policy("small", "", nested_bodies[b]), NULL, NULL),
+                0);
+      small_stack_arg_t a = {.r = f.r};
+      pthread_attr_t attr;
+      pthread_attr_init(&attr);
+      pthread_attr_setstacksize(&attr, sizes[k]);
+      pthread_t th;
+      CHECK_INT(pthread_create(&th, &attr, small_stack_main, &a), 0);
+      pthread_join(th, NULL);
+      pthread_attr_destroy(&attr);
+      if (a.rc[0] != TG_POLICY_ERR_RUNTIME)
+        fprintf(stderr, "  body %d, stack %zu: rc %d: %s\n", b, sizes[k], a.rc[0], a.msg[0]);
+      CHECK_INT(a.rc[0], TG_POLICY_ERR_RUNTIME);
+      CHECK(strstr(a.msg[0], "C stack overflow") != NULL);
+      CHECK_INT(a.rc[1], 0);
+      fix_close(&f);
+    }
+  }
+}
+
+/* Calls whose cost in C follows an argument, or that take long in C on data
+ * kept from the top level: the count hook cannot fire inside them, so they
+ * used to overrun the 50 ms limit 8x to 60x. Now an argument past its cost
+ * bound is an error, long work runs in steps the limit can stop between, and
+ * the watchdog stops the first instruction after a long C call. */
+static const struct {
+  const char *prelude, *body;
+} c_time_attacks[] = {
+    {"", "local t = { 1, 2, 3 } table.insert(t, -3e8, 0) return 1, 'USD'"},
+    {"", "for i = 1, 1e9 do local s = string.rep('ab', 5e6) end"},
+    {"local big = string.rep('a', 8e6)", "while true do local u = big:upper() end"},
+    {"local big = string.rep('a', 8e6)", "while true do local q = string.format('%q', big) end"},
+    {"local a, b = ('a'):rep(6e6) .. 'b', ('a'):rep(6e6) .. 'c'",
+     "local n = 0 while true do if a < b then n = n + 1 end end"},
+    {"local t = {} for i = 1, 2e6 do t[i] = i end", "while true do local s = table.concat(t) end"},
+    {"local t = {} for i = 1, 1e5 do t[i] = tostring(i * 7919 % 100003) end",
+     "while true do table.sort(t) end"},
+    {"local s = ('a'):rep(2e6)", "while true do local r = s:gsub('.', '%0%0') end"},
+    {"local s = ('a'):rep(1e5)", "while true do local r = s:gsub('.', ('%0'):rep(100)) end"},
+    {"", "local function f(a, b) table.sort({ 3, 2, 1 }, f) return a < b end\n"
+         "while true do pcall(table.sort, { 3, 2, 1 }, f) end"},
+    {"", "local o = setmetatable({}, { __tostring = function(o) return string.format('%s', o) end })\n"
+         "while true do pcall(string.format, '%s', o) end"},
+    {"", "return string.find(string.rep('a', 1e5), '.-.-.-.-.-b')"},
+    {NULL, NULL}};
+
+TEST(c_calls_stay_within_the_time_limit) {
+  tg_policy_options_t opt = {.time_limit_ms = 50};
+  for (int i = 0; c_time_attacks[i].prelude; i++) {
+    char name[32];
+    snprintf(name, sizeof name, "ctime%d", i);
+    const char *p = body_policy(name, c_time_attacks[i].prelude, c_time_attacks[i].body);
+    for (int round = 0; round < 2; round++) {
+      tg_policy_price_t pr;
+      tg_policy_error_t e;
+      double took;
+      bool answers = false;
+      int rc = price_call(&opt, p, &pr, &e, &took, &answers);
+      printf("  attack %d: %.1f ms (%.1fx the limit): %s\n", i, took * 1e3, took / 0.05,
+             rc ? e.msg : "ok");
+      if (i == 0) {
+        CHECK_INT(rc, TG_POLICY_ERR_RUNTIME);
+        CHECK(strstr(e.msg, "bad argument #2 to 'insert' (position out of bounds)") != NULL);
+      } else {
+        /* A call that filled the heap may stop on memory first: either way, fast. */
+        CHECK(rc == TG_POLICY_ERR_TIMEOUT || rc == TG_POLICY_ERR_MEMORY);
+      }
+      CHECK(!pr.for_sale);
+      CHECK(took < 0.5); /* 10x: a bound a loaded machine cannot break */
+      CHECK(answers);
+    }
+  }
+}
+
+/* A single C call that outlasts the limit and returns is a timeout too (fail
+ * closed), even if no instruction of the policy ran after it. */
+TEST(a_long_c_call_that_returns_is_a_timeout) {
+  tg_policy_options_t opt = {.time_limit_ms = 5};
+  const char *p = body_policy("longc", "local big = string.rep('a', 8e6)",
+                              "return #string.format('%q', big) > 0 and 1, 'USD'");
+  tg_policy_price_t pr;
+  tg_policy_error_t e;
+  double took;
+  bool answers = false;
+  CHECK_INT(price_call(&opt, p, &pr, &e, &took, &answers), TG_POLICY_ERR_TIMEOUT);
+  CHECK_STR(e.msg, "policy news: price: exceeded its time limit (5 ms)");
+  CHECK(!pr.for_sale);
+}
+
+/* os.clock() counts this state's own time: never the process's CPU time,
+ * which would show a tenant how busy the others keep the gateway. */
+TEST(os_clock_counts_only_this_state) {
+  clock_t c0 = clock();
+  volatile unsigned long spin = 0;
+  while ((double)(clock() - c0) / CLOCKS_PER_SEC < 0.3) /* the process is busy elsewhere */
+    spin++;
+  fix_t f;
+  const char *p = body_policy("clock", "local seen = os.clock()\n",
+                              "local t0 = os.clock()\n"
+                              "assert(seen >= 0 and seen < 0.05)\n"
+                              "if req.path == '/spin' then while os.clock() - t0 < 0.01 do end end\n"
+                              "return math.floor(os.clock() * 1e6), 'USD'");
+  CHECK_INT(fix_open(&f, NULL, "news", p, NULL, NULL), 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  tg_policy_req_t req = sample_req();
+  tg_policy_offer_t offer = sample_offer();
+  tg_policy_price_t pr;
+  tg_policy_error_t e;
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  int64_t first = pr.amount;
+  CHECK(first >= 0 && first < 50000); /* microseconds of this one call, not 0.3 s */
+  req.path = "/spin";
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(pr.amount >= first + 10000 && pr.amount < first + 60000);
+  tg_policy_release(st);
+  fix_close(&f);
+}
+
+/* A fixture that hits the hook time limit is named, with that limit. */
+TEST(fixture_limits_name_the_fixture) {
+  char err[TG_POLICY_MSG_LEN], want[700];
+  const char *p = write_policy(
+      "slow_fixture", "local P = {}\n"
+                      "function P.skip() return false end\n"
+                      "function P.price() while true do end end\n"
+                      "P.fixtures = {\n"
+                      "  { hook = 'skip', expect = { false } },\n"
+                      "  { name = 'slow', hook = 'price', offer = { amount = 1, currency = 'USD' } },\n"
+                      "}\n"
+                      "return P\n");
+  CHECK_INT(tg_policy_check_file(p, "news", NULL, err, sizeof err), -EINVAL);
+  snprintf(want, sizeof want, "%s: fixture 2 'slow' (price): exceeded its time limit (50 ms)", p);
+  CHECK_STR(err, want);
+
+  /* Also when the time goes by inside one C call. */
+  tg_policy_options_t opt = {.time_limit_ms = 5};
+  p = write_policy("slow_c_fixture", "local big = string.rep('a', 8e6)\n"
+                                     "local P = {}\n"
+                                     "function P.skip() return #string.format('%q', big) == 0 end\n"
+                                     "P.fixtures = { { hook = 'skip', expect = { false } } }\n"
+                                     "return P\n");
+  CHECK_INT(tg_policy_check_file(p, "news", &opt, err, sizeof err), -EINVAL);
+  snprintf(want, sizeof want, "%s: fixture 1 (skip): exceeded its time limit (5 ms)", p);
+  CHECK_STR(err, want);
+
+  tg_policy_options_t mopt = {.memory_limit = 16u << 20, .time_limit_ms = 5000};
+  p = write_policy("fat_fixture", "local P = {}\n"
+                                  "function P.skip()\n"
+                                  "  local t = {} for i = 1, 1e3 do t[i] = string.rep('x', 2 ^ 20 + i) end\n"
+                                  "end\n"
+                                  "P.fixtures = { { hook = 'skip', expect = { false } } }\n"
+                                  "return P\n");
+  CHECK_INT(tg_policy_check_file(p, "news", &mopt, err, sizeof err), -EINVAL);
+  snprintf(want, sizeof want, "%s: fixture 1 (skip): exceeded its memory limit (16777216 bytes)",
+           p);
+  CHECK_STR(err, want);
+
+  /* The top level keeps the load limit and its message. */
+  tg_policy_options_t lopt = {.load_time_limit_ms = 100};
+  p = write_policy("slow_top", "while true do end\nreturn {}\n");
+  CHECK_INT(tg_policy_check_file(p, "news", &lopt, err, sizeof err), -EINVAL);
+  snprintf(want, sizeof want, "%s: loading ran past its time limit (100 ms)", p);
+  CHECK_STR(err, want);
+}
+
+/* The tollgate binary next to this test (both are built into one folder). */
+static const char *tollgate_exe(void) {
+  static char path[1024];
+  ssize_t n = readlink("/proc/self/exe", path, sizeof path - 16);
+  if (n <= 0)
+    return NULL;
+  path[n] = '\0';
+  char *slash = strrchr(path, '/');
+  if (slash == NULL)
+    return NULL;
+  strcpy(slash + 1, "tollgate");
+  return access(path, X_OK) == 0 ? path : NULL;
+}
+
+static const char *write_script(const char *name, const char *body) {
+  const char *p = policy_path(name);
+  FILE *f = fopen(p, "w");
+  if (f == NULL)
+    abort();
+  fputs(body, f);
+  fclose(f);
+  chmod(p, 0755);
+  return p;
+}
+
+static tg_policy_reload_status_t reload_one_tenant(fix_t *f, char *err, size_t errlen) {
+  tg_policy_reload_result_t *res = NULL;
+  size_t n = 0;
+  tg_policy_reload(f->r, "news", &res, &n);
+  tg_policy_reload_status_t s = n == 1 ? res[0].status : TG_POLICY_RELOAD_FAILED;
+  snprintf(err, errlen, "%s", n == 1 ? res[0].error : "no result");
+  free(res);
+  return s;
+}
+
+/* Reloads validate in a child process: what crashes or hangs there is
+ * refused, and the active version keeps answering. */
+TEST(reload_validates_in_a_child_process) {
+  const char *exe = tollgate_exe();
+  CHECK(exe != NULL);
+  const char *p = write_policy("child", price_policy(100, NULL));
+  fix_t f;
+  CHECK_INT(fix_open(&f, NULL, "news", p, NULL, NULL), 0);
+  char err[TG_POLICY_MSG_LEN], want[700];
+
+  tg_policy_set_validator(exe, 0);
+  write_policy("child", price_policy(200, NULL));
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_UPDATED);
+  write_policy("child", "local P = {}\nfunction P.price(o)\n  return o.amount +\nend\nreturn P\n");
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  snprintf(want, sizeof want, "%s:4: unexpected symbol near 'end'", p);
+  CHECK_STR(err, want);
+  write_policy("child", "local function f(s) return (s:gsub('.', f)) end\nf('x')\nreturn {}\n");
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  CHECK(strstr(err, ":1: C stack overflow") != NULL);
+  write_policy("child", price_policy(300, "fixtures = { { hook = 'price', offer = { amount = 1, "
+                                          "currency = 'USD' }, expect = { 300, 'USD' } } }"));
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_UPDATED);
+
+  /* Stand-ins for a validator that crashes, hangs or is missing. */
+  tg_policy_set_validator(write_script("crash.sh", "#!/bin/sh\nkill -SEGV $$\n"), 0);
+  write_policy("child", price_policy(400, NULL));
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  snprintf(want, sizeof want, "%s: the policy crashed its validation (signal 11, SIGSEGV)", p);
+  CHECK_STR(err, want);
+  tg_policy_set_validator(write_script("hang.sh", "#!/bin/sh\nexec sleep 30\n"), 300);
+  write_policy("child", price_policy(500, NULL));
+  double t0 = now_s();
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  CHECK(now_s() - t0 < 5);
+  snprintf(want, sizeof want, "%s: validation did not finish within 300 ms", p);
+  CHECK_STR(err, want);
+  tg_policy_set_validator(policy_path("no-such-validator"), 0);
+  write_policy("child", price_policy(600, NULL));
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  CHECK(strstr(err, "cannot start its validator") != NULL);
+  tg_policy_set_validator(NULL, 0);
+
+  /* Each refusal kept the version validated last. */
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  CHECK_INT(price_of(st), 300);
+  tg_policy_release(st);
+  fix_close(&f);
 }

@@ -393,3 +393,140 @@ describe("table.sort in the sandbox", function()
     assert.is_table(p)
   end)
 end)
+
+describe("library functions that call back into Lua", function()
+  local CSTACK = "C stack overflow (library functions calling back into Lua nested too deeply)"
+  -- Each used to recurse on busted's own C stack until it crashed (gsub) or
+  -- ran into Lua's stack limit thousands of C frames deep (sort, format).
+  local bodies = {
+    "local function f(s) return (s:gsub('.', f)) end f('x')",
+    "local t t = setmetatable({}, { __index = function(_, k) return (('x'):gsub('x', t)) end })\n" ..
+      "local _ = ('x'):gsub('x', t)",
+    "local o = setmetatable({}, { __tostring = function(o) return string.format('%s', o) end })\n" ..
+      "local _ = string.format('%s', o)",
+    "local function f(a, b) table.sort({ 3, 2, 1 }, f) return a < b end table.sort({ 3, 2, 1 }, f)",
+    "local mt = {} mt.__lt = function() table.sort({ setmetatable({}, mt), setmetatable({}, mt) }) " ..
+      "return false end table.sort({ setmetatable({}, mt), setmetatable({}, mt) })",
+  }
+  for i, body in ipairs(bodies) do
+    it("stop nesting past a bound (" .. i .. ")", function()
+      local err = load_err(body .. "\nreturn {}")
+      assert.truthy(err:find(CSTACK, 1, true), err)
+    end)
+  end
+
+  it("nest as deep as the C runtime allows, no deeper", function()
+    local p = load_ok([[
+      local depth = 0
+      local function f(s) depth = depth + 1 return (s:gsub(".", f)) end
+      local ok = pcall(f, "x")
+      return { _ok = ok, price = function() return depth, "USD" end }
+    ]])
+    -- f's 101st call is the one refused: 100 gsub calls are on the stack then.
+    assert.are.same({ true, 101, "USD" }, { sandbox.call(p, "price", sandbox.views.offer({}), sandbox.views.req({})) })
+  end)
+
+  it("still nest a little, and os.time reads its table in Lua", function()
+    load_ok([[
+      local function f(s, d)
+        if d == 0 then return s end
+        return (s:gsub(".", function(c) return f(c, d - 1) end))
+      end
+      assert(f("ab", 40) == "ab")
+      local t = { 3, 1, 2 }
+      table.sort(t, function(a, b) return string.format("%s", a) < f(tostring(b), 5) end)
+      assert(t[1] == 1 and t[3] == 3)
+      local d = setmetatable({}, { __index = function(_, k)
+        return ({ year = 2024, month = 1, day = 2, hour = 12 })[k] end })
+      assert(os.time(d) == os.time({ year = 2024, month = 1, day = 2, hour = 12 }))
+      local r t = setmetatable({}, { __index = function(_, k) if k == "day" then return os.time(r) end end })
+      r = t
+      local ok, e = pcall(os.time, t)
+      assert(not ok and e:find("stack overflow"), e)
+      return {}
+    ]])
+  end)
+
+  it("use the C runtime's check when it gives one", function()
+    local calls = 0
+    sandbox.set_cstack(function() calls = calls + 1 return false end)
+    local ok, err = pcall(load_err, "local s = string.format('%s', 1) return {}")
+    sandbox.set_cstack(nil)
+    assert(ok, err)
+    assert.are.equal(1, calls)
+    assert.truthy(err:find("policies/test.lua:1: " .. CSTACK, 1, true), err)
+  end)
+end)
+
+describe("library functions whose cost follows an argument", function()
+  it("refuse table.insert positions outside 1..#t+1", function()
+    local t0 = os.clock()
+    local err = load_err("local t = { 1, 2, 3 } table.insert(t, -3e8, 0) return {}")
+    assert.is_true(os.clock() - t0 < 0.5)
+    assert.truthy(err:find("policies/test.lua:1: bad argument #2 to 'insert' (position out of bounds)", 1, true), err)
+    assert.truthy(load_err("table.insert({}, 5, 0) return {}"):find("position out of bounds", 1, true))
+    load_ok([[
+      local t = { 1, 2, 3 }
+      table.insert(t, 1, 0) table.insert(t, 5, 4) table.insert(t, "3", 9) table.insert(t, 5)
+      assert(table.concat(t, ",") == "0,1,9,2,3,4,5")
+      return {}
+    ]])
+  end)
+
+  it("build big table.concat and string.rep results in steps, with the same bytes", function()
+    local got = {}
+    local sink = { put = function(k, v) got[k] = v end }
+    load_ok([[
+      local put = require("sink").put
+      local t = {}
+      for i = 1, 70000 do t[i] = i % 7 == 0 and "x" or i end
+      put("t", t)
+      put("c1", table.concat(t, ","))
+      put("c2", table.concat(t, "", 3, 69999))
+      put("c3", table.concat(t, 7, 5, 40000))
+      put("c4", table.concat(t, ",", 5, 4))
+      t[50000] = {}
+      put("c5", select(2, pcall(function() local r = table.concat(t, ",") return r end)))
+      put("r1", string.rep("ab", 300000))
+      put("r2", ("abc"):rep(123457, "-"))
+      put("r3", string.rep("", 500000, "xy"))
+      put("r4", string.rep("x", 1, ","))
+      put("r5", string.rep("x", 0, ","))
+      return {}
+    ]], { modules = { sink = sink } })
+    local t = got.t
+    t[50000] = nil -- the native calls below see the table as it was
+    for i = 1, 70000 do if t[i] == nil then t[i] = i % 7 == 0 and "x" or i end end
+    assert.are.equal(table.concat(t, ","), got.c1)
+    assert.are.equal(table.concat(t, "", 3, 69999), got.c2)
+    assert.are.equal(table.concat(t, 7, 5, 40000), got.c3)
+    assert.are.equal("", got.c4)
+    assert.truthy(got.c5:find("policies/test.lua:10: invalid value (table) at index 50000 in table for 'concat'", 1, true), got.c5)
+    assert.are.equal(string.rep("ab", 300000), got.r1)
+    assert.are.equal(string.rep("abc", 123457, "-"), got.r2)
+    assert.are.equal(string.rep("", 500000, "xy"), got.r3)
+    assert.are.equal("x", got.r4)
+    assert.are.equal("", got.r5)
+  end)
+
+  it("give os.clock the policy's own time, never the process's", function()
+    local p = load_ok([[
+      local at_load = os.clock()
+      return { skip = function() return at_load == 42 and os.clock() == 42 end }
+    ]], { clock = function() return 42 end })
+    assert.are.same({ true, true }, { sandbox.call(p, "skip", sandbox.views.req({})) })
+    -- Without opts.clock (plain Lua): time since the policy loaded.
+    local t0 = os.clock()
+    while os.clock() - t0 < 0.05 do end
+    local q = load_ok("local c = os.clock() return { _c = c, skip = function() return os.clock() < 0.05 end }")
+    assert.are.same({ true, true }, { sandbox.call(q, "skip", sandbox.views.req({})) })
+  end)
+
+  it("tell on_call which fixture runs", function()
+    local p = load_ok([[return { skip = function() return false end,
+      fixtures = { { hook = "skip", expect = { false } }, { name = "b", hook = "skip", expect = { false } } } }]])
+    local seen = {}
+    assert.is_true(sandbox.run_fixtures(p, { on_call = function(hook, label) seen[#seen + 1] = hook .. "|" .. label end }))
+    assert.are.same({ "skip|fixture 1 (skip)", "skip|fixture 2 'b' (skip)" }, seen)
+  end)
+end)
