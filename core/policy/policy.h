@@ -128,8 +128,8 @@ typedef struct tg_policy_req {
 typedef struct tg_policy_offer {
   const char *uri;
   const char *model;              /* "purchase", "subscription", ..., "free" */
-  int64_t amount;                 /* atomic units (micro-USD for USD/USDC) */
-  const char *currency;
+  int64_t amount;                 /* atomic units (micro-USD for USD/USDC); ignored without currency */
+  const char *currency;           /* NULL: the offer has no price (offer.amount is nil in Lua) */
   const char *const *purposes;    /* purposes the license permits */
   size_t npurposes;
   int64_t lastmod;                /* unix seconds; 0: unknown (nil) */

@@ -588,7 +588,14 @@ static int offer_index(lua_State *L, const tg_policy_offer_t *o, int f) {
   switch (f) {
   case 0: push_str(L, o->uri); break;
   case 1: push_str(L, o->model); break;
-  case 2: lua_pushnumber(L, (lua_Number)o->amount); break;
+  case 2:
+    /* No currency means no price at all: nil, never a 0 a policy could pass
+     * on as "free". */
+    if (o->currency)
+      lua_pushnumber(L, (lua_Number)o->amount);
+    else
+      lua_pushnil(L);
+    break;
   case 3: push_str(L, o->currency); break;
   case 4: push_list(L, o->purposes, o->npurposes); break;
   case 5:

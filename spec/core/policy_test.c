@@ -274,6 +274,30 @@ TEST(default_policy_and_missing_hooks) {
   fix_close(&f);
 }
 
+/* An offer without a price shows the policy a nil amount: a policy that
+ * passes offer.amount on with its own currency must not make it free. */
+TEST(unpriced_offer_has_nil_amount) {
+  fix_t f;
+  const char *pass = write_policy("pass_on", "return { price = function(offer)\n"
+                                             "  return offer.amount, 'USD'\nend }");
+  CHECK_INT(fix_open(&f, NULL, "pass_on", pass, NULL, NULL), 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "pass_on");
+  CHECK(st != NULL);
+  tg_policy_error_t e;
+  tg_policy_req_t req = sample_req();
+  tg_policy_offer_t offer = sample_offer();
+  tg_policy_price_t pr;
+  offer.currency = NULL; /* no price configured, none in the catalog */
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(!pr.for_sale);
+  offer = sample_offer();
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(pr.for_sale);
+  CHECK_INT(pr.amount, 15000);
+  tg_policy_release(st);
+  fix_close(&f);
+}
+
 /* ---- limits */
 
 /* A policy whose price runs body and whose skip answers true. */
