@@ -23,6 +23,7 @@
 
 #define MAX_HEADERS 100
 #define READ_BUF_SIZE 65536
+#define WORKER_STACK_BYTES (8u << 20)
 /* Output a client may leave unread before we stop reading its requests: a
  * few large answers or a few thousand small ones, and a bounded cost for a
  * client that pipelines and never reads. */
@@ -1600,8 +1601,19 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
       w->listeners[li].cfg = &s->listeners[li];
       w->listeners[li].fd = s->fds[(size_t)wi * nl + li];
     }
-    if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
-      rc = -errno;
+    /* An explicit stack: workers run Lua policies, whose C-stack budget
+     * (policy/state.c) should not depend on the ulimit -s of whoever started
+     * the process. */
+    pthread_attr_t attr;
+    int prc = pthread_attr_init(&attr);
+    if (prc == 0) {
+      pthread_attr_setstacksize(&attr, WORKER_STACK_BYTES);
+      prc = pthread_create(&w->thread, &attr, worker_main, w);
+      pthread_attr_destroy(&attr);
+    }
+    if (prc != 0) {
+      rc = -prc;
+      snprintf(err, errlen, "cannot start worker %d: %s", wi, strerror(prc));
       goto fail_threads;
     }
     started++;
