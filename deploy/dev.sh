@@ -21,7 +21,7 @@ packages=(
   libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp libmbedtls-dev
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libhiredis-dev libjansson-dev libexpat1-dev zlib1g-dev libsecp256k1-dev
-  lua-busted lua-socket lua-cjson redis-server wrk nginx-light libnginx-mod-http-lua prometheus
+  lua-busted lua-socket redis-server wrk nginx-light libnginx-mod-http-lua prometheus
   openssl curl ca-certificates
 )
 

@@ -504,11 +504,11 @@ function M.urlencode(s)
   end))
 end
 
--- A JSON body decoded (lua-cjson), or an assertion failure showing the body:
--- a test that reads a field must first know the body is JSON at all.
+-- A JSON body decoded (dkjson, which busted brings), or an assertion failure
+-- showing the body: a test that reads a field must first know it is JSON.
 function M.json_decode(body)
-  local ok, v = pcall(require("cjson").decode, body or "")
-  assert(ok, "not JSON: " .. M.show(body or "", 300))
+  local v, pos, err = require("dkjson").decode(body or "", 1, nil)
+  assert(v ~= nil and pos == #(body or "") + 1, "not JSON (" .. tostring(err) .. "): " .. M.show(body or "", 300))
   return v
 end
 
