@@ -96,6 +96,7 @@ describe("the price on the request path", function()
     ["zero.lua"] = 'return { price = function(offer, req) return 0, "USD" end }\n',
     ["nil.lua"] = "return { price = function(offer, req) return nil end }\n",
     ["passthrough.lua"] = "return { price = function(offer, req) return offer.amount, offer.currency end }\n",
+    ["own-currency.lua"] = 'return { price = function(offer, req) return offer.amount, "USD" end }\n',
   }
   local tenants = table.concat({
     '{ name = "num", hosts = { "num.example" }, payments = { x402 = { price = 1000 } } },',
@@ -108,6 +109,7 @@ describe("the price on the request path", function()
     '{ name = "nohook-priced", hosts = { "nohook-priced.example" }, policy = "nohook.lua",'
       .. " payments = { x402 = { price = 700 } } },",
     '{ name = "passthrough", hosts = { "passthrough.example" }, policy = "passthrough.lua" },',
+    '{ name = "own-currency", hosts = { "own-currency.example" }, policy = "own-currency.lua" },',
     '{ name = "hook-zero", hosts = { "hook-zero.example" }, policy = "zero.lua" },',
     '{ name = "hook-nil", hosts = { "hook-nil.example" }, policy = "nil.lua",'
       .. " payments = { x402 = { price = 1000 } } },",
@@ -150,11 +152,13 @@ describe("the price on the request path", function()
       assert.are.equal(403, res.status, host .. ": " .. res.body)
       assert.truthy(res.body:find('"not for sale"', 1, true), res.body)
     end
-    -- A hook that passes an absent price through returns no currency: a
-    -- policy error, failed closed.
-    local res = get("passthrough.example")
-    assert.are.equal(500, res.status, res.body)
-    assert.truthy(res.body:find('"T402-2001"', 1, true), res.body)
+    -- A hook that passes an absent price through passes nil on: the amount
+    -- of an unpriced offer is nil, never 0, so this is not for sale either.
+    for _, host in ipairs({ "passthrough.example", "own-currency.example" }) do
+      local res = get(host)
+      assert.are.equal(403, res.status, host .. ": " .. res.body)
+      assert.truthy(res.body:find('"not for sale"', 1, true), res.body)
+    end
   end)
 
   it("a price hook that answers nil wins over the configured price", function()
