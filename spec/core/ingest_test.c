@@ -228,7 +228,7 @@ static int start_node(void) {
   return port;
 }
 
-static int node_cmd(const char *cmd) {
+static int node_write(const char *cmd) {
   size_t n = strlen(cmd);
   return write(node.in, cmd, n) == (ssize_t)n ? 0 : -1;
 }
@@ -236,10 +236,16 @@ static int node_cmd(const char *cmd) {
 static int node_not_modified(void) {
   char line[128];
   int ok = -1, nm = -1;
-  if (node_cmd("count\n") != 0 || read_line(line, sizeof line) != 0 ||
+  if (node_write("count\n") != 0 || read_line(line, sizeof line) != 0 ||
       sscanf(line, "{\"ok\":%d,\"not_modified\":%d}", &ok, &nm) != 2)
     return -1;
   return nm;
+}
+
+/* Sends a command and waits until the fixture has applied it (it answers
+ * "count" in order), so the next fetch sees the new behaviour. */
+static int node_cmd(const char *cmd) {
+  return node_write(cmd) == 0 && node_not_modified() >= 0 ? 0 : -1;
 }
 
 enum { T_OK, T_500, T_SLOW, T_BIG, T_HTML, NT };
