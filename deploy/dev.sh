@@ -274,7 +274,8 @@ run_asan() {
     echo "0 1"
     return
   fi
-  ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}" run_ctest "$asan_dir" "asan."
+  TG_SANITIZED=1 ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}" \
+    run_ctest "$asan_dir" "asan."
 }
 
 cmd_test() {

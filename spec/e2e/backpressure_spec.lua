@@ -60,8 +60,15 @@ describe("a client that pipelines and does not read", function()
       peak = math.max(peak, rss_kib(gw.pid))
     end
     local grew = peak - before
-    assert.is_true(grew < 20 * 1024, string.format(
-      "RSS grew by %d KiB (from %d KiB) with %d of %d bytes sent and nothing read", grew, before, off, #data))
+    local why = string.format("RSS grew by %d KiB (from %d KiB) with %d of %d bytes sent and nothing read",
+      grew, before, off, #data)
+    print(why)
+    -- A sanitized build keeps freed blocks in ASan's quarantine, so its RSS
+    -- grows with the requests served whatever the bound: the bound is
+    -- asserted on the normal build (the sanitized pass checks the answers).
+    if os.getenv("TG_SANITIZED") ~= "1" then
+      assert.is_true(grew < 20 * 1024, why)
+    end
 
     -- Now read (and send the rest): every request gets its answer.
     local got, per, first = 0, nil, ""
