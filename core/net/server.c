@@ -1438,8 +1438,8 @@ started:
   return NULL;
 }
 
-static int open_listener(const tg_listener_config_t *lc, int port, int *out_port, char *err,
-                         size_t errlen) {
+static int open_listener(const tg_listener_config_t *lc, int port, int probe, int *out_port,
+                         char *err, size_t errlen) {
   struct addrinfo hints = {0}, *ai = NULL;
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -1459,6 +1459,25 @@ static int open_listener(const tg_listener_config_t *lc, int port, int *out_port
   }
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  /* SO_REUSEPORT would let this bind share a port that another process of
+   * the same user listens on (a second gateway, say), splitting its traffic
+   * silently: bind it plainly first, which only a listener refuses. */
+  if (probe && port != 0 && bind(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+    rc = -errno;
+    snprintf(err, errlen, "%s:%d: %s", lc->host, port, strerror(errno));
+    close(fd);
+    goto fail;
+  }
+  if (probe && port != 0) {
+    close(fd);
+    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+      rc = -errno;
+      snprintf(err, errlen, "socket: %s", strerror(errno));
+      goto fail;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  }
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
       bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, 4096) != 0) {
     rc = -errno;
@@ -1548,7 +1567,7 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
     int nsock = lc->single_worker ? 1 : s->nworkers;
     for (int wi = 0; wi < nsock; wi++) {
       int got = 0;
-      int fd = open_listener(lc, port, &got, err, errlen);
+      int fd = open_listener(lc, port, wi == 0, &got, err, errlen);
       if (fd < 0) {
         rc = fd;
         goto fail_fds;

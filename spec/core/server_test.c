@@ -204,6 +204,27 @@ static tg_http_limits_t small_limits(void) {
 
 /* ---- tests ---- */
 
+/* A second server on a port another one listens on must fail to start,
+ * not share the port through SO_REUSEPORT and take half its connections. */
+TEST(a_taken_port_fails_start) {
+  tg_server_t *a = start(small_limits(), 2);
+  CHECK(a != NULL);
+  tg_listener_config_t l = {"127.0.0.1", tg_server_port(a, 0), NULL, NULL, 0, handler, NULL};
+  tg_server_config_t cfg = {0};
+  cfg.listeners = &l;
+  cfg.nlisteners = 1;
+  cfg.nworkers = 1;
+  tg_server_t *b = NULL;
+  char err[256] = "";
+  CHECK_INT(tg_server_start(&b, &cfg, err, sizeof err), -EADDRINUSE);
+  CHECK(b == NULL);
+  CHECK(strstr(err, "in use") != NULL);
+  tg_server_stop(a, 1000);
+  /* Free again: a restart on the same port works. */
+  CHECK_INT(tg_server_start(&b, &cfg, err, sizeof err), 0);
+  tg_server_stop(b, 1000);
+}
+
 TEST(get_and_keepalive) {
   tg_server_t *s = start(small_limits(), 1);
   CHECK(s != NULL);
