@@ -134,22 +134,24 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
     snprintf(err, errlen, "cannot register the exchange routes (%d)", rc);
     goto fail;
   }
-  g->readiness.cfg = cfg;
-  g->admin = (tg_admin_t){g->admin_token, g->admin_token ? strlen(g->admin_token) : 0, TG_VERSION,
-                          time(NULL), &g->app, NULL, &g->readiness};
-  if ((rc = start_listeners(g, err, errlen)) != 0)
-    goto fail;
-  g->readiness.server = g->server;
-  g->ingest = tg_ingest_start(cfg, g->app.catalogs, err, errlen);
-  if (g->ingest == NULL) {
-    tg_server_stop(g->server, 0);
+  /* Ingestion first: everything the workers read is in place before the
+   * first request (an early /catalog/refresh finds its ingester). */
+  if ((g->ingest = tg_ingest_start(cfg, g->app.catalogs, err, errlen)) == NULL) {
     rc = -ENOMEM;
     goto fail;
   }
+  g->readiness.cfg = cfg;
   g->readiness.ingest = g->ingest;
-  g->admin.ingest = g->ingest;
+  g->admin = (tg_admin_t){g->admin_token, g->admin_token ? strlen(g->admin_token) : 0, TG_VERSION,
+                          time(NULL), &g->app, g->ingest, &g->readiness};
+  if ((rc = start_listeners(g, err, errlen)) != 0) {
+    tg_ingest_stop(g->ingest);
+    goto fail;
+  }
+  g->readiness.server = g->server; /* read only once serving is set (release) */
   /* Serve with the catalogs that load quickly; /readyz names the others. */
-  tg_ingest_wait_initial(g->ingest, 5000);
+  if (cfg->ingest_initial_wait_ms)
+    tg_ingest_wait_initial(g->ingest, cfg->ingest_initial_wait_ms);
   tg_readiness_set_serving(&g->readiness, 1);
   *out = g;
   return 0;
@@ -167,7 +169,7 @@ int tg_gateway_port(const tg_gateway_t *g, int i) {
 int tg_gateway_reload(tg_gateway_t *g) { return tg_reload_policies(g->app.policies, NULL, NULL); }
 
 int tg_gateway_watch(tg_gateway_t *g, uv_loop_t *loop) {
-  g->watch = tg_watch_start(g->app.policies, loop);
+  g->watch = tg_watch_start(g->app.policies, loop, g->cfg->policy_watch_debounce_ms);
   return g->watch ? 0 : -ENOMEM;
 }
 

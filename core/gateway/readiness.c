@@ -26,7 +26,8 @@ void tg_readiness_respond(tg_readiness_t *r, tg_http_req_t *req) {
   }
   json_t *body = json_pack("{s:b, s:I, s:I, s:o}", "ready", ready, "tenants", (json_int_t)r->cfg->ntenants,
                            "connections",
-                           (json_int_t)(r->server ? tg_server_connections(r->server) : 0), "reasons",
+                           (json_int_t)(tg_readiness_serving(r) && r->server
+                                            ? tg_server_connections(r->server) : 0), "reasons",
                            reasons);
   tg_http_respond_json(req, ready ? 200 : 503, body);
 }
