@@ -11,6 +11,8 @@
 #include "catalog/pathtrie.h"
 
 #define NO_SET UINT32_MAX
+#define NO_URL UINT32_MAX
+#define MAX_LICENSE_URL 2048
 #define MAX_CONTENTS (1u << 30)
 #define MAX_HITS 32
 #define ALL_USERS                                                                                  \
@@ -45,6 +47,9 @@ struct tg_catalog {
   uint32_t ncontents;  /* as in the document, kept or not */
   uint32_t *content_set; /* per content: its license set, NO_SET when it has no license */
   int64_t *lastmod;    /* per content */
+  uint32_t *license_url; /* per content: offset in urls, NO_URL when none */
+  char *urls;          /* interned license URLs, each NUL-terminated */
+  size_t urls_len;
   lset_t *sets;
   lic_t *lics;
   uint16_t *geos; /* two ASCII letters, first in the high byte */
@@ -110,6 +115,9 @@ typedef struct {
   uint32_t *slots; /* interning table: set index or NO_SET */
   uint64_t *hashes;
   size_t nslots;
+  vec_t urls;        /* bytes of the interned license URLs */
+  uint32_t *uslots;  /* their interning table: offset in urls or NO_URL */
+  size_t nuslots, nurls;
 } builder_t;
 
 static uint64_t mix(uint64_t h, uint64_t v) {
@@ -283,6 +291,72 @@ static int add_set(builder_t *b, const tg_rsl_content_t *ct, uint32_t *set_out, 
   return 0;
 }
 
+/* The URL an offer of this content names as its license: the content's
+ * legal terms (<terms>), else its license server (server=""). Only an
+ * absolute http(s) URL of sane length without spaces or control bytes: it
+ * goes to clients as a link. NULL when there is none. */
+static const char *license_url_of(const tg_rsl_content_t *ct) {
+  const char *cand[] = {ct->terms, ct->server};
+  for (size_t i = 0; i < 2; i++) {
+    const char *u = cand[i];
+    if (!u || (strncasecmp(u, "http://", 7) != 0 && strncasecmp(u, "https://", 8) != 0))
+      continue;
+    size_t n = strnlen(u, MAX_LICENSE_URL + 1);
+    bool clean = n <= MAX_LICENSE_URL && u[u[4] == ':' ? 7 : 8] != '\0';
+    for (size_t k = 0; clean && k < n; k++)
+      clean = (unsigned char)u[k] > ' ' && u[k] != 0x7f;
+    if (clean)
+      return u;
+  }
+  return NULL;
+}
+
+static uint64_t str_hash(const char *s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+  return h;
+}
+
+/* Interns url: contents of one publisher mostly share a few terms URLs, so
+ * each is stored once. *off gets its offset in b->urls. */
+static int intern_url(builder_t *b, const char *url, uint32_t *off) {
+  int rc;
+  if (b->nuslots == 0 || (b->nurls + 1) * 2 > b->nuslots) {
+    size_t n = b->nuslots ? b->nuslots * 2 : 64;
+    uint32_t *slots = malloc(n * sizeof *slots);
+    if (!slots)
+      return -ENOMEM;
+    memset(slots, 0xff, n * sizeof *slots);
+    for (size_t i = 0; i < b->nuslots; i++) {
+      if (b->uslots[i] == NO_URL)
+        continue;
+      size_t j = (size_t)str_hash((const char *)b->urls.p + b->uslots[i]) & (n - 1);
+      while (slots[j] != NO_URL)
+        j = (j + 1) & (n - 1);
+      slots[j] = b->uslots[i];
+    }
+    free(b->uslots);
+    b->uslots = slots;
+    b->nuslots = n;
+  }
+  size_t j = (size_t)str_hash(url) & (b->nuslots - 1);
+  for (; b->uslots[j] != NO_URL; j = (j + 1) & (b->nuslots - 1))
+    if (strcmp((const char *)b->urls.p + b->uslots[j], url) == 0) {
+      *off = b->uslots[j];
+      return 0;
+    }
+  size_t len = strlen(url) + 1;
+  if ((rc = vec_reserve(&b->urls, 1, len)) < 0)
+    return rc;
+  *off = b->urls.n;
+  memcpy((char *)b->urls.p + b->urls.n, url, len);
+  b->urls.n += (uint32_t)len;
+  b->uslots[j] = *off;
+  b->nurls++;
+  return 0;
+}
+
 /* Length of the host part of "host[:port]" without the port. */
 static size_t host_len(const char *h, size_t n) {
   if (n > 0 && h[0] == '[') {
@@ -371,7 +445,8 @@ int tg_catalog_build(const tg_rsl_doc_t *doc, const char *const *hosts, size_t n
   if (c->ncontents) {
     c->content_set = malloc(c->ncontents * sizeof *c->content_set);
     c->lastmod = malloc(c->ncontents * sizeof *c->lastmod);
-    if (!c->content_set || !c->lastmod)
+    c->license_url = malloc(c->ncontents * sizeof *c->license_url);
+    if (!c->content_set || !c->lastmod || !c->license_url)
       goto fail;
   }
   if (!(tb = tg_pathtrie_builder_new()))
@@ -381,6 +456,7 @@ int tg_catalog_build(const tg_rsl_doc_t *doc, const char *const *hosts, size_t n
     const tg_rsl_content_t *ct = &doc->contents[i];
     c->content_set[i] = NO_SET;
     c->lastmod[i] = ct->lastmod;
+    c->license_url[i] = NO_URL;
     const char *pat;
     size_t plen;
     if (!ct->url || !url_pattern(ct->url, hosts, nhosts, &pat, &plen)) {
@@ -389,6 +465,12 @@ int tg_catalog_build(const tg_rsl_doc_t *doc, const char *const *hosts, size_t n
     }
     if (ct->nlicenses > 0 && (rc = add_set(&b, ct, &c->content_set[i], err, errlen)) < 0)
       goto fail;
+    const char *lu = ct->nlicenses > 0 ? license_url_of(ct) : NULL;
+    if (lu && (rc = intern_url(&b, lu, &c->license_url[i])) < 0) {
+      if (rc == -E2BIG)
+        snprintf(err, errlen, "catalog: license URLs over 4 GiB");
+      goto fail;
+    }
     if ((rc = tg_pathtrie_builder_add(tb, pat, plen, i)) < 0) {
       snprintf(err, errlen, "catalog: content %s: %s", ct->url, strerror(-rc));
       goto fail;
@@ -408,8 +490,11 @@ int tg_catalog_build(const tg_rsl_doc_t *doc, const char *const *hosts, size_t n
   c->lics = vec_shrink(&b.lics, sizeof(lic_t));
   c->geos = vec_shrink(&b.geos, sizeof(uint16_t));
   c->pays = vec_shrink(&b.pays, sizeof(pay_t));
+  c->urls_len = b.urls.n;
+  c->urls = vec_shrink(&b.urls, 1);
   free(b.slots);
   free(b.hashes);
+  free(b.uslots);
   c->built_at = (int64_t)time(NULL);
   *out = c;
   return 0;
@@ -424,6 +509,8 @@ fail:
   free(b.pays.p);
   free(b.slots);
   free(b.hashes);
+  free(b.urls.p);
+  free(b.uslots);
   tg_catalog_free(c);
   return rc;
 }
@@ -434,6 +521,8 @@ void tg_catalog_free(tg_catalog_t *c) {
   tg_pathtrie_free(c->trie);
   free(c->content_set);
   free(c->lastmod);
+  free(c->license_url);
+  free(c->urls);
   free(c->sets);
   free(c->lics);
   free(c->geos);
@@ -445,7 +534,8 @@ size_t tg_catalog_bytes(const tg_catalog_t *c) {
   if (!c)
     return 0;
   return sizeof *c + tg_pathtrie_bytes(c->trie) +
-         (size_t)c->ncontents * (sizeof *c->content_set + sizeof *c->lastmod) +
+         (size_t)c->ncontents * (sizeof *c->content_set + sizeof *c->lastmod + sizeof *c->license_url) +
+         c->urls_len +
          (size_t)c->nsets * sizeof(lset_t) + (size_t)c->nlics * sizeof(lic_t) +
          (size_t)c->ngeos * sizeof(uint16_t) + (size_t)c->npays * sizeof(pay_t);
 }
@@ -490,6 +580,7 @@ static void add_offers(const tg_catalog_t *c, uint32_t content, uint32_t li, con
     o->key = tg_catalog_offer_key(content, li, k);
     o->content = content;
     o->lastmod = c->lastmod[content];
+    o->license_url = c->license_url[content] == NO_URL ? NULL : c->urls + c->license_url[content];
     o->usage = l->usage_allowed;
     if (l->npay) {
       const pay_t *p = &c->pays[l->pay_first + k];

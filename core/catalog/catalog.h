@@ -33,6 +33,10 @@
  * - a content without <license> means nothing is licensed: NOT_FOR_SALE.
  * - a license without <payment> is free: one offer of type FREE, amount 0.
  *
+ * Each content keeps the URL its offers name as their license (see
+ * tg_catalog_offer_t.license_url), interned: a publisher's contents mostly
+ * share one terms URL.
+ *
  * Identical license sets are interned: each content stores a 32-bit index of
  * its set, so a million contents sharing a few sets cost little beyond the
  * trie. */
@@ -65,6 +69,9 @@ typedef struct {
                             * payment had no <amount> (attribution, or priced elsewhere:
                             * the tenant's price hook decides) */
   int64_t lastmod;         /* the content's lastmod, unix seconds, 0 unknown */
+  const char *license_url; /* the content's <terms> URL, else its license server (server=""),
+                            * when it is an absolute http(s) URL; NULL none. Points into the
+                            * catalog: valid as long as the catalog is */
   uint32_t content;        /* index of the content in the RSL document */
   uint32_t usage;          /* purposes the license allows, concrete bits (prohibits removed) */
   tg_rsl_pay_type_t type;  /* TG_RSL_PAY_FREE for a license without payment */

@@ -129,7 +129,7 @@ static void finish(tenant_t *t, const char *reason, const char *detail, bool pub
 static void load_document(tenant_t *t, const char *body, size_t len) {
   tg_ingest_t *ing = t->ing;
   tg_rsl_options_t ro = {
-      .strict = false, .max_bytes = ing->max_bytes, .max_elements = TG_INGEST_MAX_ELEMENTS};
+      .strict = t->cfg->catalog_strict, .max_bytes = ing->max_bytes, .max_elements = TG_INGEST_MAX_ELEMENTS};
   tg_rsl_report_t *rep = malloc(sizeof *rep);
   tg_rsl_doc_t *doc = NULL;
   tg_catalog_t *cat = NULL;
@@ -449,8 +449,12 @@ tg_ingest_t *tg_ingest_start_opts(const tg_config_t *cfg, tg_snapshot_t *const *
     return NULL;
   }
   ing->cfg = cfg;
-  ing->max_bytes = opts && opts->max_bytes ? opts->max_bytes : TG_INGEST_MAX_BYTES;
-  ing->timeout_ms = opts && opts->timeout_ms ? opts->timeout_ms : TG_INGEST_TIMEOUT_MS;
+  ing->max_bytes = opts && opts->max_bytes ? opts->max_bytes
+                  : cfg->ingest_max_bytes   ? cfg->ingest_max_bytes
+                                            : TG_INGEST_MAX_BYTES;
+  ing->timeout_ms = opts && opts->timeout_ms ? opts->timeout_ms
+                    : cfg->ingest_timeout_ms ? cfg->ingest_timeout_ms
+                                             : TG_INGEST_TIMEOUT_MS;
   ing->seed = (unsigned)uv_hrtime();
   uv_mutex_init(&ing->lock);
   uv_cond_init(&ing->cond);

@@ -22,6 +22,9 @@
  * Retired catalogs are freed on the ingestion thread (tg_snapshot_collect after
  * each publish and once a second), never on a worker.
  *
+ * A tenant's document is parsed in lenient mode, or strict mode when its
+ * catalog_strict is set: then any non-conformance fails the refresh ("parse").
+ *
  * On any failure nothing is published: the previous catalog keeps serving.
  * Failure reasons (metric label and status): "fetch" (connection, file read),
  * "timeout", "http_status" (non-2xx/304), "content_type" (not
@@ -33,16 +36,17 @@
  * success), catalog_refresh_duration_seconds{tenant_id} (histogram, every
  * attempt), catalog_refresh_errors_total{tenant_id,reason} (counter). */
 
-#define TG_INGEST_MAX_BYTES (256u << 20) /* a 1M-entry RSL with a license each */
+#define TG_INGEST_MAX_BYTES TG_CONFIG_DEFAULT_INGEST_MAX_BYTES
 #define TG_INGEST_MAX_ELEMENTS 32000000u
-#define TG_INGEST_TIMEOUT_MS 10000u
+#define TG_INGEST_TIMEOUT_MS TG_CONFIG_DEFAULT_INGEST_TIMEOUT_MS
 
 typedef struct tg_ingest tg_ingest_t;
 
 typedef struct tg_ingest_opts {
   size_t max_bytes;    /* document size cap, file or HTTP response; 0:
-                          TG_INGEST_MAX_BYTES */
-  uint32_t timeout_ms; /* whole HTTP request; 0: TG_INGEST_TIMEOUT_MS */
+                          cfg->ingest_max_bytes, or TG_INGEST_MAX_BYTES when that is 0 */
+  uint32_t timeout_ms; /* whole HTTP request; 0: cfg->ingest_timeout_ms, or
+                          TG_INGEST_TIMEOUT_MS */
   const char *ca_file; /* for https sources; NULL: system bundle. Copied. */
 } tg_ingest_opts_t;
 

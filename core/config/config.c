@@ -688,6 +688,14 @@ static int opt_integer(ctx_t *c, int t, const char *key, long long lo, long long
   return rc;
 }
 
+static int opt_boolean(ctx_t *c, int t, const char *key, bool *out) {
+  int rc = 0;
+  if (field(c, t, key) != LUA_TNIL && (rc = want_type(c, LUA_TBOOLEAN, "a boolean (true or false)")) == 0)
+    *out = lua_toboolean(c->L, -1);
+  leave(c);
+  return rc;
+}
+
 /* Resolves p against the config's folder and drops "." and ".." lexically:
  * the folder comes from realpath, so this matches what the kernel sees
  * unless p itself walks out of a symlink. */
@@ -1083,8 +1091,66 @@ static int cmp_kv(const void *a, const void *b) {
   return strcmp(((const tg_config_kv_t *)a)->key, ((const tg_config_kv_t *)b)->key);
 }
 
-/* A nested table of a tenant, flattened for the module that reads it. */
-static int load_section(ctx_t *c, int t, const char *key, bool need_type, tg_config_section_t *s) {
+/* The kinds a signer or billing section may name by its 'type'. keys NULL:
+ * the kind's settings are not fixed yet. A kind not implemented is refused,
+ * so that no section is accepted that nothing reads. */
+typedef struct kind {
+  const char *type;
+  const char *const *keys;
+  bool implemented;
+} kind_t;
+
+static const char *const nginx_secure_link_keys[] = {"type", "base_url", "key_file", "ttl_s", NULL};
+static const char *const builtin_billing_keys[] = {"type", NULL};
+static const kind_t signer_kinds[] = {{"nginx_secure_link", nginx_secure_link_keys, false},
+                                      {"akamai", NULL, false},
+                                      {"cloudfront", NULL, false},
+                                      {"gcdn", NULL, false},
+                                      {NULL, NULL, false}};
+static const kind_t billing_kinds[] = {
+    {"builtin", builtin_billing_keys, false}, {"connect", NULL, false}, {NULL, NULL, false}};
+
+/* The section at sec names one of kinds in its 'type', has only that kind's
+ * keys, and the kind is implemented. */
+static int check_kind(ctx_t *c, int sec, const char *what, const kind_t *kinds) {
+  int tt = field(c, sec, "type");
+  if (tt == LUA_TNIL) {
+    leave(c);
+    return fail_here(c, "missing 'type'");
+  }
+  if (tt != LUA_TSTRING) {
+    fail_here(c, "expected a string, got %s", type_name(c, -1));
+    leave(c);
+    return -1;
+  }
+  const char *type = lua_tostring(c->L, -1);
+  const kind_t *k = kinds;
+  while (k->type && strcmp(k->type, type) != 0)
+    k++;
+  if (k->type == NULL) {
+    char names[128] = "";
+    for (const kind_t *n = kinds; n->type; n++)
+      snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", n == kinds ? "" : ", ", n->type);
+    fail_here(c, "'%.64s' is not a %s type (one of %s)", type, what, names);
+    leave(c);
+    return -1;
+  }
+  leave(c);
+  if (k->keys && check_keys(c, sec, k->keys) != 0)
+    return -1;
+  if (!k->implemented) {
+    field(c, sec, "type");
+    fail_here(c, "%s type %s is not implemented yet: remove the %s section (the issue after this one adds it)",
+              what, k->type, what);
+    leave(c);
+    return -1;
+  }
+  return 0;
+}
+
+/* A nested table of a tenant, flattened for the module that reads it; with
+ * kinds, checked against the kind its 'type' names first. */
+static int load_section(ctx_t *c, int t, const char *key, const kind_t *kinds, tg_config_section_t *s) {
   int rc = 0;
   int type = field(c, t, key);
   if (type == LUA_TNIL)
@@ -1092,18 +1158,8 @@ static int load_section(ctx_t *c, int t, const char *key, bool need_type, tg_con
   if ((rc = want_type(c, LUA_TTABLE, "a table")) != 0)
     goto done;
   int sec = lua_gettop(c->L);
-  if (need_type) {
-    int tt = field(c, sec, "type");
-    if (tt == LUA_TNIL) {
-      leave(c);
-      rc = fail_here(c, "missing 'type'");
-      goto done;
-    }
-    rc = tt == LUA_TSTRING ? 0 : fail_here(c, "expected a string, got %s", type_name(c, -1));
-    leave(c);
-    if (rc != 0)
-      goto done;
-  }
+  if (kinds && (rc = check_kind(c, sec, key, kinds)) != 0)
+    goto done;
   char prefix[MAX_KEY_PATH] = "";
   size_t cap = 0;
   if ((rc = flatten(c, sec, prefix, 0, s, &cap, 1)) != 0)
@@ -1157,7 +1213,8 @@ static int load_x402_price(ctx_t *c, int t, tg_config_tenant_t *tn) {
 }
 
 static const char *const top_keys[] = {"listen", "admin", "workers", "data_dir", "log_level", "limits",
-                                       "redis", "rate_limit", "tenants", NULL};
+                                       "redis", "rate_limit", "exchange", "ingest", "policy", "tenants",
+                                       NULL};
 static const char *const listener_keys[] = {"host", "port", "tls_cert", "tls_key", NULL};
 static const char *const admin_keys[] = {"host", "port", "token_file", NULL};
 static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "header_timeout_ms",
@@ -1165,7 +1222,7 @@ static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "
                                          "shutdown_grace_ms", NULL};
 static const char *const tenant_keys[] = {"name", "hosts", "catalog", "policy", "signer", "billing",
                                           "payments", NULL};
-static const char *const catalog_keys[] = {"source", "refresh_s", NULL};
+static const char *const catalog_keys[] = {"source", "refresh_s", "strict", NULL};
 static const char *const redis_keys[] = {"host", "port", "password_file", "timeout_ms", "db", NULL};
 static const char *const rate_limit_keys[] = {"mode", "table_size", NULL};
 
@@ -1358,6 +1415,64 @@ static int load_rate_limit(ctx_t *c, int root) {
   return rc;
 }
 
+typedef struct int_key {
+  const char *key;
+  long long lo, hi;
+} int_key_t;
+
+/* An optional section of integer settings: each key in its range, v[i] (the
+ * default) kept when the key is absent. keys ends with a NULL key. */
+static int load_ints(ctx_t *c, int root, const char *section, const int_key_t *keys, long long *v) {
+  const char *names[8];
+  size_t n = 0;
+  for (; keys[n].key && n < sizeof names / sizeof names[0] - 1; n++)
+    names[n] = keys[n].key;
+  names[n] = NULL;
+  int rc = 0;
+  if (field(c, root, section) != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    rc = want_type(c, LUA_TTABLE, "a table") != 0 || check_keys(c, t, names) != 0 ? -1 : 0;
+    for (size_t i = 0; rc == 0 && i < n; i++)
+      rc = opt_integer(c, t, keys[i].key, keys[i].lo, keys[i].hi, &v[i]);
+  }
+  leave(c);
+  return rc;
+}
+
+/* The ranges are documented in config.h: keep them in step. */
+static int load_settings(ctx_t *c, int root) {
+  tg_config_t *cfg = c->cfg;
+  static const int_key_t exchange[] = {{"offer_ttl_s", 1, 86400}, {"idempotency_key_max", 16, 1024}, {NULL, 0, 0}};
+  static const int_key_t ingest[] = {{"max_bytes", 1024, 1LL << 30},
+                                     {"timeout_ms", 100, 600000},
+                                     {"initial_wait_ms", 0, 600000},
+                                     {NULL, 0, 0}};
+  static const int_key_t policy[] = {{"time_limit_ms", 1, 10000},
+                                     {"load_time_limit_ms", 1, 60000},
+                                     {"memory_limit", 1LL << 20, 1LL << 31},
+                                     {"watch_debounce_ms", 0, 60000},
+                                     {NULL, 0, 0}};
+  long long ex[] = {TG_CONFIG_DEFAULT_OFFER_TTL_S, TG_CONFIG_DEFAULT_IDEMPOTENCY_KEY_MAX};
+  long long in[] = {TG_CONFIG_DEFAULT_INGEST_MAX_BYTES, TG_CONFIG_DEFAULT_INGEST_TIMEOUT_MS,
+                    TG_CONFIG_DEFAULT_INGEST_INITIAL_WAIT_MS};
+  long long po[] = {TG_CONFIG_DEFAULT_POLICY_TIME_LIMIT_MS, TG_CONFIG_DEFAULT_POLICY_LOAD_TIME_LIMIT_MS,
+                    TG_CONFIG_DEFAULT_POLICY_MEMORY_LIMIT, TG_CONFIG_DEFAULT_POLICY_WATCH_DEBOUNCE_MS};
+  int rc = load_ints(c, root, "exchange", exchange, ex) != 0 || load_ints(c, root, "ingest", ingest, in) != 0 ||
+                   load_ints(c, root, "policy", policy, po) != 0
+               ? -1
+               : 0;
+  cfg->offer_ttl_s = (uint32_t)ex[0];
+  cfg->idempotency_key_max = (uint32_t)ex[1];
+  cfg->ingest_max_bytes = (size_t)in[0];
+  cfg->ingest_timeout_ms = (uint32_t)in[1];
+  cfg->ingest_initial_wait_ms = (uint32_t)in[2];
+  cfg->policy_time_limit_ms = (uint32_t)po[0];
+  cfg->policy_load_time_limit_ms = (uint32_t)po[1];
+  cfg->policy_memory_limit = (size_t)po[2];
+  cfg->policy_watch_debounce_ms = (uint32_t)po[3];
+  return rc;
+}
+
 static bool is_url(const char *s) {
   return strncasecmp(s, "http://", 7) == 0 || strncasecmp(s, "https://", 8) == 0;
 }
@@ -1368,7 +1483,8 @@ static int load_catalog(ctx_t *c, int t, tg_config_tenant_t *tn) {
   if (field(c, t, "catalog") != LUA_TNIL) {
     int ct = lua_gettop(c->L);
     if (want_type(c, LUA_TTABLE, "a table { source = ... }") != 0 || check_keys(c, ct, catalog_keys) != 0 ||
-        opt_integer(c, ct, "refresh_s", 1, UINT32_MAX, &refresh) != 0) {
+        opt_integer(c, ct, "refresh_s", 1, UINT32_MAX, &refresh) != 0 ||
+        opt_boolean(c, ct, "strict", &tn->catalog_strict) != 0) {
       rc = -1;
     } else if (field(c, ct, "source") == LUA_TNIL) {
       leave(c);
@@ -1447,9 +1563,9 @@ static int load_tenant(ctx_t *c, tg_config_tenant_t *tn) {
     return -1;
   }
   if (load_hosts(c, t, tn) != 0 || load_catalog(c, t, tn) != 0 || opt_file(c, t, "policy", &tn->policy_file) != 0 ||
-      load_section(c, t, "signer", true, &tn->signer) != 0 ||
-      load_section(c, t, "billing", true, &tn->billing) != 0 ||
-      load_x402_price(c, t, tn) != 0 || load_section(c, t, "payments", false, &tn->payments) != 0)
+      load_section(c, t, "signer", signer_kinds, &tn->signer) != 0 ||
+      load_section(c, t, "billing", billing_kinds, &tn->billing) != 0 ||
+      load_x402_price(c, t, tn) != 0 || load_section(c, t, "payments", NULL, &tn->payments) != 0)
     return -1;
   return 0;
 }
@@ -1580,7 +1696,7 @@ static int validate(ctx_t *c, int root) {
     goto fail;
   }
   if (load_limits(c, root) != 0 || load_redis(c, root) != 0 || load_rate_limit(c, root) != 0 ||
-      load_tenants(c, root) != 0)
+      load_settings(c, root) != 0 || load_tenants(c, root) != 0)
     goto fail;
   return 0;
 fail:

@@ -23,13 +23,18 @@
  *     redis = { host = "127.0.0.1", port = 6379, password_file = "redis.pass",
  *               timeout_ms = 20, db = 0 },          -- optional
  *     rate_limit = { mode = "local", table_size = 65536 },  -- mode "redis" needs redis
+ *     exchange = { offer_ttl_s = 300, idempotency_key_max = 128 },
+ *     ingest = { max_bytes = 268435456, timeout_ms = 10000, initial_wait_ms = 5000 },
+ *     policy = { time_limit_ms = 50, load_time_limit_ms = 1000, memory_limit = 33554432,
+ *                watch_debounce_ms = 200 },
  *     tenants = {
  *       { name = "news", hosts = { "news.example" },
- *         catalog = { source = "rsl/news.xml", refresh_s = 300 },
+ *         catalog = { source = "rsl/news.xml", refresh_s = 300, strict = false },
  *         policy = "policies/news.lua",
- *         signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
- *                    key_file = "keys/news.key", ttl_s = 300 },
- *         billing = { type = "builtin" },                -- or { type = "http", url = ..., timeout_ms = 30 }
+ *         -- not implemented yet (an error until then, see below):
+ *         -- signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
+ *         --            key_file = "keys/news.key", ttl_s = 300 },
+ *         -- billing = { type = "builtin" },
  *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532",
  *                               price = 1000 } } },  -- 1000 atomic units = 0.001 USDC
  *     },
@@ -37,8 +42,9 @@
  *
  * Unknown keys are errors (typos must not pass silently). Defaults: the
  * values shown for workers, data_dir, log_level, limits, the keys of redis
- * (no password) and rate_limit, refresh_s 300; no admin listener, no redis,
- * no tenants. Rules beyond the types:
+ * (no password), rate_limit, exchange, ingest and policy, refresh_s 300,
+ * strict false; no admin listener, no redis, no tenants. Rules beyond the
+ * types:
  *   - listen: 1 to TG_CONFIG_MAX_LISTENERS entries; host an IP literal or a
  *     name; port 0..65535 (0: the system picks a free port); tls_cert and
  *     tls_key together. admin takes host, port and token_file (required).
@@ -49,16 +55,38 @@
  *     "local" (one table per instance) or "redis" (one limit across
  *     instances; needs the redis section), table_size a power of two in
  *     16..2^26 (slots of the local table, 16 bytes each).
+ *   - exchange (the Connect API): offer_ttl_s 1..86400, how long an offer id
+ *     is accepted after DiscoverResources issued it; idempotency_key_max
+ *     16..1024, the longest ExecuteTransaction idempotency key (bytes).
+ *   - ingest (catalog loading, every tenant): max_bytes 1024..2^30, the
+ *     largest RSL document (file or HTTP body; larger is a failed refresh,
+ *     "too_large"); timeout_ms 100..600000, a whole HTTP fetch; and
+ *     initial_wait_ms 0..600000, how long start-up waits for the first
+ *     catalogs before serving (0: not at all; /readyz names those missing).
+ *   - policy (every tenant's Lua policy): time_limit_ms 1..10000 per hook
+ *     call and per fixture; load_time_limit_ms 1..60000 to run a policy's
+ *     top level; memory_limit 2^20..2^31 bytes per Lua state (one per tenant
+ *     per worker); watch_debounce_ms 0..60000, the quiet time after a change
+ *     in a policy folder before the reload (editors write in several steps).
  *   - tenant names [a-z0-9_-]{1,64}, unique; hosts are names, IPv4 or
  *     [IPv6], optionally ":port", lowercased, unique across tenants.
+ *   - catalog.strict: true refuses an RSL document with any non-conformance
+ *     (catalog/rsl.h, strict mode): such a refresh fails ("parse") and the
+ *     previous catalog keeps serving. false (lenient) skips or maps broken
+ *     parts with a warning.
  *   - files (policy, tls_*, token_file, a catalog source that is not an
  *     http(s) URL) must be readable when the file is loaded.
- *   - signer, billing, payments: leaves are strings, integers (money is an
- *     integer in atomic units: fractions are refused, and integers above
- *     2^53 must be written as strings) or booleans; list items become
- *     "key.1", "key.2"; items are sorted by key. A key ending in "_file" is
- *     a path: resolved and checked like the others. signer and billing need
- *     a string 'type'.
+ *   - signer and billing name their kind in a string 'type' and take only
+ *     that kind's keys: signer nginx_secure_link (base_url, key_file, ttl_s),
+ *     akamai, cloudfront, gcdn; billing builtin (no other key), connect. No
+ *     kind is implemented yet (the issue after this one adds them):
+ *     configuring one is an error that says so, rather than a section that
+ *     nothing reads. An unknown type or key is an error too.
+ *   - payments (and signer, billing once implemented): leaves are strings,
+ *     integers (money is an integer in atomic units: fractions are refused,
+ *     and integers above 2^53 must be written as strings) or booleans; list
+ *     items become "key.1", "key.2"; items are sorted by key. A key ending in
+ *     "_file" is a path: resolved and checked like the others.
  *   - payments.x402.price is an amount in the asset's atomic units (USDC has
  *     6 decimals: 1000 is 0.001 USDC): an integer 0..2^53, as a Lua number
  *     or a string of decimal digits ("1000"; no sign, spaces, leading zeros,
@@ -74,6 +102,18 @@
  * operator input, the limits guard against mistakes. */
 
 #define TG_CONFIG_MAX_LISTENERS 8
+
+/* Defaults of the exchange, ingest and policy sections. The policy ones are
+ * policy/policy.h's (pipeline/app.c checks they agree). */
+#define TG_CONFIG_DEFAULT_OFFER_TTL_S 300
+#define TG_CONFIG_DEFAULT_IDEMPOTENCY_KEY_MAX 128
+#define TG_CONFIG_DEFAULT_INGEST_MAX_BYTES (256u << 20) /* a 1M-entry RSL with a license each */
+#define TG_CONFIG_DEFAULT_INGEST_TIMEOUT_MS 10000u
+#define TG_CONFIG_DEFAULT_INGEST_INITIAL_WAIT_MS 5000u
+#define TG_CONFIG_DEFAULT_POLICY_TIME_LIMIT_MS 50
+#define TG_CONFIG_DEFAULT_POLICY_LOAD_TIME_LIMIT_MS 1000
+#define TG_CONFIG_DEFAULT_POLICY_MEMORY_LIMIT (32u << 20)
+#define TG_CONFIG_DEFAULT_POLICY_WATCH_DEBOUNCE_MS 200
 #define TG_CONFIG_TIME_LIMIT_MS 1000
 #define TG_CONFIG_MEMORY_LIMIT (64u << 20)
 
@@ -113,9 +153,10 @@ typedef struct tg_config_tenant {
   size_t nhosts;
   char *catalog_source;       /* file path (absolute) or http(s) URL; NULL = none */
   uint32_t catalog_refresh_s; /* default 300 */
+  bool catalog_strict;        /* refuse a non-conformant RSL document; default false */
   char *policy_file;          /* absolute path, or NULL for the default policy */
-  tg_config_section_t signer;
-  tg_config_section_t billing;
+  tg_config_section_t signer;  /* empty until a signer kind is implemented */
+  tg_config_section_t billing; /* likewise */
   tg_config_section_t payments;
   /* payments.x402.price, validated at load so the request path never parses
    * text: atomic units of the x402 asset. Absent: not for sale. */
@@ -143,6 +184,15 @@ typedef struct tg_config {
   tg_config_redis_t redis;
   tg_config_rate_limit_mode_t rate_limit_mode;
   size_t rate_limit_table_size; /* default 65536 */
+  uint32_t offer_ttl_s;             /* exchange.*: see above for ranges and defaults */
+  uint32_t idempotency_key_max;
+  size_t ingest_max_bytes;          /* ingest.* */
+  uint32_t ingest_timeout_ms;
+  uint32_t ingest_initial_wait_ms;
+  uint32_t policy_time_limit_ms;    /* policy.* */
+  uint32_t policy_load_time_limit_ms;
+  size_t policy_memory_limit;
+  uint32_t policy_watch_debounce_ms;
   tg_config_tenant_t *tenants;
   size_t ntenants;
 } tg_config_t;

@@ -7,8 +7,6 @@
 #include "base/log.h"
 #include "gateway/reload.h"
 
-#define DEBOUNCE_MS 200
-
 typedef struct folder {
   uv_fs_event_t ev;
   tg_watch_t *w;
@@ -18,6 +16,7 @@ typedef struct folder {
 struct tg_watch {
   tg_policy_registry_t *registry;
   uv_timer_t debounce;
+  uint32_t debounce_ms;
   folder_t *folders;
   size_t nfolders;
   size_t open_handles;      /* freed when the last close callback ran */
@@ -34,7 +33,7 @@ static void on_fs_event(uv_fs_event_t *ev, const char *filename, int events, int
   (void)events;
   if (status < 0)
     return;
-  uv_timer_start(&f->w->debounce, on_debounced, DEBOUNCE_MS, 0);
+  uv_timer_start(&f->w->debounce, on_debounced, f->w->debounce_ms, 0);
 }
 
 static int watched(tg_watch_t *w, const char *dir) {
@@ -55,7 +54,7 @@ static void on_closed(uv_handle_t *h) {
   }
 }
 
-tg_watch_t *tg_watch_start(tg_policy_registry_t *r, uv_loop_t *loop) {
+tg_watch_t *tg_watch_start(tg_policy_registry_t *r, uv_loop_t *loop, uint32_t debounce_ms) {
   size_t n = tg_policy_count(r);
   tg_watch_t *w = calloc(1, sizeof *w);
   if (w == NULL || (w->folders = calloc(n ? n : 1, sizeof *w->folders)) == NULL) {
@@ -63,6 +62,7 @@ tg_watch_t *tg_watch_start(tg_policy_registry_t *r, uv_loop_t *loop) {
     return NULL;
   }
   w->registry = r;
+  w->debounce_ms = debounce_ms;
   uv_timer_init(loop, &w->debounce);
   w->debounce.data = w;
   w->open_handles = 1;

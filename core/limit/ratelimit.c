@@ -58,6 +58,17 @@ void tg_ratelimit_count_fallback(const char *reason) {
   tg_counter_add(metric_fallback, labels, 1);
 }
 
+int tg_ratelimit_take_fallback(tg_ratelimit_t *rl, const char *tenant, const char *key, size_t key_len,
+                               double rate_per_s, uint32_t burst, uint64_t now_us, const char *reason,
+                               uint32_t *retry_after_ms) {
+  int rc = tg_ratelimit_check(rl, tenant, key, key_len, rate_per_s, burst, now_us, retry_after_ms);
+  if (rc >= 0) {
+    tg_ratelimit_count(tenant, rc, TG_RATELIMIT_FALLBACK);
+    tg_ratelimit_count_fallback(reason);
+  }
+  return rc;
+}
+
 const char *tg_ratelimit_source_name(tg_ratelimit_source_t source) {
   switch (source) {
   case TG_RATELIMIT_REDIS:

@@ -101,6 +101,15 @@ int tg_ratelimit_params(double rate_per_s, uint32_t burst, uint64_t *interval_us
 /* Counts ratelimit_redis_fallback_total{reason}: the redis mode's fallbacks. */
 void tg_ratelimit_count_fallback(const char *reason);
 
+/* tg_ratelimit_take for redis mode when Redis could not even be asked
+ * (tg_ratelimit_redis_take failed): the local table decides, counted as
+ * source "local-fallback" and as a fallback for reason ("error", ...), as
+ * the redis mode's own fallbacks are. Same arguments and returns as
+ * tg_ratelimit_take. Any thread. */
+int tg_ratelimit_take_fallback(tg_ratelimit_t *rl, const char *tenant, const char *key, size_t key_len,
+                               double rate_per_s, uint32_t burst, uint64_t now_us, const char *reason,
+                               uint32_t *retry_after_ms);
+
 /* SipHash-2-4 of len bytes under a 16-byte key (the table's key hash; public
  * so tests can check it against the reference vectors). */
 uint64_t tg_ratelimit_siphash(const uint8_t key[16], const void *data, size_t len);
@@ -134,9 +143,13 @@ void tg_ratelimit_redis_opts_clear(tg_ratelimit_redis_opts_t *o);
  * 2 s, jittered) after any drop, and drops a connection that has answered
  * nothing for max(1 s, 10 x timeout_ms) while requests wait. local is the
  * process-wide table used for fallback decisions; it must outlive this.
- * Returns NULL when out of memory (err says so). Loop thread only. */
-tg_ratelimit_redis_t *tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit_redis_opts_t *opts,
-                                             tg_ratelimit_t *local, char *err, size_t errlen);
+ * Redis being down is not a failure (takes fall back until it answers).
+ * Returns 0 and *out, or with *out NULL and err saying why: -EINVAL (a
+ * NULL argument or no host), -ENOMEM, -EIO (the script's hash), or the
+ * libuv error creating a timer (handles already made are closing: run the
+ * loop before closing it). Loop thread only. */
+int tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit_redis_opts_t *opts, tg_ratelimit_t *local,
+                           tg_ratelimit_redis_t **out, char *err, size_t errlen);
 
 /* Decided: allowed 1 or 0, retry_after_ms >= 1 when limited, source REDIS or
  * FALLBACK. */

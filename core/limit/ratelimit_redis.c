@@ -534,16 +534,19 @@ static void handle_closed(uv_handle_t *h) {
   free(r);
 }
 
-tg_ratelimit_redis_t *tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit_redis_opts_t *opts,
-                                             tg_ratelimit_t *local, char *err, size_t errlen) {
+int tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit_redis_opts_t *opts, tg_ratelimit_t *local,
+                           tg_ratelimit_redis_t **out, char *err, size_t errlen) {
   tg_ratelimit_redis_t *r = NULL;
-  if (loop == NULL || opts == NULL || opts->host == NULL || local == NULL) {
-    snprintf(err, errlen, "redis rate limiter: missing loop, host or local table");
-    return NULL;
+  int rc = -ENOMEM;
+  if (out)
+    *out = NULL;
+  if (out == NULL || loop == NULL || opts == NULL || opts->host == NULL || local == NULL) {
+    snprintf(err, errlen, "redis rate limiter: missing loop, host, local table or result");
+    return -EINVAL;
   }
   r = calloc(1, sizeof(*r));
   if (r == NULL)
-    goto oom;
+    goto fail;
   r->loop = loop;
   r->local = local;
   r->port = opts->port;
@@ -553,27 +556,49 @@ tg_ratelimit_redis_t *tg_ratelimit_redis_new(uv_loop_t *loop, const tg_ratelimit
   r->rng = (uv_hrtime() ^ (uint64_t)(uintptr_t)r) | 1;
   r->host = strdup(opts->host);
   if (r->host == NULL || (opts->password && (r->password = strdup(opts->password)) == NULL))
-    goto oom;
+    goto fail;
   snprintf(r->addr, sizeof(r->addr), strchr(r->host, ':') ? "[%s]:%d" : "%s:%d", r->host, r->port);
   unsigned char digest[20];
-  if (mbedtls_sha1_ret((const unsigned char *)script, sizeof(script) - 1, digest) != 0)
-    goto oom;
+  if (mbedtls_sha1_ret((const unsigned char *)script, sizeof(script) - 1, digest) != 0) {
+    snprintf(err, errlen, "redis rate limiter: cannot hash the script (mbedTLS SHA-1 failed)");
+    rc = -EIO;
+    goto fail_msg;
+  }
   tg_hex_encode(digest, 20, r->sha);
-  uv_timer_init(loop, &r->deadline_timer);
-  uv_timer_init(loop, &r->reconnect_timer);
-  uv_idle_init(loop, &r->deliver_idle);
   r->deadline_timer.data = r->reconnect_timer.data = r->deliver_idle.data = r;
-  r->open_handles = 3;
+  /* Counted as each starts: a failure closes those already open. */
+  if ((rc = uv_timer_init(loop, &r->deadline_timer)) != 0)
+    goto fail_handles;
+  r->open_handles++;
+  if ((rc = uv_timer_init(loop, &r->reconnect_timer)) != 0)
+    goto fail_handles;
+  r->open_handles++;
+  if ((rc = uv_idle_init(loop, &r->deliver_idle)) != 0)
+    goto fail_handles;
+  r->open_handles++;
   connect_redis(r);
-  return r;
-oom:
+  *out = r;
+  return 0;
+fail_handles:
+  snprintf(err, errlen, "redis rate limiter: cannot create its timers: %s", uv_strerror(rc));
+  if (r->open_handles > 0) {
+    /* handle_closed frees r with the last of them. */
+    r->closing = true;
+    uv_handle_t *hs[] = {(uv_handle_t *)&r->deadline_timer, (uv_handle_t *)&r->reconnect_timer};
+    for (int i = 0, n = r->open_handles; i < n; i++)
+      uv_close(hs[i], handle_closed);
+    return rc;
+  }
+  goto fail_msg;
+fail:
+  snprintf(err, errlen, "redis rate limiter: out of memory");
+fail_msg:
   if (r) {
     free(r->host);
     free(r->password);
     free(r);
   }
-  snprintf(err, errlen, "redis rate limiter: out of memory");
-  return NULL;
+  return rc;
 }
 
 void tg_ratelimit_redis_free(tg_ratelimit_redis_t *r) {

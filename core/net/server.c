@@ -1601,8 +1601,18 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
     w->pub.id = wi;
     w->pub.loop = &w->loop;
     w->max_conns = per_worker;
-    uv_loop_init(&w->loop);
-    uv_async_init(&w->loop, &w->stop_async, on_stop);
+    /* The stop handle is how the worker is ever told to stop: without it the
+     * server could not be stopped, so start-up fails instead. */
+    int urc = uv_loop_init(&w->loop);
+    if (urc == 0 && (urc = uv_async_init(&w->loop, &w->stop_async, on_stop)) != 0)
+      uv_loop_close(&w->loop);
+    if (urc != 0) {
+      s->workers[wi] = NULL;
+      free(w);
+      rc = urc;
+      snprintf(err, errlen, "cannot set up worker %d's loop: %s", wi, uv_strerror(urc));
+      goto fail_threads;
+    }
     w->stop_async.data = w;
     uv_timer_init(&w->loop, &w->grace_timer);
     w->grace_timer.data = w;
@@ -1653,8 +1663,12 @@ fail_threads:
   }
   for (int wi = started; wi < s->nworkers; wi++) {
     worker_priv_t *w = s->workers[wi];
-    if (w == NULL)
+    if (w == NULL) { /* never set up: its sockets are still only in s->fds */
+      for (size_t li = 0; li < nl; li++)
+        if (s->fds[(size_t)wi * nl + li] >= 0)
+          close(s->fds[(size_t)wi * nl + li]);
       continue;
+    }
     uv_close((uv_handle_t *)&w->stop_async, NULL);
     uv_close((uv_handle_t *)&w->grace_timer, NULL);
     uv_close((uv_handle_t *)&w->date_timer, NULL);

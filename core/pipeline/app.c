@@ -24,6 +24,12 @@ static void on_policy_sync(uv_async_t *a) {
 
 static void destroy_catalog(void *data) { tg_catalog_free(data); }
 
+/* config.h documents the policy defaults as its own numbers: keep them the policy module's. */
+_Static_assert(TG_CONFIG_DEFAULT_POLICY_TIME_LIMIT_MS == TG_POLICY_DEFAULT_TIME_LIMIT_MS, "policy time limit");
+_Static_assert(TG_CONFIG_DEFAULT_POLICY_LOAD_TIME_LIMIT_MS == TG_POLICY_DEFAULT_LOAD_TIME_LIMIT_MS,
+               "policy load time limit");
+_Static_assert(TG_CONFIG_DEFAULT_POLICY_MEMORY_LIMIT == TG_POLICY_DEFAULT_MEMORY_LIMIT, "policy memory limit");
+
 int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char *err,
                 size_t errlen) {
   int rc;
@@ -32,6 +38,9 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
   tg_offer_keyring_init(&app->offer_keys);
   tg_policy_options_t popt = {0};
   popt.version = version;
+  popt.time_limit_ms = cfg->policy_time_limit_ms; /* 0 (a config not from tg_config_load): the defaults */
+  popt.load_time_limit_ms = cfg->policy_load_time_limit_ms;
+  popt.memory_limit = cfg->policy_memory_limit;
   popt.on_publish = on_publish;
   popt.on_publish_ud = app;
   if ((rc = tg_policy_registry_new(cfg, &popt, &app->policies, err, errlen)) != 0)
@@ -57,7 +66,7 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
       snprintf(err, errlen, "out of memory");
       return -ENOMEM;
     }
-  app->offer_ttl_s = 300;
+  app->offer_ttl_s = cfg->offer_ttl_s ? cfg->offer_ttl_s : TG_CONFIG_DEFAULT_OFFER_TTL_S;
   return tg_offerkey_load(&app->offer_keys, cfg->data_dir, err, errlen);
 }
 
@@ -81,33 +90,41 @@ void tg_app_clear(tg_app_t *app) {
 
 int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
   char err[512] = "out of memory";
+  int rc = -ENOMEM;
   tg_app_worker_t *aw = calloc(1, sizeof *aw);
   if (aw == NULL)
-    return -ENOMEM;
+    goto fail;
   aw->app = app;
   aw->worker = w;
   app->workers[w->id] = aw;
-  if ((aw->httpc = tg_httpc_new(w->loop, NULL)) == NULL ||
-      (aw->policy = tg_policy_runtime_new(app->policies, err, sizeof err)) == NULL)
+  if ((aw->httpc = tg_httpc_new(w->loop, NULL)) == NULL) {
+    snprintf(err, sizeof err, "cannot create the outbound HTTP client (out of memory)");
     goto fail;
+  }
+  if ((aw->policy = tg_policy_runtime_new(app->policies, err, sizeof err)) == NULL) {
+    rc = -EINVAL; /* err says why: memory, or a policy that no longer loads */
+    goto fail;
+  }
   if (app->redis_opts.host &&
-      (aw->redis = tg_ratelimit_redis_new(w->loop, &app->redis_opts, app->limits, err, sizeof err)) == NULL)
+      (rc = tg_ratelimit_redis_new(w->loop, &app->redis_opts, app->limits, &aw->redis, err, sizeof err)) != 0)
     goto fail;
+  rc = -ENOMEM;
+  snprintf(err, sizeof err, "out of memory");
   aw->catalog_readers = calloc(app->cfg->ntenants ? app->cfg->ntenants : 1, sizeof *aw->catalog_readers);
   if (aw->catalog_readers == NULL)
     goto fail;
   for (size_t i = 0; i < app->cfg->ntenants; i++)
     if ((aw->catalog_readers[i] = tg_snapshot_reader_register(app->catalogs[i])) == NULL)
       goto fail;
-  if (uv_async_init(w->loop, &aw->policy_sync, on_policy_sync) != 0) {
-    snprintf(err, sizeof err, "cannot create the reload wake-up handle");
+  if ((rc = uv_async_init(w->loop, &aw->policy_sync, on_policy_sync)) != 0) {
+    snprintf(err, sizeof err, "cannot create the reload wake-up handle: %s", uv_strerror(rc));
     goto fail;
   }
   aw->policy_sync.data = aw;
   return 0;
 fail:
   tg_log(TG_LOG_ERROR, "worker start failed", "reason", err, NULL);
-  return -ENOMEM;
+  return rc;
 }
 
 static void free_handle_data(uv_handle_t *h) { free(h->data); }
@@ -158,12 +175,18 @@ void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t
               tg_ratelimit_redis_take(aw->redis, tenant, rate->key, rate->keylen, rate->rate,
                                       rate->burst, on_redis_take, t) == 0))
       return;
-    free(t); /* could not ask Redis: decide locally */
+    free(t);
   }
   uint32_t retry = 0;
-  /* Counted once, inside tg_ratelimit_take. A rate the table refuses (the
-   * policy module checks it first) denies rather than lets through. */
-  int rc = tg_ratelimit_take(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate,
-                             rate->burst, tg_ratelimit_now_us(), &retry);
+  int rc;
+  /* Counted once, inside the take. Could Redis not be asked, the decision is
+   * a fallback like Redis' own and is labelled so. A rate the table refuses
+   * (the policy module checks it first) denies rather than lets through. */
+  if (aw->redis)
+    rc = tg_ratelimit_take_fallback(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate,
+                                    rate->burst, tg_ratelimit_now_us(), "error", &retry);
+  else
+    rc = tg_ratelimit_take(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate, rate->burst,
+                           tg_ratelimit_now_us(), &retry);
   cb(ud, rc == 1, rc == 1 ? 0 : retry ? retry : 1000);
 }

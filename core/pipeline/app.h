@@ -54,8 +54,11 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
 void tg_app_clear(tg_app_t *app);
 
 /* The per-worker parts, on worker w's thread: client, policy states, Redis
- * connection, catalog readers. 0 or negative (logged). tg_app_worker_stop
- * undoes a partial start too; run the loop once more after it. */
+ * connection, catalog readers. Returns 0, or the cause as a negative errno
+ * (-ENOMEM, -EINVAL for policy states that do not build, the Redis
+ * limiter's or libuv's code), logged with its reason ("worker start
+ * failed"). tg_app_worker_stop undoes a partial start too; run the loop
+ * once more after it. */
 int tg_app_worker_start(tg_app_t *app, tg_worker_t *w);
 void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w);
 
@@ -73,8 +76,10 @@ static inline size_t tg_app_tenant_index(const tg_app_t *app, const tg_config_te
 typedef void (*tg_app_take_cb)(void *ud, int allowed, uint32_t retry_after_ms);
 
 /* Takes one request from tenant's bucket rate->key: the local table, or Redis
- * in redis mode (with the local table as fallback). cb runs exactly once:
- * before this returns in local mode, from the loop in redis mode. */
+ * in redis mode (with the local table as fallback, counted as source
+ * "local-fallback" also when Redis could not be asked at all). cb runs
+ * exactly once: before this returns in local mode or when Redis could not be
+ * asked, from the loop otherwise. */
 void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
                  tg_app_take_cb cb, void *ud);
 

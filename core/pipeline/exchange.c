@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "pipeline/app.h"
+#include "pipeline/view.h"
 #include "catalog/catalog.h"
 #include "catalog/offer.h"
 #include "catalog/rsl.h"
@@ -15,30 +16,6 @@
 #include "base/metrics.h"
 #include "net/target.h"
 #include "ramp/v1/exchange.pb-c.h"
-
-/* RSL usage tokens by enum value. */
-static const char *purpose_token(Comp__V1__UsagePurpose p) {
-  switch (p) {
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_ALL: return "all";
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_ALL: return "ai-all";
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_TRAIN: return "ai-train";
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INPUT: return "ai-input";
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INDEX: return "ai-index";
-  case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_SEARCH: return "search";
-  default: return NULL;
-  }
-}
-
-static const char *user_type_token(Comp__V1__UserType t) {
-  switch (t) {
-  case COMP__V1__USER_TYPE__USER_TYPE_COMMERCIAL: return "commercial";
-  case COMP__V1__USER_TYPE__USER_TYPE_NON_COMMERCIAL: return "non-commercial";
-  case COMP__V1__USER_TYPE__USER_TYPE_EDUCATION: return "education";
-  case COMP__V1__USER_TYPE__USER_TYPE_GOVERNMENT: return "government";
-  case COMP__V1__USER_TYPE__USER_TYPE_PERSONAL: return "personal";
-  default: return NULL;
-  }
-}
 
 #define MAX_URI (sizeof(((tg_offer_t *)0)->uri) - 1)
 
@@ -55,8 +32,6 @@ static bool normal_path(const char *path) {
   return n == len && memcmp(norm, path, len) == 0;
 }
 
-static const char *nonempty(const char *s) { return s && *s ? s : NULL; }
-
 static const char *call_header(void *ud, const char *name, size_t namelen, size_t *vlen) {
   tg_http_req_t *req = tg_connect_call_http(ud);
   const tg_http_header_t *h = req ? tg_http_req_header_n(req, name, namelen) : NULL;
@@ -66,70 +41,52 @@ static const char *call_header(void *ud, const char *name, size_t namelen, size_
   return h->value;
 }
 
-/* The policy's view of a Connect call made for an AI system. purposes must
- * hold 8 entries; the view borrows from the call and the request. */
-static void connect_view(tg_policy_req_t *v, tg_connect_call_t *call, const Comp__V1__AISystem *ai,
-                         const char *tenant, const char **purposes, char *ip, size_t iplen) {
-  tg_http_req_t *http = tg_connect_call_http(call);
-  memset(v, 0, sizeof *v);
-  v->kind = TG_POLICY_KIND_CONNECT;
-  v->tenant = tenant;
-  if (http) {
-    v->method = http->method_name;
-    v->path = http->path;
-    v->query = http->query;
-    const tg_http_header_t *h = tg_http_req_header(http, "host");
-    v->host = h ? h->value : NULL;
-    tg_http_peer_ip(http, ip, iplen);
-    v->ip = ip;
-    v->request_id = http->request_id;
-    v->header = call_header;
-    v->header_ud = call;
-  }
-  if (ai) {
-    size_t n = 0;
-    for (size_t i = 0; i < ai->n_usage_purposes && n < 8; i++) {
-      const char *t = purpose_token(ai->usage_purposes[i]);
-      if (t)
-        purposes[n++] = t;
-    }
-    v->purposes = purposes;
-    v->npurposes = n;
-    v->ai_id = nonempty(ai->id);
-    v->ai_name = nonempty(ai->name);
-    v->user_agent = nonempty(ai->user_agent);
-    v->user_type = user_type_token(ai->user_type);
-    v->country = nonempty(ai->country);
-  }
+/* The policy's view of a Connect call made for an AI system; it borrows
+ * from the call, which must outlive it. */
+static void connect_view(tg_view_t *v, tg_connect_call_t *call, const Comp__V1__AISystem *ai,
+                         const char *tenant) {
+  tg_view_build(v, TG_POLICY_KIND_CONNECT, tg_connect_call_http(call), tenant, call_header, call, ai);
 }
 
-static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
+static void discover_answer(const tg_exchange_t *ex, tg_app_worker_t *aw, tg_connect_call_t *call,
                             const Ramp__V1__DiscoverResourcesRequest *req);
 
 /* Rate limits of the tenants a call touches, decided together (in redis
  * mode the decisions arrive later, on the loop). */
 typedef struct gate {
   const tg_exchange_t *ex;
+  tg_app_worker_t *aw;
   tg_connect_call_t *call;
   const Ramp__V1__DiscoverResourcesRequest *req;
   int pending;       /* decisions still out, plus one while they are being issued */
   int denied;
   int failed;        /* a policy failed: the call fails closed */
   uint32_t retry_ms;
+  size_t nseen;
+  const tg_config_tenant_t *seen[]; /* distinct tenants, one slot per URI of the call */
 } gate_t;
 
 static void gate_done(gate_t *g) {
   if (--g->pending > 0)
     return;
   tg_http_req_t *http = tg_connect_call_http(g->call);
-  if (g->failed)
+  if (http == NULL) {
+    /* The deadline passed while Redis decided: answered already, only finish. */
+    tg_connect_fail(g->call, TG_CONNECT_DEADLINE_EXCEEDED, NULL);
+  } else if (g->failed) {
     tg_connect_fail(g->call, TG_CONNECT_INTERNAL, "policy error, see the gateway log (request %s)",
                     http->request_id);
-  else if (g->denied)
+  } else if (g->denied) {
+    /* Clients back off on the header; the message keeps the exact wait. A
+     * header that cannot be added still leaves the message. */
+    char secs[16];
+    snprintf(secs, sizeof secs, "%u", tg_app_retry_after_s(g->retry_ms));
+    tg_connect_call_add_header(g->call, "Retry-After", secs);
     tg_connect_fail(g->call, TG_CONNECT_RESOURCE_EXHAUSTED, "rate limited: retry after %u ms",
                     g->retry_ms);
-  else
-    discover_answer(g->ex, g->call, g->req);
+  } else {
+    discover_answer(g->ex, g->aw, g->call, g->req);
+  }
   free(g);
 }
 
@@ -144,18 +101,22 @@ static void on_gate_taken(void *ud, int allowed, uint32_t retry_after_ms) {
 }
 
 /* Runs each touched tenant's rate_limit hook once and takes from the
- * buckets it names; answers the call when all decided. */
+ * buckets it names; answers the call when all decided. A call names at most
+ * TG_EXCHANGE_MAX_RESOURCES URIs, so the distinct tenants are at most that
+ * many and a linear search of them stays cheap. */
 static void discover_gate(const tg_exchange_t *ex, tg_connect_call_t *call,
                           const Ramp__V1__DiscoverResourcesRequest *req) {
   tg_app_worker_t *aw = tg_app_worker(ex->app, tg_connect_call_http(call)->worker);
-  gate_t *g = calloc(1, sizeof *g);
+  gate_t *g = calloc(1, sizeof *g + req->n_resources * sizeof g->seen[0]);
   if (g == NULL) {
     tg_connect_fail(call, TG_CONNECT_RESOURCE_EXHAUSTED, "out of memory");
     return;
   }
-  *g = (gate_t){ex, call, req, 1, 0, 0, 0};
-  const tg_config_tenant_t *seen[16];
-  size_t nseen = 0;
+  g->ex = ex;
+  g->aw = aw;
+  g->call = call;
+  g->req = req;
+  g->pending = 1;
   for (size_t i = 0; i < req->n_resources; i++) {
     const char *host;
     size_t host_len;
@@ -163,25 +124,23 @@ static void discover_gate(const tg_exchange_t *ex, tg_connect_call_t *call,
       continue;
     const tg_config_tenant_t *t = tg_tenants_by_host(ex->app->tenants, host, host_len);
     int dup = t == NULL;
-    for (size_t k = 0; k < nseen && !dup; k++)
-      dup = seen[k] == t;
-    if (dup || nseen == sizeof seen / sizeof seen[0])
+    for (size_t k = 0; k < g->nseen && !dup; k++)
+      dup = g->seen[k] == t;
+    if (dup)
       continue;
-    seen[nseen++] = t;
-    if (nseen == 1)
+    g->seen[g->nseen++] = t;
+    if (g->nseen == 1)
       tg_connect_call_set_tenant(call, t->name);
     tg_policy_state_t *st = tg_policy_acquire(aw->policy, t->name);
     if (st == NULL) {
       g->failed = 1;
       break;
     }
-    const char *purposes[8];
-    char ip[64];
-    tg_policy_req_t v;
-    connect_view(&v, call, req->ai_system, t->name, purposes, ip, sizeof ip);
+    tg_view_t v;
+    connect_view(&v, call, req->ai_system, t->name);
     tg_policy_rate_t rate;
     tg_policy_error_t err;
-    int rc = tg_policy_rate_limit(st, &v, &rate, &err);
+    int rc = tg_policy_rate_limit(st, &v.req, &rate, &err);
     tg_policy_release(st);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) { /* logged and counted by the policy module */
       g->failed = 1;
@@ -240,14 +199,11 @@ typedef struct held {
   tg_policy_state_t *st;
 } held_t;
 
-#define HELD_MAX 16
-
+/* held has room for one entry per URI of the call: never full. */
 static held_t *hold(tg_app_worker_t *aw, held_t *held, size_t *nheld, size_t ti) {
   for (size_t k = 0; k < *nheld; k++)
     if (held[k].tenant == ti)
       return &held[k];
-  if (*nheld == HELD_MAX)
-    return NULL; /* more distinct tenants than that in one call: answered without offers */
   held_t *h = &held[(*nheld)++];
   h->tenant = ti;
   h->pin = tg_snapshot_acquire(aw->catalog_readers[ti]);
@@ -266,44 +222,17 @@ static void release_all(tg_app_worker_t *aw, held_t *held, size_t nheld) {
 static uint32_t usage_bits(const Comp__V1__AISystem *ai) {
   uint32_t bits = 0;
   for (size_t i = 0; ai && i < ai->n_usage_purposes; i++) {
-    switch (ai->usage_purposes[i]) {
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_ALL: bits |= TG_RSL_USAGE_ALL; break;
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_ALL: bits |= TG_RSL_USAGE_AI_ALL; break;
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_TRAIN: bits |= TG_RSL_USAGE_AI_TRAIN; break;
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INPUT: bits |= TG_RSL_USAGE_AI_INPUT; break;
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INDEX: bits |= TG_RSL_USAGE_AI_INDEX; break;
-    case COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_SEARCH: bits |= TG_RSL_USAGE_SEARCH; break;
-    default: break;
-    }
+    const tg_view_purpose_t *p = tg_view_purpose(ai->usage_purposes[i]);
+    if (p)
+      bits |= p->bit;
   }
   return bits;
 }
 
 static uint32_t user_bits(const Comp__V1__AISystem *ai) {
-  if (ai == NULL)
-    return 0;
-  switch (ai->user_type) {
-  case COMP__V1__USER_TYPE__USER_TYPE_COMMERCIAL: return TG_RSL_USER_COMMERCIAL;
-  case COMP__V1__USER_TYPE__USER_TYPE_NON_COMMERCIAL: return TG_RSL_USER_NON_COMMERCIAL;
-  case COMP__V1__USER_TYPE__USER_TYPE_EDUCATION: return TG_RSL_USER_EDUCATION;
-  case COMP__V1__USER_TYPE__USER_TYPE_GOVERNMENT: return TG_RSL_USER_GOVERNMENT;
-  case COMP__V1__USER_TYPE__USER_TYPE_PERSONAL: return TG_RSL_USER_PERSONAL;
-  default: return 0;
-  }
+  const tg_view_user_type_t *u = ai ? tg_view_user_type(ai->user_type) : NULL;
+  return u ? u->bit : 0;
 }
-
-/* Concrete usage bits -> RSL tokens (for the price hook) and enum values. */
-static const struct {
-  uint32_t bit;
-  const char *token;
-  Comp__V1__UsagePurpose e;
-} USAGES[] = {
-    {TG_RSL_USAGE_AI_TRAIN, "ai-train", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_TRAIN},
-    {TG_RSL_USAGE_AI_INPUT, "ai-input", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INPUT},
-    {TG_RSL_USAGE_AI_INDEX, "ai-index", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_AI_INDEX},
-    {TG_RSL_USAGE_SEARCH, "search", COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_SEARCH},
-};
-#define NUSAGES (sizeof USAGES / sizeof USAGES[0])
 
 /* Fills r for one URI of tenant ti from its catalog and price hook. Returns
  * 0, or -1 when a policy failed (the call fails closed). */
@@ -312,11 +241,6 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
                         const Ramp__V1__DiscoverResourcesRequest *req, Ramp__V1__ResourceResult *r,
                         int64_t *built_at) {
   const tg_app_t *app = aw->app;
-  if (h == NULL) { /* neither rate-limited nor priced: no offer may leave */
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
-    r->absence_detail = "more tenants in this call than one call serves: ask for this URI in another call";
-    return 0;
-  }
   const tg_catalog_t *cat = h->pin.data;
   if (cat == NULL) {
     r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
@@ -356,10 +280,8 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
   }
   if (h->st == NULL)
     return -1;
-  const char *purposes_view[8];
-  char ip[64];
-  tg_policy_req_t view;
-  connect_view(&view, call, req->ai_system, app->cfg->tenants[ti].name, purposes_view, ip, sizeof ip);
+  tg_view_t view;
+  connect_view(&view, call, req->ai_system, app->cfg->tenants[ti].name);
   Ramp__V1__Offer **offers = tg_connect_call_alloc(call, res.noffers * sizeof *offers);
   if (offers == NULL)
     return -1;
@@ -367,16 +289,17 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
   size_t n = 0;
   for (uint32_t k = 0; k < res.noffers; k++) {
     const tg_catalog_offer_t *o = &res.offers[k];
-    const char *tokens[NUSAGES];
+    /* o->usage holds concrete purposes only: "all" and "ai-all" never match. */
+    const char *tokens[TG_VIEW_NPURPOSES];
     size_t ntok = 0;
-    for (size_t u = 0; u < NUSAGES; u++)
-      if (o->usage & USAGES[u].bit)
-        tokens[ntok++] = USAGES[u].token;
-    tg_policy_offer_t po = {uri, tg_rsl_pay_type_name(o->type), o->amount,
-                            o->currency[0] ? o->currency : NULL, tokens, ntok, o->lastmod, NULL};
+    for (size_t u = 0; u < TG_VIEW_NPURPOSES; u++)
+      if (o->usage & tg_view_purposes[u].bit)
+        tokens[ntok++] = tg_view_purposes[u].token;
+    tg_policy_offer_t po = {uri, tg_rsl_pay_type_name(o->type), o->amount, o->currency[0] ? o->currency : NULL,
+                            tokens, ntok, o->lastmod, o->license_url};
     tg_policy_price_t price;
     tg_policy_error_t err;
-    int rc = tg_policy_price(h->st, &po, &view, &price, &err);
+    int rc = tg_policy_price(h->st, &po, &view.req, &price, &err);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
       return -1;
     if (!price.for_sale)
@@ -397,7 +320,7 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
     Ramp__V1__Pricing *pr = tg_connect_call_alloc(call, sizeof *pr);
     Ramp__V1__Money *m = tg_connect_call_alloc(call, sizeof *m);
     Ramp__V1__Terms *te = tg_connect_call_alloc(call, sizeof *te);
-    Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, NUSAGES * sizeof *pp + 1);
+    Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, TG_VIEW_NPURPOSES * sizeof *pp);
     char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
     if (!id || !of || !pr || !m || !te || !pp || !cur ||
         tg_offer_encode(&app->offer_keys, &tok, id, TG_OFFER_TOKEN_MAX) != 0)
@@ -413,11 +336,14 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
     pr->price = m;
     pr->unit = RAMP__V1__PRICING_UNIT__PRICING_UNIT_REQUEST;
     size_t np = 0;
-    for (size_t u = 0; u < NUSAGES; u++)
-      if (o->usage & USAGES[u].bit)
-        pp[np++] = USAGES[u].e;
+    for (size_t u = 0; u < TG_VIEW_NPURPOSES; u++)
+      if (o->usage & tg_view_purposes[u].bit)
+        pp[np++] = tg_view_purposes[u].value;
     te->n_permitted_purposes = np;
     te->permitted_purposes = pp;
+    /* Lives in the catalog, pinned until the answer is written. */
+    if (o->license_url)
+      te->license_url = (char *)o->license_url;
     of->id = id;
     of->uri = (char *)uri;
     of->pricing = pr;
@@ -437,21 +363,24 @@ static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h,
 
 static tg_metric_t *m_offers_returned;
 
-static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
+/* Called by the gate once the rate limits allowed the call, which is then
+ * not answered yet (its HTTP request is there). */
+static void discover_answer(const tg_exchange_t *ex, tg_app_worker_t *aw, tg_connect_call_t *call,
                             const Ramp__V1__DiscoverResourcesRequest *req) {
   size_t n = req->n_resources;
   tg_http_req_t *http = tg_connect_call_http(call);
-  tg_app_worker_t *aw = tg_app_worker(ex->app, http->worker);
-  /* One block for every result: the answer is built and freed in this call. */
+  /* One block each for the results and the tenants held (at most one per
+   * URI): the answer is built and freed in this call. */
   Ramp__V1__ResourceResult *results = calloc(n, sizeof *results);
   Ramp__V1__ResourceResult **ptrs = calloc(n, sizeof *ptrs);
-  if (results == NULL || ptrs == NULL) {
+  held_t *held = calloc(n, sizeof *held);
+  if (results == NULL || ptrs == NULL || held == NULL) {
     free(results);
     free(ptrs);
+    free(held);
     tg_connect_fail(call, TG_CONNECT_RESOURCE_EXHAUSTED, "out of memory");
     return;
   }
-  held_t held[HELD_MAX];
   size_t nheld = 0;
   int64_t built_at = 0;
   int failed = 0;
@@ -464,6 +393,7 @@ static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
       release_all(aw, held, nheld);
       free(results);
       free(ptrs);
+      free(held);
       tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
                       "resources[%zu].uri: not an absolute http(s) URL", i);
       return;
@@ -503,15 +433,17 @@ static void discover_answer(const tg_exchange_t *ex, tg_connect_call_t *call,
   release_all(aw, held, nheld);
   free(results);
   free(ptrs);
+  free(held);
 }
 
 static void execute(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {
-  (void)ud;
+  const tg_exchange_t *ex = ud;
   const Ramp__V1__ExecuteTransactionRequest *req = (const Ramp__V1__ExecuteTransactionRequest *)msg;
-  size_t klen = strlen(req->idempotency_key);
-  if (klen == 0 || klen > 128) {
-    tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
-                    "idempotency_key: required, 1 to 128 characters");
+  uint32_t max = ex->app->cfg->idempotency_key_max ? ex->app->cfg->idempotency_key_max
+                                                   : TG_CONFIG_DEFAULT_IDEMPOTENCY_KEY_MAX;
+  size_t klen = strnlen(req->idempotency_key, (size_t)max + 1);
+  if (klen == 0 || klen > max) {
+    tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "idempotency_key: required, 1 to %u characters", max);
     return;
   }
   if (req->n_items == 0) {

@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "base/money.h"
 #include "base/utf8.h"
+#include "pipeline/view.h"
 
 /* One request going through the pipeline; lives until it is answered, since
  * a Redis rate-limit decision arrives later on the loop. */
@@ -18,8 +19,7 @@ typedef struct pass {
   const tg_config_tenant_t *tenant;
   tg_http_req_t *http;
   tg_policy_state_t *st;
-  tg_policy_req_t view;
-  char ip[64];
+  tg_view_t view;
   tg_buf_t uri; /* the offer's URI, as long as the request made it */
 } pass_t;
 
@@ -71,7 +71,7 @@ static void answer_free(pass_t *p) {
  * -1 when out of memory. */
 static int default_offer(pass_t *p, tg_policy_offer_t *o) {
   memset(o, 0, sizeof *o);
-  if (tg_buf_printf(&p->uri, "%s://%s%s", p->http->tls ? "https" : "http", p->view.host ? p->view.host : "",
+  if (tg_buf_printf(&p->uri, "%s://%s%s", p->http->tls ? "https" : "http", p->view.req.host ? p->view.req.host : "",
                     p->http->path) != 0)
     return -1;
   o->uri = p->uri.data;
@@ -91,7 +91,7 @@ static void priced(pass_t *p) {
   }
   tg_policy_price_t price;
   tg_policy_error_t err;
-  int rc = tg_policy_price(p->st, &offer, &p->view, &price, &err);
+  int rc = tg_policy_price(p->st, &offer, &p->view.req, &price, &err);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
     fail_policy(p, &err);
     return;
@@ -152,21 +152,8 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     fail_policy(p, &err);
     return;
   }
-  /* The peer without its port: rate-limit keys by address must not vary. */
-  tg_http_peer_ip(req, p->ip, sizeof p->ip);
-  const tg_http_header_t *ua = tg_http_req_header(req, "user-agent");
-  tg_policy_req_t *v = &p->view;
-  v->method = req->method_name;
-  v->path = req->path;
-  v->query = req->query;
-  v->host = req->host; /* normalized by the server: absolute-form authority, else Host */
-  v->tenant = tenant->name;
-  v->ip = p->ip;
-  v->user_agent = ua ? ua->value : NULL;
-  v->header = header_cb;
-  v->header_ud = req;
-  v->kind = TG_POLICY_KIND_HTTP;
-  v->request_id = req->request_id;
+  tg_view_build(&p->view, TG_POLICY_KIND_HTTP, req, tenant->name, header_cb, req, NULL);
+  const tg_policy_req_t *v = &p->view.req;
 
   tg_policy_error_t err;
   bool skip = false;

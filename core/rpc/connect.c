@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdalign.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 #define ARENA_INLINE_BYTES 2048
 #define ARENA_BLOCK_BYTES 8192
 #define MESSAGE_MAX 512
+#define EXTRA_HEADERS_MAX 4 /* tg_connect_call_add_header */
 
 #define ACCEPT_POST "application/json, application/proto"
 
@@ -199,6 +201,8 @@ struct tg_connect_call {
   uint64_t deadline_ns; /* 0: no deadline */
   uv_timer_t timer;
   char tenant[64];
+  tg_http_header_t extra[EXTRA_HEADERS_MAX]; /* sent with the answer; strings in the arena */
+  unsigned nextra;
   ProtobufCAllocator allocator; /* protobuf-c view of the arena */
   char *arena_cur, *arena_end;
   arena_block_t *blocks;
@@ -450,8 +454,10 @@ static void record(tg_connect_call_t *call, tg_connect_code_t code) {
   tg_histogram_observe(metric_duration, dur, (double)(uv_hrtime() - call->start_ns) / 1e9);
 }
 
-/* Headers shared by every Connect answer: the codings we take, and Vary on
- * GET because the body depends on Accept-Encoding and GETs are cacheable. */
+/* Headers shared by every Connect answer: the codings we take, Vary on GET
+ * because the body depends on Accept-Encoding and GETs are cacheable, and
+ * the handler's own (tg_connect_call_add_header). h holds BASE_HEADERS_MAX. */
+#define BASE_HEADERS_MAX (3 + EXTRA_HEADERS_MAX)
 static size_t base_headers(const tg_connect_call_t *call, tg_http_header_t *h,
                            const char *content_type) {
   size_t n = 0;
@@ -459,7 +465,44 @@ static size_t base_headers(const tg_connect_call_t *call, tg_http_header_t *h,
   h[n++] = (tg_http_header_t){"Accept-Encoding", 15, "gzip", 4};
   if (call->is_get)
     h[n++] = (tg_http_header_t){"Vary", 4, "Accept-Encoding", 15};
+  for (unsigned i = 0; i < call->nextra; i++)
+    h[n++] = call->extra[i];
   return n;
+}
+
+static bool is_tchar(unsigned char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+         (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+/* Headers the protocol or the server writes itself: a second copy would
+ * contradict the first. */
+static const char *const owned_headers[] = {"content-type", "content-encoding", "content-length",
+                                            "accept-encoding", "vary", "connection",
+                                            "transfer-encoding", "date", "server", NULL};
+
+int tg_connect_call_add_header(tg_connect_call_t *call, const char *name, const char *value) {
+  if (call == NULL || name == NULL || value == NULL || name[0] == '\0')
+    return -EINVAL;
+  size_t nlen = strlen(name), vlen = strlen(value);
+  for (size_t i = 0; i < nlen; i++)
+    if (!is_tchar((unsigned char)name[i]))
+      return -EINVAL;
+  for (size_t i = 0; i < vlen; i++) /* no CR, LF or other control byte: no header injection */
+    if (((unsigned char)value[i] < 0x20 && value[i] != '\t') || value[i] == 0x7f)
+      return -EINVAL;
+  for (const char *const *o = owned_headers; *o; o++)
+    if (strcasecmp(name, *o) == 0)
+      return -EINVAL;
+  if (call->nextra == EXTRA_HEADERS_MAX)
+    return -ENOSPC;
+  char *copy = tg_connect_call_alloc(call, nlen + vlen + 2);
+  if (copy == NULL)
+    return -ENOMEM;
+  memcpy(copy, name, nlen + 1);
+  memcpy(copy + nlen + 1, value, vlen + 1);
+  call->extra[call->nextra++] = (tg_http_header_t){copy, nlen, copy + nlen + 1, vlen};
+  return 0;
 }
 
 /* Connect error bodies are JSON and never compressed (as connect-go). */
@@ -481,7 +524,7 @@ static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const 
     snprintf(fallback, sizeof fallback, "{\"code\":\"%s\"}", tg_connect_code_name(code));
     body = fallback;
   }
-  tg_http_header_t h[3];
+  tg_http_header_t h[BASE_HEADERS_MAX];
   size_t nh = base_headers(call, h, "application/json");
   tg_http_respond(call->req, tg_connect_code_http(code), h, nh, body, strlen(body));
   free(text);
@@ -530,7 +573,7 @@ static void answer_message(tg_connect_call_t *call, const ProtobufCMessage *msg)
     }
     body = heap;
   }
-  tg_http_header_t h[4];
+  tg_http_header_t h[BASE_HEADERS_MAX + 1];
   size_t nh =
       base_headers(call, h, call->codec == CODEC_PROTO ? "application/proto" : "application/json");
   size_t gz_len;

@@ -97,6 +97,15 @@ uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call);
 /* Sets the tenant_id label the call is counted under in exchange_rpc_total
  * (copied, at most 63 bytes; "" until set). */
 void tg_connect_call_set_tenant(tg_connect_call_t *call, const char *tenant_id);
+/* Adds a response header sent with the call's answer, reply or error (e.g.
+ * Retry-After on resource_exhausted). name and value are copied into the
+ * call's arena. At most 4 per call. Returns 0, -EINVAL (name not an HTTP
+ * token, value with a control byte, or a header the protocol writes itself:
+ * Content-Type, Content-Encoding, Content-Length, Accept-Encoding, Vary,
+ * Connection, Transfer-Encoding, Date, Server), -ENOSPC or -ENOMEM; the
+ * answer then goes without it. Call before tg_connect_reply/fail; a header
+ * added after the call was answered (deadline) is never sent. */
+int tg_connect_call_add_header(tg_connect_call_t *call, const char *name, const char *value);
 /* Memory from the call's arena (aligned for any type), freed with the call:
  * for building the response. NULL when out of memory. */
 void *tg_connect_call_alloc(tg_connect_call_t *call, size_t n);

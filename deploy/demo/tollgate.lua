@@ -9,7 +9,8 @@ return {
 
   -- admin.token and keys/news.key hold values for the demo only: anyone can
   -- read them here. A real deployment makes its own (openssl rand -hex 24)
-  -- and keeps them readable by the gateway's user alone.
+  -- and keeps them readable by the gateway's user alone. (keys/news.key is
+  -- for the news signer, which the next issue adds: see below.)
   admin = { host = "127.0.0.1", port = 9090, token_file = "admin.token" },
 
   workers = 0,                          -- one per core
@@ -17,24 +18,23 @@ return {
   log_level = "info",
 
   tenants = {
-    -- A publisher: licensed content described by RSL, delivered by signed
-    -- links that nginx secure_link verifies.
+    -- A publisher: licensed content described by RSL. The next issue adds
+    -- its delivery by signed links that nginx secure_link verifies and its
+    -- built-in billing; until they exist the configuration refuses them:
+    --   signer = { type = "nginx_secure_link", base_url = "http://127.0.0.1:8081",
+    --              key_file = "keys/news.key", ttl_s = 300 },
+    --   billing = { type = "builtin" },
     { name = "news",
       hosts = { "news.example", "localhost" },
       catalog = { source = "rsl/news.xml", refresh_s = 300 },
-      policy = "../../policies/news_publisher.lua",
-      signer = { type = "nginx_secure_link",
-                 base_url = "http://127.0.0.1:8081",
-                 key_file = "keys/news.key",
-                 ttl_s = 300 },
-      billing = { type = "builtin" } },
+      policy = "../../policies/news_publisher.lua" },
 
     -- A metered API paid per call over x402 (Base Sepolia, test USDC).
+    -- billing = { type = "builtin" } comes with the next issue, as above.
     { name = "api",
       hosts = { "api.example" },
       catalog = { source = "rsl/api.xml" },
       policy = "../../policies/metered_api.lua",
-      billing = { type = "builtin" },
       payments = {
         x402 = {
           network = "eip155:84532",

@@ -340,6 +340,33 @@ TEST(license_sets_are_interned) {
   tg_catalog_free(c);
 }
 
+TEST(offers_carry_the_license_url) {
+  tg_catalog_t *c = build(DOC(
+      "<content url=\"/a/*\" server=\"https://ls.example.com/api\"><license/>"
+      "<terms>https://example.com/terms</terms></content>"
+      "<content url=\"/b/*\" server=\"https://ls.example.com/api\"><license/></content>"
+      "<content url=\"/c/*\"><license/><terms>see the notice on our site</terms></content>"
+      "<content url=\"/d/*\" server=\"https://ls.example.com/api\"><license/>"
+      "<terms>ftp://example.com/terms</terms></content>"
+      "<content url=\"/e/*\"><license/><terms>https://example.com/terms</terms></content>"));
+  CHECK(c);
+  /* The legal terms first, else the license server, else none. */
+  tg_catalog_result_t a = look(c, "/a/1", INPUT, 0, "");
+  CHECK_INT(a.status, TG_CATALOG_OFFERS);
+  CHECK_STR(a.offers[0].license_url, "https://example.com/terms");
+  tg_catalog_result_t r = look(c, "/b/1", INPUT, 0, "");
+  CHECK_STR(r.offers[0].license_url, "https://ls.example.com/api");
+  r = look(c, "/c/1", INPUT, 0, "");
+  CHECK_INT(r.status, TG_CATALOG_OFFERS);
+  CHECK(r.offers[0].license_url == NULL);
+  r = look(c, "/d/1", INPUT, 0, "");
+  CHECK_STR(r.offers[0].license_url, "https://ls.example.com/api");
+  /* Interned: one copy for contents that share it. */
+  r = look(c, "/e/1", INPUT, 0, "");
+  CHECK(r.offers[0].license_url == a.offers[0].license_url);
+  tg_catalog_free(c);
+}
+
 TEST(bad_arguments) {
   tg_catalog_t *c = (tg_catalog_t *)1;
   char err[64];

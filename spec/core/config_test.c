@@ -136,16 +136,16 @@ TEST(demo_config_loads) {
   CHECK_INT(news->catalog_refresh_s, 300);
   CHECK_STR(news->policy_file, TG_SOURCE_DIR "/policies/news_publisher.lua");
   CHECK_STR(api->policy_file, TG_SOURCE_DIR "/policies/metered_api.lua");
-  CHECK_STR(tg_config_get(&news->signer, "type"), "nginx_secure_link");
-  CHECK_STR(tg_config_get(&news->signer, "key_file"), TG_SOURCE_DIR "/deploy/demo/keys/news.key");
-  CHECK_STR(tg_config_get(&news->signer, "ttl_s"), "300");
-  CHECK_STR(tg_config_get(&news->billing, "type"), "builtin");
+  /* No signer or billing kind exists yet: the demo configures none. */
+  CHECK_INT(news->signer.nitems, 0);
+  CHECK_INT(news->billing.nitems, 0);
   CHECK_INT(news->payments.nitems, 0);
 
   CHECK_STR(api->name, "api");
   CHECK_STR(api->hosts[0], "api.example");
   CHECK_STR(api->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/api.xml");
   CHECK_INT(api->signer.nitems, 0);
+  CHECK_INT(api->billing.nitems, 0);
   CHECK_STR(tg_config_get(&api->payments, "x402.network"), "eip155:84532");
   CHECK_STR(tg_config_get(&api->payments, "x402.price"), "1000");
   CHECK_STR(tg_config_get(&api->payments, "x402.extra.name"), "USDC");
@@ -179,6 +179,15 @@ TEST(defaults) {
   CHECK_INT(cfg.idle_timeout_ms, 60000);
   CHECK_INT(cfg.max_connections, 10000);
   CHECK_INT(cfg.shutdown_grace_ms, 10000);
+  CHECK_INT(cfg.offer_ttl_s, 300);
+  CHECK_INT(cfg.idempotency_key_max, 128);
+  CHECK_INT(cfg.ingest_max_bytes, 256 << 20);
+  CHECK_INT(cfg.ingest_timeout_ms, 10000);
+  CHECK_INT(cfg.ingest_initial_wait_ms, 5000);
+  CHECK_INT(cfg.policy_time_limit_ms, 50);
+  CHECK_INT(cfg.policy_load_time_limit_ms, 1000);
+  CHECK_INT(cfg.policy_memory_limit, 32 << 20);
+  CHECK_INT(cfg.policy_watch_debounce_ms, 200);
 
   CHECK_INT(load("return {\n" LISTEN "  limits = { max_body_bytes = 1024, idle_timeout_ms = 5 },\n"
                  "  workers = 4, log_level = 'debug',\n"
@@ -192,6 +201,7 @@ TEST(defaults) {
   CHECK_STR(cfg.log_level, "debug");
   CHECK_STR(cfg.tenants[0].catalog_source, "https://x.example/rsl.xml");
   CHECK_INT(cfg.tenants[0].catalog_refresh_s, 300);
+  CHECK(!cfg.tenants[0].catalog_strict);
 }
 
 TEST(syntax_error_has_line) {
@@ -280,11 +290,11 @@ TEST(lines_survive_comments_and_strings) {
   CHECK(err_is(10, "tenants[1].catalog.source: cannot read '"));
   CHECK(strstr(err, "/x\"}.xml': No such file") != NULL);
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { ('a'):rep(1) .. '.example' },\n"
-                 "      billing = { type = 'x', f = function(a, b) return a, b end,\n"
+                 "      payments = { type = 'x', f = function(a, b) return a, b end,\n"
                  "        n = 1.5 } } },\n}\n"),
             -1);
-  CHECK(err_is(4, "tenants[1].billing.f: expected a string, number, boolean or table, got function") ||
-        err_is(5, "tenants[1].billing.n: 1.5 is not an integer"));
+  CHECK(err_is(4, "tenants[1].payments.f: expected a string, number, boolean or table, got function") ||
+        err_is(5, "tenants[1].payments.n: 1.5 is not an integer"));
 }
 
 TEST(wrong_type) {
@@ -414,6 +424,86 @@ TEST(policy_file) {
   CHECK(err_is(4, "is a directory"));
 }
 
+TEST(catalog_strict) {
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { source = 'https://a.example/rsl.xml', strict = true } },\n"
+                 "    { name = 'b', hosts = { 'b.example' },\n"
+                 "    catalog = { source = 'https://b.example/rsl.xml', strict = false } } },\n}\n"),
+            0);
+  CHECK(cfg.tenants[0].catalog_strict);
+  CHECK(!cfg.tenants[1].catalog_strict);
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { source = 'https://a.example/rsl.xml',\n      strict = 'yes' } } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "tenants[1].catalog.strict: expected a boolean (true or false), got string"));
+  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+                 "    catalog = { source = 'https://a.example/rsl.xml',\n      strct = true } } },\n}\n"),
+            -1);
+  CHECK(err_is(5, "unknown key 'strct' in tenants[1].catalog (did you mean 'strict'?)"));
+}
+
+TEST(operator_settings) {
+  CHECK_INT(load("return {\n" LISTEN
+                 "  exchange = { offer_ttl_s = 60, idempotency_key_max = 64 },\n"
+                 "  ingest = { max_bytes = 1048576, timeout_ms = 2500, initial_wait_ms = 0 },\n"
+                 "  policy = { time_limit_ms = 20, load_time_limit_ms = 3000, memory_limit = 8388608,\n"
+                 "             watch_debounce_ms = 0 },\n"
+                 "}\n"),
+            0);
+  CHECK_INT(cfg.offer_ttl_s, 60);
+  CHECK_INT(cfg.idempotency_key_max, 64);
+  CHECK_INT(cfg.ingest_max_bytes, 1048576);
+  CHECK_INT(cfg.ingest_timeout_ms, 2500);
+  CHECK_INT(cfg.ingest_initial_wait_ms, 0);
+  CHECK_INT(cfg.policy_time_limit_ms, 20);
+  CHECK_INT(cfg.policy_load_time_limit_ms, 3000);
+  CHECK_INT(cfg.policy_memory_limit, 8388608);
+  CHECK_INT(cfg.policy_watch_debounce_ms, 0);
+  /* Each key out of range, on the line of its value. */
+  static const struct {
+    const char *section, *key, *value, *why;
+  } bad[] = {
+      {"exchange", "offer_ttl_s", "0", "exchange.offer_ttl_s: must be an integer in 1..86400, got 0"},
+      {"exchange", "offer_ttl_s", "86401", "exchange.offer_ttl_s: must be an integer in 1..86400, got 86401"},
+      {"exchange", "offer_ttl_s", "1.5", "exchange.offer_ttl_s: must be an integer in 1..86400, got 1.5"},
+      {"exchange", "idempotency_key_max", "15", "exchange.idempotency_key_max: must be an integer in 16..1024"},
+      {"exchange", "idempotency_key_max", "1025", "exchange.idempotency_key_max: must be an integer in 16..1024"},
+      {"ingest", "max_bytes", "1023", "ingest.max_bytes: must be an integer in 1024..1073741824, got 1023"},
+      {"ingest", "max_bytes", "2^30 + 1", "ingest.max_bytes: must be an integer in 1024..1073741824"},
+      {"ingest", "timeout_ms", "99", "ingest.timeout_ms: must be an integer in 100..600000, got 99"},
+      {"ingest", "timeout_ms", "600001", "ingest.timeout_ms: must be an integer in 100..600000"},
+      {"ingest", "initial_wait_ms", "-1", "ingest.initial_wait_ms: must be an integer in 0..600000, got -1"},
+      {"ingest", "initial_wait_ms", "'5000'", "ingest.initial_wait_ms: expected an integer, got string"},
+      {"policy", "time_limit_ms", "0", "policy.time_limit_ms: must be an integer in 1..10000, got 0"},
+      {"policy", "time_limit_ms", "10001", "policy.time_limit_ms: must be an integer in 1..10000"},
+      {"policy", "load_time_limit_ms", "0", "policy.load_time_limit_ms: must be an integer in 1..60000"},
+      {"policy", "load_time_limit_ms", "60001", "policy.load_time_limit_ms: must be an integer in 1..60000"},
+      {"policy", "memory_limit", "1048575", "policy.memory_limit: must be an integer in 1048576..2147483648"},
+      {"policy", "memory_limit", "2^31 + 1", "policy.memory_limit: must be an integer in 1048576..2147483648"},
+      {"policy", "watch_debounce_ms", "-1", "policy.watch_debounce_ms: must be an integer in 0..60000"},
+      {"policy", "watch_debounce_ms", "60001", "policy.watch_debounce_ms: must be an integer in 0..60000"},
+  };
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    char text[512];
+    snprintf(text, sizeof(text), "return {\n" LISTEN "  %s = {\n    %s = %s },\n}\n", bad[i].section, bad[i].key,
+             bad[i].value);
+    int rc = load(text);
+    if (rc == 0)
+      fprintf(stderr, "  %s.%s = %s loaded\n", bad[i].section, bad[i].key, bad[i].value);
+    CHECK_INT(rc, -1);
+    CHECK(err_is(4, bad[i].why));
+  }
+  /* Unknown keys and wrong types, as everywhere. */
+  CHECK_INT(load("return {\n" LISTEN "  exchange = {\n    offer_ttl = 60 },\n}\n"), -1);
+  CHECK(err_is(4, "unknown key 'offer_ttl' in exchange (did you mean 'offer_ttl_s'?)"));
+  CHECK_INT(load("return {\n" LISTEN "  ingest = {\n    max_byte = 1 },\n}\n"), -1);
+  CHECK(err_is(4, "unknown key 'max_byte' in ingest (did you mean 'max_bytes'?)"));
+  CHECK_INT(load("return {\n" LISTEN "  policy = {\n    memory = 1 },\n}\n"), -1);
+  CHECK(err_is(4, "unknown key 'memory' in policy"));
+  CHECK_INT(load("return {\n" LISTEN "  policy = 'p.lua',\n}\n"), -1);
+  CHECK(err_is(3, "policy: expected a table, got string"));
+}
+
 TEST(catalog_source) {
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
                  "    catalog = { source = 'rsl/none.xml' } } },\n}\n"),
@@ -485,25 +575,23 @@ TEST(sections_are_flattened) {
   put("news.key", "k");
   static const char text[] = "return {\n" LISTEN
                              "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                             "    signer = { type = 'nginx_secure_link', key_file = 'news.key', ttl_s = 300 },\n"
-                             "    billing = { type = 'http', url = 'http://127.0.0.1:1/b', retry = false },\n"
                              "    payments = { x402 = { price = 1000, networks = { 'eip155:8453', 'eip155:84532' },\n"
-                             "                          big = '1000000000000000000', neg = -5 } },\n"
+                             "                          big = '1000000000000000000', neg = -5,\n"
+                             "                          key_file = 'news.key', retry = false } },\n"
                              "  } },\n"
                              "}\n";
   CHECK_INT(load_here(text), 0);
   const tg_config_tenant_t *t = &cfg.tenants[0];
   char want[128];
   snprintf(want, sizeof(want), "%s/news.key", cfg.dir);
-  CHECK_STR(tg_config_get(&t->signer, "key_file"), want);
-  CHECK_STR(tg_config_get(&t->signer, "ttl_s"), "300");
-  CHECK_STR(tg_config_get(&t->billing, "retry"), "false");
+  CHECK_STR(tg_config_get(&t->payments, "x402.key_file"), want);
+  CHECK_STR(tg_config_get(&t->payments, "x402.retry"), "false");
   CHECK_STR(tg_config_get(&t->payments, "x402.price"), "1000");
   CHECK_STR(tg_config_get(&t->payments, "x402.networks.1"), "eip155:8453");
   CHECK_STR(tg_config_get(&t->payments, "x402.networks.2"), "eip155:84532");
   CHECK_STR(tg_config_get(&t->payments, "x402.big"), "1000000000000000000");
   CHECK_STR(tg_config_get(&t->payments, "x402.neg"), "-5");
-  CHECK_INT(t->payments.nitems, 5);
+  CHECK_INT(t->payments.nitems, 7);
   for (size_t i = 1; i < t->payments.nitems; i++)
     CHECK(strcmp(t->payments.items[i - 1].key, t->payments.items[i].key) < 0);
 }
@@ -522,21 +610,63 @@ TEST(section_errors) {
             -1);
   CHECK(err_is(4, "tenants[1].signer: missing 'type'"));
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                 "    signer = { type = 'x',\n      key_file = 'gone.key' } } },\n}\n"),
+                 "    payments = { x402 = {\n      key_file = 'gone.key' } } } },\n}\n"),
             -1);
-  CHECK(err_is(5, "tenants[1].signer.key_file: cannot read"));
+  CHECK(err_is(5, "tenants[1].payments.x402.key_file: cannot read"));
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                 "    billing = { type = 'x', hook = print or tostring } } },\n}\n"),
+                 "    payments = { hook = print or tostring } } },\n}\n"),
             -1);
-  CHECK(err_is(4, "tenants[1].billing.hook: expected a string, number, boolean or table, got function"));
-  CHECK_INT(load("local t = { type = 'x' }\nt.self = t\nreturn {\n" LISTEN
-                 "  tenants = { { name = 'a', hosts = { 'a.example' }, billing = t } },\n}\n"),
+  CHECK(err_is(4, "tenants[1].payments.hook: expected a string, number, boolean or table, got function"));
+  CHECK_INT(load("local t = { x = 1 }\nt.self = t\nreturn {\n" LISTEN
+                 "  tenants = { { name = 'a', hosts = { 'a.example' }, payments = t } },\n}\n"),
             -1);
-  CHECK(err_is(5, "tenants[1].billing.self.self.self.self.self.self.self.self: nested more than 8 levels deep"));
+  CHECK(err_is(5, "tenants[1].payments.self.self.self.self.self.self.self.self: nested more than 8 levels deep"));
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                 "    billing = { type = 'x', ['a.b'] = 1 } } },\n}\n"),
+                 "    payments = { ['a.b'] = 1 } } },\n}\n"),
             -1);
   CHECK(err_is(4, "contain no '.'"));
+}
+
+/* A tenant with one section on lines 4 and 5 ("    KEY = { ...A,\n      B } }"). */
+static int load_kind(const char *key, const char *a, const char *b) {
+  char text[512];
+  snprintf(text, sizeof(text),
+           "return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
+           "    %s = { %s,\n      %s } } },\n}\n",
+           key, a, b);
+  return load(text);
+}
+
+TEST(signer_and_billing_are_checked_by_kind) {
+  /* A known kind with its keys: refused, since nothing implements it yet. */
+  CHECK_INT(load_kind("signer", "type = 'nginx_secure_link', base_url = 'https://cdn.example'", "ttl_s = 300"), -1);
+  CHECK(err_is(4, "tenants[1].signer.type: signer type nginx_secure_link is not implemented yet"));
+  CHECK_INT(load_kind("billing", "ttl = nil", "type = 'builtin'"), -1);
+  CHECK(err_is(5, "tenants[1].billing.type: billing type builtin is not implemented yet"));
+  static const char *const kinds[][2] = {{"signer", "akamai"}, {"signer", "cloudfront"}, {"signer", "gcdn"},
+                                         {"billing", "connect"}};
+  for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+    char a[64], want[128];
+    snprintf(a, sizeof(a), "type = '%s'", kinds[i][1]);
+    snprintf(want, sizeof(want), "%s type %s is not implemented yet", kinds[i][0], kinds[i][1]);
+    CHECK_INT(load_kind(kinds[i][0], a, "x = 1"), -1);
+    CHECK(err_is(4, want));
+  }
+  /* A key the kind does not take: FILE:LINE of the key, with a hint. */
+  CHECK_INT(load_kind("signer", "type = 'nginx_secure_link'", "base_ur = 'https://cdn.example'"), -1);
+  CHECK(err_is(5, "unknown key 'base_ur' in tenants[1].signer (did you mean 'base_url'?)"));
+  CHECK_INT(load_kind("billing", "type = 'builtin'", "url = 'http://127.0.0.1:1/b'"), -1);
+  CHECK(err_is(5, "unknown key 'url' in tenants[1].billing"));
+  /* A type nobody knows, or none. */
+  CHECK_INT(load_kind("signer", "ttl_s = 1", "type = 'nginx'"), -1);
+  CHECK(err_is(5, "tenants[1].signer.type: 'nginx' is not a signer type (one of nginx_secure_link, akamai, "
+                  "cloudfront, gcdn)"));
+  CHECK_INT(load_kind("billing", "type = 'http'", "url = 'x'"), -1);
+  CHECK(err_is(4, "tenants[1].billing.type: 'http' is not a billing type (one of builtin, connect)"));
+  CHECK_INT(load_kind("signer", "ttl_s = 1", "key = 'k'"), -1);
+  CHECK(err_is(4, "tenants[1].signer: missing 'type'"));
+  CHECK_INT(load_kind("billing", "type = 1", "x = 1"), -1);
+  CHECK(err_is(4, "tenants[1].billing.type: expected a string, got number"));
 }
 
 TEST(bytecode_is_refused) {

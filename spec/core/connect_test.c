@@ -95,11 +95,22 @@ static void execute(tg_connect_call_t *call, const ProtobufCMessage *in, void *u
   uv_timer_start(&p->timer, on_pending, (uint64_t)ms, 0);
 }
 
-/* Always fails, with the code given as transaction_id. */
+static _Atomic int header_rcs[8];
+
+/* Always fails, with the code given as transaction_id; "8+headers" also adds
+ * response headers (and tries some that must be refused). */
 static void report(tg_connect_call_t *call, const ProtobufCMessage *in, void *ud) {
   (void)ud;
   const Ramp__V1__ReportUsageRequest *rq = (const Ramp__V1__ReportUsageRequest *)in;
   tg_connect_call_set_tenant(call, "acme");
+  if (strstr(rq->transaction_id, "+headers")) {
+    static const char *const h[][2] = {{"Retry-After", "3"},   {"X-A", "1"},
+                                       {"Bad Name", "x"},      {"X-Inject", "a\r\nSet-Cookie: x"},
+                                       {"content-type", "x"}, {"X-B", "2"},
+                                       {"X-C", "3"},           {"X-D", "4"}};
+    for (size_t i = 0; i < 8; i++)
+      atomic_store(&header_rcs[i], tg_connect_call_add_header(call, h[i][0], h[i][1]));
+  }
   tg_connect_fail(call, (tg_connect_code_t)atoi(rq->transaction_id), "failed on purpose: %s",
                   rq->transaction_id);
 }
@@ -190,12 +201,19 @@ static int exchange(const char *method, const char *target, const char *headers,
   }
   double t0 = now_ms();
   tg_buf_t rq = {0};
-  tg_buf_printf(&rq, "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n%s", method, target,
-                headers ? headers : "");
-  if (len || strcmp(method, "GET") != 0)
-    tg_buf_printf(&rq, "Content-Length: %zu\r\n", len);
-  tg_buf_puts(&rq, "\r\n");
-  tg_buf_append(&rq, body, len);
+  int brc = tg_buf_printf(&rq, "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n%s", method, target,
+                          headers ? headers : "");
+  if (brc == 0 && (len || strcmp(method, "GET") != 0))
+    brc = tg_buf_printf(&rq, "Content-Length: %zu\r\n", len);
+  if (brc == 0)
+    brc = tg_buf_puts(&rq, "\r\n");
+  if (brc == 0)
+    brc = tg_buf_append(&rq, body, len);
+  if (brc != 0) { /* a request cut short would test something else */
+    tg_buf_free(&rq);
+    close(fd);
+    return -1;
+  }
   size_t off = 0;
   while (off < rq.len) {
     ssize_t w = send(fd, rq.data + off, rq.len - off, MSG_NOSIGNAL);
@@ -924,6 +942,32 @@ TEST(handler_errors_map_to_http_status) {
     CHECK(strncmp(error_message(&r, msg, sizeof msg), "failed on purpose", 17) == 0);
     resp_free(&r);
   }
+}
+
+TEST(handler_headers_go_with_the_error) {
+  size_t len;
+  uint8_t *body = small_report("8+headers", &len);
+  resp_t r;
+  char v[64], code[64];
+  int rc = exchange("POST", REPORT, "Content-Type: application/proto\r\n", body, len, &r);
+  free(body);
+  CHECK_INT(rc, 0);
+  CHECK_INT(r.status, 429);
+  CHECK_STR(error_code(&r, code, sizeof code), "resource_exhausted");
+  CHECK_STR(header(&r, "Retry-After", v, sizeof v), "3");
+  CHECK_STR(header(&r, "X-A", v, sizeof v), "1");
+  CHECK_STR(header(&r, "X-B", v, sizeof v), "2");
+  CHECK_STR(header(&r, "X-C", v, sizeof v), "3");
+  CHECK_STR(header(&r, "Content-Type", v, sizeof v), "application/json");
+  CHECK(header(&r, "Set-Cookie", v, sizeof v) == NULL);
+  CHECK(header(&r, "X-D", v, sizeof v) == NULL);
+  /* Refused: not a token, a control byte, the protocol's own, the fifth. */
+  CHECK_INT(atomic_load(&header_rcs[0]), 0);
+  CHECK_INT(atomic_load(&header_rcs[2]), -EINVAL);
+  CHECK_INT(atomic_load(&header_rcs[3]), -EINVAL);
+  CHECK_INT(atomic_load(&header_rcs[4]), -EINVAL);
+  CHECK_INT(atomic_load(&header_rcs[7]), -ENOSPC);
+  resp_free(&r);
 }
 
 TEST(metrics_count_each_call) {

@@ -206,6 +206,74 @@ TEST(file_source) {
   tg_metrics_reset();
 }
 
+/* A draft usage token ("tdm"): lenient mode maps it to ai-train with a
+ * warning; strict mode refuses the document. */
+#define DOC_NONCONFORMANT                                                                          \
+  "<rsl xmlns=\"" NS "\"><content url=\"/a/*\"><license><permits type=\"usage\">tdm</permits>"      \
+  "<payment type=\"use\"><amount currency=\"USD\">0.03</amount></payment></license></content></rsl>"
+
+TEST(strict_catalog_refuses_a_nonconformant_document) {
+  quiet_logs();
+  char dir[] = "/tmp/tg_ingest_XXXXXX";
+  CHECK(mkdtemp(dir));
+  char strict_path[128], lenient_path[128];
+  snprintf(strict_path, sizeof strict_path, "%s/strict.xml", dir);
+  snprintf(lenient_path, sizeof lenient_path, "%s/lenient.xml", dir);
+  CHECK_INT(write_file(strict_path, DOC_V1), 0);
+  CHECK_INT(write_file(lenient_path, DOC_NONCONFORMANT), 0);
+  char *hosts[] = {"news.example"};
+  tg_config_tenant_t tenants[2] = {
+      {.name = "strict", .hosts = hosts, .nhosts = 1, .catalog_source = strict_path,
+       .catalog_refresh_s = 3600, .catalog_strict = true},
+      {.name = "lenient", .hosts = hosts, .nhosts = 1, .catalog_source = lenient_path,
+       .catalog_refresh_s = 3600},
+  };
+  tg_config_t cfg = {.tenants = tenants, .ntenants = 2};
+  tg_snapshot_t *snaps[2] = {tg_snapshot_new(destroy_catalog), tg_snapshot_new(destroy_catalog)};
+  tg_snapshot_reader_t *rs = tg_snapshot_reader_register(snaps[0]);
+  tg_snapshot_reader_t *rl = tg_snapshot_reader_register(snaps[1]);
+  char err[256] = "";
+  tg_ingest_t *ing = tg_ingest_start(&cfg, snaps, err, sizeof err);
+  CHECK(ing);
+  CHECK_INT(tg_ingest_wait_initial(ing, 5000), 0);
+  tg_ingest_status_t st;
+  /* Lenient: loaded, with a warning. */
+  CHECK_INT(tg_ingest_status(ing, 1, &st), 0);
+  CHECK(st.loaded && !st.failing);
+  CHECK_INT(st.warnings, 1);
+  CHECK_INT(look(rl).a.offers[0].amount, 30000);
+  /* Strict, conformant: loaded. */
+  CHECK_INT(tg_ingest_status(ing, 0, &st), 0);
+  CHECK(st.loaded && !st.failing);
+  seen_t before = look(rs);
+  CHECK_INT(before.a.offers[0].amount, 10000);
+
+  /* Strict, non-conformant: a failed refresh, the old catalog serves on. */
+  CHECK_INT(write_file(strict_path, DOC_NONCONFORMANT), 0);
+  struct timeval tv[2] = {{.tv_sec = 2000000000}, {.tv_sec = 2000000000}};
+  CHECK_INT(utimes(strict_path, tv), 0);
+  CHECK_INT(tg_ingest_refresh(ing, "strict"), 0);
+  CHECK_INT(wait_attempts(ing, 0, 1, &st), 0);
+  CHECK(st.failing && st.loaded);
+  CHECK_STR(st.last_reason, "parse");
+  CHECK(strstr(st.last_error, "tdm") != NULL);
+  CHECK_INT(st.loads, 1);
+  seen_t after = look(rs);
+  CHECK(after.ptr == before.ptr);
+  CHECK_INT(after.a.offers[0].amount, 10000);
+  CHECK_INT(metric("catalog_refresh_errors_total{tenant_id=\"strict\",reason=\"parse\"}"), 1);
+
+  tg_ingest_stop(ing);
+  CHECK_INT(tg_snapshot_reader_unregister(rs), 0);
+  CHECK_INT(tg_snapshot_reader_unregister(rl), 0);
+  tg_snapshot_free(snaps[0]);
+  tg_snapshot_free(snaps[1]);
+  unlink(strict_path);
+  unlink(lenient_path);
+  rmdir(dir);
+  tg_metrics_reset();
+}
+
 /* The node fixture: spec/core/fixtures/rsl_httpd.js. */
 static child_t node = {0, -1, -1};
 

@@ -234,6 +234,46 @@ TEST(decisions_are_counted) {
   tg_ratelimit_free(rl);
 }
 
+/* Redis mode when Redis could not even be asked: the local table decides,
+ * and the decision says it was a fallback, not local mode. */
+TEST(fallback_decisions_are_labelled_as_fallbacks) {
+  init_metrics();
+  tg_ratelimit_t *rl = tg_ratelimit_new(16);
+  const char *fb_allowed =
+      "ratelimit_decisions_total{tenant_id=\"fell\",result=\"allowed\",source=\"local-fallback\"}";
+  const char *fb_limited =
+      "ratelimit_decisions_total{tenant_id=\"fell\",result=\"limited\",source=\"local-fallback\"}";
+  const char *local_allowed = "ratelimit_decisions_total{tenant_id=\"fell\",result=\"allowed\",source=\"local\"}";
+  const char *reason = "ratelimit_redis_fallback_total{reason=\"error\"}";
+  uint64_t a0 = metric(fb_allowed), l0 = metric(fb_limited), r0 = metric(reason);
+  uint32_t retry = 0;
+  CHECK_INT(tg_ratelimit_take_fallback(rl, "fell", "k", 1, 1, 1, T0, "error", &retry), 1);
+  CHECK_INT(tg_ratelimit_take_fallback(rl, "fell", "k", 1, 1, 1, T0, "error", &retry), 0);
+  CHECK(retry >= 1);
+  CHECK_INT(metric(fb_allowed) - a0, 1);
+  CHECK_INT(metric(fb_limited) - l0, 1);
+  CHECK_INT(metric(reason) - r0, 2);
+  CHECK_INT(metric(local_allowed), 0);
+  /* Bad arguments decide nothing and count nothing. */
+  CHECK_INT(tg_ratelimit_take_fallback(rl, "fell", "k", 1, 0, 1, T0, "error", &retry), -EINVAL);
+  CHECK_INT(metric(reason) - r0, 2);
+  tg_ratelimit_free(rl);
+}
+
+TEST(redis_new_reports_its_reason) {
+  uv_loop_t loop;
+  CHECK_INT(uv_loop_init(&loop), 0);
+  tg_ratelimit_t *rl = tg_ratelimit_new(16);
+  tg_ratelimit_redis_opts_t o = {.host = NULL, .port = 6379};
+  tg_ratelimit_redis_t *r = (tg_ratelimit_redis_t *)&o; /* must be reset to NULL */
+  char err[256] = "";
+  CHECK_INT(tg_ratelimit_redis_new(&loop, &o, rl, &r, err, sizeof err), -EINVAL);
+  CHECK(r == NULL);
+  CHECK(strstr(err, "missing loop, host") != NULL);
+  CHECK_INT(uv_loop_close(&loop), 0);
+  tg_ratelimit_free(rl);
+}
+
 typedef struct hammer {
   tg_ratelimit_t *rl;
   const char *key;
@@ -641,10 +681,10 @@ static int inst_open(inst_t *in, const redis_proc_t *p, const char *password, in
   in->local = tg_ratelimit_new(1024);
   tg_ratelimit_redis_opts_t o = {.host = "127.0.0.1", .port = p->port, .password = (char *)password,
                                  .timeout_ms = timeout_ms, .db = db};
-  in->r = tg_ratelimit_redis_new(&in->loop, &o, in->local, err, sizeof(err));
-  if (in->r == NULL)
+  int rc = tg_ratelimit_redis_new(&in->loop, &o, in->local, &in->r, err, sizeof(err));
+  if (rc != 0)
     fprintf(stderr, "  %s\n", err);
-  return in->r ? 0 : -1;
+  return rc;
 }
 
 /* Frees the limiter and runs the loop until every handle closed; 0 when the loop closes clean. */

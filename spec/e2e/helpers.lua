@@ -189,6 +189,23 @@ function M.start(opts)
   return gw
 end
 
+-- Waits until /readyz answers 200 (serving, every catalog loaded once):
+-- /healthz answers as soon as the listeners are up, before the catalogs.
+-- Returns true, or false and the last answer's body.
+function M.wait_ready(gw, seconds)
+  local deadline = M.now() + (seconds or 10)
+  local last
+  repeat
+    local res = M.request(gw.port, M.get_req("/readyz"), { timeout = 1 })
+    if res and res.status == 200 then
+      return true
+    end
+    last = res and res.body
+    M.sleep(0.05)
+  until M.now() > deadline
+  return false, last
+end
+
 -- SIGTERM, then waits for the process to exit. Returns exited (boolean),
 -- the exit status (number, or nil when unknown) and the time taken.
 function M.stop(gw, timeout)
