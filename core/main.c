@@ -1,3 +1,4 @@
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,7 +79,13 @@ int main(int argc, char **argv) {
   }
   if (strcmp(cmd, "check") == 0) {
     /* The same validation a reload runs: compile, top level, hooks, fixtures. */
-    if (tg_policy_check_config(&cfg, NULL, err, sizeof err) != 0) {
+    /* With the configured limits, as the running gateway applies them. */
+    tg_policy_options_t popt = {0};
+    popt.time_limit_ms = cfg.policy_time_limit_ms;
+    popt.load_time_limit_ms = cfg.policy_load_time_limit_ms;
+    popt.memory_limit = cfg.policy_memory_limit;
+    popt.version = TG_VERSION;
+    if (tg_policy_check_config(&cfg, &popt, err, sizeof err) != 0) {
       fprintf(stderr, "tollgate: %s\n", err);
       tg_config_free(&cfg);
       return 1;
@@ -107,6 +114,20 @@ int main(int argc, char **argv) {
 
   if (tg_gateway_start(&app.gw, &cfg, err, sizeof err) != 0) {
     fprintf(stderr, "tollgate: %s\n", err);
+    /* A listener's "HOST:PORT: Address already in use": say how to find the holder and
+     * where the port is set, the two things a newcomer asks next. */
+    const char *busy = strstr(err, strerror(EADDRINUSE));
+    if (busy != NULL && busy - err >= 3 && busy[-2] == ':') {
+      const char *p = busy - 2;
+      while (p > err && p[-1] >= '0' && p[-1] <= '9')
+        p--;
+      int port = atoi(p);
+      if (port > 0 && p > err && p[-1] == ':')
+        fprintf(stderr,
+                "tollgate: another process listens on port %d; `ss -ltnp 'sport = :%d'` names it "
+                "(as root). Stop it, or choose another port in %s (listen, admin)\n",
+                port, port, cfg.path);
+    }
     tg_log(TG_LOG_ERROR, "start failed", "reason", err, NULL);
     tg_config_free(&cfg);
     return 1;

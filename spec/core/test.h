@@ -3,7 +3,10 @@
 
 /* A very small unit-test runner: tests register themselves, main runs them
  * all (or those named on the command line) and prints "N passed, N failed".
- * A test fails on its first failed CHECK. */
+ * A test fails on its first failed CHECK. A run that ran no test (none
+ * registered, or no name matched) fails, as "0 passed, 1 failed": a test
+ * binary that checks nothing must not read as green. There is no skip: a
+ * test that cannot run its check fails. */
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -77,6 +80,11 @@ int main(int argc, char **argv) {
       failed++;
     else
       passed++;
+  }
+  if (passed + failed == 0) {
+    fprintf(stderr, "no test ran%s\n", argc > 1 ? ": no test has the name given" : "");
+    printf("0 passed, 1 failed\n");
+    return 1;
   }
   printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

@@ -9,9 +9,16 @@ local h = require("helpers")
 local URI = "https://news.example/a"
 local GOOD_JSON = h.json_discover({ URI })
 local GOOD_PROTO = h.pb_discover({ URI })
--- ExecuteTransaction is valid but not available yet (501 unimplemented): a
--- decoder that wrongly accepted bad input would show as 501, not 400.
-local EXEC_JSON = '{"idempotencyKey":"k1","items":[{"offerId":"o1","estimatedTokens":"%s"}]}'
+-- ExecuteTransaction bodies carry no idempotency key: once decoded, such a
+-- request is refused by the validator ("idempotency_key: required", checked
+-- in the controls below), whatever ExecuteTransaction does with a valid one.
+-- So a bad value that the decoder wrongly accepted would show as that answer:
+-- every invalid_argument below must be another one, the decoder's.
+local EXEC_JSON = '{"idempotencyKey":"","items":[{"offerId":"o1","estimatedTokens":"%s"}]}'
+local VALIDATOR = "^idempotency_key: "
+local function exec_pb(item_tail)
+  return h.pb_bytes(3, h.pb_bytes(1, "o1") .. item_tail)
+end
 
 local function uris(n)
   local t = {}
@@ -47,7 +54,7 @@ local cases = {
   { "NUL inside a proto string field",
     h.connect_req(h.DISCOVER, "proto", h.pb_discover({ "https://news.example/a\0.other.example" })), 400, "invalid_argument" },
   { "varint longer than 10 bytes (64-bit overflow)",
-    h.connect_req(h.EXECUTE, "proto", h.pb_bytes(2, "k1") .. h.pb_bytes(3, h.pb_bytes(1, "o1") .. overlong_varint)),
+    h.connect_req(h.EXECUTE, "proto", exec_pb(overlong_varint)),
     400, "invalid_argument" },
   -- JSON
   { "invalid JSON", h.connect_req(h.DISCOVER, "json", '{"resources":['), 400, "invalid_argument" },
@@ -167,9 +174,20 @@ describe("bad Connect input", function()
       assert.are.equal(200, res.status, res.body)
     end)
 
-    it("ExecuteTransaction, valid -> 501 unimplemented (not available yet)", function()
+    -- The good twins of the ExecuteTransaction cases: decoded, then refused
+    -- by the validator for the missing key.
+    it("ExecuteTransaction without a key, JSON -> decoded, 400 from the validator", function()
       local res = assert(h.request(gw.port, h.connect_req(h.EXECUTE, "json", EXEC_JSON:format("5"))))
-      assert.are.equal("unimplemented", h.connect_code(res), res.body)
+      assert.are.equal(400, res.status, res.body)
+      assert.are.equal("invalid_argument", h.connect_code(res), res.body)
+      assert.truthy(h.json_decode(res.body).message:find(VALIDATOR), res.body)
+    end)
+
+    it("ExecuteTransaction without a key, proto -> decoded, 400 from the validator", function()
+      local res = assert(h.request(gw.port, h.connect_req(h.EXECUTE, "proto", exec_pb("\16\5"))))
+      assert.are.equal(400, res.status, res.body)
+      assert.are.equal("invalid_argument", h.connect_code(res), res.body)
+      assert.truthy(h.json_decode(res.body).message:find(VALIDATOR), res.body)
     end)
   end)
 
@@ -184,6 +202,8 @@ describe("bad Connect input", function()
         assert.are.equal("application/json", res.headers["content-type"], detail)
         assert.are.equal(code, h.connect_code(res), detail)
         assert.truthy(res.body:match('^{"code":"[a-z_]+"'), detail)
+        -- Refused before validation: not the answer the good twin gets.
+        assert.falsy(tostring(h.json_decode(res.body).message):find(VALIDATOR), detail)
       end
       for name_, value in pairs(headers or {}) do
         assert.are.equal(value, res.headers[name_], name_ .. " header; " .. detail)

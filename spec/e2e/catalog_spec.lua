@@ -35,6 +35,18 @@ local function refresh(gw)
   return assert(h.request(gw.admin_port, raw, { timeout = 5 }))
 end
 
+-- The news tenant's catalog on the admin /status: loaded, failing, attempts
+-- (refresh attempts finished), last_error.
+local function catalog_status(gw)
+  local res = assert(h.request(gw.admin_port,
+    h.get_req("/status", { "Authorization: Bearer " .. gw.token }, "127.0.0.1")))
+  assert.are.equal(200, res.status, res.body)
+  for _, t in ipairs(h.json_decode(res.body).tenants) do
+    if t.name == "news" then return t.catalog, res.body end
+  end
+  error("no tenant news in /status: " .. res.body)
+end
+
 local function wait_for(pred, seconds)
   local deadline = h.now() + (seconds or 5)
   while h.now() < deadline do
@@ -49,6 +61,12 @@ describe("catalog", function()
 
   setup(function()
     gw = h.start({ workers = 2, tenants = TENANT, files = { ["news.xml"] = rsl("0.010") } })
+    -- The listeners answer before the ingestion thread has read the file.
+    local st
+    assert(wait_for(function()
+      st = catalog_status(gw)
+      return st.loaded
+    end, 10), "the catalog never loaded")
   end)
 
   teardown(function()
@@ -71,9 +89,21 @@ describe("catalog", function()
   end)
 
   it("keeps serving the previous catalog when the new file is broken", function()
+    local before = catalog_status(gw)
+    assert.are.equal(true, before.loaded)
+    assert.are.equal(false, before.failing)
     h.write_file(gw.dir .. "/news.xml", "<rsl xmlns='https://rslstandard.org/rsl'><content")
     assert.are.equal(202, refresh(gw).status)
-    h.sleep(0.5)
+    -- 202 only queues the refresh: the old catalog answers until it has run, so
+    -- wait for the attempt to be counted, and failed on the parser, first.
+    local st, body
+    assert.is_true(wait_for(function()
+      st, body = catalog_status(gw)
+      return st.attempts > before.attempts
+    end, 10), "the refresh attempt was never counted: " .. tostring(body))
+    assert.are.equal(true, st.failing, body)
+    assert.truthy(tostring(st.last_error):find("^parse: "), body)
+    assert.are.equal(true, st.loaded, body)
     assert.truthy(discover(gw, { "https://news.example/a/1" }):find('"amount":"10000"', 1, true))
     h.write_file(gw.dir .. "/news.xml", rsl("0.010"))
   end)
@@ -149,6 +179,8 @@ describe("catalog that never loaded", function()
   setup(function()
     gw = h.start({ tenants = '{ name = "news", hosts = { "news.example" }, catalog = { source = "broken.xml" } },',
       files = { ["broken.xml"] = "<rsl xmlns='https://rslstandard.org/rsl'><content" } })
+    assert(wait_for(function() return catalog_status(gw).attempts >= 1 end, 10),
+      "the first load was never attempted")
   end)
 
   teardown(function()
@@ -156,14 +188,20 @@ describe("catalog that never loaded", function()
   end)
 
   it("is named on the public /readyz by kind only; the admin /status has the detail", function()
-    local res = assert(h.request(gw.port, h.get_req("/readyz")))
-    assert.are.equal(503, res.status, res.body)
-    local ready = h.json_decode(res.body)
+    -- Listeners answer while the first load is still being waited for (the
+    -- reason is then "starting"): wait until the failed attempt is named.
+    local res, ready, named
+    local deadline = h.now() + 15
+    repeat
+      res = assert(h.request(gw.port, h.get_req("/readyz")))
+      assert.are.equal(503, res.status, res.body)
+      ready = h.json_decode(res.body)
+      for _, r in ipairs(ready.reasons) do
+        if type(r) == "table" and r.tenant == "news" and r.catalog ~= "first load not finished" then named = r end
+      end
+      if not named then h.sleep(0.05) end
+    until named or h.now() > deadline
     assert.are.equal(false, ready.ready)
-    local named
-    for _, r in ipairs(ready.reasons) do
-      if type(r) == "table" and r.tenant == "news" then named = r end
-    end
     assert.truthy(named, res.body)
     assert.are.equal("parse", named.catalog)
     -- The parser's message (and any path or URL) is for operators, not for

@@ -3,16 +3,18 @@
 # policy) under LuaJIT, the interpreter the gateway embeds.
 # Usage: spec/lua/run-suite.sh <tollgate-bin> <build-dir>
 # (both unused for now: these specs load lua/ directly, as the operator
-# harness does). Prints busted's report, then "N passed, N failed".
+# harness does). Prints busted's report, then "N passed, N failed, N skipped".
 set -u
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root" || exit 2
 
-if ! command -v busted >/dev/null; then
-  echo "busted not found (apt-get install lua-busted)"
-  echo "0 passed, 1 failed"
+fail_setup() {
+  echo "lua: $*" >&2
+  echo "0 passed, 1 failed, 0 skipped"
   exit 1
-fi
+}
+command -v busted >/dev/null || fail_setup "busted is not installed (Debian package lua-busted)"
+command -v luajit >/dev/null || fail_setup "luajit is not installed (Debian package luajit2)"
 
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT

@@ -4,7 +4,7 @@
 # busted. The gateway binary checks every shipped policy too (`tollgate
 # check`), and must agree with the harness on broken ones.
 # Usage: run-suite.sh <tollgate-binary> <build-dir>
-# Prints busted's report, then one line "N passed, N failed". Exits non-zero on failure.
+# Prints busted's report, then one line "N passed, N failed, N skipped". Exits non-zero on failure.
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,7 +14,7 @@ build_dir="${2:-$root/build}"
 
 fail_setup() {
   echo "policies: $*" >&2
-  echo "0 passed, 1 failed"
+  echo "0 passed, 1 failed, 0 skipped"
   exit 1
 }
 
@@ -29,7 +29,7 @@ log="$build_dir/policies.log"
 
 # From the repository root: specs name policies by their path in the repo,
 # and require("tollgate.harness") must find lua/tollgate/harness.lua.
-cd "$root"
+cd "$root" || fail_setup "cannot enter $root"
 TOLLGATE_BIN="$bin" busted --lua=luajit --output=plainTerminal --verbose \
   --lpath='./lua/?.lua' --pattern=_spec spec/policies 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
