@@ -98,9 +98,10 @@ static void status(const tg_admin_t *a, tg_http_req_t *req) {
     if (tg_policy_info(reg, i, &info) != 0)
       continue;
     json_array_append_new(
-        tenants, json_pack("{s:s, s:{s:o, s:s, s:f}, s:o}", "name", info.tenant, "policy", "file",
+        tenants, json_pack("{s:s, s:{s:o, s:s#, s:f}, s:o}", "name", info.tenant, "policy", "file",
                            info.path[0] ? tg_utf8_json_string(info.path) : json_null(), "version",
-                           info.version, "loaded_at", info.loaded_at, "catalog", catalog_status(a, i)));
+                           info.version, (int)TG_POLICY_VERSION_SHOWN, "loaded_at", info.loaded_at,
+                           "catalog", catalog_status(a, i)));
   }
   json_t *body = json_pack("{s:s, s:I, s:b, s:I, s:o}", "version", a->version, "uptime_s",
                            (json_int_t)(time(NULL) - a->started_at), "ready",

@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "base/log.h"
 #include "base/utf8.h"
 
 static const char *const status_names[] = {"unchanged", "updated", "failed"};
@@ -16,15 +15,13 @@ int tg_reload_policies(tg_policy_registry_t *r, const char *tenant, json_t **rep
   json_t *list = json_array();
   for (size_t i = 0; i < n; i++) {
     const tg_policy_reload_result_t *x = &res[i];
-    char version[13];
-    snprintf(version, sizeof version, "%.12s", x->version);
+    char version[TG_POLICY_VERSION_SHOWN + 1];
+    snprintf(version, sizeof version, "%.*s", TG_POLICY_VERSION_SHOWN, x->version);
     json_t *o = json_pack("{s:s, s:s, s:s}", "tenant", x->tenant, "status", status_names[x->status],
                           "version", version);
     if (o && x->status == TG_POLICY_RELOAD_FAILED)
       json_object_set_new(o, "error", tg_utf8_json_string(x->error));
-    json_array_append_new(list, o);
-    if (x->status == TG_POLICY_RELOAD_UPDATED)
-      tg_log(TG_LOG_INFO, "policy reloaded", "tenant", x->tenant, "version", version, NULL);
+    json_array_append_new(list, o); /* logged once, by the registry */
   }
   free(res);
   if (report)

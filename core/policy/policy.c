@@ -484,8 +484,19 @@ int tg_policy_check_config(const tg_config_t *cfg, const tg_policy_options_t *op
 
 /* ---- Registry */
 
+/* A version as shown to people (logs, answers, metric labels). */
+typedef struct {
+  char s[TG_POLICY_VERSION_SHOWN + 1];
+} shown_t;
+
+static shown_t shown(const char *version) {
+  shown_t v;
+  snprintf(v.s, sizeof v.s, "%.*s", TG_POLICY_VERSION_SHOWN, version);
+  return v;
+}
+
 static void version_gauge(tg_policy_registry_t *r, const entry_t *e, double v) {
-  const char *labels[] = {e->tenant, e->version};
+  const char *labels[] = {e->tenant, shown(e->version).s};
   tg_gauge_set(r->m.version_info, labels, v);
 }
 
@@ -622,6 +633,7 @@ static void reload_one(tg_policy_registry_t *r, const entry_t *cur, entry_t **fr
   }
   char *src = NULL;
   size_t len = 0;
+  char refused[TG_POLICY_VERSION_LEN] = "";
   if (read_source(cur->path, &src, &len, res->error, sizeof res->error) == 0) {
     char version[TG_POLICY_VERSION_LEN];
     sha256_hex(src, len, version);
@@ -630,6 +642,7 @@ static void reload_one(tg_policy_registry_t *r, const entry_t *cur, entry_t **fr
       res->status = TG_POLICY_RELOAD_UNCHANGED;
       return;
     }
+    memcpy(refused, version, sizeof refused);
     /* Read again inside entry_load: simpler than handing the buffer over,
      * and a file replaced in between is validated as it is now. */
     if (entry_load(&r->opt, cur->tenant, cur->path, true, fresh, res->error,
@@ -637,15 +650,19 @@ static void reload_one(tg_policy_registry_t *r, const entry_t *cur, entry_t **fr
       res->status = TG_POLICY_RELOAD_UPDATED;
       memcpy(res->version, (*fresh)->version, TG_POLICY_VERSION_LEN);
       count_reload(r, cur->tenant, true);
-      tg_log(TG_LOG_INFO, "policy reloaded", "tenant_id", cur->tenant, "path", cur->path,
-             "version", (*fresh)->version, "previous", cur->version, NULL);
+      /* The one log line of a reload (whatever asked for it); versions are
+       * shown by their first TG_POLICY_VERSION_SHOWN characters everywhere. */
+      tg_log(TG_LOG_INFO, "policy reloaded", "tenant_id", cur->tenant, "path", cur->path, "version",
+             shown((*fresh)->version).s, "previous", shown(cur->version).s, NULL);
       return;
     }
   }
   res->status = TG_POLICY_RELOAD_FAILED;
   count_reload(r, cur->tenant, false);
-  tg_log(TG_LOG_ERROR, "policy reload refused, keeping the active version", "tenant_id",
-         cur->tenant, "path", cur->path, "reason", res->error, "version", cur->version, NULL);
+  /* Name what was refused (when it could be read), and what stays. */
+  tg_log(TG_LOG_ERROR, "policy reload refused", "tenant_id", cur->tenant, "path", cur->path,
+         "version", refused[0] ? shown(refused).s : "unreadable", "active", shown(cur->version).s,
+         "reason", res->error, NULL);
 }
 
 int tg_policy_reload(tg_policy_registry_t *r, const char *tenant,

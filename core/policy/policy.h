@@ -62,6 +62,7 @@ typedef struct tg_policy_state tg_policy_state_t;
 
 #define TG_POLICY_MSG_LEN 512
 #define TG_POLICY_VERSION_LEN 65        /* sha256 hex + NUL */
+#define TG_POLICY_VERSION_SHOWN 12      /* characters of a version in logs, answers, metrics */
 #define TG_POLICY_KEY_MAX 256           /* rate-limit keys: 1..256 bytes */
 #define TG_POLICY_CURRENCY_MAX 16
 
