@@ -10,6 +10,7 @@
 #include "config/config.h"
 #include "gateway/gateway.h"
 #include "base/log.h"
+#include "base/secret.h"
 #include "policy/policy.h"
 
 static void usage(FILE *f) {
@@ -90,6 +91,12 @@ int main(int argc, char **argv) {
       tg_config_free(&cfg);
       return 1;
     }
+    /* The same warning `run` logs, where the operator checking will see it. */
+    const char *secrets[] = {cfg.admin_token_file, cfg.redis.password_file};
+    for (size_t k = 0; k < sizeof secrets / sizeof secrets[0]; k++)
+      if (tg_secret_exposed(secrets[k]))
+        fprintf(stderr, "tollgate: warning: %s is readable by group or others; chmod 600 it\n",
+                secrets[k]);
     printf("tollgate: configuration %s is valid (%zu tenants, policies checked)\n", cfg.path,
            cfg.ntenants);
     tg_config_free(&cfg);

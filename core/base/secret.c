@@ -69,7 +69,7 @@ char *tg_secret_read(const char *path, const char *what, int flags, char *err, s
     goto done;
   }
   /* Kubernetes mounts secrets 0644 by default: worth a warning, not a refusal. */
-  if (!(flags & TG_SECRET_QUIET) && (st.st_mode & (S_IRWXG | S_IRWXO)))
+  if (st.st_mode & (S_IRWXG | S_IRWXO))
     tg_log(TG_LOG_WARN, "secret file is accessible to group or others; chmod 600 it", "path", path,
            "secret", what, NULL);
 done:

@@ -9,14 +9,13 @@
  *
  * what names the secret in errors ("admin token"). Flags:
  *   TG_SECRET_TOKEN   refuse white space and control characters inside
- *   TG_SECRET_QUIET   do not warn when the file is readable by group/others
+ * A file readable by group or others is read, with a warning in the log.
  * Returns a new string (free with tg_secret_free, which wipes it), or NULL
  * with err set. The secret never reaches err or a log; the path may. Any
  * thread; blocking file I/O: at start or on the thread pool. */
 
 #define TG_SECRET_MAX 4096
 #define TG_SECRET_TOKEN 1
-#define TG_SECRET_QUIET 2
 
 char *tg_secret_read(const char *path, const char *what, int flags, char *err, size_t errlen);
 

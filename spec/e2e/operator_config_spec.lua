@@ -199,6 +199,28 @@ return P
   end)
 end)
 
+describe("tollgate check on secrets", function()
+  it("warns about a secret file that group or others can read, and not about one they cannot", function()
+    local p = assert(io.popen("mktemp -d"))
+    local dir = p:read("*l")
+    p:close()
+    local path = h.write_config(dir, { public = 1, admin = 2 }, "token-for-check-0123",
+      { tenants = '{ name = "news", hosts = { "news.example" } },' })
+    local function run()
+      return assert(io.popen(string.format("%s check -c %s 2>&1", h.sh_quote(h.binary()), h.sh_quote(path))))
+        :read("*a")
+    end
+    local quiet = run()
+    os.execute("chmod 644 " .. h.sh_quote(dir .. "/admin.token"))
+    local loud = run()
+    os.execute("rm -rf " .. h.sh_quote(dir))
+    assert.truthy(quiet:find("is valid", 1, true), quiet)
+    assert.falsy(quiet:find("readable by group or others", 1, true), quiet)
+    assert.truthy(loud:find("admin.token is readable by group or others; chmod 600 it", 1, true), loud)
+    assert.truthy(loud:find("is valid", 1, true), loud)
+  end)
+end)
+
 describe("signer and billing", function()
   it("are refused while no kind is implemented, with the line that names them", function()
     local rc, out, path = check([[
