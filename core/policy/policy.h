@@ -113,8 +113,16 @@ typedef enum { TG_POLICY_KIND_HTTP = 0, TG_POLICY_KIND_CONNECT } tg_policy_kind_
 typedef const char *(*tg_policy_header_fn)(void *ud, const char *name, size_t namelen,
                                            size_t *vlen);
 
+/* The resource a hook decides about, the same on both front ends (the
+ * guide's "Views" section is the contract): uri is absolute
+ * ("https://news.example/a/b?x=1": scheme and host lower-case, no default
+ * port, no userinfo or fragment), host its authority, path its normalized
+ * path (net/target.h) and query what follows '?' (NULL: none). On Connect,
+ * method is "GET" (how the resource is fetched) and rpc the method name
+ * ("DiscoverResources"); on HTTP, rpc is NULL. The identity fields a front
+ * end does not know are NULL (purposes empty). */
 typedef struct tg_policy_req {
-  const char *method, *path, *query, *host;
+  const char *method, *path, *query, *host, *uri, *rpc;
   const char *tenant;
   const char *ip, *user_agent;
   const char *const *purposes;    /* usage purpose tokens of the AI system; req.purpose = first */

@@ -513,7 +513,7 @@ static int l_on_call(lua_State *L) {
 static const char *const req_fields[] = {"method", "path", "query", "host", "tenant",
                                          "ip", "user_agent", "purpose", "purposes", "ai_id",
                                          "ai_name", "user_type", "country", "header",
-                                         "kind", NULL};
+                                         "kind", "uri", "rpc", NULL};
 static const char *const offer_fields[] = {"uri", "model", "amount", "currency", "purposes",
                                            "lastmod", "license_url", NULL};
 static const char *const txn_fields[] = {"id", "tenant", "amount", "currency", "ai_id",
@@ -579,6 +579,8 @@ static int req_index(lua_State *L, const tg_policy_req_t *r, int f) {
   case 11: push_str(L, r->user_type); break;
   case 12: push_str(L, r->country); break;
   case 14: lua_pushstring(L, r->kind == TG_POLICY_KIND_CONNECT ? "connect" : "http"); break;
+  case 15: push_str(L, r->uri); break;
+  case 16: push_str(L, r->rpc); break;
   default: lua_pushnil(L);
   }
   return 1;
