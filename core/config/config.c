@@ -1,7 +1,6 @@
 #include "config/config.h"
 
 #include "base/log.h"
-#include "base/money.h"
 #include "base/secret.h"
 
 #include <arpa/inet.h>
@@ -1175,35 +1174,16 @@ done:
   return rc;
 }
 
-/* The amount on top of the stack (base/money.h): a price that does not parse
- * is a configuration error, so it can never be taken for 0, free. */
-static int want_amount(ctx_t *c, int64_t *out) {
-  char why[256];
-  int rc;
-  if (lua_type(c->L, -1) == LUA_TNUMBER) {
-    rc = tg_money_from_double(lua_tonumber(c->L, -1), out, why, sizeof why);
-  } else if (lua_type(c->L, -1) == LUA_TSTRING) {
-    size_t n;
-    const char *s = lua_tolstring(c->L, -1, &n);
-    rc = tg_money_parse(s, n, out, why, sizeof why);
-  } else {
-    return fail_here(c, "expected an amount in atomic units (an integer, or a string of digits: "
-                        "1000 = 0.001 USDC at 6 decimals), got %s",
-                     type_name(c, -1));
-  }
-  return rc == 0 ? 0 : fail_here(c, "%s", why);
-}
-
-/* payments.x402.price, read before the section is flattened so that a bad
- * price gets the money message rather than the generic one. */
-static int load_x402_price(ctx_t *c, int t, tg_config_tenant_t *tn) {
+/* payments.x402.price was the HTTP path's flat price before that path
+ * quoted from the catalog like DiscoverResources: a key that nothing reads
+ * any more is refused with where prices come from now. */
+static int refuse_x402_price(ctx_t *c, int t) {
   int rc = 0;
   if (field(c, t, "payments") == LUA_TTABLE) {
     if (field(c, lua_gettop(c->L), "x402") == LUA_TTABLE) {
-      if (field(c, lua_gettop(c->L), "price") != LUA_TNIL) {
-        rc = want_amount(c, &tn->x402_price);
-        tn->x402_priced = rc == 0;
-      }
+      if (field(c, lua_gettop(c->L), "price") != LUA_TNIL)
+        rc = fail_here(c, "prices come from the tenant's catalog (the RSL <amount>) and its policy's price "
+                          "hook, the same on HTTP and DiscoverResources: remove payments.x402.price");
       leave(c);
     }
     leave(c);
@@ -1565,7 +1545,7 @@ static int load_tenant(ctx_t *c, tg_config_tenant_t *tn) {
   if (load_hosts(c, t, tn) != 0 || load_catalog(c, t, tn) != 0 || opt_file(c, t, "policy", &tn->policy_file) != 0 ||
       load_section(c, t, "signer", signer_kinds, &tn->signer) != 0 ||
       load_section(c, t, "billing", billing_kinds, &tn->billing) != 0 ||
-      load_x402_price(c, t, tn) != 0 || load_section(c, t, "payments", NULL, &tn->payments) != 0)
+      refuse_x402_price(c, t) != 0 || load_section(c, t, "payments", NULL, &tn->payments) != 0)
     return -1;
   return 0;
 }

@@ -35,8 +35,7 @@
  *         -- signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
  *         --            key_file = "keys/news.key", ttl_s = 300 },
  *         -- billing = { type = "builtin" },
- *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532",
- *                               price = 1000 } } },  -- 1000 atomic units = 0.001 USDC
+ *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532" } } },
  *     },
  *   }
  *
@@ -87,13 +86,9 @@
  *     and integers above 2^53 must be written as strings) or booleans; list
  *     items become "key.1", "key.2"; items are sorted by key. A key ending in
  *     "_file" is a path: resolved and checked like the others.
- *   - payments.x402.price is an amount in the asset's atomic units (USDC has
- *     6 decimals: 1000 is 0.001 USDC): an integer 0..2^53, as a Lua number
- *     or a string of decimal digits ("1000"; no sign, spaces, leading zeros,
- *     fraction or exponent). "0.001", "-5", "1e3", " 10", 1.5 and a table
- *     are errors, never a price of 0 (see base/money.h). 0 means free;
- *     without a price the resource is not for sale unless the tenant's
- *     policy prices it.
+ *   - payments.x402.price is refused: prices come from the tenant's catalog
+ *     (the RSL <amount>, atomic units) and its price hook, on HTTP exactly as
+ *     on DiscoverResources (pipeline/quote.h).
  *
  * Evaluation is bounded: TG_CONFIG_TIME_LIMIT_MS of wall-clock time (the
  * JIT is off so the check runs) and TG_CONFIG_MEMORY_LIMIT bytes; pcall in
@@ -158,10 +153,6 @@ typedef struct tg_config_tenant {
   tg_config_section_t signer;  /* empty until a signer kind is implemented */
   tg_config_section_t billing; /* likewise */
   tg_config_section_t payments;
-  /* payments.x402.price, validated at load so the request path never parses
-   * text: atomic units of the x402 asset. Absent: not for sale. */
-  bool x402_priced;
-  int64_t x402_price;         /* 0..2^53 (TG_MONEY_MAX); 0 is free */
 } tg_config_tenant_t;
 
 typedef struct tg_config {

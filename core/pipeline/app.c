@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "base/log.h"
+#include "base/metrics.h"
 #include "catalog/catalog.h"
 #include "catalog/offerkey.h"
 
@@ -30,6 +31,14 @@ _Static_assert(TG_CONFIG_DEFAULT_POLICY_LOAD_TIME_LIMIT_MS == TG_POLICY_DEFAULT_
                "policy load time limit");
 _Static_assert(TG_CONFIG_DEFAULT_POLICY_MEMORY_LIMIT == TG_POLICY_DEFAULT_MEMORY_LIMIT, "policy memory limit");
 
+static tg_metric_t *m_decisions;
+
+void tg_app_decision(const char *tenant, bool connect, tg_decision_t d) {
+  static const char *const outcomes[TG_DECISION_N] = {"402", "429", "skip", "free", "403", "error"};
+  const char *labels[] = {tenant, connect ? "connect" : "http", outcomes[d]};
+  tg_counter_add(m_decisions, labels, 1);
+}
+
 int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char *err,
                 size_t errlen) {
   int rc;
@@ -45,7 +54,12 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
   popt.on_publish_ud = app;
   if ((rc = tg_policy_registry_new(cfg, &popt, &app->policies, err, errlen)) != 0)
     return rc;
-  if (tg_ratelimit_metrics_init() != 0) {
+  static const char *const dlabels[] = {"tenant_id", "front", "outcome", NULL};
+  m_decisions = tg_metric_new(TG_METRIC_COUNTER, "policy_decisions_total",
+                              "What the pipeline decided per resource: 402 (priced), 429 (rate limited), "
+                              "skip, free, 403 (not for sale) or error (failed closed).",
+                              dlabels, NULL, 0);
+  if (m_decisions == NULL || tg_ratelimit_metrics_init() != 0) {
     snprintf(err, errlen, "cannot declare the rate-limit metrics");
     return -ENOMEM;
   }

@@ -1,6 +1,7 @@
 #ifndef TG_APP_H
 #define TG_APP_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include <uv.h>
@@ -82,6 +83,22 @@ typedef void (*tg_app_take_cb)(void *ud, int allowed, uint32_t retry_after_ms);
  * asked, from the loop otherwise. */
 void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t *rate,
                  tg_app_take_cb cb, void *ud);
+
+/* What the pipeline decided for one resource, counted in
+ * policy_decisions_total{tenant_id,front,outcome} (front "http" or
+ * "connect"; on Connect one decision per resource URI, and one "429" per
+ * tenant of a call that a rate limit stopped). */
+typedef enum {
+  TG_DECISION_PRICED = 0, /* outcome "402": offered at a price */
+  TG_DECISION_LIMITED,    /* "429": over a rate limit */
+  TG_DECISION_SKIP,       /* "skip": the skip hook let it through free */
+  TG_DECISION_FREE,       /* "free": every offer priced at 0 */
+  TG_DECISION_NOT_FOR_SALE, /* "403": no offer (not in catalog, prohibited, declined, ...) */
+  TG_DECISION_ERROR,      /* "error": a policy failed, the request failed closed */
+  TG_DECISION_N
+} tg_decision_t;
+
+void tg_app_decision(const char *tenant, bool connect, tg_decision_t d);
 
 /* Seconds for a Retry-After header: ceil(ms / 1000), at least 1. */
 static inline uint32_t tg_app_retry_after_s(uint32_t ms) { return ms ? (ms + 999) / 1000 : 1; }

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "pipeline/app.h"
+#include "pipeline/quote.h"
 #include "pipeline/view.h"
 #include "catalog/catalog.h"
 #include "catalog/offer.h"
@@ -41,19 +42,28 @@ static const char *call_header(void *ud, const char *name, size_t namelen, size_
   return h->value;
 }
 
-/* The policy's view of a Connect call made for an AI system; it borrows
- * from the call, which must outlive it. */
-static void connect_view(tg_view_t *v, tg_connect_call_t *call, const Comp__V1__AISystem *ai,
-                         const char *tenant) {
-  tg_view_build(v, TG_POLICY_KIND_CONNECT, tg_connect_call_http(call), tenant, call_header, call, ai);
+/* The view of resource uri of a Discover call, for tenant. */
+static int uri_view(tg_view_t *v, tg_connect_call_t *call, const char *uri, const Comp__V1__AISystem *ai,
+                    const char *tenant) {
+  return tg_view_connect(v, "DiscoverResources", uri, tg_connect_call_http(call), tenant, call_header, call,
+                         ai);
 }
 
-static void discover_answer(const tg_exchange_t *ex, tg_app_worker_t *aw, tg_connect_call_t *call,
-                            const Ramp__V1__DiscoverResourcesRequest *req);
+/* What one call holds of a tenant it names: the catalog snapshot and the
+ * policy state it started with, so that every URI of that tenant is
+ * skipped, limited and priced by one policy version from one catalog. */
+typedef struct held {
+  struct disc *d;
+  size_t tenant;         /* index in the configuration */
+  tg_snapshot_pin_t pin;
+  tg_policy_state_t *st; /* NULL: no usable state (the call fails closed) */
+  bool limit_checked;    /* the rate_limit hook ran (on the first URI not skipped) */
+} held_t;
 
-/* Rate limits of the tenants a call touches, decided together (in redis
- * mode the decisions arrive later, on the loop). */
-typedef struct gate {
+/* One DiscoverResources call from its first hook to its answer: the rate
+ * limits of the tenants it touches are decided together (in redis mode the
+ * decisions arrive later, on the loop). */
+typedef struct disc {
   const tg_exchange_t *ex;
   tg_app_worker_t *aw;
   tg_connect_call_t *call;
@@ -62,96 +72,142 @@ typedef struct gate {
   int denied;
   int failed;        /* a policy failed: the call fails closed */
   uint32_t retry_ms;
-  size_t nseen;
-  const tg_config_tenant_t *seen[]; /* distinct tenants, one slot per URI of the call */
-} gate_t;
+  size_t nheld;
+  held_t *held;      /* distinct tenants, at most one per URI */
+  int32_t *who;      /* per URI: index in held, or -1 (no tenant serves its host) */
+  bool *skipped;     /* per URI: the skip hook let it through */
+} disc_t;
 
-static void gate_done(gate_t *g) {
-  if (--g->pending > 0)
+static void discover_answer(disc_t *d);
+
+static void disc_free(disc_t *d) {
+  for (size_t k = 0; k < d->nheld; k++) {
+    tg_snapshot_release(d->aw->catalog_readers[d->held[k].tenant], d->held[k].pin);
+    if (d->held[k].st)
+      tg_policy_release(d->held[k].st);
+  }
+  free(d);
+}
+
+static const char *held_name(const disc_t *d, const held_t *h) { return d->ex->app->cfg->tenants[h->tenant].name; }
+
+static void gate_done(disc_t *d) {
+  if (--d->pending > 0)
     return;
-  tg_http_req_t *http = tg_connect_call_http(g->call);
+  tg_http_req_t *http = tg_connect_call_http(d->call);
   if (http == NULL) {
     /* The deadline passed while Redis decided: answered already, only finish. */
-    tg_connect_fail(g->call, TG_CONNECT_DEADLINE_EXCEEDED, NULL);
-  } else if (g->failed) {
-    tg_connect_fail(g->call, TG_CONNECT_INTERNAL, "policy error, see the gateway log (request %s)",
+    tg_connect_fail(d->call, TG_CONNECT_DEADLINE_EXCEEDED, NULL);
+  } else if (d->failed) {
+    tg_connect_fail(d->call, TG_CONNECT_INTERNAL, "policy error, see the gateway log (request %s)",
                     http->request_id);
-  } else if (g->denied) {
+  } else if (d->denied) {
     /* Clients back off on the header; the message keeps the exact wait. A
      * header that cannot be added still leaves the message. */
     char secs[16];
-    snprintf(secs, sizeof secs, "%u", tg_app_retry_after_s(g->retry_ms));
-    tg_connect_call_add_header(g->call, "Retry-After", secs);
-    tg_connect_fail(g->call, TG_CONNECT_RESOURCE_EXHAUSTED, "rate limited: retry after %u ms",
-                    g->retry_ms);
+    snprintf(secs, sizeof secs, "%u", tg_app_retry_after_s(d->retry_ms));
+    tg_connect_call_add_header(d->call, "Retry-After", secs);
+    tg_connect_fail(d->call, TG_CONNECT_RESOURCE_EXHAUSTED, "rate limited: retry after %u ms",
+                    d->retry_ms);
   } else {
-    discover_answer(g->ex, g->aw, g->call, g->req);
+    discover_answer(d);
   }
-  free(g);
+  disc_free(d);
 }
 
 static void on_gate_taken(void *ud, int allowed, uint32_t retry_after_ms) {
-  gate_t *g = ud;
+  held_t *h = ud;
+  disc_t *d = h->d;
   if (!allowed) {
-    g->denied = 1;
-    if (retry_after_ms > g->retry_ms)
-      g->retry_ms = retry_after_ms;
+    tg_app_decision(held_name(d, h), true, TG_DECISION_LIMITED);
+    d->denied = 1;
+    if (retry_after_ms > d->retry_ms)
+      d->retry_ms = retry_after_ms;
   }
-  gate_done(g);
+  gate_done(d);
 }
 
-/* Runs each touched tenant's rate_limit hook once and takes from the
- * buckets it names; answers the call when all decided. A call names at most
- * TG_EXCHANGE_MAX_RESOURCES URIs, so the distinct tenants are at most that
- * many and a linear search of them stays cheap. */
+/* held has room for one entry per URI of the call: never full. A call names
+ * at most TG_EXCHANGE_MAX_RESOURCES URIs, so a linear search stays cheap. */
+static held_t *hold(disc_t *d, size_t ti) {
+  for (size_t k = 0; k < d->nheld; k++)
+    if (d->held[k].tenant == ti)
+      return &d->held[k];
+  held_t *h = &d->held[d->nheld++];
+  h->d = d;
+  h->tenant = ti;
+  h->pin = tg_snapshot_acquire(d->aw->catalog_readers[ti]);
+  h->st = tg_policy_acquire(d->aw->policy, d->ex->app->cfg->tenants[ti].name);
+  h->limit_checked = false;
+  return h;
+}
+
+/* Runs the skip hook of every URI and, for each tenant, its rate_limit hook
+ * once, on the view of its first URI that was not skipped (a tenant whose
+ * URIs are all skipped is not limited, as a skipped HTTP request is not);
+ * takes from the buckets named; answers when all decided. */
 static void discover_gate(const tg_exchange_t *ex, tg_connect_call_t *call,
                           const Ramp__V1__DiscoverResourcesRequest *req) {
+  size_t n = req->n_resources;
   tg_app_worker_t *aw = tg_app_worker(ex->app, tg_connect_call_http(call)->worker);
-  gate_t *g = calloc(1, sizeof *g + req->n_resources * sizeof g->seen[0]);
-  if (g == NULL) {
+  disc_t *d = calloc(1, sizeof *d + n * (sizeof *d->held + sizeof *d->who + sizeof *d->skipped));
+  if (d == NULL) {
     tg_connect_fail(call, TG_CONNECT_RESOURCE_EXHAUSTED, "out of memory");
     return;
   }
-  g->ex = ex;
-  g->aw = aw;
-  g->call = call;
-  g->req = req;
-  g->pending = 1;
-  for (size_t i = 0; i < req->n_resources; i++) {
-    const char *host;
+  d->ex = ex;
+  d->aw = aw;
+  d->call = call;
+  d->req = req;
+  d->pending = 1;
+  d->held = (held_t *)(d + 1);
+  d->who = (int32_t *)(d->held + n);
+  d->skipped = (bool *)(d->who + n);
+  for (size_t i = 0; i < n && !d->failed; i++) {
+    const char *uri = req->resources[i]->uri, *host;
     size_t host_len;
-    if (tg_uri_host(req->resources[i]->uri, &host, &host_len) != 0)
-      continue;
+    d->who[i] = -1;
+    if (tg_uri_host(uri, &host, &host_len) != 0)
+      continue; /* refused with its index when the answer is built */
     const tg_config_tenant_t *t = tg_tenants_by_host(ex->app->tenants, host, host_len);
-    int dup = t == NULL;
-    for (size_t k = 0; k < g->nseen && !dup; k++)
-      dup = g->seen[k] == t;
-    if (dup)
+    if (t == NULL)
       continue;
-    g->seen[g->nseen++] = t;
-    if (g->nseen == 1)
+    held_t *h = hold(d, tg_app_tenant_index(ex->app, t));
+    d->who[i] = (int32_t)(h - d->held);
+    if (d->nheld == 1 && h == d->held)
       tg_connect_call_set_tenant(call, t->name);
-    tg_policy_state_t *st = tg_policy_acquire(aw->policy, t->name);
-    if (st == NULL) {
-      g->failed = 1;
+    if (h->st == NULL) {
+      tg_log_req(TG_LOG_ERROR, tg_connect_call_http(call)->request_id, "no policy state", "tenant", t->name,
+                 NULL);
+      d->failed = 1;
       break;
     }
     tg_view_t v;
-    connect_view(&v, call, req->ai_system, t->name);
-    tg_policy_rate_t rate;
+    if (uri_view(&v, call, uri, req->ai_system, t->name) != 0)
+      continue; /* refused with its index when the answer is built */
     tg_policy_error_t err;
-    int rc = tg_policy_rate_limit(st, &v.req, &rate, &err);
-    tg_policy_release(st);
+    int rc = tg_policy_skip(h->st, &v.req, &d->skipped[i], &err);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) { /* logged and counted by the policy module */
-      g->failed = 1;
+      tg_app_decision(t->name, true, TG_DECISION_ERROR);
+      d->failed = 1;
+      break;
+    }
+    if (d->skipped[i] || h->limit_checked)
+      continue;
+    h->limit_checked = true;
+    tg_policy_rate_t rate;
+    rc = tg_policy_rate_limit(h->st, &v.req, &rate, &err);
+    if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
+      tg_app_decision(t->name, true, TG_DECISION_ERROR);
+      d->failed = 1;
       break;
     }
     if (!rate.limited)
       continue;
-    g->pending++;
-    tg_app_take(aw, t->name, &rate, on_gate_taken, g);
+    d->pending++;
+    tg_app_take(aw, t->name, &rate, on_gate_taken, h);
   }
-  gate_done(g);
+  gate_done(d);
 }
 
 static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {
@@ -175,11 +231,22 @@ static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void 
                       (size_t)MAX_URI);
       return;
     }
-    /* The catalog is matched on the path as written, the origin serves it
-     * normalized: "/free/../paid" must not be priced as "/free/". */
     const char *host;
     size_t host_len;
-    if (tg_uri_host(uri, &host, &host_len) == 0 && !normal_path(host + host_len)) {
+    if (tg_uri_host(uri, &host, &host_len) != 0) {
+      tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "resources[%zu].uri: not an absolute http(s) URL", i);
+      return;
+    }
+    /* "https://user@news.example/" names the same resource to a browser and
+     * another to a policy comparing URIs: credentials have no place in an offer. */
+    if (memchr(uri, '@', (size_t)(host - uri)) != NULL) {
+      tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
+                      "resources[%zu].uri: carries userinfo (user@host): name the resource without it", i);
+      return;
+    }
+    /* The catalog is matched on the path as written, the origin serves it
+     * normalized: "/free/../paid" must not be priced as "/free/". */
+    if (!normal_path(host + host_len)) {
       tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
                       "resources[%zu].uri: the path is not in normal form (dot segments, '//', "
                       "%%XX of an unreserved character, lower-case hex or a byte to escape)",
@@ -190,173 +257,108 @@ static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void 
   discover_gate(ex, call, req);
 }
 
-/* What one call holds of a tenant: the catalog snapshot and the policy
- * state it started with, so that every URI of that tenant in the answer
- * comes from the same catalog. */
-typedef struct held {
-  size_t tenant;
-  tg_snapshot_pin_t pin;
-  tg_policy_state_t *st;
-} held_t;
+static const struct {
+  Ramp__V1__AbsenceReason reason;
+} absence[] = {
+    [TG_QUOTE_NO_CATALOG] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG},
+    [TG_QUOTE_NOT_IN_CATALOG] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG},
+    [TG_QUOTE_PROHIBITED] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_PROHIBITED},
+    [TG_QUOTE_FILTERED] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_FILTERED_BY_RESTRICTIONS},
+    [TG_QUOTE_NO_LICENSE] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE},
+    [TG_QUOTE_DECLINED] = {RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE},
+};
 
-/* held has room for one entry per URI of the call: never full. */
-static held_t *hold(tg_app_worker_t *aw, held_t *held, size_t *nheld, size_t ti) {
-  for (size_t k = 0; k < *nheld; k++)
-    if (held[k].tenant == ti)
-      return &held[k];
-  held_t *h = &held[(*nheld)++];
-  h->tenant = ti;
-  h->pin = tg_snapshot_acquire(aw->catalog_readers[ti]);
-  h->st = tg_policy_acquire(aw->policy, aw->app->cfg->tenants[ti].name);
-  return h;
-}
-
-static void release_all(tg_app_worker_t *aw, held_t *held, size_t nheld) {
-  for (size_t k = 0; k < nheld; k++) {
-    tg_snapshot_release(aw->catalog_readers[held[k].tenant], held[k].pin);
-    if (held[k].st)
-      tg_policy_release(held[k].st);
-  }
-}
-
-static uint32_t usage_bits(const Comp__V1__AISystem *ai) {
-  uint32_t bits = 0;
-  for (size_t i = 0; ai && i < ai->n_usage_purposes; i++) {
-    const tg_view_purpose_t *p = tg_view_purpose(ai->usage_purposes[i]);
-    if (p)
-      bits |= p->bit;
-  }
-  return bits;
-}
-
-static uint32_t user_bits(const Comp__V1__AISystem *ai) {
-  const tg_view_user_type_t *u = ai ? tg_view_user_type(ai->user_type) : NULL;
-  return u ? u->bit : 0;
-}
-
-/* Fills r for one URI of tenant ti from its catalog and price hook. Returns
- * 0, or -1 when a policy failed (the call fails closed). */
-static int discover_one(tg_app_worker_t *aw, tg_connect_call_t *call, held_t *h, size_t ti,
-                        const char *uri, const char *host, size_t host_len,
-                        const Ramp__V1__DiscoverResourcesRequest *req, Ramp__V1__ResourceResult *r,
-                        int64_t *built_at) {
+/* One quoted offer as the answer's Offer, its id signed. NULL when out of memory. */
+static Ramp__V1__Offer *answer_offer(tg_app_worker_t *aw, tg_connect_call_t *call, const char *tenant,
+                                     const char *uri, const tg_quote_offer_t *o, int64_t now) {
   const tg_app_t *app = aw->app;
-  const tg_catalog_t *cat = h->pin.data;
-  if (cat == NULL) {
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
-    r->absence_detail = "no catalog loaded for this tenant";
+  tg_offer_t tok = {0};
+  snprintf(tok.tenant, sizeof tok.tenant, "%s", tenant);
+  snprintf(tok.uri, sizeof tok.uri, "%s", uri);
+  tok.content = o->content;
+  tok.license = o->license;
+  tok.payment = o->payment;
+  tok.amount = o->amount;
+  snprintf(tok.currency, sizeof tok.currency, "%s", o->currency);
+  tok.payment_type = (uint32_t)o->type;
+  tok.usage_bits = o->usage;
+  tok.expires_at = now + app->offer_ttl_s;
+  char *id = tg_connect_call_alloc(call, TG_OFFER_TOKEN_MAX);
+  Ramp__V1__Offer *of = tg_connect_call_alloc(call, sizeof *of);
+  Ramp__V1__Pricing *pr = tg_connect_call_alloc(call, sizeof *pr);
+  Ramp__V1__Money *m = tg_connect_call_alloc(call, sizeof *m);
+  Ramp__V1__Terms *te = tg_connect_call_alloc(call, sizeof *te);
+  Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, TG_VIEW_NPURPOSES * sizeof *pp);
+  char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
+  if (!id || !of || !pr || !m || !te || !pp || !cur ||
+      tg_offer_encode(&app->offer_keys, &tok, id, TG_OFFER_TOKEN_MAX) != 0)
+    return NULL;
+  memcpy(cur, tok.currency, sizeof tok.currency);
+  ramp__v1__offer__init(of);
+  ramp__v1__pricing__init(pr);
+  ramp__v1__money__init(m);
+  ramp__v1__terms__init(te);
+  m->currency = cur;
+  m->amount = o->amount;
+  pr->model = (Ramp__V1__PaymentModel)(o->type + 1); /* same order as RSL's payment types */
+  pr->price = m;
+  pr->unit = RAMP__V1__PRICING_UNIT__PRICING_UNIT_REQUEST;
+  size_t np = 0;
+  for (size_t u = 0; u < TG_VIEW_NPURPOSES; u++)
+    if (o->usage & tg_view_purposes[u].bit)
+      pp[np++] = tg_view_purposes[u].value;
+  te->n_permitted_purposes = np;
+  te->permitted_purposes = pp;
+  /* Lives in the catalog, pinned until the answer is written. */
+  if (o->license_url)
+    te->license_url = (char *)o->license_url;
+  of->id = id;
+  of->uri = (char *)uri;
+  of->pricing = pr;
+  of->terms = te;
+  of->expires_at_unix = tok.expires_at;
+  return of;
+}
+
+/* Fills r for URI i from its quote. Returns 0, or -1 when a policy failed
+ * or memory ran out (the call fails). */
+static int discover_one(disc_t *d, size_t i, Ramp__V1__ResourceResult *r, int64_t now) {
+  const char *uri = d->req->resources[i]->uri;
+  held_t *h = &d->held[d->who[i]];
+  const tg_config_tenant_t *t = &d->ex->app->cfg->tenants[h->tenant];
+  tg_quote_t q;
+  if (d->skipped[i]) {
+    tg_quote_skipped(&q);
+  } else {
+    tg_view_t v;
+    tg_policy_error_t err;
+    if (uri_view(&v, d->call, uri, d->req->ai_system, t->name) != 0)
+      return -1;
+    if (tg_quote(t, h->pin.data, h->st, &v, &q, &err) != 0) {
+      tg_app_decision(t->name, true, TG_DECISION_ERROR);
+      return -1;
+    }
+  }
+  if (q.n == 0) {
+    tg_app_decision(t->name, true, TG_DECISION_NOT_FOR_SALE);
+    r->absence_reason = absence[q.status].reason;
+    r->absence_detail = (char *)q.detail;
     return 0;
   }
-  if (*built_at == 0)
-    *built_at = tg_catalog_built_at(cat);
-  const char *path = host + host_len;
-  size_t plen = strcspn(path, "#");
-  if (plen == 0 || path[0] != '/')
-    path = "/", plen = 1;
-  tg_catalog_query_t q = {usage_bits(req->ai_system), user_bits(req->ai_system), ""};
-  if (req->ai_system && req->ai_system->country && strlen(req->ai_system->country) == 2)
-    memcpy(q.country, req->ai_system->country, 3);
-  tg_catalog_result_t res;
-  tg_catalog_lookup(cat, path, plen, &q, &res);
-  switch (res.status) {
-  case TG_CATALOG_NOT_IN_CATALOG:
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_IN_CATALOG;
-    r->absence_detail = "no catalog entry matches this URI";
-    return 0;
-  case TG_CATALOG_PROHIBITED:
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_PROHIBITED;
-    r->absence_detail = "the license prohibits the requested usage";
-    return 0;
-  case TG_CATALOG_FILTERED:
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_FILTERED_BY_RESTRICTIONS;
-    r->absence_detail = "no license admits this usage, user type or country";
-    return 0;
-  case TG_CATALOG_NOT_FOR_SALE:
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE;
-    r->absence_detail = "the catalog entry carries no license";
-    return 0;
-  case TG_CATALOG_OFFERS:
-    break;
-  }
-  if (h->st == NULL)
-    return -1;
-  tg_view_t view;
-  connect_view(&view, call, req->ai_system, app->cfg->tenants[ti].name);
-  Ramp__V1__Offer **offers = tg_connect_call_alloc(call, res.noffers * sizeof *offers);
+  Ramp__V1__Offer **offers = tg_connect_call_alloc(d->call, q.n * sizeof *offers);
   if (offers == NULL)
     return -1;
-  int64_t now = (int64_t)time(NULL);
-  size_t n = 0;
-  for (uint32_t k = 0; k < res.noffers; k++) {
-    const tg_catalog_offer_t *o = &res.offers[k];
-    /* o->usage holds concrete purposes only: "all" and "ai-all" never match. */
-    const char *tokens[TG_VIEW_NPURPOSES];
-    size_t ntok = 0;
-    for (size_t u = 0; u < TG_VIEW_NPURPOSES; u++)
-      if (o->usage & tg_view_purposes[u].bit)
-        tokens[ntok++] = tg_view_purposes[u].token;
-    tg_policy_offer_t po = {uri, tg_rsl_pay_type_name(o->type), o->amount, o->currency[0] ? o->currency : NULL,
-                            tokens, ntok, o->lastmod, o->license_url};
-    tg_policy_price_t price;
-    tg_policy_error_t err;
-    int rc = tg_policy_price(h->st, &po, &view.req, &price, &err);
-    if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
+  bool paid = false;
+  for (size_t k = 0; k < q.n; k++) {
+    if ((offers[k] = answer_offer(d->aw, d->call, t->name, uri, &q.offers[k], now)) == NULL)
       return -1;
-    if (!price.for_sale)
-      continue;
-    tg_offer_t tok = {0};
-    snprintf(tok.tenant, sizeof tok.tenant, "%s", app->cfg->tenants[ti].name);
-    snprintf(tok.uri, sizeof tok.uri, "%s", uri);
-    tok.content = o->content;
-    tok.license = (uint32_t)((o->key >> 16) & 0xffff);
-    tok.payment = (uint32_t)(o->key & 0xffff);
-    tok.amount = price.amount;
-    snprintf(tok.currency, sizeof tok.currency, "%s", price.currency);
-    tok.payment_type = (uint32_t)o->type;
-    tok.usage_bits = o->usage;
-    tok.expires_at = now + app->offer_ttl_s;
-    char *id = tg_connect_call_alloc(call, TG_OFFER_TOKEN_MAX);
-    Ramp__V1__Offer *of = tg_connect_call_alloc(call, sizeof *of);
-    Ramp__V1__Pricing *pr = tg_connect_call_alloc(call, sizeof *pr);
-    Ramp__V1__Money *m = tg_connect_call_alloc(call, sizeof *m);
-    Ramp__V1__Terms *te = tg_connect_call_alloc(call, sizeof *te);
-    Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, TG_VIEW_NPURPOSES * sizeof *pp);
-    char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
-    if (!id || !of || !pr || !m || !te || !pp || !cur ||
-        tg_offer_encode(&app->offer_keys, &tok, id, TG_OFFER_TOKEN_MAX) != 0)
-      return -1;
-    memcpy(cur, tok.currency, sizeof tok.currency);
-    ramp__v1__offer__init(of);
-    ramp__v1__pricing__init(pr);
-    ramp__v1__money__init(m);
-    ramp__v1__terms__init(te);
-    m->currency = cur;
-    m->amount = price.amount;
-    pr->model = (Ramp__V1__PaymentModel)(o->type + 1); /* same order as RSL's payment types */
-    pr->price = m;
-    pr->unit = RAMP__V1__PRICING_UNIT__PRICING_UNIT_REQUEST;
-    size_t np = 0;
-    for (size_t u = 0; u < TG_VIEW_NPURPOSES; u++)
-      if (o->usage & tg_view_purposes[u].bit)
-        pp[np++] = tg_view_purposes[u].value;
-    te->n_permitted_purposes = np;
-    te->permitted_purposes = pp;
-    /* Lives in the catalog, pinned until the answer is written. */
-    if (o->license_url)
-      te->license_url = (char *)o->license_url;
-    of->id = id;
-    of->uri = (char *)uri;
-    of->pricing = pr;
-    of->terms = te;
-    of->expires_at_unix = tok.expires_at;
-    offers[n++] = of;
+    paid = paid || q.offers[k].amount > 0;
   }
-  if (n == 0) {
-    r->absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_NOT_FOR_SALE;
-    r->absence_detail = "the tenant's policy does not sell this usage";
-    return 0;
-  }
-  r->n_offers = n;
+  if (q.status == TG_QUOTE_SKIPPED)
+    r->absence_detail = (char *)q.detail; /* offered, and why it is free */
+  tg_app_decision(t->name, true, q.status == TG_QUOTE_SKIPPED ? TG_DECISION_SKIP : paid ? TG_DECISION_PRICED
+                                                                                      : TG_DECISION_FREE);
+  r->n_offers = q.n;
   r->offers = offers;
   return 0;
 }
@@ -365,59 +367,40 @@ static tg_metric_t *m_offers_returned;
 
 /* Called by the gate once the rate limits allowed the call, which is then
  * not answered yet (its HTTP request is there). */
-static void discover_answer(const tg_exchange_t *ex, tg_app_worker_t *aw, tg_connect_call_t *call,
-                            const Ramp__V1__DiscoverResourcesRequest *req) {
-  size_t n = req->n_resources;
-  tg_http_req_t *http = tg_connect_call_http(call);
-  /* One block each for the results and the tenants held (at most one per
-   * URI): the answer is built and freed in this call. */
+static void discover_answer(disc_t *d) {
+  size_t n = d->req->n_resources;
+  tg_connect_call_t *call = d->call;
+  /* The answer is built and freed in this call. */
   Ramp__V1__ResourceResult *results = calloc(n, sizeof *results);
   Ramp__V1__ResourceResult **ptrs = calloc(n, sizeof *ptrs);
-  held_t *held = calloc(n, sizeof *held);
-  if (results == NULL || ptrs == NULL || held == NULL) {
+  if (results == NULL || ptrs == NULL) {
     free(results);
     free(ptrs);
-    free(held);
     tg_connect_fail(call, TG_CONNECT_RESOURCE_EXHAUSTED, "out of memory");
     return;
   }
-  size_t nheld = 0;
-  int64_t built_at = 0;
+  int64_t built_at = 0, now = (int64_t)time(NULL);
   int failed = 0;
   const char *tenant_label = NULL;
   for (size_t i = 0; i < n && !failed; i++) {
-    const char *uri = req->resources[i]->uri;
-    const char *host;
-    size_t host_len;
-    if (tg_uri_host(uri, &host, &host_len) != 0) {
-      release_all(aw, held, nheld);
-      free(results);
-      free(ptrs);
-      free(held);
-      tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT,
-                      "resources[%zu].uri: not an absolute http(s) URL", i);
-      return;
-    }
     ramp__v1__resource_result__init(&results[i]);
     ptrs[i] = &results[i];
-    results[i].uri = (char *)uri;
-    const tg_config_tenant_t *t = tg_tenants_by_host(ex->app->tenants, host, host_len);
-    if (t == NULL) {
+    results[i].uri = d->req->resources[i]->uri;
+    if (d->who[i] < 0) {
       results[i].absence_reason = RAMP__V1__ABSENCE_REASON__ABSENCE_REASON_TENANT_UNKNOWN;
       results[i].absence_detail = "no tenant serves this host";
       continue;
     }
+    held_t *h = &d->held[d->who[i]];
     if (tenant_label == NULL)
-      tenant_label = t->name;
-    size_t ti = tg_app_tenant_index(aw->app, t);
-    held_t *h = hold(aw, held, &nheld, ti);
-    failed = discover_one(aw, call, h, ti, uri, host, host_len, req, &results[i], &built_at) != 0;
+      tenant_label = held_name(d, h);
+    if (built_at == 0 && h->pin.data)
+      built_at = tg_catalog_built_at(h->pin.data);
+    failed = discover_one(d, i, &results[i], now) != 0;
   }
-  if (tenant_label)
-    tg_connect_call_set_tenant(call, tenant_label);
   if (failed) {
     tg_connect_fail(call, TG_CONNECT_INTERNAL, "policy error, see the gateway log (request %s)",
-                    http->request_id);
+                    tg_connect_call_http(call)->request_id);
   } else {
     Ramp__V1__DiscoverResourcesResponse resp = RAMP__V1__DISCOVER_RESOURCES_RESPONSE__INIT;
     resp.n_results = n;
@@ -430,10 +413,8 @@ static void discover_answer(const tg_exchange_t *ex, tg_app_worker_t *aw, tg_con
     tg_histogram_observe(m_offers_returned, labels, (double)offers);
     tg_connect_reply(call, &resp.base);
   }
-  release_all(aw, held, nheld);
   free(results);
   free(ptrs);
-  free(held);
 }
 
 static void execute(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {

@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "base/money.h"
 #include "base/utf8.h"
+#include "pipeline/quote.h"
 #include "pipeline/view.h"
 
 /* One request going through the pipeline; lives until it is answered, since
@@ -19,8 +20,9 @@ typedef struct pass {
   const tg_config_tenant_t *tenant;
   tg_http_req_t *http;
   tg_policy_state_t *st;
+  tg_snapshot_pin_t catalog; /* pinned while the rate limit decides */
+  size_t ti;                 /* the tenant's index */
   tg_view_t view;
-  tg_buf_t uri; /* the offer's URI, as long as the request made it */
 } pass_t;
 
 static const char *header_cb(void *ud, const char *name, size_t namelen, size_t *vlen) {
@@ -50,80 +52,97 @@ static void finish(pass_t *p, int status, const tg_http_header_t *extra, json_t 
   }
   if (p->st)
     tg_policy_release(p->st);
-  tg_buf_free(&p->uri);
+  if (p->catalog.handle)
+    tg_snapshot_release(p->aw->catalog_readers[p->ti], p->catalog);
   free(p);
 }
 
 static void fail_policy(pass_t *p, const tg_policy_error_t *err) {
   (void)err; /* logged and counted by the policy module, never sent to the client */
+  tg_app_decision(p->tenant->name, false, TG_DECISION_ERROR);
   finish(p, 500, NULL,
          json_pack("{s:s, s:s, s:o}", "code", "T402-2001", "message", "policy error, see the gateway log",
                    "request_id", tg_utf8_json_string(p->http->request_id)));
 }
 
-static void answer_free(pass_t *p) {
+static void answer_free(pass_t *p, tg_decision_t why) {
+  tg_app_decision(p->tenant->name, false, why);
   finish(p, 200, NULL, json_pack("{s:s, s:s}", "tenant", p->tenant->name, "access", "free"));
 }
 
-/* The resource's offer until the catalog issue lands: the tenant's
- * configured x402 price (parsed at load), in the asset's atomic units. No
- * price leaves the currency NULL: not for sale unless the policy prices it.
- * -1 when out of memory. */
-static int default_offer(pass_t *p, tg_policy_offer_t *o) {
-  memset(o, 0, sizeof *o);
-  if (tg_buf_printf(&p->uri, "%s://%s%s", p->http->tls ? "https" : "http", p->view.req.host ? p->view.req.host : "",
-                    p->http->path) != 0)
-    return -1;
-  o->uri = p->uri.data;
-  o->model = "purchase";
-  if (p->tenant->x402_priced) {
-    o->amount = p->tenant->x402_price;
-    o->currency = "USDC";
+static json_t *money(const tg_quote_offer_t *o) {
+  char amount[24];
+  snprintf(amount, sizeof amount, "%lld", (long long)o->amount);
+  return json_pack("{s:s, s:o}", "amount", amount, "currency", tg_utf8_json_string(o->currency));
+}
+
+/* An offer as the 402 body lists it: what Discover's Offer says, in JSON. */
+static json_t *offer_json(const tg_quote_offer_t *o) {
+  json_t *purposes = json_array();
+  for (size_t u = 0; purposes && u < TG_VIEW_NPURPOSES; u++)
+    if (o->usage & tg_view_purposes[u].bit)
+      json_array_append_new(purposes, json_string(tg_view_purposes[u].token));
+  json_t *terms = json_pack("{s:o*}", "permitted_purposes", purposes);
+  if (terms && o->license_url)
+    json_object_set_new(terms, "license_url", tg_utf8_json_string(o->license_url));
+  return json_pack("{s:s, s:o*, s:o*}", "model", tg_quote_model(o), "price", money(o), "terms", terms);
+}
+
+static const char *reason_name(tg_quote_status_t s) {
+  switch (s) {
+  case TG_QUOTE_NOT_IN_CATALOG: return "not_in_catalog";
+  case TG_QUOTE_PROHIBITED: return "prohibited";
+  case TG_QUOTE_FILTERED: return "filtered_by_restrictions";
+  default: return "not_for_sale";
   }
-  return 0;
 }
 
 static void priced(pass_t *p) {
-  tg_policy_offer_t offer;
-  if (default_offer(p, &offer) != 0) {
-    finish(p, 503, NULL, json_pack("{s:s}", "error", "out of memory"));
-    return;
-  }
-  tg_policy_price_t price;
+  tg_quote_t q;
   tg_policy_error_t err;
-  int rc = tg_policy_price(p->st, &offer, &p->view.req, &price, &err);
-  if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
+  if (tg_quote(p->tenant, p->catalog.data, p->st, &p->view, &q, &err) != 0) {
     fail_policy(p, &err);
     return;
   }
-  if (!price.for_sale) {
-    finish(p, 403, NULL, json_pack("{s:s}", "error", "not for sale"));
+  if (q.status == TG_QUOTE_NO_CATALOG) {
+    tg_app_decision(p->tenant->name, false, TG_DECISION_NOT_FOR_SALE);
+    tg_http_header_t h = {"Retry-After", 11, "5", 1};
+    finish(p, 503, &h, json_pack("{s:s, s:s}", "error", "catalog not loaded", "detail", q.detail));
     return;
   }
-  /* The sandbox bounds a hook's amount already; an amount out of range here
-   * is a defect, and it must not be served as free. */
-  if (price.amount < 0 || price.amount > TG_MONEY_MAX) {
-    tg_log_req(TG_LOG_ERROR, p->http->request_id, "price out of range", "tenant", p->tenant->name, NULL);
-    fail_policy(p, &err);
+  if (q.status != TG_QUOTE_OFFERS) {
+    tg_app_decision(p->tenant->name, false, TG_DECISION_NOT_FOR_SALE);
+    finish(p, 403, NULL,
+           json_pack("{s:s, s:s, s:s}", "error", "not for sale", "reason", reason_name(q.status), "detail",
+                     q.detail));
     return;
   }
-  if (price.amount == 0) { /* priced at nothing (configured 0, or the hook's 0): served like a skipped path */
-    answer_free(p);
+  const tg_quote_offer_t *first = NULL;
+  for (size_t i = 0; i < q.n && first == NULL; i++)
+    if (q.offers[i].amount > 0)
+      first = &q.offers[i];
+  if (first == NULL) { /* every offer at nothing (a free license, or the hook's 0) */
+    answer_free(p, TG_DECISION_FREE);
     return;
   }
-  char amount[24];
+  json_t *offers = json_array();
+  for (size_t i = 0; offers && i < q.n; i++)
+    if (json_array_append_new(offers, offer_json(&q.offers[i])) != 0) {
+      json_decref(offers);
+      offers = NULL;
+    }
   const char *version = tg_policy_state_version(p->st);
-  snprintf(amount, sizeof amount, "%lld", (long long)price.amount);
+  tg_app_decision(p->tenant->name, false, TG_DECISION_PRICED);
   finish(p, 402, NULL,
-         json_pack("{s:s, s:o, s:{s:s, s:o}, s:s#}", "error", "payment required", "resource",
-                   tg_utf8_json_string(p->http->path), "price", "amount", amount, "currency",
-                   tg_utf8_json_string(price.currency), "policy_version", version,
-                   (int)strnlen(version, 12)));
+         json_pack("{s:s, s:o, s:o, s:o*, s:o*, s:s#}", "error", "payment required", "resource",
+                   tg_utf8_json_string(p->http->path), "uri", tg_utf8_json_string(p->view.uri), "price",
+                   money(first), "offers", offers, "policy_version", version, (int)strnlen(version, 12)));
 }
 
 static void on_taken(void *ud, int allowed, uint32_t retry_after_ms) {
   pass_t *p = ud;
   if (!allowed) {
+    tg_app_decision(p->tenant->name, false, TG_DECISION_LIMITED);
     char secs[16];
     snprintf(secs, sizeof secs, "%u", tg_app_retry_after_s(retry_after_ms));
     tg_http_header_t h = {"Retry-After", 11, secs, strlen(secs)};
@@ -152,7 +171,10 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     fail_policy(p, &err);
     return;
   }
-  tg_view_build(&p->view, TG_POLICY_KIND_HTTP, req, tenant->name, header_cb, req, NULL);
+  if (tg_view_http(&p->view, req, tenant->name, header_cb, req) != 0) {
+    finish(p, 414, NULL, json_pack("{s:s}", "error", "request target too long"));
+    return;
+  }
   const tg_policy_req_t *v = &p->view.req;
 
   tg_policy_error_t err;
@@ -163,7 +185,7 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     return;
   }
   if (skip) {
-    answer_free(p);
+    answer_free(p, TG_DECISION_SKIP);
     return;
   }
   tg_policy_rate_t rate;
@@ -172,6 +194,9 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     fail_policy(p, &err);
     return;
   }
+  /* Pinned before the rate limit decides, as Discover pins before its gate. */
+  p->ti = tg_app_tenant_index(aw->app, tenant);
+  p->catalog = tg_snapshot_acquire(aw->catalog_readers[p->ti]);
   if (!rate.limited) {
     priced(p);
     return;

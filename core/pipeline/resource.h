@@ -5,21 +5,27 @@
 #include "net/server.h"
 
 /* The HTTP path for a tenant's own resources (a request whose Host is one of
- * the tenant's hosts): the policy pipeline skip -> rate_limit -> price, then
- * the answer. Until the payment flow lands (x402/t402 issue) a priced
- * resource answers 402 with the price in a JSON body, a skipped or zero-priced one 200, and
- * there is no origin to proxy to yet. The offer's price is the tenant's
- * payments.x402.price (parsed at load); a resource with neither that price
- * nor one from the policy's price hook is not for sale, never free. Only an
- * explicit 0 (configured, or returned by the hook) serves it free.
- *   402 {"error":"payment required","resource":PATH,"price":{"amount":"N","currency":C},
+ * the tenant's hosts): skip -> rate_limit -> the quote (pipeline/quote.h: the
+ * tenant's catalog and price hook, exactly as DiscoverResources quotes the
+ * same URI), then the answer. Until the payment flow lands (the x402/t402
+ * issue) a priced resource answers 402 with its offers in a JSON body, and
+ * there is no origin to proxy to yet. An HTTP request names no usage
+ * purpose, so it is served free only when every offer for it is priced at 0.
+ *   402 {"error":"payment required","resource":PATH,"uri":URI,
+ *        "price":{"amount":"N","currency":C},            the first offer not free
+ *        "offers":[{"model":M,"price":{...},"terms":{"permitted_purposes":[...],
+ *                   "license_url":U}}],                  every offer, as Discover lists them
  *        "policy_version":V}
- *   200 {"tenant":T,"access":"free"}                   skipped, or priced at 0
+ *   200 {"tenant":T,"access":"free"}                   skipped, or every offer at 0
  *   429 + Retry-After, body {"code":"T402-2005",...}   over the rate limit
  *   500, body {"code":"T402-2001",...}                 a policy failed (closed)
- *   403 {"error":"not for sale"}                       no price
+ *   403 {"error":"not for sale","reason":R,"detail":D} no offer; R is Discover's
+ *        absence reason in lower case: not_in_catalog, prohibited,
+ *        filtered_by_restrictions, not_for_sale
+ *   503 {"error":"catalog not loaded",...} + Retry-After   before the first catalog
  * Every body is JSON built with jansson; text from the client (PATH, the
- * request id) is repaired to valid UTF-8. Worker thread only. */
+ * request id) is repaired to valid UTF-8. Outcomes are counted in
+ * policy_decisions_total (pipeline/app.h). Worker thread only. */
 void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg_http_req_t *req);
 
 #endif

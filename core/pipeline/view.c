@@ -1,8 +1,13 @@
 #include "pipeline/view.h"
 
+#include <ctype.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "catalog/rsl.h"
+#include "config/tenants.h"
 
 const tg_view_purpose_t tg_view_purposes[TG_VIEW_NPURPOSES] = {
     {COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_ALL, TG_RSL_USAGE_ALL, "all"},
@@ -37,37 +42,122 @@ const tg_view_user_type_t *tg_view_user_type(Comp__V1__UserType value) {
 
 static const char *nonempty(const char *s) { return s && *s ? s : NULL; }
 
-void tg_view_build(tg_view_t *v, tg_policy_kind_t kind, tg_http_req_t *http, const char *tenant,
-                   tg_policy_header_fn header, void *header_ud, const Comp__V1__AISystem *ai) {
+/* host[0..len) lower-cased into out, without the scheme's default port
+ * (":80" for http, ":443" for https, also "[::1]:443"). -1 when it does not
+ * fit. */
+static int canonical_host(const char *host, size_t len, bool https, char *out) {
+  const char *colon = NULL;
+  for (size_t i = len; i > 0; i--) {
+    char c = host[i - 1];
+    if (c == ':') {
+      colon = host + i - 1;
+      break;
+    }
+    if (c == ']' || c < '0' || c > '9')
+      break;
+  }
+  if (colon) {
+    const char *port = colon + 1;
+    size_t plen = (size_t)(host + len - port);
+    if ((plen == 2 && !https && memcmp(port, "80", 2) == 0) ||
+        (plen == 3 && https && memcmp(port, "443", 3) == 0))
+      len = (size_t)(colon - host);
+  }
+  if (len >= TG_VIEW_HOST_MAX)
+    return -1;
+  for (size_t i = 0; i < len; i++)
+    out[i] = (char)tolower((unsigned char)host[i]);
+  out[len] = '\0';
+  return 0;
+}
+
+/* v->uri = scheme "://" v->host path ["?" query]; sets target. */
+static int compose_uri(tg_view_t *v, bool https, const char *path, size_t plen, const char *query,
+                       size_t qlen) {
+  int n = snprintf(v->uri, sizeof v->uri, "%s://%s", https ? "https" : "http", v->host);
+  size_t need = (size_t)n + plen + (query ? 1 + qlen : 0);
+  if (n < 0 || need >= sizeof v->uri)
+    return -1;
+  char *t = v->uri + n;
+  memcpy(t, path, plen);
+  if (query) {
+    t[plen] = '?';
+    memcpy(t + plen + 1, query, qlen);
+  }
+  v->uri[need] = '\0';
+  v->target = t;
+  v->target_len = need - (size_t)n;
+  return 0;
+}
+
+static void base(tg_view_t *v, tg_policy_kind_t kind, tg_http_req_t *http, const char *tenant,
+                 tg_policy_header_fn header, void *header_ud) {
   tg_policy_req_t *r = &v->req;
   memset(r, 0, sizeof *r);
   v->ip[0] = '\0';
   r->kind = kind;
   r->tenant = tenant;
+  r->uri = v->uri;
+  r->host = v->host;
   if (http) {
-    r->method = http->method_name;
-    r->path = http->path;
-    r->query = http->query;
-    if (kind == TG_POLICY_KIND_HTTP) {
-      const tg_http_header_t *ua = tg_http_req_header(http, "user-agent");
-      r->host = http->host; /* normalized by the server: absolute-form authority, else Host */
-      r->user_agent = ua ? ua->value : NULL;
-    } else {
-      const tg_http_header_t *h = tg_http_req_header(http, "host");
-      r->host = h ? h->value : NULL;
-    }
     tg_http_peer_ip(http, v->ip, sizeof v->ip);
     r->ip = v->ip;
     r->request_id = http->request_id;
     r->header = header;
     r->header_ud = header_ud;
   }
+}
+
+int tg_view_http(tg_view_t *v, tg_http_req_t *http, const char *tenant, tg_policy_header_fn header,
+                 void *header_ud) {
+  base(v, TG_POLICY_KIND_HTTP, http, tenant, header, header_ud);
+  bool https = http->tls != 0;
+  if (http->host == NULL || canonical_host(http->host, http->host_len, https, v->host) != 0 ||
+      compose_uri(v, https, http->path, http->path_len, http->query, http->query_len) != 0)
+    return -1;
+  tg_policy_req_t *r = &v->req;
+  r->method = http->method_name;
+  r->path = http->path;
+  r->query = http->query;
+  const tg_http_header_t *ua = tg_http_req_header(http, "user-agent");
+  r->user_agent = ua ? ua->value : NULL;
+  return 0;
+}
+
+int tg_view_connect(tg_view_t *v, const char *rpc, const char *uri, tg_http_req_t *http,
+                    const char *tenant, tg_policy_header_fn header, void *header_ud,
+                    const Comp__V1__AISystem *ai) {
+  base(v, TG_POLICY_KIND_CONNECT, http, tenant, header, header_ud);
+  const char *host;
+  size_t host_len;
+  if (tg_uri_host(uri, &host, &host_len) != 0)
+    return -1;
+  bool https = strncasecmp(uri, "https:", 6) == 0;
+  if (canonical_host(host, host_len, https, v->host) != 0)
+    return -1;
+  const char *p = host + host_len;
+  size_t plen = strcspn(p, "?#");
+  const char *query = p[plen] == '?' ? p + plen + 1 : NULL;
+  size_t qlen = query ? strcspn(query, "#") : 0;
+  if (plen == 0) /* "https://news.example" and "https://news.example?x" name "/" */
+    p = "/", plen = 1;
+  if (plen >= sizeof v->path)
+    return -1;
+  memcpy(v->path, p, plen);
+  v->path[plen] = '\0';
+  if (compose_uri(v, https, v->path, plen, query, qlen) != 0)
+    return -1;
+  tg_policy_req_t *r = &v->req;
+  r->method = "GET";
+  r->rpc = rpc;
+  r->path = v->path;
+  r->query = query ? v->target + plen + 1 : NULL;
   if (ai) {
     size_t n = 0;
     for (size_t i = 0; i < ai->n_usage_purposes && n < TG_VIEW_MAX_PURPOSES; i++) {
-      const tg_view_purpose_t *p = tg_view_purpose(ai->usage_purposes[i]);
-      if (p)
-        v->purposes[n++] = p->token;
+      const tg_view_purpose_t *pp = tg_view_purpose(ai->usage_purposes[i]);
+      if (pp)
+        v->purposes[n++] = pp->token;
     }
     r->purposes = v->purposes;
     r->npurposes = n;
@@ -78,4 +168,5 @@ void tg_view_build(tg_view_t *v, tg_policy_kind_t kind, tg_http_req_t *http, con
     r->user_type = u ? u->token : NULL;
     r->country = nonempty(ai->country);
   }
+  return 0;
 }

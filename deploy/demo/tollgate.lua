@@ -41,11 +41,8 @@ return {
           asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e", -- USDC on Base Sepolia
           extra = { name = "USDC", version = "2" },            -- its EIP-712 domain
           pay_to = "0x000000000000000000000000000000000000dEaD", -- demo: put your wallet here
-          -- An integer count of the asset's atomic units (USDC has 6 decimals:
-          -- 1000 = 0.001 USDC), as a number or a string of digits, at most 2^53.
-          -- "0.001", "-5" or "1e3" are errors (tollgate check says where); 0 is
-          -- free; without a price nothing is for sale unless the policy prices it.
-          price = 1000,
+          -- Prices come from rsl/api.xml and the policy's price hook, the
+          -- same for HTTP requests and DiscoverResources.
           max_timeout_s = 60,
         },
       } },

@@ -147,7 +147,7 @@ TEST(demo_config_loads) {
   CHECK_INT(api->signer.nitems, 0);
   CHECK_INT(api->billing.nitems, 0);
   CHECK_STR(tg_config_get(&api->payments, "x402.network"), "eip155:84532");
-  CHECK_STR(tg_config_get(&api->payments, "x402.price"), "1000");
+  CHECK(tg_config_get(&api->payments, "x402.price") == NULL);
   CHECK_STR(tg_config_get(&api->payments, "x402.extra.name"), "USDC");
   const char *pay_to = tg_config_get(&api->payments, "x402.pay_to");
   const char *asset = tg_config_get(&api->payments, "x402.asset");
@@ -575,7 +575,7 @@ TEST(sections_are_flattened) {
   put("news.key", "k");
   static const char text[] = "return {\n" LISTEN
                              "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
-                             "    payments = { x402 = { price = 1000, networks = { 'eip155:8453', 'eip155:84532' },\n"
+                             "    payments = { x402 = { max_timeout_s = 1000, networks = { 'eip155:8453', 'eip155:84532' },\n"
                              "                          big = '1000000000000000000', neg = -5,\n"
                              "                          key_file = 'news.key', retry = false } },\n"
                              "  } },\n"
@@ -586,7 +586,7 @@ TEST(sections_are_flattened) {
   snprintf(want, sizeof(want), "%s/news.key", cfg.dir);
   CHECK_STR(tg_config_get(&t->payments, "x402.key_file"), want);
   CHECK_STR(tg_config_get(&t->payments, "x402.retry"), "false");
-  CHECK_STR(tg_config_get(&t->payments, "x402.price"), "1000");
+  CHECK_STR(tg_config_get(&t->payments, "x402.max_timeout_s"), "1000");
   CHECK_STR(tg_config_get(&t->payments, "x402.networks.1"), "eip155:8453");
   CHECK_STR(tg_config_get(&t->payments, "x402.networks.2"), "eip155:84532");
   CHECK_STR(tg_config_get(&t->payments, "x402.big"), "1000000000000000000");
@@ -833,75 +833,21 @@ static int load_price(const char *price) {
   return load(text);
 }
 
-TEST(x402_price_is_parsed_once) {
-  static const struct {
-    const char *lua;
-    long long want;
-  } ok[] = {
-      {"1000", 1000}, {"'1000'", 1000}, {"0", 0}, {"'0'", 0}, {"1e3", 1000}, /* a number has no spelling */
-      {"2^53", 9007199254740992LL}, {"'9007199254740992'", 9007199254740992LL},
-  };
-  for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
-    int rc = load_price(ok[i].lua);
-    if (rc != 0)
-      fprintf(stderr, "  price = %s: %s\n", ok[i].lua, err);
-    CHECK_INT(rc, 0);
-    CHECK(cfg.tenants[0].x402_priced);
-    CHECK_INT(cfg.tenants[0].x402_price, ok[i].want);
+/* The HTTP path quotes from the catalog now: a flat price that nothing
+ * reads is refused, in every spelling, on its own line. */
+TEST(x402_price_is_refused) {
+  static const char *const prices[] = {"1000", "'1000'", "0", "'0.001'", "-5", "{ 1000 }"};
+  for (size_t i = 0; i < sizeof(prices) / sizeof(prices[0]); i++) {
+    CHECK_INT(load_price(prices[i]), -1);
+    CHECK(err_is(5, "prices come from the tenant's catalog (the RSL <amount>) and its policy's price hook"));
+    CHECK(strstr(err, "remove payments.x402.price") != NULL);
   }
-  /* No price: nothing to sell, which is not the same as 0. */
+  /* The rest of the section still loads. */
   CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' },\n"
                  "    payments = { x402 = { pay_to = '0xabc' } } } },\n}\n"),
             0);
-  CHECK(!cfg.tenants[0].x402_priced);
-  CHECK_INT(load("return {\n" LISTEN "  tenants = { { name = 'a', hosts = { 'a.example' } } },\n}\n"), 0);
-  CHECK(!cfg.tenants[0].x402_priced);
-  /* The demo's price, as its comment says: 1000 atomic units = 0.001 USDC. */
+  /* The demo configures none. */
   fresh();
   snprintf(cfgpath, sizeof(cfgpath), "%s", TG_SOURCE_DIR "/deploy/demo/tollgate.lua");
   CHECK_INT(tg_config_load(cfgpath, &cfg, err, sizeof(err)), 0);
-  CHECK(!cfg.tenants[0].x402_priced);
-  CHECK(cfg.tenants[1].x402_priced);
-  CHECK_INT(cfg.tenants[1].x402_price, 1000);
-}
-
-/* Each used to load, and strtoll made it 0: the resource was served free. */
-TEST(x402_price_malformed_is_a_config_error) {
-  static const struct {
-    const char *lua, *why;
-  } bad[] = {
-      {"'0.001'", "\"0.001\" is not an amount in atomic units (a decimal fraction; an integer: 1000 = 0.001 "
-                  "USDC at 6 decimals)"},
-      {"'abc'", "\"abc\" is not an amount in atomic units (not digits;"},
-      {"'-5'", "\"-5\" is not an amount in atomic units (negative;"},
-      {"-5", "-5 is not an amount in atomic units (negative;"},
-      {"'+5'", "\"+5\" is not an amount in atomic units (a sign;"},
-      {"'1e3'", "\"1e3\" is not an amount in atomic units (an exponent;"},
-      {"' 10'", "\" 10\" is not an amount in atomic units (spaces;"},
-      {"'10 '", "\"10 \" is not an amount in atomic units (spaces;"},
-      {"'10\\n'", "\"10\\x0a\" is not an amount in atomic units (spaces;"},
-      {"''", "\"\" is not an amount in atomic units (empty;"},
-      {"'0x10'", "\"0x10\" is not an amount in atomic units (not digits;"},
-      {"'1_000'", "\"1_000\" is not an amount in atomic units (not digits;"},
-      {"'0010'", "\"0010\" is not an amount in atomic units (leading zeros;"},
-      {"'1\\0'", "\"1\\x00\" is not an amount in atomic units (not digits;"},
-      {"1.5", "1.5 is not an amount in atomic units (a decimal fraction;"},
-      {"0.001", "0.001 is not an amount in atomic units (a decimal fraction;"},
-      {"1e30", "1e+30 is more than 2^53 = 9007199254740992 atomic units"},
-      {"2^53 + 2", "9007199254740994 is more than 2^53"},
-      {"1/0", "inf is not an amount in atomic units (not finite;"},
-      {"'99999999999999999999'", "\"99999999999999999999\" is more than 2^53 = 9007199254740992 atomic units"},
-      {"'9007199254740993'", "\"9007199254740993\" is more than 2^53"},
-      {"{ 1000 }", "expected an amount in atomic units (an integer, or a string of digits: 1000 = 0.001 USDC at 6 "
-                   "decimals), got table"},
-      {"true", "expected an amount in atomic units"},
-  };
-  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-    int rc = load_price(bad[i].lua);
-    if (rc == 0)
-      fprintf(stderr, "  price = %s loaded\n", bad[i].lua);
-    CHECK_INT(rc, -1);
-    CHECK(err_is(5, "tenants[1].payments.x402.price: "));
-    CHECK(err_is(5, bad[i].why));
-  }
 }

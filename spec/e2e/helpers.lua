@@ -119,6 +119,29 @@ return {
   return path
 end
 
+-- An RSL document with one content (url, default "/": every path), for a
+-- tenant's catalog file. opts.amount: a decimal string ("0.001" USD is 1000
+-- atomic units) in opts.currency (default "USD"), paid by opts.type (default
+-- "purchase"); opts.amount = false: a payment without an amount (priced by
+-- the policy alone); opts.free: a license without any payment; opts.permits
+-- / opts.prohibits: usage tokens; opts.terms: the terms URL; opts.users:
+-- permitted user types.
+function M.rsl(opts)
+  opts = opts or {}
+  local license = {}
+  if opts.permits then license[#license + 1] = '<permits type="usage">' .. opts.permits .. "</permits>" end
+  if opts.users then license[#license + 1] = '<permits type="user">' .. opts.users .. "</permits>" end
+  if opts.prohibits then license[#license + 1] = '<prohibits type="usage">' .. opts.prohibits .. "</prohibits>" end
+  if not opts.free then
+    local amount = opts.amount == false and ""
+      or string.format('<amount currency="%s">%s</amount>', opts.currency or "USD", opts.amount or "0.001")
+    license[#license + 1] = string.format('<payment type="%s">%s</payment>', opts.type or "purchase", amount)
+  end
+  return string.format('<?xml version="1.0" encoding="UTF-8"?>\n<rsl xmlns="https://rslstandard.org/rsl">'
+    .. '<content url="%s"><license>%s</license>%s</content></rsl>\n', opts.url or "/", table.concat(license),
+    opts.terms and ("<terms>" .. opts.terms .. "</terms>") or "")
+end
+
 function M.binary()
   local bin = os.getenv("TOLLGATE_BIN")
   assert(bin and bin ~= "", "TOLLGATE_BIN is not set (run through spec/e2e/run-suite.sh)")

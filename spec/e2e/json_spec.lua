@@ -7,7 +7,9 @@ local h = require("helpers")
 local json = require("dkjson")
 
 local POLICIES = {
-  -- priced by the configured price: the default policy's price hook
+  -- priced by the catalog: the default policy's price hook
+  ["priced.xml"] = h.rsl({ amount = "0.001" }),
+  ["free.xml"] = h.rsl({ free = true }),
   ["limited.lua"] = [[
 return { rate_limit = function(req) return "one", 0.001, 1 end }
 ]],
@@ -17,13 +19,13 @@ return { price = function(offer, req) error("boom") end }
 }
 
 local TENANTS = [[
-{ name = "priced", hosts = { "priced.example" }, payments = { x402 = { price = 1000 } } },
-    { name = "free", hosts = { "free.example" }, payments = { x402 = { price = 0 } } },
+{ name = "priced", hosts = { "priced.example" }, catalog = { source = "priced.xml" } },
+    { name = "free", hosts = { "free.example" }, catalog = { source = "free.xml" } },
     { name = "unpriced", hosts = { "unpriced.example" } },
     { name = "limited", hosts = { "limited.example" }, policy = "limited.lua",
-      payments = { x402 = { price = 1000 } } },
+      catalog = { source = "priced.xml" } },
     { name = "raises", hosts = { "raises.example" }, policy = "raises.lua",
-      payments = { x402 = { price = 1000 } } },]]
+      catalog = { source = "priced.xml" } },]]
 
 -- True when s is well-formed UTF-8 (RFC 3629), as a JSON text must be.
 local function utf8_valid(s)
@@ -123,10 +125,14 @@ describe("resource answers are JSON", function()
       local res = get("priced.example", case.raw .. "?q=1")
       assert.are.equal(402, res.status, h.show(res.body))
       local obj = decode(res)
-      assert.are.same({ "error", "policy_version", "price", "resource" }, keys(obj))
+      assert.are.same({ "error", "offers", "policy_version", "price", "resource", "uri" }, keys(obj))
       assert.are.equal("payment required", obj.error)
       assert.are.equal(case.want, obj.resource)
-      assert.are.same({ amount = "1000", currency = "USDC" }, obj.price)
+      assert.are.equal("http://priced.example" .. case.want .. "?q=1", obj.uri)
+      assert.are.same({ amount = "1000", currency = "USD" }, obj.price)
+      assert.are.same({ { model = "purchase", price = { amount = "1000", currency = "USD" },
+                          terms = { permitted_purposes = { "ai-train", "ai-input", "ai-index", "search" } } } },
+                      obj.offers)
       assert.truthy(obj.policy_version:match("^%x+$"), obj.policy_version)
     end)
   end
@@ -137,7 +143,7 @@ describe("resource answers are JSON", function()
       if res.status ~= 400 then
         assert.are.equal(402, res.status, h.show(res.body))
         local obj = decode(res)
-        assert.are.same({ "error", "policy_version", "price", "resource" }, keys(obj))
+        assert.are.same({ "error", "offers", "policy_version", "price", "resource", "uri" }, keys(obj))
         assert.are.equal(case.want, obj.resource)
       end
     end
@@ -150,7 +156,8 @@ describe("resource answers are JSON", function()
       assert.are.same({ tenant = "free", access = "free" }, decode(res))
       res = get("unpriced.example", case.raw)
       assert.are.equal(403, res.status, h.show(res.body))
-      assert.are.same({ error = "not for sale" }, decode(res))
+      assert.are.same({ error = "not for sale", reason = "not_for_sale",
+                        detail = "the tenant's policy does not sell this usage" }, decode(res))
     end
   end)
 
