@@ -134,7 +134,9 @@ int tg_quote(const tg_config_tenant_t *tenant, const tg_catalog_t *cat, tg_polic
     }
   }
   if (q->n == 0)
-    absent(q, TG_QUOTE_DECLINED, "the tenant's policy does not sell this usage");
+    absent(q, TG_QUOTE_DECLINED, tenant->catalog_source ? "the tenant's policy does not sell this usage"
+                                                        : "the tenant has no catalog and its policy does not "
+                                                          "price this resource");
   else
     q->status = TG_QUOTE_OFFERS;
   return 0;

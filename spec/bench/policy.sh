@@ -66,6 +66,11 @@ chmod 600 "$tmp/admin.token"
 cat >"$tmp/plain.lua" <<'EOF'
 return {}
 EOF
+# Every path at 0.001 USD (1000 atomic units), from the catalog as in production.
+cat >"$tmp/price.xml" <<'EOF'
+<rsl xmlns="https://rslstandard.org/rsl"><content url="/"><license>
+<payment type="purchase"><amount currency="USD">0.001</amount></payment></license></content></rsl>
+EOF
 good_policy() { # good_policy PRICE
   cat <<EOF
 local P = {}
@@ -89,9 +94,9 @@ return {
   limits = { max_connections = 20000 },
   tenants = {
     { name = "plain", hosts = { "plain.example" }, policy = "plain.lua",
-      payments = { x402 = { price = 1000 } } },
+      catalog = { source = "price.xml" } },
     { name = "policy", hosts = { "policy.example" }, policy = "policy.lua",
-      payments = { x402 = { price = 1000 } } },
+      catalog = { source = "price.xml" } },
   },
 }
 EOF

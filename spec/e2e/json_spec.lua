@@ -157,7 +157,7 @@ describe("resource answers are JSON", function()
       res = get("unpriced.example", case.raw)
       assert.are.equal(403, res.status, h.show(res.body))
       assert.are.same({ error = "not for sale", reason = "not_for_sale",
-                        detail = "the tenant's policy does not sell this usage" }, decode(res))
+                        detail = "the tenant has no catalog and its policy does not price this resource" }, decode(res))
     end
   end)
 

@@ -92,7 +92,8 @@ describe("Connect interop", () => {
   });
 
   const uris = ["https://news.example/a", "https://unknown.example/x", "https://news.example/b?q=1"];
-  const reasons = [AbsenceReason.NOT_IN_CATALOG, AbsenceReason.TENANT_UNKNOWN, AbsenceReason.NOT_IN_CATALOG];
+  // news has no catalog here: its one implicit offer per path is priced by no hook, so not for sale.
+  const reasons = [AbsenceReason.NOT_FOR_SALE, AbsenceReason.TENANT_UNKNOWN, AbsenceReason.NOT_FOR_SALE];
 
   for (const [mode, opts] of [
     ["binary", { useBinaryFormat: true }],
@@ -207,7 +208,7 @@ describe("Connect interop", () => {
     assert.equal(res.status, 200, res.body.toString());
     const r = jsonOf(res).results[0];
     assert.equal(r.uri, "https://news.example/a");
-    assert.equal(r.absenceReason, "ABSENCE_REASON_NOT_IN_CATALOG");
+    assert.equal(r.absenceReason, "ABSENCE_REASON_NOT_FOR_SALE");
     assert.ok(!("absence_reason" in r), JSON.stringify(r));
   });
 

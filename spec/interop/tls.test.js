@@ -36,7 +36,7 @@ describe("TLS listener", () => {
       });
       assert.equal(res.results.length, 2);
       assert.equal(res.results[0].uri, "https://news.example/a");
-      assert.equal(res.results[0].absenceReason, AbsenceReason.NOT_IN_CATALOG);
+      assert.equal(res.results[0].absenceReason, AbsenceReason.NOT_FOR_SALE);
       assert.equal(res.results[1].absenceReason, AbsenceReason.TENANT_UNKNOWN);
     });
   }
