@@ -7,11 +7,25 @@
 --
 --   local harness = require("tollgate.harness")
 --   local p = harness.load("policies/news.lua", { now = 1700000000 })
---   assert.same({ 60000, "USD" }, { p:price(harness.offer{}, harness.req{ purpose = "ai-train" }) })
+--   assert.same({ 60000, "USD" },
+--     { p:price(harness.offer{}, harness.connect{ purpose = "ai-train" }) })
+--
+-- Any folder: the harness reads tollgate.sandbox, tollgate.money and the
+-- default policy from its own folder (lua/tollgate/, lua/), so it needs only
+-- itself on package.path; it registers them in package.loaded, so a spec's
+-- require("tollgate.sandbox") gets the same copy (one already loaded is
+-- reused). Nothing depends on the working directory but relative paths:
 --
 --   harness.load(path, opts) -> policy handle; raises "FILE:LINE: reason"
+--     A relative path that does not open from the working directory is
+--     looked up from the folder of the spec file that called harness.load,
+--     then from each folder above it, nearest first: the first file found
+--     is loaded (and named so in messages). A spec in spec/policies/ may so
+--     name "policies/news.lua" from the project root and still run from
+--     anywhere. When nothing is found the error lists where it looked.
 --   harness.load_string(source, name, opts) -> the same for source text
---   harness.check(path, opts) -> true | false, err   (what `tollgate check` decides)
+--   harness.check(path, opts) -> true | false, err   (what `tollgate check`
+--     decides; path found as for load)
 --     opts (all optional):
 --       tenant        tollgate.tenant and the views' tenant (default: the file
 --                     name without ".lua")
@@ -31,9 +45,10 @@
 --   p:price(offer, req) -> amount, currency | nothing
 --   p:on_billing_timeout(txn) -> "reject" | "deferred"
 --   p:on_settle_failure(txn) -> nothing
---     Arguments are plain tables (harness.req{...} or any table of view
---     fields) or nil (an empty one). Results are what the gateway uses. A
---     runtime error, a timeout, a memory hit or a wrong return type raises
+--     Arguments are plain tables (the builders below, or any table of view
+--     fields, checked as sandbox.views checks them) or nil (an empty one).
+--     Results are what the gateway uses. A runtime error, a timeout, a
+--     memory hit or a wrong return type raises
 --     "policy <tenant>: <hook>: <reason>", the message the gateway logs;
 --     p.last_error then holds { hook =, kind =, message = }, kind one of
 --     "error", "timeout", "memory", "type" (the policy_errors_total kinds).
@@ -45,9 +60,38 @@
 --   p:fixtures()      -> number of fixtures run; raises on the first failure
 --   p:set_now(n)      p:clear_logs()      p.logs = { { level =, message = }, ... }
 --
---   harness.req{...} / harness.offer{...} / harness.txn{...} -> plain tables
---     with harness.DEFAULTS filled in, checked against the view's fields (a
---     typo raises at once). harness.NONE as a value removes a default.
+-- Requests, as the gateway builds them (every field set as it would be;
+-- see policies/README.md "Views"). Each returns a plain table; anything the
+-- gateway never produces raises at once, with sandbox.views' reason
+-- ("harness.http: req.path: ...").
+--
+--   harness.http{...}      a request for the tenant's resource over HTTP.
+--     Defaults: method "GET", host "example.com", path "/", no query,
+--     ip "192.0.2.10", user_agent "ExampleBot/1.0", tls = false. uri is
+--     derived (scheme "https" when tls, else "http"), or given instead of
+--     host/path/query (they are then taken from it; tls, if given, must
+--     agree). headers: as given, plus User-Agent (= user_agent) and Host
+--     (= host) when absent. Refused: ai, ai_id, ai_name, user_type, country,
+--     purpose(s), rpc, any kind but "http".
+--   harness.connect{...}   one resource of a Connect call.
+--     Defaults: uri "https://example.com/" (or composed as "https://" ..
+--     host .. path .. ["?" query] when those are given without uri),
+--     rpc "DiscoverResources", method "GET", ip "192.0.2.10" (the API
+--     caller). The AI system flat (ai_id, ai_name, user_type, country,
+--     purposes or purpose, user_agent) or as ai = { id =, name =,
+--     user_type =, country =, purposes =, purpose =, user_agent = } (not
+--     both for one field); without them the call is anonymous. headers: the
+--     Connect call's. Refused: tls, a method other than "GET", an unknown
+--     rpc, user_type or purpose, any kind but "connect".
+--   harness.req{...}       generic: harness.DEFAULTS.req (method "GET",
+--     path "/", host "example.com", ip, user_agent) under the fields given;
+--     kind inferred as the sandbox does ("connect" when an AI-system field
+--     or rpc is given, else "http"). A given uri replaces the default host
+--     and path; a given User-Agent header, the default user_agent.
+--   harness.offer{...} / harness.txn{...} -> plain tables with
+--     harness.DEFAULTS filled in, checked against the view's fields.
+--   harness.NONE as a value removes a default (not uri, host, path, method
+--     or rpc of http/connect: the gateway always sets them).
 --
 -- Where the harness differs from the gateway (on the side of caution):
 --   - Time limits use CPU time (os.clock), so a busy machine does not make a
@@ -64,9 +108,99 @@
 --   - Each load is a fresh Lua environment, like one worker's state after a
 --     reload: module locals start anew.
 
-local sandbox = require("tollgate.sandbox")
-
 local M = {}
+
+---------------------------------------------------------------------------
+-- Where things are: this file's folder, and the caller's
+---------------------------------------------------------------------------
+
+local function cwd()
+  local ok, lfs = pcall(require, "lfs")
+  if ok and type(lfs) == "table" and lfs.currentdir then
+    local d = lfs.currentdir()
+    if d then return d end
+  end
+  local okp, p = pcall(io.popen, "pwd")
+  if okp and p then
+    local d = p:read("*l")
+    p:close()
+    if d and d ~= "" then return d end
+  end
+  return os.getenv("PWD")
+end
+
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  local dir = cwd()
+  if not dir then return path end
+  path = path:gsub("^%./", "")
+  if path == "." then return dir end
+  return dir .. "/" .. path
+end
+
+local function dirname(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+local THIS = debug.getinfo(1, "S").source
+-- lua/tollgate/, absolute (nil when this file was not loaded from a file).
+local HERE = THIS:sub(1, 1) == "@" and absolute(dirname(THIS:sub(2))) or nil
+
+-- A module next to this file: the one in package.loaded if any, else read
+-- from this folder (and registered), else whatever require finds.
+local function sibling(name, file)
+  local m = package.loaded[name]
+  if m ~= nil then return m end
+  if HERE then
+    local path = HERE .. "/" .. file
+    local chunk = loadfile(path)
+    if chunk then
+      m = chunk(name, path)
+      if m == nil then m = true end
+      package.loaded[name] = m
+      return m
+    end
+  end
+  return require(name)
+end
+
+local money = sibling("tollgate.money", "money.lua")
+local sandbox = sibling("tollgate.sandbox", "sandbox.lua")
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- The folder of the nearest Lua function on the stack outside this file:
+-- the spec that called harness.load or harness.check.
+local function caller_dir()
+  for level = 3, 64 do
+    local info = debug.getinfo(level, "S")
+    if not info then return nil end
+    local src = info.source
+    if src ~= THIS and src:sub(1, 1) == "@" then return absolute(dirname(src:sub(2))) end
+  end
+end
+
+-- path itself when absolute or found from the working directory; else the
+-- nearest of caller_dir()/path and the same below each folder above it.
+-- nil and the places tried when none exists.
+local function resolve(path)
+  if type(path) ~= "string" or path:sub(1, 1) == "/" or exists(path) then return path end
+  local dir = caller_dir()
+  if dir == nil then return nil, "the working directory" end
+  local start = dir
+  while true do
+    local candidate = (dir == "/" and "" or dir) .. "/" .. path
+    if exists(candidate) then return candidate end
+    if dir == "/" or not dir:find("/", 1, true) then break end
+    dir = dir:match("^(.*)/[^/]+$")
+    if dir == "" then dir = "/" end
+  end
+  return nil, "the working directory, " .. start .. " and the folders above it"
+end
 
 M.VERSION = "harness"
 M.NONE = setmetatable({}, { __tostring = function() return "harness.NONE" end })
@@ -82,8 +216,13 @@ local TIMEOUT_MSG = "policy exceeded its time limit"
 local MEMORY_MSG = "policy exceeded its memory limit"
 
 M.DEFAULTS = {
+  -- No kind: inferred from the fields (sandbox.views.req).
   req = { method = "GET", path = "/", host = "example.com", ip = "192.0.2.10",
-          user_agent = "ExampleBot/1.0", kind = "http" },
+          user_agent = "ExampleBot/1.0" },
+  http = { method = "GET", host = "example.com", path = "/", ip = "192.0.2.10",
+           user_agent = "ExampleBot/1.0", tls = false },
+  connect = { uri = "https://example.com/", rpc = "DiscoverResources", method = "GET",
+              ip = "192.0.2.10" },
   offer = { uri = "https://example.com/articles/1", model = "purchase", amount = 15000,
             currency = "USD" },
   txn = { id = "txn-test-1", amount = 15000, currency = "USD", ai_id = "ai-test",
@@ -98,15 +237,60 @@ local function copy(t)
   return out
 end
 
+local function fields_of(name, fields, level)
+  if fields ~= nil and type(fields) ~= "table" then
+    error("harness." .. name .. ": expected a table, got " .. type(fields), level + 1)
+  end
+  return fields or {}
+end
+
+-- defaults under fields; harness.NONE removes a default.
+local function merge(defaults, fields)
+  local t = copy(defaults)
+  for k, v in pairs(fields) do
+    if v == M.NONE then t[k] = nil else t[k] = type(v) == "table" and copy(v) or v end
+  end
+  return t
+end
+
+local function has_header(headers, name)
+  if type(headers) ~= "table" then return false end
+  for k in pairs(headers) do
+    if type(k) == "string" and k:lower() == name then return true end
+  end
+  return false
+end
+
+-- Defaults that fields given by the caller make moot.
+local function drop_moot(t, fields)
+  if fields.uri ~= nil and fields.uri ~= M.NONE then
+    for _, k in ipairs({ "host", "path", "query" }) do
+      if fields[k] == nil then t[k] = nil end
+    end
+  end
+  if fields.user_agent == nil and has_header(fields.headers, "user-agent") then t.user_agent = nil end
+end
+
+-- sandbox.req_table, its message prefixed with the builder's name and its
+-- hint pointing at the builder that makes the other kind.
+local function req_table(name, t, level)
+  local ok, res = pcall(sandbox.req_table, t)
+  if ok then return res end
+  local msg = sandbox.errstr(res)
+  if name ~= "req" then
+    local function swap(from, to)
+      local i = msg:find(from, 1, true)
+      if i then msg = msg:sub(1, i - 1) .. to .. msg:sub(i + #from) end
+    end
+    swap('(kind = "connect")', "(harness.connect{...})")
+    swap('(kind = "http")', "(harness.http{...})")
+  end
+  error("harness." .. name .. ": " .. msg, level + 1)
+end
+
 local function builder(kind)
   return function(fields)
-    if fields ~= nil and type(fields) ~= "table" then
-      error("harness." .. kind .. ": expected a table, got " .. type(fields), 2)
-    end
-    local t = copy(M.DEFAULTS[kind])
-    for k, v in pairs(fields or {}) do
-      if v == M.NONE then t[k] = nil else t[k] = type(v) == "table" and copy(v) or v end
-    end
+    local t = merge(M.DEFAULTS[kind], fields_of(kind, fields, 2))
     -- Building a view raises now, at the spec line that made the mistake.
     local ok, err = pcall(sandbox.views[kind], t)
     if not ok then error("harness." .. kind .. ": " .. sandbox.errstr(err), 2) end
@@ -114,7 +298,103 @@ local function builder(kind)
   end
 end
 
-M.req = builder("req")
+function M.req(fields)
+  fields = fields_of("req", fields, 2)
+  local t = merge(M.DEFAULTS.req, fields)
+  drop_moot(t, fields)
+  local out = req_table("req", t, 2) -- not a tail call: the error level counts this frame
+  return out
+end
+
+local ALWAYS = { "uri", "host", "path", "method", "rpc", "kind" }
+
+local function refuse_none(name, fields, level)
+  for _, k in ipairs(ALWAYS) do
+    if fields[k] == M.NONE then
+      error("harness." .. name .. ": " .. k .. " cannot be removed: the gateway always sets it", level + 1)
+    end
+  end
+end
+
+local function compose_uri(scheme, t)
+  if type(t.host) == "string" and type(t.path) == "string" and
+     (t.query == nil or type(t.query) == "string") then
+    return scheme .. "://" .. t.host .. t.path .. (t.query and ("?" .. t.query) or "")
+  end
+end
+
+function M.http(fields)
+  fields = fields_of("http", fields, 2)
+  refuse_none("http", fields, 2)
+  if fields.kind ~= nil and fields.kind ~= "http" then
+    error('harness.http: kind is always "http" here; a Connect call is harness.connect{...}', 2)
+  end
+  if fields.ai ~= nil then
+    error("harness.http: ai: only Connect calls carry an AI system; use harness.connect{...}", 2)
+  end
+  local t = merge(M.DEFAULTS.http, fields)
+  drop_moot(t, fields)
+  local tls = t.tls
+  t.tls = nil
+  if type(tls) ~= "boolean" then error("harness.http: tls must be true or false, got " .. type(tls), 2) end
+  if t.uri ~= nil then
+    local scheme = type(t.uri) == "string" and t.uri:match("^(%a+)://")
+    if fields.tls ~= nil and (scheme == "https") ~= tls and (scheme == "http" or scheme == "https") then
+      error("harness.http: tls = " .. tostring(tls) .. " disagrees with uri " .. string.format("%q", t.uri) ..
+        ": an " .. scheme .. " uri means tls = " .. tostring(scheme == "https") .. "; give one or the other", 2)
+    end
+  else
+    t.uri = compose_uri(tls and "https" or "http", t)
+  end
+  t.kind = "http"
+  local out = req_table("http", t, 2)
+  if out.host ~= nil and not has_header(out.headers, "host") then out.headers.Host = out.host end
+  return out
+end
+
+-- ai = { ... } field -> flat req field.
+local AI_FIELDS = { id = "ai_id", name = "ai_name", user_type = "user_type", country = "country",
+                    purposes = "purposes", purpose = "purpose", user_agent = "user_agent" }
+
+function M.connect(fields)
+  local given = fields_of("connect", fields, 2)
+  fields = {}
+  for k, v in pairs(given) do fields[k] = v end -- shallow: harness.NONE must stay itself
+  refuse_none("connect", fields, 2)
+  if fields.kind ~= nil and fields.kind ~= "connect" then
+    error('harness.connect: kind is always "connect" here; a plain HTTP request is harness.http{...}', 2)
+  end
+  if fields.tls ~= nil then
+    error('harness.connect: tls: a Connect resource\'s scheme is in its uri ("https://..." or "http://...")', 2)
+  end
+  local ai = fields.ai
+  fields.ai = nil
+  if ai ~= nil then
+    if type(ai) ~= "table" then error("harness.connect: ai must be a table, got " .. type(ai), 2) end
+    for k, v in pairs(ai) do
+      local flat = AI_FIELDS[k]
+      if not flat then
+        error("harness.connect: ai." .. tostring(k) .. ": unknown field (the AI system has id, name, " ..
+          "user_type, country, purposes or purpose, user_agent)", 2)
+      end
+      if fields[flat] ~= nil then
+        error("harness.connect: ai." .. k .. " and " .. flat .. " both given: give one", 2)
+      end
+      if v ~= M.NONE then fields[flat] = v end
+    end
+  end
+  local t = merge(M.DEFAULTS.connect, fields)
+  if fields.uri == nil and (fields.host ~= nil or fields.path ~= nil or fields.query ~= nil) then
+    t.uri = compose_uri("https", { host = t.host or "example.com", path = t.path or "/", query = t.query })
+      or t.uri
+  else
+    drop_moot(t, fields)
+  end
+  t.kind = "connect"
+  local out = req_table("connect", t, 2)
+  return out
+end
+
 M.offer = builder("offer")
 M.txn = builder("txn")
 
@@ -253,11 +533,7 @@ local function read_file(path)
 end
 
 -- lua/default_policy.lua, next to this file's folder.
-local DEFAULT_POLICY_PATH = (function()
-  local src = debug.getinfo(1, "S").source
-  local dir = src:sub(1, 1) == "@" and src:sub(2):match("^(.*)/[^/]*$") or "."
-  return dir .. "/../default_policy.lua"
-end)()
+local DEFAULT_POLICY_PATH = (HERE or ".") .. "/../default_policy.lua"
 local default_source
 
 local function tenant_from(name)
@@ -310,7 +586,7 @@ compile = function(source, name, opts)
   local sopts = {
     tenant = self.tenant,
     version = opts.version or M.VERSION,
-    modules = opts.modules,
+    modules = opts.modules or { ["tollgate.money"] = money },
     guard = guard,
     now = function()
       if self.now ~= nil then return self.now end
@@ -349,17 +625,29 @@ function M.load_string(source, name, opts)
   return p
 end
 
+-- The policy file at path (see resolve): its source and the name it goes by.
+local function read_policy(path)
+  local found, where = resolve(path)
+  if not found then
+    return nil, "cannot read " .. tostring(path) .. ": not found (looked in " .. where .. ")"
+  end
+  local source, err = read_file(found)
+  if not source then return nil, "cannot read " .. tostring(found) .. ": " .. tostring(err) end
+  return source, found
+end
+
 function M.load(path, opts)
-  local source, err = read_file(path)
-  if not source then error("harness: cannot read " .. tostring(path) .. ": " .. tostring(err), 2) end
-  local p, cerr = compile(source, path, opts)
+  local source, name = read_policy(path)
+  if not source then error("harness: " .. name, 2) end
+  local p, cerr = compile(source, name, opts)
   if not p then error(cerr, 2) end
   return p
 end
 
 function M.check(path, opts)
-  local source, err = read_file(path)
-  if not source then return false, "cannot read " .. tostring(path) .. ": " .. tostring(err) end
+  local source, name = read_policy(path)
+  if not source then return false, name end
+  path = name
   local ok, p, cerr = pcall(compile, source, path, opts)
   if not ok then return false, sandbox.errstr(p) end
   if not p then return false, cerr end

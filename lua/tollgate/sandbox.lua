@@ -39,6 +39,34 @@
 --     `purpose` (shorthand for purposes = { purpose }) and `headers` (a map,
 --     looked up case-insensitively by req:header(name) or req.header(name)).
 --     Unknown or mistyped fields raise, so a typo in a fixture is caught.
+--     The C runtime builds its own views from C structs; these serve the
+--     fixtures and the harness, so views.req also refuses a req the gateway
+--     never produces ("req.<field>: why; what to write instead"):
+--       kind       "http" or "connect"; absent: "connect" when ai_id, ai_name,
+--                  user_type, country, rpc or a purpose is given, else "http"
+--       http       no ai_id, ai_name, user_type, country, purpose(s), rpc;
+--                  method an upper-case token; user_agent and the User-Agent
+--                  header agree (either one fills in the other)
+--       connect    rpc DiscoverResources (default) or ExecuteTransaction;
+--                  method "GET" (default); no "" for user_agent or identity
+--       user_type  one of sandbox.USER_TYPES; purposes: each one of sandbox.PURPOSES;
+--                  purpose, when given with purposes, is purposes[1]
+--       path       in core/net/target.c's normal form (default "/"); query
+--                  printable ASCII without "#"; host lower-case, without the
+--                  scheme's default port (80 http, 443 https)
+--       uri        absolute "http(s)://host/path[?query]", lower-case scheme,
+--                  no userinfo, no fragment; host, path and query are derived
+--                  from it (given alongside, they must agree); without uri,
+--                  a host gives uri = "http://" (http) or "https://" (connect)
+--                  .. host .. path .. ["?" query]
+--
+--   sandbox.req_table(t, opts) -> plain table
+--     The fields views.req would expose, derived ones included (plus
+--     `purpose` and `headers` as given, with User-Agent added on http).
+--     Raises as views.req; views.req accepts the result unchanged.
+--
+--   sandbox.normal_path(path) -> normalized | nil, reason
+--     The gateway's normal form of a path (core/net/target.c), in Lua.
 --
 --   sandbox.check_result(hook, ...) -> normalized values | nil, err
 --     The return-type rules, the same the C runtime applies to every call:
@@ -120,6 +148,7 @@ local floor, huge = math.floor, math.huge
 local sbyte, ssub, schar, sfind, smatch, sgmatch, sgsub, slower, sformat =
   string.byte, string.sub, string.char, string.find, string.match, string.gmatch,
   string.gsub, string.lower, string.format
+local supper = string.upper
 local tconcat = table.concat
 local os_time, os_clock = os.time, os.clock
 
@@ -883,7 +912,7 @@ local VIEW_FIELDS = {
   req = { method = "string", path = "string", query = "string", host = "string",
           tenant = "string", ip = "string", user_agent = "string", purposes = "list",
           ai_id = "string", ai_name = "string", user_type = "string", country = "string",
-          kind = "string" },
+          kind = "string", uri = "string", rpc = "string" },
   offer = { uri = "string", model = "string", amount = "integer", currency = "string",
             purposes = "list", lastmod = "integer", license_url = "string" },
   txn = { id = "string", tenant = "string", amount = "integer", currency = "string",
@@ -891,6 +920,25 @@ local VIEW_FIELDS = {
           reason = "string" },
 }
 M.VIEW_FIELDS = VIEW_FIELDS
+
+-- What the gateway can put in a req view (policies/README.md "Views"; the
+-- C side: core/pipeline/view.c). Fixtures and the harness are held to it.
+local REQ_KINDS = { "http", "connect" }
+local RPCS = { "DiscoverResources", "ExecuteTransaction" }
+local USER_TYPES = { "commercial", "non-commercial", "education", "government", "personal" }
+local PURPOSES = { "all", "ai-all", "ai-train", "ai-input", "ai-index", "search" }
+-- From the AI system message of a Connect call: always nil on http.
+local CONNECT_ONLY = { "ai_id", "ai_name", "user_type", "country" }
+M.REQ_KINDS, M.RPCS, M.USER_TYPES, M.PURPOSES = REQ_KINDS, RPCS, USER_TYPES, PURPOSES
+
+local function set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+local IS_KIND, IS_RPC = set_of(REQ_KINDS), set_of(RPCS)
+local IS_USER_TYPE, IS_PURPOSE = set_of(USER_TYPES), set_of(PURPOSES)
+local DEFAULT_PORT = { http = 80, https = 443 }
 
 local function check_field(kind, k, v, want)
   local ok
@@ -908,6 +956,308 @@ local function check_field(kind, k, v, want)
   if not ok then
     error(sformat("%s.%s: expected %s, got %s", kind, k, want, show(v)), 0)
   end
+end
+
+local function req_error(field, msg)
+  error("req." .. field .. ": " .. msg, 0)
+end
+
+local function unreserved(c)
+  return (c >= 48 and c <= 57) or (c >= 65 and c <= 90) or (c >= 97 and c <= 122) or
+    c == 45 or c == 46 or c == 95 or c == 126
+end
+
+-- core/net/target.c tg_target_path in Lua: the normal form the gateway
+-- gives a path, or nil and what makes the gateway refuse the request.
+local function normal_path(p)
+  if sbyte(p, 1) ~= 47 then return nil, 'no leading "/"' end
+  local out, n, i, len, prev_slash = {}, 0, 1, #p, false
+  while i <= len do
+    local c, piece = sbyte(p, i), nil
+    if c == 37 then -- '%'
+      local hex = ssub(p, i + 1, i + 2)
+      if not sfind(hex, "^%x%x$") then return nil, "an invalid percent-encoding" end
+      local v = tonumber(hex, 16)
+      if v == 0 then return nil, "an encoded NUL (%00)" end
+      if v == 47 or v == 92 then return nil, "an encoded slash (%2F or %5C)" end
+      piece = unreserved(v) and schar(v) or ("%" .. supper(hex))
+      i = i + 3
+    else
+      if c < 0x21 or c > 0x7e then return nil, "a space, control or non-ASCII byte (percent-encode it)" end
+      if c == 92 then return nil, "a backslash" end
+      if c == 35 then return nil, 'a "#" (a fragment never reaches a hook)' end
+      if c == 63 then return nil, 'a "?" (the query goes in req.query, without "?")' end
+      piece = schar(c)
+      i = i + 1
+    end
+    if not (piece == "/" and prev_slash) then
+      n = n + 1
+      out[n] = piece
+    end
+    prev_slash = piece == "/"
+  end
+  -- Dot segments (RFC 3986 5.2.4); only the last segment can be empty here.
+  local segs, stack = {}, {}
+  for seg in sgmatch(ssub(tconcat(out), 2) .. "/", "([^/]*)/") do segs[#segs + 1] = seg end
+  for k, seg in ipairs(segs) do
+    local last = k == #segs
+    if seg == "." then
+      if last then stack[#stack + 1] = "" end
+    elseif seg == ".." then
+      if #stack == 0 then return nil, 'a ".." that climbs above the root' end
+      stack[#stack] = nil
+      if last then stack[#stack + 1] = "" end
+    elseif sfind(seg, "^%.%.?;") then
+      return nil, 'a dot segment with parameters (".;" or "..;")'
+    else
+      stack[#stack + 1] = seg
+    end
+  end
+  return "/" .. tconcat(stack, "/")
+end
+M.normal_path = normal_path
+
+-- What is wrong with a path a hook is given, or nil.
+local function path_problem(p)
+  local norm, why = normal_path(p)
+  if not norm then return "has " .. why .. ": the gateway refuses such requests, so no hook sees it" end
+  if norm ~= p then return "is not in the gateway's normal form: a hook would see " .. show(norm) .. "; write that" end
+end
+
+-- core/net/target.c tg_target_host in Lua: the gateway's spelling of a host
+-- and its port (or nil), or nil and what makes the gateway refuse it.
+local function normal_host(h)
+  if h == "" then return nil, "nothing in it" end
+  local name, rest
+  if sbyte(h, 1) == 91 then -- '['
+    local close = sfind(h, "]", 2, true)
+    local lit = close and ssub(h, 2, close - 1) or ""
+    if not close or not sfind(lit, "^[%x:.]+$") or not sfind(lit, ":", 1, true) then
+      return nil, "an invalid IPv6 literal"
+    end
+    name, rest = "[" .. slower(lit) .. "]", ssub(h, close + 1)
+  else
+    local colon = sfind(h, ":", 1, true)
+    name = colon and ssub(h, 1, colon - 1) or h
+    rest = colon and ssub(h, colon) or ""
+    if sfind(name, "@", 1, true) then return nil, 'userinfo ("user@")' end
+    if not sfind(name, "^[%w%-_.]+$") then return nil, "a character other than letters, digits, '-', '_' and '.'" end
+    if sfind(name, "^%.") or sfind(name, "%.%.") then return nil, "an empty label" end
+    name = slower(name)
+    if sbyte(name, -1) == 46 then name = ssub(name, 1, -2) end
+    if #name > 253 then return nil, "more than 253 bytes" end
+  end
+  local port
+  if rest ~= "" then
+    local digits = ssub(rest, 2)
+    if sfind(digits, "@", 1, true) then return nil, 'userinfo ("user:password@")' end
+    if sbyte(rest, 1) ~= 58 then return nil, "something after the host that is not a port" end
+    if digits ~= "" then
+      if #digits > 5 or not sfind(digits, "^%d+$") then return nil, "an invalid port" end
+      port = tonumber(digits)
+      if port > 65535 then return nil, "a port out of range" end
+      name = name .. ":" .. port
+    end
+  end
+  return name, port
+end
+
+local function host_problem(h, scheme)
+  local norm, port = normal_host(h)
+  if not norm then return "has " .. port .. ": the gateway refuses such requests, so no hook sees it" end
+  if port ~= nil and port == DEFAULT_PORT[scheme] then
+    return "carries " .. scheme .. "'s default port " .. port .. ", which the gateway drops: write " ..
+      show(ssub(norm, 1, #norm - #tostring(port) - 1))
+  end
+  if norm ~= h then
+    return "is not how the gateway writes it (lower-case, no empty port, no trailing dot): write " .. show(norm)
+  end
+end
+
+local function query_problem(q)
+  if sfind(q, "#", 1, true) then
+    return 'holds "#": a fragment never reaches the gateway (it refuses such requests); drop it, or write %23'
+  end
+  if sfind(q, "[^\33-\126]") then
+    return "holds a space, control or non-ASCII byte: the gateway refuses such requests; percent-encode it"
+  end
+end
+
+-- scheme, authority, path, query (nil: no '?') of an absolute http(s) URI
+-- as the gateway writes it, or nil and what is wrong with it.
+local function split_uri(u)
+  local scheme, rest = smatch(u, "^([%a][%w+.%-]*)://(.*)$")
+  if not scheme then
+    return nil, 'is not an absolute URI: write scheme "://" host path, e.g. "https://example.com/a"'
+  end
+  if scheme ~= "http" and scheme ~= "https" then
+    local l = slower(scheme)
+    if l == "http" or l == "https" then
+      return nil, "has an upper-case scheme: the gateway writes " .. show(l .. "://" .. rest)
+    end
+    return nil, "has the scheme " .. show(scheme) .. ': the gateway only produces "http" and "https"'
+  end
+  local hash = sfind(rest, "#", 1, true)
+  if hash then
+    return nil, "has a fragment (" .. show(ssub(rest, hash)) .. "): the gateway never passes one; drop it"
+  end
+  local auth_end = sfind(rest, "[/?]") or #rest + 1
+  local auth, tail = ssub(rest, 1, auth_end - 1), ssub(rest, auth_end)
+  local userinfo = smatch(auth, "^(.*@)")
+  if userinfo then
+    return nil, "carries userinfo (" .. show(userinfo) .. "): the gateway refuses such URIs; drop it"
+  end
+  if auth == "" then return nil, "has no host" end
+  local qm = sfind(tail, "?", 1, true)
+  local path = qm and ssub(tail, 1, qm - 1) or tail
+  local query = qm and ssub(tail, qm + 1) or nil
+  if path == "" then
+    return nil, "has no path: the gateway writes " ..
+      show(scheme .. "://" .. auth .. "/" .. (query and ("?" .. query) or ""))
+  end
+  return scheme, auth, path, query
+end
+
+-- Checks a req given as plain fields (type-checked already) against what
+-- the gateway produces, and fills in what it derives. data: the fields;
+-- purpose: the shorthand, if given; hdrs: headers as given (name -> value),
+-- hmap: the same by lower-case name. Raises "req.<field>: reason".
+local function finish_req(data, purpose, hdrs, hmap, opts)
+  if purpose ~= nil then
+    if data.purposes ~= nil and data.purposes[1] ~= purpose then
+      req_error("purpose", show(purpose) .. " disagrees with purposes[1] (" .. show(data.purposes[1]) ..
+        "): purpose is the first of purposes; give one or the other")
+    end
+    if data.purposes == nil then data.purposes = { purpose } end
+  end
+  if data.purposes == nil then data.purposes = {} end
+
+  local kind = data.kind
+  if kind == nil then
+    kind = (data.rpc ~= nil or #data.purposes > 0) and "connect" or "http"
+    for _, k in ipairs(CONNECT_ONLY) do
+      if data[k] ~= nil then kind = "connect" end
+    end
+    data.kind = kind
+  elseif not IS_KIND[kind] then
+    req_error("kind", show(kind) .. ' is not a kind the gateway produces: write "http" (a request ' ..
+      'for a tenant\'s resource) or "connect" (a Connect call about it)')
+  end
+
+  if data.user_type ~= nil and not IS_USER_TYPE[data.user_type] then
+    req_error("user_type", "unknown user type " .. show(data.user_type) .. ": write one of " ..
+      tconcat(USER_TYPES, ", "))
+  end
+  for i, p in ipairs(data.purposes) do
+    if not IS_PURPOSE[p] then
+      local field = (i == 1 and purpose ~= nil and purpose == p) and "purpose" or ("purposes[" .. i .. "]")
+      req_error(field, "unknown usage purpose " .. show(p) .. ": write one of " .. tconcat(PURPOSES, ", ") ..
+        " (the gateway passes no other)")
+    end
+  end
+
+  if data.method == nil then data.method = "GET" end
+  if kind == "http" then
+    for _, k in ipairs(CONNECT_ONLY) do
+      if data[k] ~= nil then
+        req_error(k, "only Connect calls carry the AI system's identity (ai_id, ai_name, user_type, " ..
+          'country, purposes); on kind "http" it is always nil: remove it, or make this a Connect ' ..
+          'call (kind = "connect")')
+      end
+    end
+    if #data.purposes > 0 then
+      req_error(purpose ~= nil and "purpose" or "purposes", "only Connect calls carry usage purposes " ..
+        '(from the AI system); on kind "http" purpose is always nil and purposes empty: remove it, ' ..
+        'or make this a Connect call (kind = "connect")')
+    end
+    if data.rpc ~= nil then
+      req_error("rpc", show(data.rpc) .. ' on kind "http": only Connect calls have an rpc (always nil ' ..
+        'on http): remove it, or make this a Connect call (kind = "connect")')
+    end
+    if not sfind(data.method, "^[A-Z][A-Z%-]*$") then
+      req_error("method", show(data.method) .. " is not an HTTP method as the gateway spells it: " ..
+        "upper-case, e.g. " .. show(supper(data.method)))
+    end
+  else
+    if data.rpc == nil then data.rpc = "DiscoverResources" end
+    if not IS_RPC[data.rpc] then
+      req_error("rpc", show(data.rpc) .. " is not an RPC whose hooks see a req: write " ..
+        '"DiscoverResources" or "ExecuteTransaction"')
+    end
+    if data.method ~= "GET" then
+      req_error("method", show(data.method) .. ' on kind "connect": a Connect call names resources ' ..
+        'that are fetched with GET, so method is always "GET" there: remove it, or make this ' ..
+        'an HTTP request (kind = "http")')
+    end
+    if data.user_agent == "" then
+      req_error("user_agent", 'never "" on a Connect call: the gateway passes an empty user_agent as nil; remove it')
+    end
+  end
+  for _, k in ipairs(CONNECT_ONLY) do
+    if data[k] == "" then
+      req_error(k, 'never "": the gateway passes an empty ' .. k .. " as nil; remove it")
+    end
+  end
+
+  -- The resource: uri, or host + path + query.
+  local uri, scheme, u_host, u_path, u_query = data.uri, nil, nil, nil, nil
+  if uri ~= nil then
+    scheme, u_host, u_path, u_query = split_uri(uri)
+    if not scheme then req_error("uri", show(uri) .. " " .. u_host) end
+  else
+    if data.path == nil then data.path = "/" end
+    if data.host ~= nil then scheme = kind == "connect" and "https" or "http" end
+  end
+  local why
+  if data.host ~= nil then
+    why = host_problem(data.host, scheme)
+    if why then req_error("host", show(data.host) .. " " .. why) end
+  end
+  if data.path ~= nil then
+    why = path_problem(data.path)
+    if why then req_error("path", show(data.path) .. " " .. why) end
+  end
+  if data.query ~= nil then
+    why = query_problem(data.query)
+    if why then req_error("query", show(data.query) .. " " .. why) end
+  end
+  if uri ~= nil then
+    why = host_problem(u_host, scheme)
+    if why then req_error("uri", "the host of " .. show(uri) .. " " .. why) end
+    why = path_problem(u_path)
+    if why then req_error("uri", "the path of " .. show(uri) .. " " .. why) end
+    if u_query ~= nil then
+      why = query_problem(u_query)
+      if why then req_error("uri", "the query of " .. show(uri) .. " " .. why) end
+    end
+    local function agree(field, given, derived, part)
+      if given ~= nil and given ~= derived then
+        req_error(field, show(given) .. " disagrees with uri " .. show(uri) .. " (" .. part .. "): " ..
+          "give the uri alone, or make them agree")
+      end
+    end
+    agree("host", data.host, u_host, "whose host is " .. show(u_host))
+    agree("path", data.path, u_path, "whose path is " .. show(u_path))
+    agree("query", data.query, u_query, u_query and ("whose query is " .. show(u_query)) or 'which has no "?"')
+    data.host, data.path, data.query = u_host, u_path, u_query
+  elseif data.host ~= nil then
+    data.uri = scheme .. "://" .. data.host .. data.path .. (data.query and ("?" .. data.query) or "")
+  end
+
+  -- On http, user_agent is the User-Agent header: one implies the other.
+  if kind == "http" then
+    local h = hmap["user-agent"]
+    if data.user_agent ~= nil and h ~= nil and h ~= data.user_agent then
+      req_error("user_agent", show(data.user_agent) .. " disagrees with the User-Agent header (" .. show(h) ..
+        '): on kind "http" user_agent is that header; give one, or make them agree')
+    end
+    if data.user_agent == nil then
+      data.user_agent = h
+    elseif h == nil then
+      hdrs["User-Agent"], hmap["user-agent"] = data.user_agent, data.user_agent
+    end
+  end
+  if data.tenant == nil then data.tenant = opts.tenant end
 end
 
 local function readonly_error(kind)
@@ -939,22 +1289,27 @@ local function copy_list(l)
   return out
 end
 
-local function build_view(kind, t, opts)
+-- The fields of a view from a plain table: data (checked, derived), and for
+-- req the headers as given and by lower-case name.
+local function view_data(kind, t, opts)
   if t == nil then t = {} end
   if type(t) ~= "table" then error(kind .. ": expected a table, got " .. type(t), 0) end
   local fields = VIEW_FIELDS[kind]
-  local data, headers = {}, nil
+  local data, hdrs, hmap = {}, {}, {}
   for k, v in pairs(t) do
     if kind == "req" and k == "purpose" then
       if type(v) ~= "string" then error("req.purpose: expected string, got " .. show(v), 0) end
     elseif kind == "req" and k == "headers" then
       if type(v) ~= "table" then error("req.headers: expected a table, got " .. type(v), 0) end
-      headers = {}
       for hk, hv in pairs(v) do
         if type(hk) ~= "string" or type(hv) ~= "string" then
           error("req.headers: names and values must be strings", 0)
         end
-        headers[slower(hk)] = hv
+        local lk = slower(hk)
+        if hmap[lk] ~= nil then
+          error("req.headers: two entries name the header " .. show(lk) .. " (names are case-insensitive)", 0)
+        end
+        hdrs[hk], hmap[lk] = hv, hv
       end
     elseif fields[k] then
       check_field(kind, k, v, fields[k])
@@ -965,18 +1320,17 @@ local function build_view(kind, t, opts)
   end
   opts = opts or {}
   if kind == "req" then
-    if t.purpose ~= nil and data.purposes == nil then data.purposes = { t.purpose } end
-    if data.purposes == nil then data.purposes = {} end
-    if data.method == nil then data.method = "GET" end
-    if data.path == nil then data.path = "/" end
-    if data.kind == nil then data.kind = "http" end
-    if data.tenant == nil then data.tenant = opts.tenant end
-    headers = headers or {}
+    finish_req(data, rawget(t, "purpose"), hdrs, hmap, opts)
   elseif kind == "offer" then
     if data.purposes == nil then data.purposes = {} end
   elseif kind == "txn" then
     if data.tenant == nil then data.tenant = opts.tenant end
   end
+  return data, hdrs, hmap
+end
+
+local function build_view(kind, t, opts)
+  local data, _, headers = view_data(kind, t, opts)
   local self
   local function header(a, b)
     local name = rawequal(a, self) and b or a
@@ -1001,6 +1355,19 @@ M.views = {
   offer = function(t, opts) return build_view("offer", t, opts) end,
   txn = function(t, opts) return build_view("txn", t, opts) end,
 }
+
+-- A req as the gateway would hand it over, as a plain table: every field
+-- views.req derives filled in (kind, rpc, method, uri or host/path/query,
+-- purposes and purpose, the User-Agent header on http), headers under the
+-- names given. views.req accepts the result unchanged.
+function M.req_table(t, opts)
+  local data, hdrs = view_data("req", t, opts)
+  local out = {}
+  for k, v in pairs(data) do out[k] = v end
+  out.purpose = data.purposes[1]
+  out.headers = hdrs
+  return out
+end
 
 -- Return-type rules
 

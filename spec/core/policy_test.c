@@ -164,7 +164,7 @@ static const char *const good_src =
     "function P.on_settle_failure(txn) tollgate.log('warn', 'settlement failed for ' .. txn.id) end\n"
     "P.fixtures = {\n"
     "  { hook = 'price', offer = { amount = 15000, currency = 'USD' },\n"
-    "    req = { purposes = { 'ai-input', 'x' } }, expect = { 15000, 'USD' } },\n"
+    "    req = { purposes = { 'ai-input', 'search' } }, expect = { 15000, 'USD' } },\n"
     "  { hook = 'skip', req = { path = '/robots.txt' }, expect = { true } },\n"
     "}\n"
     "return P\n";

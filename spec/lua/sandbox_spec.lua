@@ -240,7 +240,7 @@ describe("sandbox.views", function()
     local req = sandbox.views.req({ path = "/a", purposes = { "ai-input", "ai-train" } })
     assert.are.equal("/a", req.path)
     assert.are.equal("GET", req.method)
-    assert.are.equal("http", req.kind)
+    assert.are.equal("connect", req.kind) -- purposes come only with Connect calls
     assert.are.equal("ai-input", req.purpose)
     assert.are.same({ "ai-input", "ai-train" }, req.purposes)
     assert.has_error(function() req.path = "/b" end,
@@ -274,6 +274,335 @@ describe("sandbox.views", function()
     assert.has_error(function() sandbox.views.req({ purposes = { 1 } }) end,
       "req.purposes[1]: expected string, got number")
     assert.has_error(function() sandbox.views.txn({ id = 5 }) end, "txn.id: expected string, got 5")
+  end)
+end)
+
+-- What the gateway can hand a hook as req (policies/README.md "Views"): the
+-- views fixtures and the harness build refuse anything else, and derive
+-- what the gateway derives.
+describe("sandbox.views.req, held to what the gateway produces", function()
+  local req = sandbox.views.req
+
+  -- The message of the error views.req raises for t.
+  local function refusal(t)
+    local ok, err = pcall(req, t)
+    assert.is_false(ok, "accepted")
+    return err
+  end
+
+  local function refuses(t, field, ...)
+    local err = refusal(t)
+    assert.are.equal("req." .. field .. ": ", err:sub(1, #field + 6), err)
+    for _, want in ipairs({ ... }) do
+      assert.truthy(err:find(want, 1, true), "'" .. want .. "' not in: " .. err)
+    end
+  end
+
+  describe("derives", function()
+    it("kind http when nothing says otherwise, with path / and method GET", function()
+      for _, t in ipairs({ {}, { path = "/a" }, { ip = "192.0.2.1", headers = { ["X-A"] = "1" } },
+                           { purposes = {} }, { method = "POST" } }) do
+        local r = req(t)
+        assert.are.equal("http", r.kind)
+        assert.is_nil(r.rpc)
+        assert.are.same({}, r.purposes)
+        assert.is_nil(r.purpose)
+      end
+      local r = req({})
+      assert.are.equal("/", r.path)
+      assert.are.equal("GET", r.method)
+      assert.is_nil(r.uri)
+      assert.is_nil(r.host)
+      assert.is_nil(r.query)
+    end)
+
+    it("kind connect from any AI-system field or rpc, with rpc DiscoverResources and method GET", function()
+      for _, t in ipairs({ { ai_id = "bot" }, { ai_name = "Bot" }, { user_type = "personal" },
+                           { country = "DE" }, { purpose = "search" }, { purposes = { "ai-train" } },
+                           { rpc = "DiscoverResources" } }) do
+        local r = req(t)
+        assert.are.equal("connect", r.kind)
+        assert.are.equal("DiscoverResources", r.rpc)
+        assert.are.equal("GET", r.method)
+      end
+      assert.are.equal("ExecuteTransaction", req({ rpc = "ExecuteTransaction" }).rpc)
+      local anon = req({ kind = "connect" })
+      assert.are.equal("DiscoverResources", anon.rpc)
+      assert.are.same({}, anon.purposes)
+    end)
+
+    it("keeps an explicit kind", function()
+      assert.are.equal("http", req({ kind = "http", path = "/x" }).kind)
+      assert.are.equal("connect", req({ kind = "connect" }).kind)
+    end)
+
+    it("host, path and query from uri", function()
+      local r = req({ uri = "https://news.example:8443/a/b?x=1&y" })
+      assert.are.equal("https://news.example:8443/a/b?x=1&y", r.uri)
+      assert.are.equal("news.example:8443", r.host)
+      assert.are.equal("/a/b", r.path)
+      assert.are.equal("x=1&y", r.query)
+      assert.are.equal("http", r.kind)
+      r = req({ uri = "http://news.example/" })
+      assert.are.equal("/", r.path)
+      assert.is_nil(r.query)
+      assert.are.equal("", req({ uri = "http://news.example/a?" }).query)
+      assert.are.equal("[2001:db8::1]:8080", req({ uri = "http://[2001:db8::1]:8080/" }).host)
+    end)
+
+    it("uri from host: http:// on http, https:// on connect", function()
+      assert.are.equal("http://news.example/a?b=1", req({ host = "news.example", path = "/a", query = "b=1" }).uri)
+      assert.are.equal("http://news.example/", req({ host = "news.example" }).uri)
+      assert.are.equal("https://news.example/a", req({ host = "news.example", path = "/a", ai_id = "bot" }).uri)
+      assert.are.equal("http://news.example:443/", req({ host = "news.example:443" }).uri)
+      assert.are.equal("https://news.example:80/", req({ host = "news.example:80", kind = "connect" }).uri)
+    end)
+
+    it("accepts host, path and query alongside a uri they agree with", function()
+      local r = req({ uri = "https://news.example/a?q", host = "news.example", path = "/a", query = "q" })
+      assert.are.equal("https://news.example/a?q", r.uri)
+    end)
+
+    it("user_agent from the User-Agent header on http, and the header from user_agent", function()
+      local r = req({ headers = { ["user-agent"] = "Bot/2" } })
+      assert.are.equal("Bot/2", r.user_agent)
+      r = req({ user_agent = "Bot/3" })
+      assert.are.equal("Bot/3", r:header("User-Agent"))
+      r = req({ user_agent = "Bot/4", headers = { ["User-Agent"] = "Bot/4" } })
+      assert.are.equal("Bot/4", r.user_agent)
+    end)
+
+    it("on connect keeps user_agent (the AI system's) apart from the call's headers", function()
+      local r = req({ ai_id = "bot", user_agent = "AIBot/1", headers = { ["User-Agent"] = "connect-es/2" } })
+      assert.are.equal("AIBot/1", r.user_agent)
+      assert.are.equal("connect-es/2", r:header("user-agent"))
+      assert.is_nil(req({ ai_id = "bot" }):header("user-agent"))
+    end)
+
+    it("purposes from purpose, and purpose from purposes", function()
+      assert.are.same({ "search" }, req({ purpose = "search" }).purposes)
+      assert.are.equal("ai-input", req({ purposes = { "ai-input", "search" } }).purpose)
+      assert.are.same({ "ai-input", "search" }, req({ purpose = "ai-input", purposes = { "ai-input", "search" } }).purposes)
+    end)
+
+    it("the tenant from opts unless given", function()
+      assert.are.equal("news", req({}, { tenant = "news" }).tenant)
+      assert.are.equal("docs", req({ tenant = "docs" }, { tenant = "news" }).tenant)
+    end)
+
+    it("a plain table (req_table) that views.req takes back unchanged", function()
+      for _, t in ipairs({ {}, { host = "news.example", path = "/a", query = "x", user_agent = "B/1" },
+                           { uri = "https://news.example/a", purpose = "ai-train", ai_id = "bot",
+                             headers = { Authorization = "Bearer x" } },
+                           { rpc = "ExecuteTransaction", uri = "http://news.example:8080/" } }) do
+        local plain = sandbox.req_table(t)
+        local again = sandbox.req_table(plain)
+        assert.are.same(plain, again)
+        local v = req(plain)
+        for k, val in pairs(plain) do
+          if k ~= "headers" then assert.are.same(val, v[k], k) end
+        end
+      end
+      local plain = sandbox.req_table({ purpose = "search", host = "news.example" })
+      assert.are.same({ kind = "connect", rpc = "DiscoverResources", method = "GET", host = "news.example",
+                        path = "/", uri = "https://news.example/", purposes = { "search" }, purpose = "search",
+                        headers = {} }, plain)
+      plain = sandbox.req_table({ host = "news.example", user_agent = "B/1" })
+      assert.are.same({ kind = "http", method = "GET", host = "news.example", path = "/", uri = "http://news.example/",
+                        purposes = {}, user_agent = "B/1", headers = { ["User-Agent"] = "B/1" } }, plain)
+    end)
+  end)
+
+  describe("refuses", function()
+    it("an unknown kind", function()
+      assert.are.equal('req.kind: "grpc" is not a kind the gateway produces: write "http" (a request for a ' ..
+        'tenant\'s resource) or "connect" (a Connect call about it)', refusal({ kind = "grpc" }))
+      refuses({ kind = "HTTP" }, "kind", '"http"')
+    end)
+
+    it("an unknown user_type, listing the allowed ones", function()
+      assert.are.equal('req.user_type: unknown user type "edu": write one of commercial, non-commercial, ' ..
+        "education, government, personal", refusal({ user_type = "edu" }))
+    end)
+
+    it("an unknown purpose token, in purpose or purposes", function()
+      assert.are.equal('req.purpose: unknown usage purpose "tdm": write one of all, ai-all, ai-train, ' ..
+        "ai-input, ai-index, search (the gateway passes no other)", refusal({ purpose = "tdm" }))
+      refuses({ purposes = { "search", "resell" } }, "purposes[2]", '"resell"', "ai-train")
+      refuses({ purposes = { "AI-TRAIN" } }, "purposes[1]", "unknown usage purpose")
+    end)
+
+    it("purpose and purposes that disagree", function()
+      refuses({ purpose = "search", purposes = { "ai-train", "search" } }, "purpose", "purposes[1]")
+    end)
+
+    it("AI-system fields on kind http, saying they come only with Connect calls", function()
+      for _, k in ipairs({ "ai_id", "ai_name", "country" }) do
+        refuses({ kind = "http", [k] = "x" }, k, "only Connect calls", 'kind = "connect"')
+      end
+      refuses({ kind = "http", user_type = "personal" }, "user_type", "only Connect calls")
+      refuses({ kind = "http", purpose = "search" }, "purpose", "only Connect calls", "purposes empty")
+      refuses({ kind = "http", purposes = { "search" } }, "purposes", "only Connect calls")
+    end)
+
+    it("rpc on http, and an unknown rpc", function()
+      refuses({ kind = "http", rpc = "DiscoverResources" }, "rpc", "only Connect calls have an rpc")
+      refuses({ rpc = "ReportUsage" }, "rpc", '"DiscoverResources" or "ExecuteTransaction"')
+      refuses({ rpc = "discoverresources" }, "rpc", '"DiscoverResources"')
+    end)
+
+    it("a method other than GET on connect, and a lower-case one on http", function()
+      refuses({ ai_id = "bot", method = "POST" }, "method", 'always "GET"', 'kind = "http"')
+      refuses({ kind = "connect", method = "HEAD" }, "method", 'always "GET"')
+      refuses({ method = "get" }, "method", 'e.g. "GET"')
+      assert.are.equal("DELETE", req({ method = "DELETE" }).method)
+    end)
+
+    it("a path not in the normal form, saying what the gateway would see", function()
+      assert.are.equal('req.path: "/a/../b" is not in the gateway\'s normal form: a hook would see "/b"; write that',
+        refusal({ path = "/a/../b" }))
+      for _, c in ipairs({ { "/a//b", '"/a/b"' }, { "/a/./b", '"/a/b"' }, { "/%7Euser", '"/~user"' },
+                           { "/a%3a", '"/a%3A"' }, { "/a/%2e%2e/b", '"/b"' }, { "//", '"/"' } }) do
+        refuses({ path = c[1] }, "path", "normal form", c[2])
+      end
+    end)
+
+    it("a path the gateway refuses outright", function()
+      for _, c in ipairs({ { "a", 'no leading "/"' }, { "/a%2Fb", "encoded slash" }, { "/a%5cb", "encoded slash" },
+                           { "/a%00", "encoded NUL" }, { "/a b", "non-ASCII" }, { "/caf\195\169", "non-ASCII" },
+                           { "/a\tb", "control" }, { "/a\\b", "backslash" }, { "/..", "climbs above the root" },
+                           { "/a?b", "req.query" }, { "/a#b", "fragment" }, { "/%zz", "percent-encoding" },
+                           { "/x/..;/y", "dot segment with parameters" } }) do
+        refuses({ path = c[1] }, "path", c[2], "the gateway refuses such requests")
+      end
+    end)
+
+    it("a query holding '#' or bytes the gateway refuses", function()
+      refuses({ query = "a=1#frag" }, "query", '"#"', "%23")
+      refuses({ query = "a b" }, "query", "percent-encode")
+      refuses({ query = "caf\195\169" }, "query", "non-ASCII")
+      assert.are.equal("a=%20&b=/?c", req({ query = "a=%20&b=/?c" }).query)
+    end)
+
+    it("a host that is not lower-case or carries the scheme's default port", function()
+      assert.are.equal('req.host: "News.Example" is not how the gateway writes it (lower-case, no empty port, ' ..
+        'no trailing dot): write "news.example"', refusal({ host = "News.Example" }))
+      refuses({ host = "news.example:80" }, "host", "default port 80", 'write "news.example"')
+      refuses({ host = "news.example:443", kind = "connect" }, "host", "default port 443")
+      refuses({ host = "news.example.", path = "/" }, "host", 'write "news.example"')
+      refuses({ host = "news.example:" }, "host", 'write "news.example"')
+      refuses({ host = "news.example:0080" }, "host", "default port 80")
+      refuses({ host = "[2001:DB8::1]" }, "host", 'write "[2001:db8::1]"')
+      refuses({ host = "user@news.example" }, "host", "userinfo")
+      refuses({ host = "" }, "host", "the gateway refuses")
+      refuses({ host = "news example" }, "host", "the gateway refuses")
+      refuses({ host = "news.example:99999" }, "host", "port")
+    end)
+
+    it("a uri that is not absolute http(s)", function()
+      refuses({ uri = "/a" }, "uri", "not an absolute URI")
+      refuses({ uri = "news.example/a" }, "uri", "not an absolute URI")
+      refuses({ uri = "ftp://news.example/a" }, "uri", '"http" and "https"')
+      refuses({ uri = "HTTPS://news.example/a" }, "uri", 'the gateway writes "https://news.example/a"')
+      refuses({ uri = "https://news.example" }, "uri", 'no path', '"https://news.example/"')
+      refuses({ uri = "https:///a" }, "uri", "no host")
+    end)
+
+    it("a uri with userinfo or a fragment", function()
+      assert.are.equal('req.uri: "https://u:pw@news.example/a" carries userinfo ("u:pw@"): the gateway ' ..
+        "refuses such URIs; drop it", refusal({ uri = "https://u:pw@news.example/a" }))
+      refuses({ uri = "https://news.example/a#top" }, "uri", 'fragment ("#top")')
+      refuses({ uri = "https://news.example/a?x#top" }, "uri", "fragment")
+    end)
+
+    it("a uri whose host, path or query is not as the gateway writes it", function()
+      refuses({ uri = "https://News.example/a" }, "uri", 'the host of', 'write "news.example"')
+      refuses({ uri = "https://news.example:443/a" }, "uri", "default port 443")
+      refuses({ uri = "http://news.example:80/a" }, "uri", "default port 80")
+      refuses({ uri = "https://news.example/a/../b" }, "uri", "the path of", '"/b"')
+      refuses({ uri = "https://news.example/a%2Fb" }, "uri", "encoded slash")
+      refuses({ uri = "https://news.example/a?b c" }, "uri", "the query of", "percent-encode")
+      assert.are.equal("news.example:443", req({ uri = "http://news.example:443/" }).host)
+    end)
+
+    it("a uri that disagrees with host, path or query given alongside", function()
+      assert.are.equal('req.host: "other.example" disagrees with uri "https://news.example/a" (whose host is ' ..
+        '"news.example"): give the uri alone, or make them agree',
+        refusal({ uri = "https://news.example/a", host = "other.example" }))
+      refuses({ uri = "https://news.example/a", path = "/b" }, "path", 'whose path is "/a"')
+      refuses({ uri = "https://news.example/a?x=1", query = "x=2" }, "query", 'whose query is "x=1"')
+      refuses({ uri = "https://news.example/a", query = "x=1" }, "query", 'which has no "?"')
+    end)
+
+    it("on http, a user_agent that disagrees with the User-Agent header", function()
+      refuses({ user_agent = "A/1", headers = { ["User-Agent"] = "B/1" } }, "user_agent", "User-Agent header")
+    end)
+
+    it("two headers of the same name, and empty strings the gateway passes as nil", function()
+      assert.has_error(function() req({ headers = { ["X-A"] = "1", ["x-a"] = "2" } }) end,
+        'req.headers: two entries name the header "x-a" (names are case-insensitive)')
+      for _, k in ipairs({ "ai_id", "ai_name", "country" }) do
+        refuses({ kind = "connect", [k] = "" }, k, "as nil")
+      end
+      refuses({ kind = "connect", user_agent = "" }, "user_agent", "as nil")
+      assert.are.equal("", req({ user_agent = "" }).user_agent) -- an empty User-Agent header exists
+    end)
+
+    it("in fixtures too, naming the fixture", function()
+      local p = load_ok([[return { skip = function() return true end,
+        fixtures = { { hook = "skip", req = { path = "/free/../paid" }, expect = { true } } } }]])
+      assert.are.same({ false, 'fixture 1 (skip): req.path: "/free/../paid" is not in the gateway\'s normal ' ..
+        'form: a hook would see "/paid"; write that' }, { sandbox.run_fixtures(p) })
+      p = load_ok([[return { price = function(o, r) return r.kind == "connect" and 1 or 2, "USD" end,
+        fixtures = { { hook = "price", req = { purpose = "ai-train" }, expect = { 1, "USD" } },
+                     { hook = "price", req = { path = "/a" }, expect = { 2, "USD" } },
+                     { hook = "price", req = { kind = "http", user_type = "education" } } } }]])
+      local ok, err = sandbox.run_fixtures(p)
+      assert.is_false(ok)
+      local want = "fixture 3 (price): req.user_type: only Connect calls"
+      assert.are.equal(want, err:sub(1, #want))
+    end)
+  end)
+
+  describe("normal_path: core/net/target.c in Lua (spec/core/target_test.c's cases)", function()
+    it("normalizes", function()
+      local cases = {
+        { "/", "/" }, { "/a/b", "/a/b" }, { "/a/./b", "/a/b" }, { "/a/../b", "/b" }, { "/a/b/..", "/a/" },
+        { "/a/b/.", "/a/b/" }, { "/a/b/../..", "/" }, { "/./", "/" }, { "/a/%2e%2E/b", "/b" }, { "/a/.%2e", "/" },
+        { "/%7Euser/%41%62", "/~user/Ab" }, { "/a%3a%3A%c3%a9", "/a%3A%3A%C3%A9" }, { "/%25", "/%25" },
+        { "/%252e", "/%252e" }, { "//a///b//", "/a/b/" }, { "/a//../b", "/b" }, { "/...", "/..." },
+        { "/a/..b/.c", "/a/..b/.c" }, { "/a;p=1/b", "/a;p=1/b" }, { "/a|b^c[d]", "/a|b^c[d]" },
+        { "/x/%2e/y/../%7a", "/x/z" },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], sandbox.normal_path(c[1]), c[1])
+        assert.are.equal(c[2], sandbox.normal_path(c[2]), c[2]) -- normalizing again changes nothing
+      end
+    end)
+
+    it("refuses", function()
+      for _, p in ipairs({ "", "a", "*", "/..", "/a/../..", "/%2e%2e", "/a%2Fb", "/a%2f", "/a%5cb", "/a%00", "/%",
+                           "/%4", "/%g0", "/a\\b", "/a#b", "/a?b", "/a b", "/a\127", "/a\128", "/x/..;/y",
+                           "/x/.;/y", "/..;", "/a\tb" }) do
+        local norm, why = sandbox.normal_path(p)
+        assert.is_nil(norm, p)
+        assert.is_string(why)
+      end
+    end)
+  end)
+
+  it("has the fields of the C view (core/policy/state.c req_fields)", function()
+    local f = assert(io.open("core/policy/state.c", "rb"))
+    local src = f:read("*a")
+    f:close()
+    local list = assert(src:match("req_fields%[%]%s*=%s*(%b{})"), "req_fields not found")
+    local c = {}
+    for name in list:gmatch('"([%w_]+)"') do c[#c + 1] = name end
+    local lua = { "purpose", "header" } -- served by the view itself, not stored
+    for k in pairs(sandbox.VIEW_FIELDS.req) do lua[#lua + 1] = k end
+    table.sort(c)
+    table.sort(lua)
+    assert.are.same(c, lua)
   end)
 end)
 

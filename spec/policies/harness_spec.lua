@@ -52,6 +52,270 @@ describe("harness builders", function()
   end)
 end)
 
+describe("harness.http", function()
+  it("builds every field as the gateway does, by default GET http://example.com/", function()
+    assert.are.same({
+      kind = "http", method = "GET", uri = "http://example.com/", host = "example.com", path = "/",
+      ip = "192.0.2.10", user_agent = "ExampleBot/1.0", purposes = {},
+      headers = { ["User-Agent"] = "ExampleBot/1.0", Host = "example.com" },
+    }, harness.http())
+  end)
+
+  it("takes host, path, query and method, and derives the uri", function()
+    local r = harness.http({ method = "POST", host = "api.example:8080", path = "/v1/items", query = "page=2" })
+    assert.are.equal("http://api.example:8080/v1/items?page=2", r.uri)
+    assert.are.equal("POST", r.method)
+    assert.are.equal("page=2", r.query)
+    assert.are.equal("api.example:8080", r.headers.Host)
+  end)
+
+  it("makes the uri https:// when the request came over TLS", function()
+    assert.are.equal("https://news.example/a", harness.http({ tls = true, host = "news.example", path = "/a" }).uri)
+    assert.are.equal("https://news.example:8443/", harness.http({ tls = true, host = "news.example:8443" }).uri)
+  end)
+
+  it("takes the uri instead, host, path and query coming from it", function()
+    local r = harness.http({ uri = "https://news.example/a/b?c=d" })
+    assert.are.equal("news.example", r.host)
+    assert.are.equal("/a/b", r.path)
+    assert.are.equal("c=d", r.query)
+    assert.are.equal("news.example", r.headers.Host)
+    assert.are.equal("https://news.example/a/b?c=d", harness.http({ uri = "https://news.example/a/b?c=d", tls = true }).uri)
+  end)
+
+  it("takes user_agent from a User-Agent header given instead, and keeps a Host header given", function()
+    local r = harness.http({ headers = { ["user-agent"] = "Other/2", host = "News.Example:80" } })
+    assert.are.equal("Other/2", r.user_agent)
+    assert.are.equal("News.Example:80", r.headers.host) -- the raw header; req.host is normalized
+    assert.is_nil(r.headers.Host)
+    assert.is_nil(harness.http({ user_agent = harness.NONE }).user_agent)
+    assert.is_nil(harness.http({ ip = harness.NONE }).ip)
+  end)
+
+  it("refuses the AI system, saying it only comes with Connect calls", function()
+    for _, f in ipairs({ { ai_id = "bot" }, { ai_name = "Bot" }, { user_type = "personal" }, { country = "DE" },
+                         { purpose = "search" }, { purposes = { "search" } } }) do
+      local k = next(f)
+      local ok, err = pcall(harness.http, f)
+      assert.is_false(ok, k)
+      assert.truthy(err:find("harness.http: req." .. k .. ": only Connect calls", 1, true), err)
+      assert.truthy(err:find("(harness.connect{...})", 1, true), err)
+    end
+    assert.has_error(function() harness.http({ ai = { id = "bot" } }) end,
+      "harness.http: ai: only Connect calls carry an AI system; use harness.connect{...}")
+  end)
+
+  it("refuses rpc, another kind, a tls that disagrees with the uri, and removing what the gateway always sets", function()
+    assert.has_error(function() harness.http({ rpc = "DiscoverResources" }) end)
+    assert.has_error(function() harness.http({ kind = "connect" }) end,
+      'harness.http: kind is always "http" here; a Connect call is harness.connect{...}')
+    assert.has_error(function() harness.http({ uri = "https://news.example/", tls = false }) end)
+    assert.has_error(function() harness.http({ uri = "http://news.example/", tls = true }) end)
+    assert.has_error(function() harness.http({ tls = "yes" }) end, "harness.http: tls must be true or false, got string")
+    for _, k in ipairs({ "host", "path", "method", "uri" }) do
+      assert.has_error(function() harness.http({ [k] = harness.NONE }) end,
+        "harness.http: " .. k .. " cannot be removed: the gateway always sets it")
+    end
+  end)
+
+  it("refuses what the gateway never produces, at the spec's line", function()
+    local ok, err = pcall(function() harness.http({ path = "/free/../paid" }) end)
+    assert.is_false(ok)
+    assert.truthy(err:find("harness_spec.lua:%d+: harness.http: req.path: \"/free/../paid\" is not in the gateway's normal form"), err)
+    assert.truthy(err:find('"/paid"', 1, true), err)
+    assert.has_error(function() harness.http({ host = "Example.com" }) end)
+    assert.has_error(function() harness.http({ host = "example.com:80" }) end)
+    assert.has_error(function() harness.http({ tls = true, host = "example.com:443" }) end)
+    assert.are.equal("example.com:443", harness.http({ host = "example.com:443" }).host) -- not http's default
+    assert.has_error(function() harness.http({ query = "a#b" }) end)
+    assert.has_error(function() harness.http({ method = "get" }) end)
+    assert.has_error(function() harness.http({ user_agent = "A/1", headers = { ["User-Agent"] = "B/1" } }) end)
+  end)
+end)
+
+describe("harness.connect", function()
+  it("builds an anonymous DiscoverResources call for https://example.com/ by default", function()
+    assert.are.same({
+      kind = "connect", rpc = "DiscoverResources", method = "GET", uri = "https://example.com/",
+      host = "example.com", path = "/", ip = "192.0.2.10", purposes = {}, headers = {},
+    }, harness.connect())
+  end)
+
+  it("takes the AI system flat or as ai = {...}, with the same result", function()
+    local flat = harness.connect({ uri = "https://news.example/a?b=1", ai_id = "bot-1", ai_name = "Bot",
+      user_type = "education", country = "DE", purposes = { "ai-input", "search" }, user_agent = "Bot/1" })
+    local nested = harness.connect({ uri = "https://news.example/a?b=1", ai = { id = "bot-1", name = "Bot",
+      user_type = "education", country = "DE", purposes = { "ai-input", "search" }, user_agent = "Bot/1" } })
+    assert.are.same(flat, nested)
+    assert.are.equal("ai-input", flat.purpose)
+    assert.are.equal("news.example", flat.host)
+    assert.are.equal("/a", flat.path)
+    assert.are.equal("b=1", flat.query)
+    assert.are.same({}, flat.headers) -- user_agent is the AI system's, not a header of the call
+    assert.are.same({ "ai-train" }, harness.connect({ ai = { purpose = "ai-train" } }).purposes)
+  end)
+
+  it("builds the uri from host, path and query given without one", function()
+    assert.are.equal("https://news.example/a?x", harness.connect({ host = "news.example", path = "/a", query = "x" }).uri)
+    assert.are.equal("https://example.com/robots.txt", harness.connect({ path = "/robots.txt" }).uri)
+    assert.are.equal("http://news.example/a", harness.connect({ uri = "http://news.example/a" }).uri)
+  end)
+
+  it("takes ExecuteTransaction, the call's headers and the caller's ip", function()
+    local r = harness.connect({ rpc = "ExecuteTransaction", ip = "198.51.100.7", headers = { Authorization = "Bearer k" } })
+    assert.are.equal("ExecuteTransaction", r.rpc)
+    assert.are.equal("198.51.100.7", r.ip)
+    assert.are.equal("Bearer k", r.headers.Authorization)
+  end)
+
+  it("refuses unknown enum values, naming the allowed ones", function()
+    assert.has_error(function() harness.connect({ user_type = "edu" }) end,
+      'harness.connect: req.user_type: unknown user type "edu": write one of commercial, non-commercial, ' ..
+      "education, government, personal")
+    assert.has_error(function() harness.connect({ ai = { purposes = { "tdm" } } }) end,
+      'harness.connect: req.purposes[1]: unknown usage purpose "tdm": write one of all, ai-all, ai-train, ' ..
+      "ai-input, ai-index, search (the gateway passes no other)")
+    assert.has_error(function() harness.connect({ rpc = "ReportUsage" }) end)
+  end)
+
+  it("refuses impossible combinations", function()
+    local ok, err = pcall(harness.connect, { method = "POST" })
+    assert.is_false(ok)
+    assert.truthy(err:find('harness.connect: req.method: "POST" on kind "connect"', 1, true), err)
+    assert.truthy(err:find("(harness.http{...})", 1, true), err)
+    assert.has_error(function() harness.connect({ kind = "http" }) end)
+    assert.has_error(function() harness.connect({ tls = true }) end)
+    assert.has_error(function() harness.connect({ ai_id = "a", ai = { id = "b" } }) end,
+      "harness.connect: ai.id and ai_id both given: give one")
+    assert.has_error(function() harness.connect({ ai = { ident = "b" } }) end)
+    assert.has_error(function() harness.connect({ ai = "bot" }) end, "harness.connect: ai must be a table, got string")
+    assert.has_error(function() harness.connect({ uri = "https://news.example/a", path = "/b" }) end)
+    assert.has_error(function() harness.connect({ uri = "https://user@news.example/a" }) end)
+    assert.has_error(function() harness.connect({ uri = "https://news.example/a#x" }) end)
+    assert.has_error(function() harness.connect({ uri = "https://news.example:443/a" }) end)
+    assert.has_error(function() harness.connect({ uri = "news.example/a" }) end)
+    assert.has_error(function() harness.connect({ ai_id = "" }) end)
+    assert.has_error(function() harness.connect({ rpc = harness.NONE }) end,
+      "harness.connect: rpc cannot be removed: the gateway always sets it")
+  end)
+end)
+
+describe("harness.req", function()
+  it("infers the kind instead of forcing http", function()
+    assert.is_nil(harness.DEFAULTS.req.kind)
+    assert.are.equal("http", harness.req().kind)
+    assert.are.equal("http://example.com/", harness.req().uri)
+    local r = harness.req({ purpose = "ai-train" })
+    assert.are.equal("connect", r.kind)
+    assert.are.equal("DiscoverResources", r.rpc)
+    assert.are.equal("https://example.com/", r.uri)
+    assert.are.equal("connect", harness.req({ rpc = "ExecuteTransaction" }).kind)
+  end)
+
+  it("lets a given uri replace the default host and path, and a User-Agent header the default user_agent", function()
+    local r = harness.req({ uri = "https://news.example/a?q" })
+    assert.are.equal("news.example", r.host)
+    assert.are.equal("/a", r.path)
+    assert.are.equal("Hdr/1", harness.req({ headers = { ["User-Agent"] = "Hdr/1" } }).user_agent)
+  end)
+
+  it("refuses what the gateway never produces", function()
+    assert.has_error(function() harness.req({ kind = "http", ai_id = "bot" }) end)
+    assert.has_error(function() harness.req({ path = "/a//b" }) end)
+  end)
+
+  it("results go to hooks as the gateway's view: uri and rpc included", function()
+    local p = policy([[return { skip = function(req)
+      return req.uri .. " " .. tostring(req.rpc) .. " " .. req.kind .. " " .. req.method == "https://news.example/a " ..
+        "DiscoverResources connect GET" and req.purpose == "search" and req:header("x-k") == "v"
+    end }]])
+    assert.is_true(p:skip(harness.connect({ uri = "https://news.example/a", purpose = "search", headers = { ["X-K"] = "v" } })))
+    assert.is_false(p:skip(harness.http()))
+    assert.has_error(function() p:skip({ kind = "http", purpose = "search" }) end)
+  end)
+end)
+
+describe("harness paths", function()
+  -- This spec's folder and the repository root, absolute.
+  local function here()
+    local src = debug.getinfo(1, "S").source:sub(2)
+    if src:sub(1, 1) ~= "/" then src = io.popen("pwd"):read("*l") .. "/" .. src end
+    return src:match("^(.*)/[^/]*$")
+  end
+  local spec_dir = here()
+  local root = spec_dir:gsub("/spec/policies$", "")
+
+  it("finds a relative path from the calling spec's folder when the working directory lacks it", function()
+    local rel = "../../policies/strict.lua" -- not there from the repository root
+    assert.is_nil(io.open(rel, "rb"))
+    local p = harness.load(rel)
+    assert.are.equal("strict", p.tenant)
+    assert.are.equal(spec_dir .. "/" .. rel, p.name)
+    assert.is_true(harness.check(rel))
+  end)
+
+  it("says where it looked when the file is nowhere", function()
+    local ok, err = pcall(harness.load, "policies/no_such_policy.lua")
+    assert.is_false(ok)
+    assert.truthy(err:find("harness: cannot read policies/no_such_policy.lua: not found (looked in the working " ..
+      "directory, " .. spec_dir .. " and the folders above it)", 1, true), err)
+    local cok, cerr = harness.check("policies/no_such_policy.lua")
+    assert.is_false(cok)
+    assert.truthy(cerr:find("not found", 1, true), cerr)
+  end)
+
+  it("work with busted run from another folder, the harness alone on the module path", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p '" .. dir .. "/specs' '" .. dir .. "/cwd'") == 0)
+    local function write(path, text)
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+    end
+    write(dir .. "/specs/mine.lua", [[
+      local money = require("tollgate.money")
+      return { price = function(offer, req)
+        if #req.purposes == 0 then return money.percent(offer.amount, 200), offer.currency end
+        return offer.amount, offer.currency
+      end,
+      fixtures = { { hook = "price", offer = { amount = 10, currency = "USD" }, expect = { 20, "USD" } } } }
+    ]])
+    write(dir .. "/specs/mine_spec.lua", [[
+      local harness = require("harness")          -- only lua/tollgate/ is on the path
+      local sandbox = require("tollgate.sandbox") -- registered by the harness
+      describe("from elsewhere", function()
+        it("loads a policy next to this spec and prices with tollgate.money", function()
+          local p = harness.load("mine.lua")
+          assert.are.same({ 20, "USD" }, { p:price(harness.offer({ amount = 10 }), harness.http()) })
+          assert.are.same({ 10, "USD" }, { p:price(harness.offer({ amount = 10 }), harness.connect({ purpose = "search" })) })
+          assert.is_function(sandbox.views.req)
+        end)
+        it("answers for a policy without hooks from the default policy", function()
+          local p = harness.load_string("return {}", "empty.lua")
+          assert.are.same({ 15000, "USD" }, { p:price(harness.offer(), harness.http()) })
+        end)
+      end)
+    ]])
+    local function busted(lpath, spec)
+      local cmd = "cd '" .. dir .. "/cwd' && busted --lua=luajit -o plainTerminal --lpath='" .. lpath .. "' '" ..
+        spec .. "' 2>&1"
+      local f = io.popen(cmd)
+      local out = f:read("*a")
+      f:close()
+      local pass, failures, errors = out:match("(%d+) successe?s? / (%d+) failures? / (%d+) errors?")
+      return tonumber(pass), tonumber(failures), tonumber(errors), out
+    end
+    local pass, failures, errors, out = busted(root .. "/lua/tollgate/?.lua", dir .. "/specs/mine_spec.lua")
+    -- A shipped spec names "policies/strict.lua" from the repository root.
+    local pass2, failures2, errors2, out2 = busted(root .. "/lua/?.lua", root .. "/spec/policies/strict_spec.lua")
+    os.execute("rm -rf '" .. dir .. "'")
+    assert.are.same({ 2, 0, 0 }, { pass, failures, errors }, out)
+    assert.is_true(pass2 ~= nil and pass2 >= 5, out2)
+    assert.are.same({ 0, 0 }, { failures2, errors2 }, out2)
+  end)
+end)
+
 describe("harness.load", function()
   it("reports syntax errors with file and line", function()
     local path = tmpfile("local P = {}\nfunction P.skip(req)\n  return req.path ==\nend\nreturn P\n")

@@ -175,6 +175,10 @@ describe("tollgate check agrees with the harness", function()
       "  fixtures = { { hook = 'price', expect = { 1, 'USD' } } } }\n",
     fixture_field = "return { skip = function() return true end,\n" ..
       "  fixtures = { { hook = 'skip', req = { pth = '/' }, expect = { true } } } }\n",
+    fixture_req = "return { skip = function() return true end,\n" ..
+      "  fixtures = { { hook = 'skip', req = { kind = 'http', purpose = 'ai-train' }, expect = { true } } } }\n",
+    fixture_path = "return { skip = function() return true end,\n" ..
+      "  fixtures = { { hook = 'skip', req = { path = '/free/../paid' }, expect = { true } } } }\n",
     escape = "return { skip = function() return true end, _x = io.open('/etc/passwd') }\n",
     loop = "while true do end\n",
   }
