@@ -1,6 +1,9 @@
 // Summarises spec/bench/run.sh's measurements: prints the tables and writes
 // the JSON result. Usage: node report.js RESULTS.jsonl META.json OUT.json
-// Each line of RESULTS.jsonl is one wrk run or one idle measurement.
+// Each line of RESULTS.jsonl is one wrk run or one idle measurement. Peak runs
+// belong to a row ("row": "empty", the cheapest path, or "catalog", a loaded
+// catalog priced by a Lua policy; META.json's rows say what each measures);
+// half-load and idle runs are of the empty row.
 'use strict';
 const fs = require('fs');
 
@@ -49,35 +52,53 @@ function summarise(runs) {
 }
 
 const servers = ['tollgate', 'nginx_lua'];
+const rowOf = (r) => r.row || 'empty';
+// Rows in the order run.sh describes them, then any other row found in the results.
+const rowNames = [...new Set([...Object.keys(meta.rows || {}),
+  ...rows.filter((r) => r.kind === 'peak').map(rowOf)])];
 const workerSets = [...new Set(rows.filter((r) => r.kind === 'peak').map((r) => r.workers))];
 const result = {
   generated_at: new Date().toISOString(),
   ...meta,
+  // peak[row][workers]: { tollgate, nginx_lua, ratio_rps, ratio_p99, ratio_cpu_per_req }
   peak: {},
+  // half_load[workers], half_load_wrk_paced[workers] and idle: the empty row only
   half_load: {},
   half_load_wrk_paced: {},
   idle: {},
+  // goals[row][workers]
   goals: {},
 };
 
+for (const row of rowNames) {
+  result.peak[row] = {};
+  result.goals[row] = {};
+  for (const w of workerSets) {
+    const pick = (s) => rows.filter((r) => r.kind === 'peak' && rowOf(r) === row && r.workers === w && r.server === s);
+    const peak = Object.fromEntries(servers.map((s) => [s, summarise(pick(s))]));
+    if (peak.tollgate && peak.nginx_lua) {
+      peak.ratio_rps = round(peak.tollgate.rps / peak.nginx_lua.rps, 3);
+      peak.ratio_p99 = round(peak.tollgate.p99_us / peak.nginx_lua.p99_us, 3);
+      peak.ratio_cpu_per_req = round(peak.tollgate.cpu_us_per_req / peak.nginx_lua.cpu_us_per_req, 3);
+    }
+    result.peak[row][w] = peak;
+    result.goals[row][w] = {
+      rps_at_least_nginx_lua: peak.ratio_rps !== undefined ? peak.ratio_rps >= 1.0 : null,
+      cpu_per_req_at_most_nginx_lua: peak.ratio_cpu_per_req !== undefined ? peak.ratio_cpu_per_req <= 1.0 : null,
+    };
+  }
+}
 for (const w of workerSets) {
   const pick = (kind, s) => rows.filter((r) => r.kind === kind && r.workers === w && r.server === s);
-  const peak = Object.fromEntries(servers.map((s) => [s, summarise(pick('peak', s))]));
-  if (peak.tollgate && peak.nginx_lua) {
-    peak.ratio_rps = round(peak.tollgate.rps / peak.nginx_lua.rps, 3);
-    peak.ratio_p99 = round(peak.tollgate.p99_us / peak.nginx_lua.p99_us, 3);
-    peak.ratio_cpu_per_req = round(peak.tollgate.cpu_us_per_req / peak.nginx_lua.cpu_us_per_req, 3);
-  }
-  result.peak[w] = peak;
   const half = Object.fromEntries(servers.map((s) => [s, summarise(pick('half', s))]));
   result.half_load[w] = half;
   result.half_load_wrk_paced[w] = Object.fromEntries(servers.map((s) => [s, summarise(pick('half_wrk', s))]));
-  result.goals[w] = {
-    rps_at_least_nginx_lua: peak.ratio_rps !== undefined ? peak.ratio_rps >= 1.0 : null,
-    cpu_per_req_at_most_nginx_lua: peak.ratio_cpu_per_req !== undefined ? peak.ratio_cpu_per_req <= 1.0 : null,
-    p99_under_1ms_at_half_load: half.tollgate ? half.tollgate.p99_us < 1000 : null,
-    p99_under_1ms_at_half_load_best_run: half.tollgate ? half.tollgate.p99_best_us < 1000 : null,
-  };
+  if (result.goals.empty && result.goals.empty[w]) {
+    Object.assign(result.goals.empty[w], {
+      p99_under_1ms_at_half_load: half.tollgate ? half.tollgate.p99_us < 1000 : null,
+      p99_under_1ms_at_half_load_best_run: half.tollgate ? half.tollgate.p99_best_us < 1000 : null,
+    });
+  }
 }
 for (const r of rows.filter((x) => x.kind === 'idle')) {
   const grown = (r.rss_after_kb - r.rss_before_kb) * 1024;
@@ -100,25 +121,33 @@ const label = (w) => (w === 'all' ? `all (${meta.machine.cores})` : w);
 const s = meta.settings;
 
 console.log('');
-console.log(`Peak: wrk -t${s.threads} -c${s.connections} -d${s.duration_s}s, ${s.runs} run(s) per server ` +
-  'alternating, medians');
-console.log(pad('workers', 10) + pad('server', 12) + lpad('req/s', 12) + lpad('p50', 12) + lpad('p99', 12) +
-  lpad('CPU/req', 12) + lpad('steal', 8) + lpad('errors', 8));
+console.log(`Peak: wrk -t${s.threads} -c${s.connections} -d${s.duration_s}s, ${s.runs} run(s) per server and row ` +
+  'alternating, medians; nginx+lua answers the bytes captured from tollgate for the same row');
 const pct = (x) => (x === undefined || x === null ? '-' : x.toFixed(1) + '%');
 const us = (x) => (x === undefined || x === null ? '-' : x.toFixed(1) + ' us');
-for (const w of workerSets) {
-  const p = result.peak[w];
-  for (const name of servers) {
-    const x = p[name];
-    if (!x) continue;
-    console.log(pad(label(w), 10) + pad(name === 'nginx_lua' ? 'nginx+lua' : name, 12) + lpad(num(x.rps), 12) +
-      lpad(ms(x.p50_us), 12) + lpad(ms(x.p99_us), 12) + lpad(us(x.cpu_us_per_req), 12) + lpad(pct(x.steal_pct), 8) +
-      lpad(x.errors, 8));
+for (const row of rowNames) {
+  const info = (meta.rows || {})[row] || {};
+  const req = info.request || {};
+  console.log('');
+  console.log(`Row "${row}": ${info.measures || '(no description)'}`);
+  if (req.body_bytes)
+    console.log(`  request ${req.body_bytes} B (${req.body}), answer ${req.response_body_bytes} B ${req.response_content_type}`);
+  console.log(pad('workers', 10) + pad('server', 12) + lpad('req/s', 12) + lpad('p50', 12) + lpad('p99', 12) +
+    lpad('CPU/req', 12) + lpad('steal', 8) + lpad('errors', 8));
+  for (const w of workerSets) {
+    const p = result.peak[row][w];
+    for (const name of servers) {
+      const x = p[name];
+      if (!x) continue;
+      console.log(pad(label(w), 10) + pad(name === 'nginx_lua' ? 'nginx+lua' : name, 12) + lpad(num(x.rps), 12) +
+        lpad(ms(x.p50_us), 12) + lpad(ms(x.p99_us), 12) + lpad(us(x.cpu_us_per_req), 12) + lpad(pct(x.steal_pct), 8) +
+        lpad(x.errors, 8));
+    }
+    if (p.ratio_rps !== undefined)
+      console.log(pad(label(w), 10) + pad('ratio', 12) + lpad(p.ratio_rps.toFixed(2) + 'x', 12) +
+        lpad('', 12) + lpad(p.ratio_p99.toFixed(2) + 'x', 12) + lpad(p.ratio_cpu_per_req.toFixed(2) + 'x', 12) +
+        '   (tollgate / nginx+lua)');
   }
-  if (p.ratio_rps !== undefined)
-    console.log(pad(label(w), 10) + pad('ratio', 12) + lpad(p.ratio_rps.toFixed(2) + 'x', 12) +
-      lpad('', 12) + lpad(p.ratio_p99.toFixed(2) + 'x', 12) + lpad(p.ratio_cpu_per_req.toFixed(2) + 'x', 12) +
-      '   (tollgate / nginx+lua)');
 }
 
 function halfTable(title, table, sentColumn) {
@@ -140,14 +169,14 @@ function halfTable(title, table, sentColumn) {
     }
   }
 }
-halfTable(`Half load: 0.5 x nginx+lua's median peak req/s, open-loop (pace.c, -c${s.connections}), ` +
+halfTable(`Half load, row "empty": 0.5 x nginx+lua's median peak req/s, open-loop (pace.c, -c${s.connections}), ` +
   'latency from the intended send time', result.half_load, true);
-halfTable("Half load, cross-check: same rate paced by wrk's delay() hook (1 ms timer: requests leave in 1 ms bursts)",
-  result.half_load_wrk_paced, false);
+halfTable('Half load, row "empty", cross-check: same rate paced by wrk\'s delay() hook (1 ms timer: requests leave ' +
+  'in 1 ms bursts)', result.half_load_wrk_paced, false);
 
 if (Object.keys(result.idle).length) {
   console.log('');
-  console.log('Idle keep-alive connections (one request each, then idle; worker count 1; RSS from /proc)');
+  console.log('Idle keep-alive connections (row "empty"; one request each, then idle; worker count 1; RSS from /proc)');
   console.log(pad('server', 12) + lpad('conns', 8) + lpad('open', 8) + lpad('RSS before', 14) + lpad('RSS after', 14) +
     lpad('after close', 14) + lpad('per conn', 12));
   for (const name of servers) {
@@ -161,13 +190,17 @@ if (Object.keys(result.idle).length) {
 }
 
 console.log('');
-console.log('Goals (issue): tollgate req/s >= 1.0x nginx+lua at the same worker count; p99 < 1 ms at half load');
-for (const w of workerSets) {
-  const g = result.goals[w];
-  const yn = (v) => (v === null ? 'n/a' : v ? 'met' : 'NOT met');
-  console.log(`  workers ${label(w)}: throughput ${yn(g.rps_at_least_nginx_lua)}, ` +
-    `half-load p99 ${yn(g.p99_under_1ms_at_half_load)} (best run: ${yn(g.p99_under_1ms_at_half_load_best_run)}); ` +
-    `CPU per request <= nginx+lua's (load-independent proxy for throughput) ${yn(g.cpu_per_req_at_most_nginx_lua)}`);
+console.log('Goals (issue): tollgate req/s >= 1.0x nginx+lua at the same worker count; p99 < 1 ms at half load ' +
+  '(empty row)');
+const yn = (v) => (v === null || v === undefined ? 'n/a' : v ? 'met' : 'NOT met');
+for (const row of rowNames) {
+  for (const w of workerSets) {
+    const g = result.goals[row][w];
+    const half = g.p99_under_1ms_at_half_load === undefined ? '' :
+      `half-load p99 ${yn(g.p99_under_1ms_at_half_load)} (best run: ${yn(g.p99_under_1ms_at_half_load_best_run)}); `;
+    console.log(`  row ${pad(row, 8)} workers ${label(w)}: throughput ${yn(g.rps_at_least_nginx_lua)}, ${half}` +
+      `CPU per request <= nginx+lua's (load-independent proxy for throughput) ${yn(g.cpu_per_req_at_most_nginx_lua)}`);
+  }
 }
 const steals = rows.filter((r) => r.steal_pct !== undefined && r.steal_pct !== null).map((r) => r.steal_pct);
 result.machine.steal_pct_median = steals.length ? median(steals) : null;
