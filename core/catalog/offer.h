@@ -100,6 +100,16 @@ void tg_offer_keyring_clear(tg_offer_keyring_t *k);
  * too small). On error out holds an empty string if outlen > 0. */
 int tg_offer_encode(const tg_offer_keyring_t *k, const tg_offer_t *o, char *out, size_t outlen);
 
+/* The truncated SHA-256 of uri a token binds (NUL-terminated, shorter than
+ * tg_offer_t.uri): a caller signing several offers for one URI hashes it
+ * once. 0, -EINVAL (NULL or too long) or -EIO. */
+int tg_offer_uri_hash(const char *uri, uint8_t out[TG_OFFER_HASH_LEN]);
+
+/* tg_offer_encode with the URI's hash given (tg_offer_uri_hash); o->uri is
+ * not read. The token is the same. */
+int tg_offer_encode_hashed(const tg_offer_keyring_t *k, const tg_offer_t *o,
+                           const uint8_t uri_hash[TG_OFFER_HASH_LEN], char *out, size_t outlen);
+
 /* Verifies token (len bytes, not necessarily NUL-terminated) and fills out.
  * Checks, in this order, and returns the first failure:
  *   -EINVAL     malformed: empty, not base64url, not canonical, wrong length,

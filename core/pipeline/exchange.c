@@ -270,11 +270,11 @@ static const struct {
 
 /* One quoted offer as the answer's Offer, its id signed. NULL when out of memory. */
 static Ramp__V1__Offer *answer_offer(tg_app_worker_t *aw, tg_connect_call_t *call, const char *tenant,
-                                     const char *uri, const tg_quote_offer_t *o, int64_t now) {
+                                     const char *uri, const uint8_t *uri_hash, const tg_quote_offer_t *o,
+                                     int64_t now) {
   const tg_app_t *app = aw->app;
-  tg_offer_t tok = {0};
+  tg_offer_t tok = {0}; /* tok.uri stays empty: the URI goes in as its hash */
   snprintf(tok.tenant, sizeof tok.tenant, "%s", tenant);
-  snprintf(tok.uri, sizeof tok.uri, "%s", uri);
   tok.content = o->content;
   tok.license = o->license;
   tok.payment = o->payment;
@@ -291,7 +291,7 @@ static Ramp__V1__Offer *answer_offer(tg_app_worker_t *aw, tg_connect_call_t *cal
   Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, TG_VIEW_NPURPOSES * sizeof *pp);
   char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
   if (!id || !of || !pr || !m || !te || !pp || !cur ||
-      tg_offer_encode(&app->offer_keys, &tok, id, TG_OFFER_TOKEN_MAX) != 0)
+      tg_offer_encode_hashed(&app->offer_keys, &tok, uri_hash, id, TG_OFFER_TOKEN_MAX) != 0)
     return NULL;
   memcpy(cur, tok.currency, sizeof tok.currency);
   ramp__v1__offer__init(of);
@@ -349,8 +349,11 @@ static int discover_one(disc_t *d, size_t i, Ramp__V1__ResourceResult *r, int64_
   if (offers == NULL)
     return -1;
   bool paid = false;
+  uint8_t hash[TG_OFFER_HASH_LEN]; /* one per URI, whatever its number of offers */
+  if (tg_offer_uri_hash(uri, hash) != 0)
+    return -1;
   for (size_t k = 0; k < q.n; k++) {
-    if ((offers[k] = answer_offer(d->aw, d->call, t->name, uri, &q.offers[k], now)) == NULL)
+    if ((offers[k] = answer_offer(d->aw, d->call, t->name, uri, hash, &q.offers[k], now)) == NULL)
       return -1;
     paid = paid || q.offers[k].amount > 0;
   }
