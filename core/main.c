@@ -12,10 +12,15 @@
 #include "base/log.h"
 #include "base/secret.h"
 #include "policy/policy.h"
+#include "policy/tools.h"
 
 static void usage(FILE *f) {
   fprintf(f, "usage: tollgate run -c FILE     start the gateway\n"
              "       tollgate check -c FILE   validate the configuration and its policies, then exit\n"
+             "       tollgate policy test FILE [--spec DIR] [--tenant T]\n"
+             "                                validate a policy, run its fixtures (and busted specs)\n"
+             "       tollgate policy diff OLD NEW [--tenant T]\n"
+             "                                how NEW decides differently from OLD on their fixtures\n"
              "       tollgate version\n");
 }
 
@@ -48,6 +53,9 @@ int main(int argc, char **argv) {
   /* Hidden: the child a reload validates a policy in (core/policy/policy.h). */
   if (argc > 1 && strcmp(argv[1], "policy-validate") == 0)
     return tg_policy_validator_main(argc - 1, argv + 1);
+  /* Tools for one policy file, no configuration needed (policy/tools.h). */
+  if (argc > 1 && strcmp(argv[1], "policy") == 0)
+    return tg_policy_tool_main(argc - 1, argv + 1);
   const char *cmd = "run", *path = NULL;
   int i = 1;
   if (argc > 1 && argv[1][0] != '-')

@@ -27,6 +27,7 @@ struct series {
   const char *labels[TG_METRIC_MAX_LABELS]; /* as given, for lookups; "" past nlabels */
   const char *shown[TG_METRIC_MAX_LABELS];  /* as rendered: invalid UTF-8 repaired */
   size_t lens[TG_METRIC_MAX_LABELS];        /* strlen of labels */
+  _Atomic bool removed;                     /* gauges: hidden by tg_gauge_remove */
   /* counter: count; gauge: double bits; histogram: sum (double bits), then one
    * non-cumulative count per bucket, +Inf last. */
   _Atomic uint64_t v[];
@@ -424,6 +425,7 @@ static series_t *series_new(const tg_metric_t *m, const char *const *labels, uin
   }
   for (size_t i = 0; i < m->nvals; i++)
     atomic_init(&s->v[i], 0);
+  atomic_init(&s->removed, false);
   tg_buf_free(&repaired);
   return s;
 
@@ -480,7 +482,8 @@ static series_t *own_series(tg_metric_t *m, const char *const *labels) {
   return s;
 }
 
-static series_t *gauge_series(tg_metric_t *m, const char *const *labels) {
+/* The gauge series for labels; create: make it when missing (else NULL). */
+static series_t *gauge_find(tg_metric_t *m, const char *const *labels, bool create) {
   size_t lens[TG_METRIC_MAX_LABELS];
   uint64_t h = hash_labels(m->nlabels, labels, lens);
   series_t *_Atomic *slot = &m->gauges[h % GAUGE_BUCKETS];
@@ -492,6 +495,8 @@ static series_t *gauge_series(tg_metric_t *m, const char *const *labels) {
         return s;
       }
     }
+    if (!create)
+      return NULL;
     if (fresh == NULL && (fresh = series_new(m, labels, h, lens)) == NULL)
       return NULL;
     fresh->next = top;
@@ -499,6 +504,10 @@ static series_t *gauge_series(tg_metric_t *m, const char *const *labels) {
                                               memory_order_acquire))
       return fresh;
   }
+}
+
+static series_t *gauge_series(tg_metric_t *m, const char *const *labels) {
+  return gauge_find(m, labels, true);
 }
 
 void tg_counter_add(tg_metric_t *m, const char *const *labels, uint64_t n) {
@@ -509,12 +518,22 @@ void tg_counter_add(tg_metric_t *m, const char *const *labels, uint64_t n) {
     own_add_u64(&s->v[0], n);
 }
 
+/* A removed series comes back from 0, as if it were new. */
+static void gauge_revive(series_t *s) {
+  if (!atomic_load_explicit(&s->removed, memory_order_relaxed))
+    return;
+  atomic_store_explicit(&s->v[0], double_bits(0), memory_order_relaxed);
+  atomic_store_explicit(&s->removed, false, memory_order_release);
+}
+
 void tg_gauge_set(tg_metric_t *m, const char *const *labels, double v) {
   if (m == NULL || m->type != TG_METRIC_GAUGE)
     return;
   series_t *s = gauge_series(m, labels);
-  if (s)
-    atomic_store_explicit(&s->v[0], double_bits(v), memory_order_relaxed);
+  if (s == NULL)
+    return;
+  atomic_store_explicit(&s->v[0], double_bits(v), memory_order_relaxed);
+  atomic_store_explicit(&s->removed, false, memory_order_release);
 }
 
 void tg_gauge_add(tg_metric_t *m, const char *const *labels, double delta) {
@@ -523,11 +542,19 @@ void tg_gauge_add(tg_metric_t *m, const char *const *labels, double delta) {
   series_t *s = gauge_series(m, labels);
   if (s == NULL)
     return;
+  gauge_revive(s);
   uint64_t old = atomic_load_explicit(&s->v[0], memory_order_relaxed);
   while (!atomic_compare_exchange_weak_explicit(&s->v[0], &old,
                                                 double_bits(bits_double(old) + delta),
                                                 memory_order_relaxed, memory_order_relaxed))
     ;
+}
+
+int tg_gauge_remove(tg_metric_t *m, const char *const *labels) {
+  if (m == NULL || m->type != TG_METRIC_GAUGE)
+    return 0;
+  series_t *s = gauge_find(m, labels, false);
+  return s && !atomic_exchange_explicit(&s->removed, true, memory_order_acq_rel);
 }
 
 void tg_histogram_observe(tg_metric_t *m, const char *const *labels, double v) {
@@ -673,7 +700,7 @@ static int collect(tg_metric_t *m, series_vec_t *vec) {
     for (size_t k = 0; k < GAUGE_BUCKETS; k++)
       for (series_t *s = atomic_load_explicit(&m->gauges[k], memory_order_acquire); s;
            s = s->next)
-        if (vec_push(vec, s) != 0)
+        if (!atomic_load_explicit(&s->removed, memory_order_acquire) && vec_push(vec, s) != 0)
           return -ENOMEM;
     return 0;
   }

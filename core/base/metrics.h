@@ -47,6 +47,16 @@ void tg_gauge_set(tg_metric_t *m, const char *const *labels, double v);
 void tg_gauge_add(tg_metric_t *m, const char *const *labels, double delta);
 void tg_histogram_observe(tg_metric_t *m, const char *const *labels, double v);
 
+/* Removes a gauge series from the exposition (a label set that stopped being
+ * true, such as a replaced version in an *_info gauge): 1 when it was shown,
+ * 0 when there was no such series or it was removed already. A later
+ * tg_gauge_set or tg_gauge_add of the same labels brings it back, starting
+ * from its new value. The series' memory is kept (readers walk the series
+ * without locks) until tg_metrics_reset; removing and setting the same labels
+ * from two threads at once is a race the last call wins. Counters and
+ * histograms only ever grow and cannot be removed. */
+int tg_gauge_remove(tg_metric_t *m, const char *const *labels);
+
 /* Appends the Prometheus text exposition (version 0.0.4) of every family,
  * shards merged, to out: families in declaration order, series sorted by label
  * values, a zero sample for a family without labels that has no series yet.

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -33,26 +34,45 @@ static int authorized(const tg_admin_t *a, tg_http_req_t *req) {
   return token_equal(tok, len, a->token, a->token_len);
 }
 
-/* The value of ?tenant= into out: 1 found, 0 absent, -1 malformed (empty,
- * too long, or not a tenant name's characters). */
-static int tenant_param(const char *query, char *out, size_t outlen) {
+/* The value of ?name= into out: 1 found, 0 absent, -1 malformed (empty,
+ * too long, or other characters than a tenant name's). */
+static int query_param(const char *query, const char *name, char *out, size_t outlen) {
+  size_t klen = strlen(name);
   for (const char *p = query; p && *p; p += strcspn(p, "&"), p += *p == '&') {
-    if (strncmp(p, "tenant=", 7) != 0)
+    if (strncmp(p, name, klen) != 0 || p[klen] != '=')
       continue;
-    size_t n = strcspn(p + 7, "&");
+    const char *v = p + klen + 1;
+    size_t n = strcspn(v, "&");
     if (n == 0 || n >= outlen)
       return -1;
     for (size_t i = 0; i < n; i++) {
-      char c = p[7 + i];
+      char c = v[i];
       if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
             c == '_' || c == '.'))
         return -1;
     }
-    memcpy(out, p + 7, n);
+    memcpy(out, v, n);
     out[n] = '\0';
     return 1;
   }
   return 0;
+}
+
+static int tenant_param(const char *query, char *out, size_t outlen) {
+  return query_param(query, "tenant", out, outlen);
+}
+
+/* ?dry_run=1|true (1), absent or 0|false (0), anything else -1. */
+static int dry_run_param(const char *query) {
+  char v[8];
+  int has = query_param(query, "dry_run", v, sizeof v);
+  if (has == 0)
+    return 0;
+  if (has > 0 && (strcmp(v, "1") == 0 || strcmp(v, "true") == 0))
+    return 1;
+  if (has > 0 && (strcmp(v, "0") == 0 || strcmp(v, "false") == 0))
+    return 0;
+  return -1;
 }
 
 static void error_json(tg_http_req_t *req, int status, const char *msg) {
@@ -89,25 +109,92 @@ static json_t *catalog_status(const tg_admin_t *a, size_t i) {
   return o ? o : json_null();
 }
 
-static void status(const tg_admin_t *a, tg_http_req_t *req) {
-  tg_policy_registry_t *reg = a->app->policies;
-  json_t *tenants = json_array();
+static json_t *shown_version(const char *version) {
+  return version[0] ? json_stringn(version, strnlen(version, TG_POLICY_VERSION_SHOWN)) : json_null();
+}
+
+static const char *const attempt_names[] = {"unchanged", "ok", "error"};
+
+/* A tenant's policy in /status: the live version, its last reload attempt,
+ * and the file on disk now (hashed here: on the thread pool). */
+static json_t *policy_status(tg_policy_registry_t *reg, size_t i, const tg_policy_info_t *info) {
+  json_t *last = json_null();
+  if (info->reloaded) {
+    last = json_pack("{s:s, s:f, s:o}", "result", attempt_names[info->last_status], "at",
+                     info->last_at, "version", shown_version(info->last_version));
+    if (last && info->last_error[0])
+      json_object_set_new(last, "error", tg_utf8_json_string(info->last_error));
+  }
+  bool differs = false;
+  char disk[TG_POLICY_VERSION_LEN] = "", why[TG_POLICY_MSG_LEN] = "";
+  tg_policy_file_state(reg, i, &differs, disk, why, sizeof why);
+  json_t *o = json_pack("{s:o, s:o, s:f, s:o*, s:o, s:b}", "file",
+                        info->path[0] ? tg_utf8_json_string(info->path) : json_null(), "version",
+                        shown_version(info->version), "loaded_at", info->loaded_at, "last_reload",
+                        last, "file_version", shown_version(disk), "file_differs", differs);
+  if (o && why[0])
+    json_object_set_new(o, "file_error", tg_utf8_json_string(why));
+  return o;
+}
+
+typedef struct status_job {
+  uv_work_t work;
+  const tg_admin_t *admin;
+  tg_http_req_t *req;
+  json_t *policies;             /* one per tenant, in configuration order */
+} status_job_t;
+
+static void status_work(uv_work_t *w) {
+  status_job_t *j = w->data;
+  tg_policy_registry_t *reg = j->admin->app->policies;
+  j->policies = json_array();
   size_t np = tg_policy_count(reg);
   for (size_t i = 0; i < np; i++) {
     tg_policy_info_t info;
     if (tg_policy_info(reg, i, &info) != 0)
       continue;
-    json_array_append_new(
-        tenants, json_pack("{s:s, s:{s:o, s:s#, s:f}, s:o}", "name", info.tenant, "policy", "file",
-                           info.path[0] ? tg_utf8_json_string(info.path) : json_null(), "version",
-                           info.version, (int)TG_POLICY_VERSION_SHOWN, "loaded_at", info.loaded_at,
-                           "catalog", catalog_status(a, i)));
+    json_array_append_new(j->policies, json_pack("{s:s, s:o*}", "name", info.tenant, "policy",
+                                                 policy_status(reg, i, &info)));
+  }
+}
+
+static void status_done(uv_work_t *w, int rc) {
+  status_job_t *j = w->data;
+  const tg_admin_t *a = j->admin;
+  if (rc != 0 || j->policies == NULL) {
+    json_decref(j->policies);
+    error_json(j->req, 500, "status did not run");
+    free(j);
+    return;
+  }
+  size_t i;
+  json_t *t;
+  json_array_foreach(j->policies, i, t) {
+    json_object_set_new(t, "catalog", catalog_status(a, i));
   }
   json_t *body = json_pack("{s:s, s:I, s:b, s:I, s:o}", "version", a->version, "uptime_s",
                            (json_int_t)(time(NULL) - a->started_at), "ready",
                            tg_readiness_serving(a->readiness), "policy_generation",
-                           (json_int_t)tg_policy_generation(reg), "tenants", tenants);
-  tg_http_respond_json(req, 200, body);
+                           (json_int_t)tg_policy_generation(a->app->policies), "tenants",
+                           j->policies);
+  tg_http_respond_json(j->req, 200, body);
+  free(j);
+}
+
+/* Hashing every policy file is disk work: done off the worker's loop. */
+static void status(const tg_admin_t *a, tg_http_req_t *req) {
+  status_job_t *j = calloc(1, sizeof *j);
+  if (j == NULL) {
+    error_json(req, 503, "out of memory");
+    return;
+  }
+  j->admin = a;
+  j->req = req;
+  j->work.data = j;
+  if (uv_queue_work(req->worker->loop, &j->work, status_work, status_done) != 0) {
+    free(j);
+    error_json(req, 503, "cannot schedule the status");
+  }
 }
 
 static void refresh(const tg_admin_t *a, tg_http_req_t *req) {
@@ -138,12 +225,15 @@ void tg_admin_handle(tg_http_req_t *req, void *ud) {
   } else if (strcmp(req->path, "/reload") == 0) {
     char tenant[65];
     int has = tenant_param(req->query, tenant, sizeof tenant);
+    int dry = dry_run_param(req->query);
     if (req->method != HTTP_POST)
       only_post(req);
+    else if (dry < 0)
+      error_json(req, 400, "dry_run must be 1 or 0");
     else if (has < 0)
       error_json(req, 404, "unknown tenant");
     else
-      tg_reload_respond(a->app->policies, req, has ? tenant : NULL);
+      tg_reload_respond(a->app->policies, req, has ? tenant : NULL, dry);
   } else if (strcmp(req->path, "/catalog/refresh") == 0) {
     if (req->method != HTTP_POST)
       only_post(req);

@@ -12,8 +12,11 @@
 /* The admin listener's routes, behind a bearer token compared in constant
  * time (401 with WWW-Authenticate otherwise, logged without the token):
  *   GET  /metrics                     Prometheus text
- *   GET  /status                      version, uptime, readiness, policies
+ *   GET  /status                      version, uptime, readiness, and per tenant its
+ *                                     policy (live version, last reload attempt, whether
+ *                                     the file on disk differs) and catalog
  *   POST /reload[?tenant=NAME]        policy reload (gateway/reload.h)
+ *   POST /reload?dry_run=1[&tenant=N] validate and compare the files, publish nothing
  *   POST /catalog/refresh[?tenant=N]  catalog ingestion now (202)
  * Everything the struct points to is borrowed and outlives the listener;
  * token is a secret: it never reaches a log or an answer. Handlers run on

@@ -45,8 +45,12 @@
  *   policy_errors_total{tenant_id,hook,kind}   kind: error|timeout|memory|type
  *   policy_reloads_total{tenant_id,result}     result: ok|error
  *   policy_reload_errors_total{tenant_id}
- *   policy_version_info{tenant_id,version}     1 for the active version, 0 for replaced ones
- *   policy_hook_duration_seconds{hook}         histogram, buckets 5 us .. 50 ms */
+ *   policy_version_info{tenant_id,version}     one series per tenant: the active version, 1
+ *                                              (a replaced version's series is removed)
+ *   policy_hook_duration_seconds{tenant_id,hook}  histogram, buckets 5 us .. 50 ms; _count:
+ *                                              the hook calls
+ *   policy_dry_runs_total{tenant_id,result}    result: valid|invalid|unchanged (nothing else
+ *                                              of a real reload moves on a dry run) */
 
 typedef struct tg_policy_registry tg_policy_registry_t;
 typedef struct tg_policy_runtime tg_policy_runtime_t;
@@ -212,6 +216,18 @@ void tg_policy_set_validator(const char *exe, uint32_t timeout_ms);
  * invalid, 2 bad usage, 3 out of memory. */
 int tg_policy_validator_main(int argc, char **argv);
 
+/* What tg_policy_check_file saw in a valid policy, for `tollgate policy test`. */
+typedef struct tg_policy_summary {
+  char version[TG_POLICY_VERSION_LEN];
+  unsigned fixtures;              /* fixtures declared, all run and passed */
+  bool hooks[TG_POLICY_NHOOKS];   /* the hooks the policy defines itself */
+} tg_policy_summary_t;
+
+/* tg_policy_check_file that also fills *sum when the policy is valid. */
+int tg_policy_check_file_summary(const char *path, const char *tenant,
+                                 const tg_policy_options_t *opt, tg_policy_summary_t *sum,
+                                 char *err, size_t errlen);
+
 /* tg_policy_check_file for every tenant of cfg; stops at the first error. */
 int tg_policy_check_config(const tg_config_t *cfg, const tg_policy_options_t *opt, char *err,
                            size_t errlen);
@@ -241,6 +257,76 @@ typedef struct tg_policy_reload_result {
 int tg_policy_reload(tg_policy_registry_t *r, const char *tenant,
                      tg_policy_reload_result_t **results, size_t *nresults);
 
+/* ---- Dry runs: how a candidate version would decide, next to the live one
+ * (POST /reload?dry_run=1, `tollgate policy diff`). Nothing is published. */
+
+#define TG_POLICY_DIFF_MAX 500          /* differences listed per comparison */
+
+typedef enum {
+  TG_POLICY_DRY_UNCHANGED = 0,    /* the candidate is the live version */
+  TG_POLICY_DRY_VALID,            /* a reload would publish it */
+  TG_POLICY_DRY_INVALID           /* a reload would refuse it (error says why) */
+} tg_policy_dry_status_t;
+
+/* "unchanged", "valid", "invalid" */
+const char *tg_policy_dry_status_name(tg_policy_dry_status_t status);
+
+struct json_t;
+
+/* For each input among the fixtures of both versions (the live one's first;
+ * an input both declare is run once), the hook of each version is called
+ * with it, as a reload's validation calls fixtures (each call bounded by the
+ * hook time limit, the state by the memory limit), and the checked results
+ * are compared. Two failed calls are the same decision (the request fails
+ * closed either way). */
+typedef struct tg_policy_comparison {
+  char tenant[65];
+  tg_policy_dry_status_t status;
+  char live_version[TG_POLICY_VERSION_LEN];
+  char candidate_version[TG_POLICY_VERSION_LEN]; /* "" when the file could not be read */
+  char error[TG_POLICY_MSG_LEN];  /* INVALID: "FILE:LINE: reason", as a reload would log */
+  /* The comparison could not run or finish (a version does not load, a
+   * limit hit in a call): "FILE: <which call>: reason"; "" otherwise. Not
+   * set when the candidate is INVALID for the same reason. */
+  char compare_error[TG_POLICY_MSG_LEN];
+  size_t compared;                /* inputs run through both versions */
+  size_t differing;               /* of them, those decided differently */
+  /* JSON array, the first TG_POLICY_DIFF_MAX of them (NULL when none was
+   * compared), each
+   *   {"fixture":{"of":"live"|"candidate","index":N,"name":"..."?},"hook":"price",
+   *    "live":R,"candidate":R}
+   * R the checked results as a list ([15000,"USD"], [] for nil, [true]) or
+   * {"error":"..."} for a failed call. Owned: tg_policy_comparisons_free. */
+  struct json_t *differences;
+} tg_policy_comparison_t;
+
+/* Compares the policy in cand_path with the one in live_path, in this
+ * process (tenant: what tollgate.tenant reads in both; may be NULL; opt may
+ * be NULL). The candidate is validated as a reload would (status VALID or
+ * INVALID; UNCHANGED when both files hold the same bytes). Returns 0 with
+ * *out filled, or -errno (-EINVAL: the live file does not load) with
+ * out->error. Release out->differences with tg_policy_comparisons_free(out,
+ * 1, false). Any thread. */
+int tg_policy_compare_files(const char *live_path, const char *cand_path, const char *tenant,
+                            const tg_policy_options_t *opt, tg_policy_comparison_t *out);
+
+/* The dry run of tg_policy_reload(r, tenant): for each tenant considered,
+ * the file on disk is the candidate and the active version the live one;
+ * the candidate is validated (in the validator process, when
+ * tg_policy_set_validator set one; the comparison then runs there too) and
+ * compared. Nothing is published or recorded as a reload attempt; counted in
+ * policy_dry_runs_total{tenant_id,result} and logged once per tenant
+ * ("policy dry run"). *out (one entry per tenant considered, *n of them) is
+ * freed with tg_policy_comparisons_free. Returns 0 when no candidate is
+ * invalid, -EINVAL when one is, -ENOENT for an unknown tenant, -ENOMEM.
+ * Threads as tg_policy_reload (serialized with reloads). */
+int tg_policy_dry_run(tg_policy_registry_t *r, const char *tenant,
+                      tg_policy_comparison_t **out, size_t *n);
+
+/* Releases the differences of c[0..n) and, when owned is true, frees c
+ * (tg_policy_dry_run's array). */
+void tg_policy_comparisons_free(tg_policy_comparison_t *c, size_t n, bool owned);
+
 /* Active version (sha256 hex of the source) of tenant into out; 0 or -ENOENT.
  * Any thread. Display the first 12 characters. */
 int tg_policy_version(tg_policy_registry_t *r, const char *tenant,
@@ -251,12 +337,30 @@ typedef struct tg_policy_info {
   char path[1024];                /* "" for the embedded default policy */
   char version[TG_POLICY_VERSION_LEN];
   double loaded_at;               /* unix seconds of the validation that published it */
+  /* The last reload attempt of this tenant since start-up (tg_policy_reload,
+   * whatever asked for it; dry runs are not attempts). */
+  bool reloaded;                  /* false: none yet, the fields below are empty */
+  tg_policy_reload_status_t last_status;
+  double last_at;                 /* unix seconds */
+  char last_version[TG_POLICY_VERSION_LEN]; /* of the file it read (the refused one, when
+                                               FAILED); "" when unreadable */
+  char last_error[TG_POLICY_MSG_LEN];       /* "FILE:LINE: reason" when FAILED */
 } tg_policy_info_t;
 
 /* Number of tenants, and the active policy of the i-th (0 or -ENOENT). Any
  * thread (admin status route, file watchers: watch each non-empty path). */
 size_t tg_policy_count(tg_policy_registry_t *r);
 int tg_policy_info(tg_policy_registry_t *r, size_t i, tg_policy_info_t *out);
+
+/* The i-th tenant's policy file as it is on disk now, next to the active
+ * version: version gets the file's (sha256 hex of what it holds now), and
+ * *differs is true when that is not the active one (a save not reloaded
+ * yet, or one a reload refused) or the file cannot be read (then version is
+ * "" and err says why). The embedded default policy has no file and never
+ * differs. Reads and hashes the whole file: not for a request path. 0 or
+ * -ENOENT (no such tenant). Any thread. */
+int tg_policy_file_state(tg_policy_registry_t *r, size_t i, bool *differs,
+                         char version[TG_POLICY_VERSION_LEN], char *err, size_t errlen);
 
 /* Generation of the published snapshot (starts at 1, +1 per publish). */
 uint64_t tg_policy_generation(tg_policy_registry_t *r);
@@ -311,5 +415,10 @@ int tg_policy_on_settle_failure(tg_policy_state_t *st, const tg_policy_txn_t *tx
 
 /* The embedded copy of lua/<name> (e.g. "tollgate/sandbox.lua"), or NULL. */
 const char *tg_policy_embedded(const char *name, size_t *len);
+
+/* The name of the i-th embedded file (0, 1, ... in name order), or NULL past
+ * the last: with tg_policy_embedded, what `tollgate policy test --spec`
+ * writes out for busted (tollgate/harness.lua and what it requires). */
+const char *tg_policy_embedded_name(size_t i);
 
 #endif

@@ -1,6 +1,7 @@
 #include "policy/state.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <lauxlib.h>
 #include <luajit.h>
 #include <lualib.h>
@@ -16,6 +17,7 @@
 #include <time.h>
 
 #include "base/log.h"
+#include "base/utf8.h"
 
 #define HOOK_COUNT 1000       /* instructions between deadline checks */
 #define LOG_LINES_PER_SEC 20  /* per state, for tollgate.log and for failed calls */
@@ -65,12 +67,20 @@ const char *tg_policy_embedded(const char *name, size_t *len) {
   return NULL;
 }
 
+const char *tg_policy_embedded_name(size_t i) {
+  for (size_t k = 0; tg_lua_files[k].name; k++)
+    if (k == i)
+      return tg_lua_files[k].name;
+  return NULL;
+}
+
 void tg_policy_metrics_get(tg_policy_metrics_t *m) {
   static const char *const l_err[] = {"tenant_id", "hook", "kind", NULL};
   static const char *const l_reload[] = {"tenant_id", "result", NULL};
+  static const char *const l_reload_dry[] = {"tenant_id", "result", NULL};
   static const char *const l_tenant[] = {"tenant_id", NULL};
   static const char *const l_version[] = {"tenant_id", "version", NULL};
-  static const char *const l_hook[] = {"hook", NULL};
+  static const char *const l_hook[] = {"tenant_id", "hook", NULL};
   static const double buckets[] = {5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6,
                                    500e-6, 1e-3, 5e-3, 10e-3, 50e-3};
   m->errors = tg_metric_new(TG_METRIC_COUNTER, "policy_errors_total",
@@ -82,11 +92,14 @@ void tg_policy_metrics_get(tg_policy_metrics_t *m) {
   m->reload_errors = tg_metric_new(TG_METRIC_COUNTER, "policy_reload_errors_total",
                                    "Policy reloads refused by validation", l_tenant, NULL, 0);
   m->version_info = tg_metric_new(TG_METRIC_GAUGE, "policy_version_info",
-                                  "1 for the active policy version of a tenant", l_version,
-                                  NULL, 0);
+                                  "The active policy version of each tenant (one series per "
+                                  "tenant, value 1)", l_version, NULL, 0);
   m->duration = tg_metric_new(TG_METRIC_HISTOGRAM, "policy_hook_duration_seconds",
-                              "Time spent in policy hook calls", l_hook, buckets,
-                              sizeof buckets / sizeof buckets[0]);
+                              "Time spent in policy hook calls, by tenant and hook (_count: "
+                              "the calls)", l_hook, buckets, sizeof buckets / sizeof buckets[0]);
+  m->dry_runs = tg_metric_new(TG_METRIC_COUNTER, "policy_dry_runs_total",
+                              "Dry runs of a policy reload, by result (valid, invalid, "
+                              "unchanged); nothing was published", l_reload_dry, NULL, 0);
 }
 
 static uint64_t now_ns(void) {
@@ -491,8 +504,10 @@ static int l_log(lua_State *L) {
   char dropped[24];
   snprintf(dropped, sizeof dropped, "%u", st->log_dropped);
   st->log_dropped = 0;
+  char version[TG_POLICY_VERSION_SHOWN + 1];
+  snprintf(version, sizeof version, "%.*s", TG_POLICY_VERSION_SHOWN, st->version);
   tg_log(lv < 0 ? TG_LOG_INFO : (tg_log_level_t)lv, msg, "source", "policy", "tenant_id",
-         st->tenant, "version", st->version, "dropped_before", dropped, NULL);
+         st->tenant, "version", version, "dropped_before", dropped, NULL);
   return 0;
 }
 
@@ -774,11 +789,11 @@ static void load_embedded(lua_State *L, size_t i) {
   lua_call(L, 0, 1);
 }
 
-static int init_state(lua_State *L) {
-  init_ctx_t *c = lua_touserdata(L, 1);
+/* The trusted runtime every state starts with: the base libraries without
+ * what no code here may reach, then tollgate.money at stack index 1 and
+ * tollgate.sandbox at 2. */
+static void init_runtime(lua_State *L, init_ctx_t *c) {
   tg_policy_state_t *st = c->st;
-  const tg_pstate_cfg_t *cfg = c->cfg;
-  lua_settop(L, 0);
 
   /* No io, package, debug, jit (opening it would re-enable the JIT) or ffi. */
   static const lua_CFunction libs[] = {luaopen_base, luaopen_table, luaopen_string,
@@ -828,6 +843,14 @@ static int init_state(lua_State *L) {
   lua_remove(L, -2);
   lua_pushcclosure(L, l_cstack, 3);
   lua_call(L, 1, 0);
+}
+
+static int init_state(lua_State *L) {
+  init_ctx_t *c = lua_touserdata(L, 1);
+  tg_policy_state_t *st = c->st;
+  const tg_pstate_cfg_t *cfg = c->cfg;
+  lua_settop(L, 0);
+  init_runtime(L, c);
 
   lua_getfield(L, 2, "load"); /* 3 */
   lua_pushlstring(L, cfg->source, cfg->len);
@@ -854,6 +877,9 @@ static int init_state(lua_State *L) {
     return lua_error(L); /* the message: "FILE:LINE: reason" */
   lua_pop(L, 1);
   int policy = lua_gettop(L); /* 3 */
+  lua_getfield(L, policy, "fixtures");
+  st->nfixtures = (unsigned)lua_objlen(L, -1);
+  lua_pop(L, 1);
 
   if (c->fixtures) {
     lua_getfield(L, 2, "run_fixtures");
@@ -908,12 +934,12 @@ static int classify(const tg_policy_state_t *st, int status) {
   return TG_POLICY_ERR_RUNTIME;
 }
 
-tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int *code,
-                                 char *err, size_t errlen) {
-  const char *display = cfg->chunkname[0] == '@' ? cfg->chunkname + 1 : cfg->chunkname;
+/* A state with its limits and an empty Lua state (JIT off, count hook on);
+ * NULL when out of memory. */
+static tg_policy_state_t *state_create(const tg_pstate_cfg_t *cfg) {
   tg_policy_state_t *st = calloc(1, sizeof *st);
   if (st == NULL)
-    goto oom;
+    return NULL;
   st->mem_limit = cfg->memory_limit ? cfg->memory_limit : TG_POLICY_DEFAULT_MEMORY_LIMIT;
   st->time_limit_ms = cfg->time_limit_ms ? cfg->time_limit_ms : TG_POLICY_DEFAULT_TIME_LIMIT_MS;
   st->load_time_limit_ms =
@@ -930,52 +956,269 @@ tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int 
 
   st->timeout_msg_ref = st->memory_msg_ref = st->cstack_msg_ref = LUA_NOREF;
   st->L = lua_newstate(state_alloc, st);
-  if (st->L == NULL)
-    goto oom;
+  if (st->L == NULL) {
+    tg_pstate_free(st);
+    return NULL;
+  }
   /* Count hooks do not fire inside compiled traces: the JIT stays off. */
   luaJIT_setmode(st->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   lua_sethook(st->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+  return st;
+}
 
-  init_ctx_t c = {st, cfg, fixtures, NULL};
+/* Runs fn(ctx) in a protected call under the load time limit; on failure
+ * returns the TG_POLICY_ERR_* kind with err "FILE...: reason". */
+static int run_protected(tg_policy_state_t *st, lua_CFunction fn, init_ctx_t *c,
+                         const char *display, char *err, size_t errlen) {
   call_begin(st, st->load_time_limit_ms);
-  int status = lua_cpcall(st->L, init_state, &c);
+  int status = lua_cpcall(st->L, fn, c);
   call_end(st);
-  if (status != 0 || st->timed_out) {
-    char msg[TG_POLICY_MSG_LEN];
-    if (status != 0)
-      error_text(st->L, -1, msg, sizeof msg);
-    else
-      msg[0] = '\0';
-    int kind = classify(st, status);
+  if (status == 0 && !st->timed_out)
+    return 0;
+  char msg[TG_POLICY_MSG_LEN];
+  if (status != 0)
+    error_text(st->L, -1, msg, sizeof msg);
+  else
+    msg[0] = '\0';
+  int kind = classify(st, status);
+  if (kind == TG_POLICY_ERR_TIMEOUT && st->fixture[0])
+    snprintf(err, errlen, "%s: %s: exceeded its time limit (%u ms)", display, st->fixture,
+             st->time_limit_ms);
+  else if (kind == TG_POLICY_ERR_TIMEOUT)
+    snprintf(err, errlen, "%s: %s (%u ms)", display,
+             c->stage ? "the embedded runtime took too long to load" :
+                        "loading ran past its time limit", st->load_time_limit_ms);
+  else if (kind == TG_POLICY_ERR_MEMORY && st->fixture[0])
+    snprintf(err, errlen, "%s: %s: exceeded its memory limit (%zu bytes)", display,
+             st->fixture, st->mem_limit);
+  else if (kind == TG_POLICY_ERR_MEMORY)
+    snprintf(err, errlen, "%s: loading exceeded the memory limit (%zu bytes)", display,
+             st->mem_limit);
+  else if (c->stage)
+    snprintf(err, errlen, "%s: %s failed: %s", display, c->stage, msg);
+  else
+    snprintf(err, errlen, "%s", msg);
+  return kind;
+}
+
+static const char *display_of(const char *chunkname) {
+  return chunkname[0] == '@' ? chunkname + 1 : chunkname;
+}
+
+tg_policy_state_t *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures, int *code,
+                                 char *err, size_t errlen) {
+  const char *display = display_of(cfg->chunkname);
+  tg_policy_state_t *st = state_create(cfg);
+  if (st == NULL) {
+    *code = -ENOMEM;
+    snprintf(err, errlen, "%s: out of memory", display);
+    return NULL;
+  }
+  init_ctx_t c = {st, cfg, fixtures, NULL};
+  int kind = run_protected(st, init_state, &c, display, err, errlen);
+  if (kind != 0) {
     *code = kind;
-    if (kind == TG_POLICY_ERR_TIMEOUT && st->fixture[0])
-      snprintf(err, errlen, "%s: %s: exceeded its time limit (%u ms)", display, st->fixture,
-               st->time_limit_ms);
-    else if (kind == TG_POLICY_ERR_TIMEOUT)
-      snprintf(err, errlen, "%s: %s (%u ms)", display,
-               c.stage ? "the embedded runtime took too long to load" :
-                         "loading ran past its time limit", st->load_time_limit_ms);
-    else if (kind == TG_POLICY_ERR_MEMORY && st->fixture[0])
-      snprintf(err, errlen, "%s: %s: exceeded its memory limit (%zu bytes)", display,
-               st->fixture, st->mem_limit);
-    else if (kind == TG_POLICY_ERR_MEMORY)
-      snprintf(err, errlen, "%s: loading exceeded the memory limit (%zu bytes)", display,
-               st->mem_limit);
-    else if (c.stage)
-      snprintf(err, errlen, "%s: %s failed: %s", display, c.stage, msg);
-    else
-      snprintf(err, errlen, "%s", msg);
     tg_pstate_free(st);
     return NULL;
   }
   lua_gc(st->L, LUA_GCCOLLECT, 0);
   return st;
+}
 
-oom:
-  *code = -ENOMEM;
-  snprintf(err, errlen, "%s: out of memory", display);
+/* ---- Comparing two versions (lua/tollgate/diff.lua) */
+
+#define REPORT_KEY "tollgate.diff.report"
+
+typedef struct compare_ctx {
+  init_ctx_t init;                /* init.cfg: the candidate */
+  const tg_pstate_cfg_t *live;
+} compare_ctx_t;
+
+/* diff opts.on_load: each version loads under the load time limit. */
+static int l_on_load(lua_State *L) {
+  tg_policy_state_t *st = state_of(L);
+  st->fixture[0] = '\0';
+  arm(st, st->load_time_limit_ms);
+  return 0;
+}
+
+static void push_source(lua_State *L, const char *src, size_t len, const char *chunkname) {
+  lua_createtable(L, 0, 2);
+  lua_pushlstring(L, src, len);
+  lua_setfield(L, -2, "source");
+  lua_pushstring(L, chunkname);
+  lua_setfield(L, -2, "chunkname");
+}
+
+static int compare_state(lua_State *L) {
+  compare_ctx_t *c = lua_touserdata(L, 1);
+  const tg_pstate_cfg_t *cand = c->init.cfg;
+  lua_settop(L, 0);
+  init_runtime(L, &c->init);
+  c->init.stage = "lua/tollgate/diff.lua";
+  size_t len = 0;
+  const char *code = tg_policy_embedded("tollgate/diff.lua", &len);
+  if (code == NULL)
+    luaL_error(L, "not embedded in this build");
+  if (luaL_loadbuffer(L, code, len, "=lua/tollgate/diff.lua") != 0)
+    lua_error(L);
+  lua_call(L, 0, 1); /* 3: diff */
+  c->init.stage = NULL;
+
+  lua_getfield(L, 3, "compare");
+  lua_pushvalue(L, 2);
+  lua_createtable(L, 0, 12);
+  push_source(L, c->live->source, c->live->len, c->live->chunkname);
+  lua_setfield(L, -2, "live");
+  push_source(L, cand->source, cand->len, cand->chunkname);
+  lua_setfield(L, -2, "candidate");
+  const char *dflt = tg_policy_embedded("default_policy.lua", &len);
+  if (dflt) {
+    push_source(L, dflt, len, "@default_policy.lua");
+    lua_setfield(L, -2, "default");
+  }
+  lua_pushstring(L, cand->tenant ? cand->tenant : "");
+  lua_setfield(L, -2, "tenant");
+  lua_pushstring(L, cand->gateway_version ? cand->gateway_version : "");
+  lua_setfield(L, -2, "version");
+  lua_pushcfunction(L, l_now);
+  lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, l_guard);
+  lua_setfield(L, -2, "guard");
+  lua_pushcfunction(L, l_on_call);
+  lua_setfield(L, -2, "on_call");
+  lua_pushcfunction(L, l_on_load);
+  lua_setfield(L, -2, "on_load");
+  lua_pushinteger(L, TG_POLICY_DIFF_MAX);
+  lua_setfield(L, -2, "max");
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, -2, "tollgate.money");
+  lua_setfield(L, -2, "modules");
+  lua_call(L, 2, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, REPORT_KEY);
+  return 0;
+}
+
+/* A JSON string of the Lua string at idx, cut at max bytes: bytes kept (NUL
+ * too), ill-formed UTF-8 (a cut code point too) repaired. Error messages
+ * and fixture names are the policy's text, of any length. */
+static json_t *json_lua_string(lua_State *L, int idx, size_t max) {
+  size_t len;
+  const char *s = lua_tolstring(L, idx, &len);
+  if (len > max)
+    len = max;
+  if (tg_utf8_valid(s, len))
+    return json_stringn(s, len);
+  tg_buf_t b = {0};
+  json_t *j = tg_utf8_repair(&b, s, len) == 0 ? json_stringn(b.data ? b.data : "", b.len) : NULL;
+  tg_buf_free(&b);
+  return j;
+}
+
+/* The checked results of a hook call are strings, numbers and booleans. */
+static json_t *json_lua_value(lua_State *L, int idx) {
+  switch (lua_type(L, idx)) {
+  case LUA_TSTRING:
+    return json_lua_string(L, idx, TG_POLICY_KEY_MAX); /* keys and currencies are shorter */
+  case LUA_TBOOLEAN:
+    return json_boolean(lua_toboolean(L, idx));
+  case LUA_TNUMBER: {
+    double v = lua_tonumber(L, idx);
+    if (v == floor(v) && fabs(v) <= 9007199254740992.0)
+      return json_integer((json_int_t)v);
+    return json_real(v);
+  }
+  default:
+    return json_null();
+  }
+}
+
+/* outcome at the top of the stack: [values...] or {"error": "..."}. */
+static json_t *json_outcome(lua_State *L) {
+  lua_getfield(L, -1, "error");
+  if (lua_type(L, -1) == LUA_TSTRING) {
+    json_t *e = json_lua_string(L, -1, TG_POLICY_MSG_LEN);
+    lua_pop(L, 1);
+    return json_pack("{s:o}", "error", e ? e : json_null());
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "n");
+  int n = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  json_t *a = json_array();
+  lua_getfield(L, -1, "values");
+  for (int i = 1; a && i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    json_array_append_new(a, json_lua_value(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return a;
+}
+
+static json_t *json_report(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, REPORT_KEY);
+  if (!lua_istable(L, -1))
+    return NULL;
+  lua_getfield(L, -1, "compared");
+  json_int_t compared = (json_int_t)lua_tonumber(L, -1);
+  lua_getfield(L, -2, "differing");
+  json_int_t differing = (json_int_t)lua_tonumber(L, -1);
+  lua_pop(L, 2);
+  json_t *list = json_array();
+  lua_getfield(L, -1, "differences");
+  int n = (int)lua_objlen(L, -1);
+  for (int i = 1; list && i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    lua_getfield(L, -1, "from");
+    lua_getfield(L, -2, "index");
+    lua_getfield(L, -3, "name");
+    lua_getfield(L, -4, "hook");
+    json_t *fixture = json_pack("{s:s, s:I}", "of", lua_tostring(L, -4), "index",
+                                (json_int_t)lua_tonumber(L, -3));
+    if (fixture && lua_type(L, -2) == LUA_TSTRING)
+      json_object_set_new(fixture, "name", json_lua_string(L, -2, 160));
+    json_t *d = json_pack("{s:o*, s:s}", "fixture", fixture, "hook", lua_tostring(L, -1));
+    lua_pop(L, 4);
+    lua_getfield(L, -1, "live");
+    if (d)
+      json_object_set_new(d, "live", json_outcome(L));
+    lua_pop(L, 1);
+    lua_getfield(L, -1, "candidate");
+    if (d)
+      json_object_set_new(d, "candidate", json_outcome(L));
+    lua_pop(L, 2);
+    json_array_append_new(list, d);
+  }
+  lua_pop(L, 2);
+  return json_pack("{s:I, s:I, s:o*}", "compared", compared, "differing", differing,
+                   "differences", list);
+}
+
+int tg_pstate_compare(const tg_pstate_cfg_t *live, const tg_pstate_cfg_t *cand, json_t **out,
+                      char *err, size_t errlen) {
+  *out = NULL;
+  const char *display = display_of(cand->chunkname);
+  tg_policy_state_t *st = state_create(cand);
+  if (st == NULL) {
+    snprintf(err, errlen, "%s: out of memory", display);
+    return -ENOMEM;
+  }
+  compare_ctx_t c = {{st, cand, false, NULL}, live};
+  int kind = run_protected(st, compare_state, &c.init, display, err, errlen);
+  if (kind == 0) {
+    /* Reading the report allocates nothing in Lua; no limit may raise now,
+     * outside a protected call. */
+    st->mem_limit = SIZE_MAX;
+    *out = json_report(st->L);
+    if (*out == NULL) {
+      snprintf(err, errlen, "%s: out of memory", display);
+      kind = -ENOMEM;
+    }
+  }
   tg_pstate_free(st);
-  return NULL;
+  return kind;
 }
 
 void tg_pstate_free(tg_policy_state_t *st) {
@@ -1005,11 +1248,12 @@ static void fail(tg_policy_state_t *st, int hook, int code, const char *reason,
   const char *labels[] = {st->tenant, hook_names[hook], kind};
   tg_counter_add(st->m_errors, labels, 1);
   if (log_allowed(&st->err_window, &st->err_lines, &st->err_dropped)) {
-    char dropped[24];
+    char dropped[24], version[TG_POLICY_VERSION_SHOWN + 1];
     snprintf(dropped, sizeof dropped, "%u", st->err_dropped);
+    snprintf(version, sizeof version, "%.*s", TG_POLICY_VERSION_SHOWN, st->version);
     st->err_dropped = 0;
     tg_log_req(TG_LOG_WARN, request_id, "policy hook failed", "tenant_id", st->tenant, "hook",
-               hook_names[hook], "kind", kind, "reason", msg, "version", st->version,
+               hook_names[hook], "kind", kind, "reason", msg, "version", version,
                "dropped_before", dropped, NULL);
   }
 }
@@ -1043,7 +1287,7 @@ static int finish(tg_policy_state_t *st, int hook, int nargs, const char *reques
   uint64_t took = call_end(st);
   for (int k = 0; k < TG_NVIEWS; k++)
     st->view[k]->data = NULL;
-  const char *labels[] = {hook_names[hook]};
+  const char *labels[] = {st->tenant, hook_names[hook]};
   tg_histogram_observe(st->m_duration, labels, (double)took / 1e9);
 
   if (status != 0 || st->timed_out || st->mem_failed) {

@@ -47,6 +47,7 @@ struct tg_policy_state {
   uint64_t call_start_ns;     /* start of the current call or load */
   uint64_t clock_ns;          /* time spent in finished calls: what os.clock() counts */
   char fixture[160];          /* label of the fixture running (validation), or "" */
+  unsigned nfixtures;         /* the policy's fixtures (all run, when validating) */
   int cstack_msg_ref;
   int hook_ref[TG_POLICY_NHOOKS];    /* LUA_NOREF when the policy lacks the hook */
   int invoker_ref[TG_POLICY_NHOOKS]; /* sandbox.invokers[hook] */
@@ -71,9 +72,21 @@ struct tg_policy_state *tg_pstate_new(const tg_pstate_cfg_t *cfg, bool fixtures,
                                       char *err, size_t errlen);
 void tg_pstate_free(struct tg_policy_state *st);
 
+/* Runs the fixtures of both versions through the hooks of both
+ * (lua/tollgate/diff.lua) in a throwaway state, bounded as a validation is:
+ * the runtime and each version load under the load time limit, each hook
+ * call under the hook limit, and the state under the memory limit (cand's
+ * limits, tenant and chunkname; live gives a source and a chunkname). 0 with
+ * *out = {"compared":N,"differing":N,"differences":[...]} (a new reference;
+ * the entries as tg_policy_comparison_t describes), or a TG_POLICY_ERR_* (or
+ * -ENOMEM) with err "FILE:LINE: reason" ("FILE: <fixture>: exceeded ..."). */
+struct json_t;
+int tg_pstate_compare(const tg_pstate_cfg_t *live, const tg_pstate_cfg_t *cand,
+                      struct json_t **out, char *err, size_t errlen);
+
 /* Metric families of the module (declared on first use; idempotent). */
 typedef struct tg_policy_metrics {
-  tg_metric_t *errors, *reloads, *reload_errors, *version_info, *duration;
+  tg_metric_t *errors, *reloads, *reload_errors, *version_info, *duration, *dry_runs;
 } tg_policy_metrics_t;
 void tg_policy_metrics_get(tg_policy_metrics_t *m);
 

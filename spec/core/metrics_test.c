@@ -704,6 +704,50 @@ TEST(gauge_set_from_threads_is_one_value) {
   free(e.v);
 }
 
+/* An *_info gauge keeps one series per subject: the replaced label set
+ * leaves the exposition, and may come back later. */
+TEST(gauge_remove_hides_a_series) {
+  tg_metrics_reset();
+  tg_metric_t *g = tg_metric_new(TG_METRIC_GAUGE, "tg_version_info", "Versions.",
+                                 (const char *[]){"tenant", "version", NULL}, NULL, 0);
+  tg_metric_t *c = tg_metric_new(TG_METRIC_COUNTER, "tg_kept_total", "Kept.",
+                                 (const char *[]){"k", NULL}, NULL, 0);
+  CHECK(g != NULL && c != NULL);
+  tg_gauge_set(g, (const char *[]){"news", "aaa"}, 1);
+  tg_gauge_set(g, (const char *[]){"docs", "ccc"}, 1);
+  CHECK_INT(tg_gauge_remove(g, (const char *[]){"news", "aaa"}), 1);
+  CHECK_INT(tg_gauge_remove(g, (const char *[]){"news", "aaa"}), 0); /* already gone */
+  CHECK_INT(tg_gauge_remove(g, (const char *[]){"news", "never"}), 0);
+  tg_gauge_set(g, (const char *[]){"news", "bbb"}, 1);
+  tg_counter_add(c, (const char *[]){"x"}, 1);
+  CHECK_INT(tg_gauge_remove(c, (const char *[]){"x"}), 0); /* not a gauge: kept */
+  char *text;
+  expo_t e;
+  RENDER_PARSE(text, e);
+  CHECK(strstr(text, "version=\"aaa\"") == NULL);
+  CHECK(strstr(text, "tg_version_info{tenant=\"news\",version=\"bbb\"} 1\n") != NULL);
+  CHECK(strstr(text, "tg_version_info{tenant=\"docs\",version=\"ccc\"} 1\n") != NULL);
+  CHECK(strstr(text, "tg_kept_total{k=\"x\"} 1\n") != NULL);
+  CHECK_INT(e.n, 3);
+  free(text);
+  free(e.v);
+
+  /* Back (a rollback to that version): shown again with its new value; an
+   * add on a removed series starts from 0, not from its old value. */
+  tg_gauge_set(g, (const char *[]){"news", "aaa"}, 1);
+  CHECK_INT(tg_gauge_remove(g, (const char *[]){"news", "bbb"}), 1);
+  tg_gauge_set(g, (const char *[]){"docs", "ddd"}, 5);
+  CHECK_INT(tg_gauge_remove(g, (const char *[]){"docs", "ddd"}), 1);
+  tg_gauge_add(g, (const char *[]){"docs", "ddd"}, 2);
+  RENDER_PARSE(text, e);
+  CHECK(strstr(text, "tg_version_info{tenant=\"news\",version=\"aaa\"} 1\n") != NULL);
+  CHECK(strstr(text, "version=\"bbb\"") == NULL);
+  CHECK(VAL(&e, "tg_version_info", "tenant", "docs", "version", "ddd") == 2);
+  CHECK_INT(e.n, 4);
+  free(text);
+  free(e.v);
+}
+
 TEST(short_lived_threads) {
   /* Threads that come and go: each one's count survives it. */
   tg_metrics_reset();
