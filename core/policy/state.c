@@ -902,14 +902,14 @@ static int init_state(lua_State *L) {
     arm(st, st->load_time_limit_ms);
   }
 
-  lua_getfield(L, 2, "invokers");
+  lua_getfield(L, 2, "finish");
   for (int h = 0; h < TG_POLICY_NHOOKS; h++) {
     lua_getfield(L, policy, hook_names[h]);
     st->hook_ref[h] = lua_isfunction(L, -1) ? luaL_ref(L, LUA_REGISTRYINDEX) : LUA_NOREF;
     if (st->hook_ref[h] == LUA_NOREF)
       lua_pop(L, 1);
     lua_getfield(L, -1, hook_names[h]);
-    st->invoker_ref[h] = luaL_ref(L, LUA_REGISTRYINDEX);
+    st->finish_ref[h] = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   lua_pop(L, 1);
   for (int k = 0; k < TG_NVIEWS; k++)
@@ -948,7 +948,7 @@ static tg_policy_state_t *state_create(const tg_pstate_cfg_t *cfg) {
   snprintf(st->tenant, sizeof st->tenant, "%s", cfg->tenant ? cfg->tenant : "");
   snprintf(st->version, sizeof st->version, "%s", cfg->version ? cfg->version : "");
   for (int h = 0; h < TG_POLICY_NHOOKS; h++)
-    st->hook_ref[h] = st->invoker_ref[h] = LUA_NOREF;
+    st->hook_ref[h] = st->finish_ref[h] = LUA_NOREF;
   tg_policy_metrics_t m;
   tg_policy_metrics_get(&m);
   st->m_errors = m.errors;
@@ -1258,7 +1258,7 @@ static void fail(tg_policy_state_t *st, int hook, int code, const char *reason,
   }
 }
 
-/* Pushes invoker, hook function and the views (data set for this call).
+/* Pushes the hook function and the views (data set for this call).
  * Returns false when the policy has no such hook. */
 static bool begin(tg_policy_state_t *st, int hook, const void *a, int ka, const void *b,
                   int kb) {
@@ -1266,7 +1266,6 @@ static bool begin(tg_policy_state_t *st, int hook, const void *a, int ka, const 
     return false;
   lua_State *L = st->L;
   lua_settop(L, 0);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, st->invoker_ref[hook]);
   lua_rawgeti(L, LUA_REGISTRYINDEX, st->hook_ref[hook]);
   st->view[ka]->data = a;
   lua_rawgeti(L, LUA_REGISTRYINDEX, st->view_ref[ka]);
@@ -1277,13 +1276,77 @@ static bool begin(tg_policy_state_t *st, int hook, const void *a, int ka, const 
   return true;
 }
 
+static bool is_integer_in(lua_State *L, int idx, double lo, double hi) {
+  if (lua_type(L, idx) != LUA_TNUMBER)
+    return false;
+  double v = lua_tonumber(L, idx);
+  return v >= lo && v <= hi && v == floor(v); /* NaN fails every comparison */
+}
+
+static bool ascii_alpha(unsigned char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'); }
+
+/* [A-Za-z][A-Za-z0-9]{0,15}, as sandbox.lua's pattern (not the locale's isalpha). */
+static bool currency_ok(lua_State *L, int idx) {
+  size_t n;
+  if (lua_type(L, idx) != LUA_TSTRING)
+    return false;
+  const char *c = lua_tolstring(L, idx, &n);
+  if (n == 0 || n > TG_POLICY_CURRENCY_MAX || !ascii_alpha((unsigned char)c[0]))
+    return false;
+  for (size_t i = 1; i < n; i++)
+    if (!ascii_alpha((unsigned char)c[i]) && !(c[i] >= '0' && c[i] <= '9'))
+      return false;
+  return true;
+}
+
+/* The return rules of sandbox.lua (FINISH), checked here on the values at
+ * stack 1..3 so that a good result costs no Lua call; the two must agree
+ * (spec/core/policy_test.c checks every rule through the C runtime). */
+static bool result_ok(lua_State *L, int hook) {
+  switch (hook) {
+  case TG_POLICY_HOOK_SKIP:
+    return lua_isnil(L, 1) || lua_isboolean(L, 1);
+  case TG_POLICY_HOOK_RATE_LIMIT: {
+    if (lua_isnil(L, 1))
+      return true;
+    size_t n;
+    if (lua_type(L, 1) != LUA_TSTRING || (lua_tolstring(L, 1, &n), n == 0 || n > TG_POLICY_KEY_MAX) ||
+        lua_type(L, 2) != LUA_TNUMBER)
+      return false;
+    double rate = lua_tonumber(L, 2);
+    return rate > 0 && rate < HUGE_VAL && is_integer_in(L, 3, 1, 2147483647.0);
+  }
+  case TG_POLICY_HOOK_PRICE:
+    return lua_isnil(L, 1) || (is_integer_in(L, 1, 0, 9007199254740992.0) && currency_ok(L, 2));
+  case TG_POLICY_HOOK_ON_BILLING_TIMEOUT: {
+    const char *v = lua_type(L, 1) == LUA_TSTRING ? lua_tostring(L, 1) : NULL;
+    return v && (strcmp(v, "reject") == 0 || strcmp(v, "deferred") == 0);
+  }
+  default:
+    return true;
+  }
+}
+
+/* A result that breaks the rules: the sandbox's FINISH function says why, in
+ * the words the harness and `tollgate check` use. Leaves the reason in out. */
+static void result_reason(tg_policy_state_t *st, int hook, char *out, size_t outlen) {
+  lua_State *L = st->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, st->finish_ref[hook]);
+  lua_insert(L, 1);
+  if (lua_pcall(L, 3, 2, 0) == 0 && !lua_toboolean(L, 1) && lua_type(L, 2) == LUA_TSTRING)
+    snprintf(out, outlen, "%s", lua_tostring(L, 2));
+  else
+    snprintf(out, outlen, "returned values of the wrong type");
+  lua_settop(L, 0);
+}
+
 /* Runs the call; on success leaves ok, v1, v2, v3 at stack 1..4 with ok
  * true. Returns 0 or an error code (already reported). */
 static int finish(tg_policy_state_t *st, int hook, int nargs, const char *request_id,
                   tg_policy_error_t *err) {
   lua_State *L = st->L;
   call_begin(st, st->time_limit_ms);
-  int status = lua_pcall(L, nargs + 1, 4, 0);
+  int status = lua_pcall(L, nargs, 3, 0);
   uint64_t took = call_end(st);
   for (int k = 0; k < TG_NVIEWS; k++)
     st->view[k]->data = NULL;
@@ -1309,13 +1372,14 @@ static int finish(tg_policy_state_t *st, int hook, int nargs, const char *reques
     fail(st, hook, code, reason, request_id, err);
     return code;
   }
-  if (!lua_toboolean(L, 1)) {
+  if (!result_ok(L, hook)) {
     char reason[TG_POLICY_MSG_LEN];
-    error_text(L, 2, reason, sizeof reason);
-    lua_settop(L, 0);
+    result_reason(st, hook, reason, sizeof reason);
     fail(st, hook, TG_POLICY_ERR_TYPE, reason, request_id, err);
     return TG_POLICY_ERR_TYPE;
   }
+  lua_pushboolean(L, 1);
+  lua_insert(L, 1);
   if (err)
     err->code = 0;
   return 0;

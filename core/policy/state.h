@@ -50,7 +50,7 @@ struct tg_policy_state {
   unsigned nfixtures;         /* the policy's fixtures (all run, when validating) */
   int cstack_msg_ref;
   int hook_ref[TG_POLICY_NHOOKS];    /* LUA_NOREF when the policy lacks the hook */
-  int invoker_ref[TG_POLICY_NHOOKS]; /* sandbox.invokers[hook] */
+  int finish_ref[TG_POLICY_NHOOKS];  /* sandbox.finish[hook]: says why a result breaks the rules */
   int view_ref[TG_NVIEWS];
   tg_pview_t *view[TG_NVIEWS];
   int timeout_msg_ref, memory_msg_ref;

@@ -614,6 +614,67 @@ TEST(garbage_return_types) {
   CHECK(metrics_has("policy_errors_total{tenant_id=\"news\",hook=\"price\",kind=\"type\"}"));
 }
 
+/* The edges the rules admit, checked in C since the result check moved out
+ * of Lua: each must come back as the value it is, never as a type error. */
+TEST(edge_results_are_accepted) {
+  static const char src[] =
+      "local P = {}\n"
+      "function P.skip(req) if req.path == '/nil' then return nil end return req.path == '/t' end\n"
+      "function P.rate_limit(req)\n"
+      "  if req.path == '/long' then return string.rep('k', 256), 1e-9, 2147483647 end\n"
+      "  return nil\n"
+      "end\n"
+      "function P.price(offer, req)\n"
+      "  if req.path == '/max' then return 2^53, 'Zz9999999999999Q' end\n"
+      "  if req.path == '/nil' then return nil end\n"
+      "  return 0, 'a'\n"
+      "end\n"
+      "function P.on_billing_timeout(txn) return 'deferred' end\n"
+      "return P\n";
+  fix_t f;
+  CHECK_INT(fix_open(&f, NULL, "news", write_policy("edges", src), NULL, NULL), 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  tg_policy_req_t req = sample_req();
+  tg_policy_offer_t offer = sample_offer();
+  tg_policy_error_t e;
+  bool skip = true;
+  req.path = "/nil";
+  CHECK_INT(tg_policy_skip(st, &req, &skip, &e), 0);
+  CHECK(!skip);
+  req.path = "/t";
+  CHECK_INT(tg_policy_skip(st, &req, &skip, &e), 0);
+  CHECK(skip);
+  tg_policy_rate_t rl;
+  req.path = "/long";
+  CHECK_INT(tg_policy_rate_limit(st, &req, &rl, &e), 0);
+  CHECK(rl.limited);
+  CHECK_INT(rl.keylen, 256);
+  CHECK(rl.rate == 1e-9);
+  CHECK_INT(rl.burst, 2147483647);
+  req.path = "/x";
+  CHECK_INT(tg_policy_rate_limit(st, &req, &rl, &e), 0);
+  CHECK(!rl.limited);
+  tg_policy_price_t pr;
+  req.path = "/max";
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(pr.for_sale);
+  CHECK(pr.amount == 9007199254740992LL);
+  CHECK_STR(pr.currency, "Zz9999999999999Q");
+  req.path = "/nil";
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(!pr.for_sale);
+  req.path = "/zero";
+  CHECK_INT(tg_policy_price(st, &offer, &req, &pr, &e), 0);
+  CHECK(pr.for_sale && pr.amount == 0);
+  CHECK_STR(pr.currency, "a");
+  tg_policy_txn_t txn = {.id = "t", .amount = 1};
+  tg_policy_billing_t bill;
+  CHECK_INT(tg_policy_on_billing_timeout(st, &txn, &bill, &e), 0);
+  CHECK(bill == TG_POLICY_BILLING_DEFERRED);
+  tg_policy_release(st);
+  fix_close(&f);
+}
+
 /* ---- sandbox escapes: each snippet runs as a policy's top level and must
  * fail with the given message (validation refuses the policy). */
 
