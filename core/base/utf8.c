@@ -96,9 +96,10 @@ fail:
 }
 
 json_t *tg_utf8_json_string(const char *s) {
-  if (s == NULL)
-    return json_null();
-  size_t len = strlen(s);
+  return s == NULL ? json_null() : tg_utf8_json_stringn(s, strlen(s));
+}
+
+json_t *tg_utf8_json_stringn(const char *s, size_t len) {
   if (tg_utf8_valid(s, len))
     return json_stringn(s, len);
   tg_buf_t b = {0};

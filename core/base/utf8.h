@@ -32,4 +32,7 @@ int tg_utf8_repair(tg_buf_t *out, const char *s, size_t len);
 struct json_t;
 struct json_t *tg_utf8_json_string(const char *s);
 
+/* The same for len bytes (NUL bytes allowed: JSON escapes them). */
+struct json_t *tg_utf8_json_stringn(const char *s, size_t len);
+
 #endif

@@ -479,6 +479,24 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* The sandbox options every load of a policy gets, into the table on top:
+ * tollgate.tenant and .version, the clock and guard of this runtime, and
+ * tollgate.money (at stack index 1) as the one module require() returns. */
+static void set_common_opts(lua_State *L, const char *tenant, const char *version) {
+  lua_pushstring(L, tenant ? tenant : "");
+  lua_setfield(L, -2, "tenant");
+  lua_pushstring(L, version ? version : "");
+  lua_setfield(L, -2, "version");
+  lua_pushcfunction(L, l_now);
+  lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, l_guard);
+  lua_setfield(L, -2, "guard");
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, 1);
+  lua_setfield(L, -2, "tollgate.money");
+  lua_setfield(L, -2, "modules");
+}
+
 /* Lets `burst` lines per second through; returns false to drop one. */
 static bool log_allowed(double *window, unsigned *lines, unsigned *dropped) {
   double t = wall_now();
@@ -856,22 +874,11 @@ static int init_state(lua_State *L) {
   lua_pushlstring(L, cfg->source, cfg->len);
   lua_pushstring(L, cfg->chunkname);
   lua_createtable(L, 0, 7); /* opts */
-  lua_pushstring(L, cfg->tenant ? cfg->tenant : "");
-  lua_setfield(L, -2, "tenant");
-  lua_pushstring(L, cfg->gateway_version ? cfg->gateway_version : "");
-  lua_setfield(L, -2, "version");
+  set_common_opts(L, cfg->tenant, cfg->gateway_version);
   lua_pushcfunction(L, l_log);
   lua_setfield(L, -2, "log");
-  lua_pushcfunction(L, l_now);
-  lua_setfield(L, -2, "now");
-  lua_pushcfunction(L, l_guard);
-  lua_setfield(L, -2, "guard");
   lua_pushcfunction(L, l_clock);
   lua_setfield(L, -2, "clock");
-  lua_createtable(L, 0, 1);
-  lua_pushvalue(L, 1);
-  lua_setfield(L, -2, "tollgate.money");
-  lua_setfield(L, -2, "modules");
   lua_call(L, 3, 2);
   if (lua_isnil(L, -2))
     return lua_error(L); /* the message: "FILE:LINE: reason" */
@@ -1077,24 +1084,13 @@ static int compare_state(lua_State *L) {
     push_source(L, dflt, len, "@default_policy.lua");
     lua_setfield(L, -2, "default");
   }
-  lua_pushstring(L, cand->tenant ? cand->tenant : "");
-  lua_setfield(L, -2, "tenant");
-  lua_pushstring(L, cand->gateway_version ? cand->gateway_version : "");
-  lua_setfield(L, -2, "version");
-  lua_pushcfunction(L, l_now);
-  lua_setfield(L, -2, "now");
-  lua_pushcfunction(L, l_guard);
-  lua_setfield(L, -2, "guard");
+  set_common_opts(L, cand->tenant, cand->gateway_version);
   lua_pushcfunction(L, l_on_call);
   lua_setfield(L, -2, "on_call");
   lua_pushcfunction(L, l_on_load);
   lua_setfield(L, -2, "on_load");
   lua_pushinteger(L, TG_POLICY_DIFF_MAX);
   lua_setfield(L, -2, "max");
-  lua_createtable(L, 0, 1);
-  lua_pushvalue(L, 1);
-  lua_setfield(L, -2, "tollgate.money");
-  lua_setfield(L, -2, "modules");
   lua_call(L, 2, 1);
   lua_setfield(L, LUA_REGISTRYINDEX, REPORT_KEY);
   return 0;
@@ -1106,14 +1102,7 @@ static int compare_state(lua_State *L) {
 static json_t *json_lua_string(lua_State *L, int idx, size_t max) {
   size_t len;
   const char *s = lua_tolstring(L, idx, &len);
-  if (len > max)
-    len = max;
-  if (tg_utf8_valid(s, len))
-    return json_stringn(s, len);
-  tg_buf_t b = {0};
-  json_t *j = tg_utf8_repair(&b, s, len) == 0 ? json_stringn(b.data ? b.data : "", b.len) : NULL;
-  tg_buf_free(&b);
-  return j;
+  return tg_utf8_json_stringn(s, len > max ? max : len);
 }
 
 /* The checked results of a hook call are strings, numbers and booleans. */

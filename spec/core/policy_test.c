@@ -12,56 +12,22 @@
 #include "base/log.h"
 #include "base/metrics.h"
 #include "test.h"
+#include "tmpfiles.h"
 
 /* ---- helpers */
 
-static char tmpdir[256];
 
-static void quiet_logs(void) {
-  static int fd = -1;
-  if (fd < 0)
-    fd = open("/dev/null", O_WRONLY);
-  tg_log_set_fd(fd);
-}
-
-static void remove_tmpdir(void) {
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-  if (system(cmd) != 0)
-    fprintf(stderr, "could not remove %s\n", tmpdir);
-}
-
-static const char *policy_path(const char *name) {
-  static char paths[8][512];
-  static int next;
-  if (tmpdir[0] == '\0') {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/tg_policy_test.XXXXXX");
-    if (mkdtemp(tmpdir) == NULL)
-      abort();
-    atexit(remove_tmpdir);
-  }
-  char *p = paths[next++ % 8];
-  snprintf(p, 512, "%s/%s.lua", tmpdir, name);
-  return p;
+/* TMPDIR/<name>.lua */
+static const char *policy_path_(const char *name) {
+  char file[300];
+  snprintf(file, sizeof file, "%s.lua", name);
+  return tmp_path(file);
 }
 
 static const char *write_policy(const char *name, const char *src) {
-  const char *path = policy_path(name);
-  char tmp[600];
-  snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  FILE *f = fopen(tmp, "wb");
-  if (f == NULL)
-    abort();
-  fwrite(src, 1, strlen(src), f);
-  fclose(f);
-  rename(tmp, path); /* atomic replace, as an editor or deploy would */
-  return path;
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+  char file[300];
+  snprintf(file, sizeof file, "%s.lua", name);
+  return tmp_write(file, src);
 }
 
 /* A registry and a runtime for up to two tenants. */
@@ -1399,7 +1365,7 @@ static const char *tollgate_exe(void) {
 }
 
 static const char *write_script(const char *name, const char *body) {
-  const char *p = policy_path(name);
+  const char *p = policy_path_(name);
   FILE *f = fopen(p, "w");
   if (f == NULL)
     abort();
@@ -1456,7 +1422,7 @@ TEST(reload_validates_in_a_child_process) {
   CHECK(now_s() - t0 < 5);
   snprintf(want, sizeof want, "%s: validation did not finish within 300 ms", p);
   CHECK_STR(err, want);
-  tg_policy_set_validator(policy_path("no-such-validator"), 0);
+  tg_policy_set_validator(policy_path_("no-such-validator"), 0);
   write_policy("child", price_policy(600, NULL));
   CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
   CHECK(strstr(err, "cannot start its validator") != NULL);

@@ -16,55 +16,7 @@
 #include "base/log.h"
 #include "base/metrics.h"
 #include "test.h"
-
-static char tmpdir[256];
-
-static void remove_tmpdir(void) {
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-  if (system(cmd) != 0)
-    fprintf(stderr, "could not remove %s\n", tmpdir);
-}
-
-static const char *path_of(const char *name) {
-  static char paths[8][512];
-  static int next;
-  if (tmpdir[0] == '\0') {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/tg_policy_tools_test.XXXXXX");
-    if (mkdtemp(tmpdir) == NULL)
-      abort();
-    atexit(remove_tmpdir);
-  }
-  char *p = paths[next++ % 8];
-  snprintf(p, 512, "%s/%s", tmpdir, name);
-  return p;
-}
-
-static const char *write_file(const char *name, const char *src) {
-  const char *path = path_of(name);
-  char tmp[600];
-  snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  FILE *f = fopen(tmp, "wb");
-  if (f == NULL)
-    abort();
-  fputs(src, f);
-  fclose(f);
-  rename(tmp, path);
-  return path;
-}
-
-static void quiet_logs(void) {
-  static int fd = -1;
-  if (fd < 0)
-    fd = open("/dev/null", O_WRONLY);
-  tg_log_set_fd(fd);
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "tmpfiles.h"
 
 typedef struct fix {
   tg_config_tenant_t tenants[2];
@@ -189,7 +141,7 @@ static void check_dry_run(fix_t *f, const char *p, int *tg_failed_) {
   char v1[TG_POLICY_VERSION_LEN];
   CHECK_INT(tg_policy_version(f->r, "news", v1), 0);
   uint64_t gen = tg_policy_generation(f->r);
-  write_file("news.lua", V2);
+  tmp_write("news.lua", V2);
 
   tg_policy_comparison_t *c = NULL;
   size_t n = 0;
@@ -235,7 +187,7 @@ static void check_dry_run(fix_t *f, const char *p, int *tg_failed_) {
   CHECK(!metrics_has("policy_reloads_total{tenant_id=\"news\""));
 
   /* A candidate a reload would refuse: FILE:LINE, nothing compared. */
-  write_file("news.lua", BROKEN);
+  tmp_write("news.lua", BROKEN);
   CHECK_INT(tg_policy_dry_run(f->r, "news", &c, &n), -EINVAL);
   CHECK_INT(n, 1);
   CHECK_INT(c[0].status, TG_POLICY_DRY_INVALID);
@@ -247,7 +199,7 @@ static void check_dry_run(fix_t *f, const char *p, int *tg_failed_) {
   tg_policy_comparisons_free(c, n, true);
 
   /* A price changed without its fixture: refused, and the difference says why. */
-  write_file("news.lua", "return { price = function() return 300, 'USD' end, fixtures = {\n"
+  tmp_write("news.lua", "return { price = function() return 300, 'USD' end, fixtures = {\n"
                          "  { hook = 'price', offer = { amount = 1, currency = 'USD' },\n"
                          "    expect = { 100, 'USD' } } } }\n");
   CHECK_INT(tg_policy_dry_run(f->r, "news", &c, &n), -EINVAL);
@@ -267,11 +219,11 @@ static void check_dry_run(fix_t *f, const char *p, int *tg_failed_) {
 
   CHECK_INT(tg_policy_dry_run(f->r, "nobody", &c, &n), -ENOENT);
   CHECK(c == NULL && n == 0);
-  write_file("news.lua", V1);
+  tmp_write("news.lua", V1);
 }
 
 TEST(dry_run_compares_and_publishes_nothing) {
-  const char *p = write_file("news.lua", V1);
+  const char *p = tmp_write("news.lua", V1);
   fix_t f;
   CHECK_INT(fix_open(&f, NULL, "news", p, "dflt", NULL), 0);
   check_dry_run(&f, p, tg_failed_);
@@ -288,7 +240,7 @@ TEST(dry_run_compares_and_publishes_nothing) {
 TEST(dry_run_in_the_validator_process) {
   const char *exe = tollgate_exe();
   CHECK(exe != NULL);
-  const char *p = write_file("news.lua", V1);
+  const char *p = tmp_write("news.lua", V1);
   fix_t f;
   CHECK_INT(fix_open(&f, NULL, "news", p, "dflt", NULL), 0);
   tg_policy_set_validator(exe, 0);
@@ -296,10 +248,10 @@ TEST(dry_run_in_the_validator_process) {
   if (*tg_failed_)
     return;
 
-  const char *crash = write_file("crash.sh", "#!/bin/sh\nkill -SEGV $$\n");
+  const char *crash = tmp_write("crash.sh", "#!/bin/sh\nkill -SEGV $$\n");
   chmod(crash, 0755);
   tg_policy_set_validator(crash, 0);
-  write_file("news.lua", V2);
+  tmp_write("news.lua", V2);
   tg_policy_comparison_t *c = NULL;
   size_t n = 0;
   CHECK_INT(tg_policy_dry_run(f.r, "news", &c, &n), -EINVAL);
@@ -314,11 +266,11 @@ TEST(dry_run_in_the_validator_process) {
  * passes validation; the comparison stops at the hook time limit and says
  * which call. */
 TEST(comparison_is_bounded_like_a_hook_call) {
-  const char *live = write_file("bounded_live.lua",
+  const char *live = tmp_write("bounded_live.lua",
                                 "return { price = function(o) return o.amount, 'USD' end,\n"
                                 "  fixtures = { { name = 'seven', hook = 'price',\n"
                                 "    offer = { amount = 7, currency = 'USD' }, expect = { 7, 'USD' } } } }\n");
-  const char *cand = write_file("bounded_cand.lua",
+  const char *cand = tmp_write("bounded_cand.lua",
                                 "return { price = function(o)\n"
                                 "  if o.amount == 7 then while true do end end\n"
                                 "  return o.amount, 'USD' end }\n");
@@ -337,9 +289,9 @@ TEST(comparison_is_bounded_like_a_hook_call) {
   tg_policy_comparisons_free(&c, 1, false);
 
   /* The live side must load; the same bytes are unchanged. */
-  CHECK_INT(tg_policy_compare_files(path_of("no-such.lua"), cand, NULL, NULL, &c), -ENOENT);
+  CHECK_INT(tg_policy_compare_files(tmp_path("no-such.lua"), cand, NULL, NULL, &c), -ENOENT);
   CHECK(strstr(c.error, "cannot open") != NULL);
-  const char *broken = write_file("broken.lua", BROKEN);
+  const char *broken = tmp_write("broken.lua", BROKEN);
   CHECK_INT(tg_policy_compare_files(broken, cand, NULL, NULL, &c), -EINVAL);
   snprintf(want, sizeof want, "%s:4: unexpected symbol near 'end'", broken);
   CHECK_STR(c.error, want);
@@ -350,7 +302,7 @@ TEST(comparison_is_bounded_like_a_hook_call) {
 }
 
 TEST(info_has_the_last_attempt_and_the_file_on_disk) {
-  const char *p = write_file("status.lua", V1);
+  const char *p = tmp_write("status.lua", V1);
   fix_t f;
   CHECK_INT(fix_open(&f, NULL, "st", p, "stdflt", NULL), 0);
   tg_policy_info_t info;
@@ -373,7 +325,7 @@ TEST(info_has_the_last_attempt_and_the_file_on_disk) {
   CHECK(info.reloaded && info.last_status == TG_POLICY_RELOAD_UNCHANGED);
 
   /* Refused: the error with its line, and the version of the refused file. */
-  write_file("status.lua", BROKEN);
+  tmp_write("status.lua", BROKEN);
   CHECK_INT(tg_policy_reload(f.r, "st", NULL, NULL), -EINVAL);
   CHECK_INT(tg_policy_info(f.r, 0, &info), 0);
   CHECK_INT(info.last_status, TG_POLICY_RELOAD_FAILED);
@@ -386,7 +338,7 @@ TEST(info_has_the_last_attempt_and_the_file_on_disk) {
   CHECK_STR(info.last_version, v);
   CHECK(strcmp(v, live) != 0);
 
-  write_file("status.lua", V2);
+  tmp_write("status.lua", V2);
   CHECK_INT(tg_policy_reload(f.r, "st", NULL, NULL), 0);
   CHECK_INT(tg_policy_info(f.r, 0, &info), 0);
   CHECK_INT(info.last_status, TG_POLICY_RELOAD_UPDATED);
@@ -410,15 +362,15 @@ TEST(info_has_the_last_attempt_and_the_file_on_disk) {
 /* One policy_version_info series per tenant through updates and a rollback,
  * and hook durations by tenant. */
 TEST(metrics_per_tenant) {
-  const char *p = write_file("vi.lua", V1);
-  const char *q = write_file("vj.lua", V1);
+  const char *p = tmp_write("vi.lua", V1);
+  const char *q = tmp_write("vj.lua", V1);
   fix_t f;
   CHECK_INT(fix_open(&f, NULL, "vi", p, "vj", q), 0);
-  write_file("vi.lua", V2);
+  tmp_write("vi.lua", V2);
   CHECK_INT(tg_policy_reload(f.r, NULL, NULL, NULL), 0);
-  write_file("vi.lua", V1);
+  tmp_write("vi.lua", V1);
   CHECK_INT(tg_policy_reload(f.r, NULL, NULL, NULL), 0);
-  write_file("vi.lua", V2);
+  tmp_write("vi.lua", V2);
   CHECK_INT(tg_policy_reload(f.r, NULL, NULL, NULL), 0);
   char v[TG_POLICY_VERSION_LEN], want[200];
   CHECK_INT(tg_policy_version(f.r, "vi", v), 0);
@@ -447,7 +399,7 @@ TEST(metrics_per_tenant) {
 
 /* Log lines carry a version by its 12 characters, like answers and metrics. */
 TEST(log_lines_show_versions_by_12_characters) {
-  const char *p = write_file("logs.lua", "return { price = function(o)\n"
+  const char *p = tmp_write("logs.lua", "return { price = function(o)\n"
                                          "  tollgate.log('info', 'pricing')\n"
                                          "  error('boom') end }\n");
   fix_t f;
@@ -477,7 +429,7 @@ TEST(log_lines_show_versions_by_12_characters) {
 }
 
 TEST(check_file_summary) {
-  const char *p = write_file("summary.lua", V2);
+  const char *p = tmp_write("summary.lua", V2);
   tg_policy_summary_t sum;
   char err[TG_POLICY_MSG_LEN];
   CHECK_INT(tg_policy_check_file_summary(p, "news", NULL, &sum, err, sizeof err), 0);
@@ -488,7 +440,7 @@ TEST(check_file_summary) {
   CHECK_INT(strlen(sum.version), 64);
   CHECK_INT(tg_policy_check_file_summary(NULL, "news", NULL, &sum, err, sizeof err), 0);
   CHECK_INT(sum.fixtures, 4); /* the embedded default policy's */
-  p = write_file("summary_bad.lua", BROKEN);
+  p = tmp_write("summary_bad.lua", BROKEN);
   CHECK_INT(tg_policy_check_file_summary(p, "news", NULL, &sum, err, sizeof err), -EINVAL);
   CHECK(strstr(err, ":4: unexpected symbol") != NULL);
 }
