@@ -213,7 +213,7 @@ static int run_busted(const char *policy, const char *tenant, const char *spec, 
     posix_spawnattr_destroy(&at);
   }
   if (e != 0) {
-    snprintf(err, errlen, "cannot start %s: %s", busted, strerror(e));
+    snprintf(err, errlen, "cannot start %.300s: %s", busted, strerror(e));
   } else {
     int ws;
     while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
