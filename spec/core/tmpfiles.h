@@ -26,7 +26,7 @@ static void tg_tmpdir_remove_(void) {
 
 /* TMPDIR/name. */
 static const char *tmp_path(const char *name) {
-  static char paths[8][512];
+  static char paths[8][1024];
   static int next;
   if (tg_tmpdir_[0] == '\0') {
     snprintf(tg_tmpdir_, sizeof tg_tmpdir_, "/tmp/tg_test.XXXXXX");
@@ -35,14 +35,15 @@ static const char *tmp_path(const char *name) {
     atexit(tg_tmpdir_remove_);
   }
   char *p = paths[next++ % 8];
-  snprintf(p, 512, "%s/%s", tg_tmpdir_, name);
+  if ((size_t)snprintf(p, sizeof paths[0], "%s/%s", tg_tmpdir_, name) >= sizeof paths[0])
+    abort();
   return p;
 }
 
 /* Writes src to TMPDIR/name; returns the path. */
 static const char *tmp_write(const char *name, const char *src) {
   const char *path = tmp_path(name);
-  char tmp[600];
+  char tmp[1100];
   snprintf(tmp, sizeof tmp, "%s.tmp", path);
   FILE *f = fopen(tmp, "wb");
   if (f == NULL)
