@@ -35,7 +35,7 @@
 typedef struct worker_priv worker_priv_t;
 typedef struct conn conn_t;
 
-/* What the per-connection timer currently guards. PHASE_SEND: between
+/* What the connection's deadline currently guards. PHASE_SEND: between
  * requests, with output the client is not reading; the connection goes when
  * no write makes progress for idle_timeout_ms (nginx's send_timeout), or a
  * client that never reads would hold its slot forever. */
@@ -60,14 +60,12 @@ typedef struct listener {
   int opened;             /* handle initialised (owns fd) */
 } listener_t;
 
-struct conn {
-  uv_tcp_t handle;
-  uv_timer_t timer;
-  worker_priv_t *worker;
-  listener_t *listener;
+/* Parse state of the request being read. A connection takes one when bytes
+ * arrive and gives it back once parsing stops between two messages with no
+ * byte left over, so an idle keep-alive connection holds none; workers keep
+ * a few spare ones (with their buffers) for the next request. */
+typedef struct conn_rx {
   llhttp_t parser;
-  tg_tls_t *tls;
-  /* Parse state of the request being read. */
   tg_buf_t scratch;       /* url\0 name\0 value\0 ... of the current head */
   uint16_t hoff[MAX_HEADERS * 2 + 1]; /* offsets in scratch (heads are < 64 KiB) */
   uint32_t nhdr;          /* header fields seen (name+value pairs completed) */
@@ -77,25 +75,42 @@ struct conn {
   uint64_t msg_start_ns;
   int err_status;         /* status to answer when a callback aborts parsing */
   const char *err_msg;    /* and its reason, when not the status' usual one */
-  int chunk_has_data;     /* the chunk being read carries data (its CRLF is checked) */
-  int check_crlf;         /* paused in on_chunk_complete to check that CRLF */
-  char tail[2];           /* last two bytes of the previous read */
   const char *exec_data;  /* start of the bytes llhttp_execute is working on */
   tg_buf_t target;        /* normalized path\0query\0host\0 of the current head */
   tg_target_t tgt;        /* lengths, and which parts exist; pointers into target */
+  tg_buf_t pending_in;    /* bytes read but not parsed (parser paused) */
+  struct conn_rx *next_spare; /* worker's spare list */
+  char tail[2];           /* last two bytes of the previous read */
+  unsigned in_message : 1;      /* between on_message_begin and on_message_complete */
+  unsigned chunk_has_data : 1;  /* the chunk being read carries data (its CRLF is checked) */
+  unsigned check_crlf : 1;      /* paused in on_chunk_complete to check that CRLF */
+  unsigned expect_continue : 1;
+  unsigned in_trailers : 1;     /* past the head: header callbacks are trailer fields */
+  unsigned upgrade : 1;         /* the request carries Upgrade: close after its answer */
+} conn_rx_t;
+
+/* One per open connection, and all an idle keep-alive one costs besides its
+ * libuv handle's slot in the loop and its place in the deadline heap: parse
+ * state lives in conn_rx_t, a write request only while a write is pending,
+ * and the output buffers are given back once everything is written. */
+struct conn {
+  uv_tcp_t handle;
+  worker_priv_t *worker;
+  listener_t *listener;
+  conn_rx_t *rx;          /* NULL between requests */
+  tg_tls_t *tls;
   /* Answer queue. */
   req_priv_t *qhead, *qtail;
   uint32_t queued;        /* requests read and not yet answered */
   uint32_t unsent;        /* answers serialized since the output last drained */
   tg_buf_t wbuf;          /* answers waiting to be written */
   tg_buf_t inflight;      /* bytes handed to uv_write */
-  uv_write_t wreq;
   size_t wlen;            /* bytes of inflight handed to the pending uv_write */
   uint64_t write_ms;      /* loop time the pending write started */
-  tg_buf_t pending_in;    /* bytes read but not parsed (parser paused) */
-  /* Timer. */
-  enum conn_phase phase;
+  /* Deadline, in the worker's heap while the phase has one. */
   uint64_t deadline;      /* loop time in ms */
+  uint32_t heap_idx;      /* position in the heap + 1; 0 when not in it */
+  uint8_t phase;          /* enum conn_phase */
   unsigned writing : 1;
   unsigned paused : 1;          /* parser paused: too many queued answers */
   unsigned reading : 1;
@@ -103,15 +118,20 @@ struct conn {
   unsigned close_when_done : 1; /* close once every queued answer is written */
   unsigned closing : 1;
   unsigned in_execute : 1;
-  unsigned expect_continue : 1;
-  unsigned in_trailers : 1;     /* past the head: header callbacks are trailer fields */
   unsigned resuming : 1;        /* inside conn_resume */
   unsigned resume_again : 1;    /* the output drained meanwhile: resume once more */
-  unsigned upgrade : 1;         /* the request carries Upgrade: close after its answer */
-  unsigned closed_handles : 2;  /* the struct goes when both handles closed */
-  char peer[64];
+  /* The client's address, formatted into each request (req->peer). */
+  uint8_t peer_family;    /* AF_INET, AF_INET6, or 0 when unknown */
+  uint16_t peer_port;
+  uint8_t peer_addr[16];
   struct conn *prev, *nextc;    /* worker's connection list */
 };
+
+/* Spare parse states and output buffers a worker keeps for its next
+ * requests, so a keep-alive request allocates nothing in the common case. */
+#define RX_SPARES 16
+#define BUF_SPARES 16
+#define SPARE_BUF_MAX 16384     /* larger buffers are freed, not kept */
 
 struct worker_priv {
   tg_worker_t pub;
@@ -133,6 +153,16 @@ struct worker_priv {
   char date_hdr[64];          /* "Date: ...\r\n" */
   size_t date_len;
   uint64_t req_counter;
+  /* Deadlines of every connection that has one: a binary min-heap on
+   * conn.deadline, served by one timer armed for the earliest. */
+  conn_t **heap;
+  uint32_t heap_len, heap_cap;
+  uv_timer_t conn_timer;
+  uint64_t timer_due;         /* loop time conn_timer is armed for; 0 when not armed */
+  conn_rx_t *rx_spare;
+  uint32_t nrx_spare;
+  uint32_t nbuf_spare;
+  tg_buf_t buf_spare[BUF_SPARES];
   char rbuf[READ_BUF_SIZE];
   char pbuf[READ_BUF_SIZE];   /* TLS plaintext */
 };
@@ -243,53 +273,249 @@ static size_t u64_to_dec(uint64_t v, char *out) {
   return n;
 }
 
-/* ---- timers: one per connection, deadlines move lazily ---- */
+/* ---- deadlines: one heap and one timer per worker ----
+ *
+ * A libuv timer per connection costs 152 bytes; a heap slot costs 8. The
+ * heap keeps the exact deadlines (head, body, idle and send timeouts all
+ * differ), and the timer is re-armed only when the earliest one moves
+ * earlier: one that moved later is found when the timer fires. */
 
 static void on_conn_timer(uv_timer_t *t);
 
-static void set_phase(conn_t *c, enum conn_phase phase, uint32_t ms) {
-  c->phase = phase;
+static void heap_place(worker_priv_t *w, uint32_t i, conn_t *c) {
+  w->heap[i] = c;
+  c->heap_idx = i + 1;
+}
+
+static void heap_up(worker_priv_t *w, uint32_t i) {
+  conn_t *c = w->heap[i];
+  while (i > 0) {
+    uint32_t parent = (i - 1) / 2;
+    if (w->heap[parent]->deadline <= c->deadline)
+      break;
+    heap_place(w, i, w->heap[parent]);
+    i = parent;
+  }
+  heap_place(w, i, c);
+}
+
+static void heap_down(worker_priv_t *w, uint32_t i) {
+  conn_t *c = w->heap[i];
+  for (;;) {
+    uint32_t m = 2 * i + 1;
+    if (m >= w->heap_len)
+      break;
+    if (m + 1 < w->heap_len && w->heap[m + 1]->deadline < w->heap[m]->deadline)
+      m++;
+    if (c->deadline <= w->heap[m]->deadline)
+      break;
+    heap_place(w, i, w->heap[m]);
+    i = m;
+  }
+  heap_place(w, i, c);
+}
+
+/* Room for n entries; every connection holds at most one, so reserving at
+ * accept time means setting a deadline never fails. 0 or -ENOMEM. */
+static int heap_reserve(worker_priv_t *w, uint32_t n) {
+  if (n <= w->heap_cap)
+    return 0;
+  uint32_t cap = w->heap_cap ? w->heap_cap : 64;
+  while (cap < n)
+    cap *= 2;
+  conn_t **h = realloc(w->heap, cap * sizeof *h);
+  if (h == NULL)
+    return -ENOMEM;
+  w->heap = h;
+  w->heap_cap = cap;
+  return 0;
+}
+
+static void heap_remove(worker_priv_t *w, conn_t *c) {
+  if (c->heap_idx == 0)
+    return;
+  uint32_t i = c->heap_idx - 1;
+  c->heap_idx = 0;
+  conn_t *last = w->heap[--w->heap_len];
+  if (i == w->heap_len)
+    return;
+  heap_place(w, i, last);
+  if (i > 0 && w->heap[(i - 1) / 2]->deadline > last->deadline)
+    heap_up(w, i);
+  else
+    heap_down(w, i);
+}
+
+static void arm_timer(worker_priv_t *w) {
+  if (w->heap_len == 0)
+    return;
+  uint64_t due = w->heap[0]->deadline;
+  if (w->timer_due != 0 && w->timer_due <= due)
+    return;
+  uint64_t now = uv_now(&w->loop);
+  uv_timer_start(&w->conn_timer, on_conn_timer, due > now ? due - now : 0, 0);
+  w->timer_due = due > now ? due : now;
+}
+
+/* Moves c to phase, with a deadline at loop time `deadline` (none for
+ * PHASE_WAIT). */
+static void set_deadline(conn_t *c, enum conn_phase phase, uint64_t deadline) {
+  worker_priv_t *w = c->worker;
+  if (c->closing) /* out of the heap for good: the struct goes soon */
+    return;
+  c->phase = (uint8_t)phase;
   if (phase == PHASE_WAIT) {
+    heap_remove(w, c);
     c->deadline = 0;
     return;
   }
-  uint64_t now = uv_now(&c->worker->loop);
-  uint64_t deadline = now + ms;
-  uint64_t due = uv_timer_get_due_in(&c->timer);
-  int active = uv_is_active((uv_handle_t *)&c->timer);
-  c->deadline = deadline;
-  /* Re-arm only when the new deadline is earlier than the armed one; a later
-   * deadline is found when the timer fires, which keeps the hot path cheap. */
-  if (!active || now + due > deadline)
-    uv_timer_start(&c->timer, on_conn_timer, ms, 0);
+  if (c->heap_idx == 0) {
+    c->deadline = deadline;
+    w->heap[w->heap_len] = c; /* room reserved at accept */
+    heap_up(w, w->heap_len++);
+  } else {
+    uint64_t old = c->deadline;
+    c->deadline = deadline;
+    if (deadline < old)
+      heap_up(w, c->heap_idx - 1);
+    else if (deadline > old)
+      heap_down(w, c->heap_idx - 1);
+  }
+  arm_timer(w);
 }
 
-static void on_conn_timer(uv_timer_t *t) {
-  conn_t *c = t->data;
-  if (c->closing || c->phase == PHASE_WAIT || c->deadline == 0)
-    return;
-  uint64_t now = uv_now(&c->worker->loop);
-  if (now < c->deadline) {
-    uv_timer_start(&c->timer, on_conn_timer, c->deadline - now, 0);
-    return;
-  }
-  switch (c->phase) {
+static void set_phase(conn_t *c, enum conn_phase phase, uint32_t ms) {
+  set_deadline(c, phase, uv_now(&c->worker->loop) + ms);
+}
+
+/* No byte of a request is being held: none came since the last one ended,
+ * or only the start of a method (llhttp keeps those in its own state). */
+static int no_partial_request(const conn_t *c) {
+  return c->rx == NULL || (c->rx->scratch.len == 0 && c->rx->head_bytes == 0);
+}
+
+/* c's deadline passed. */
+static void conn_expire(conn_t *c) {
+  switch ((enum conn_phase)c->phase) {
   case PHASE_IDLE:
   case PHASE_SEND:
     conn_close(c);
     break;
   case PHASE_HEAD:
-    if (c->scratch.len == 0 && c->queued == 0 && c->head_bytes == 0) {
+    if (c->queued == 0 && no_partial_request(c)) {
       conn_close(c); /* nothing was sent at all: just go */
       break;
     }
     /* fallthrough */
   case PHASE_BODY:
+    /* Nothing more is read; from here the connection waits for its answers,
+     * and for the client to take them (a pending write sets the send
+     * deadline). */
+    c->phase = PHASE_WAIT;
     queue_error(c, 408, "request not received in time");
     conn_flush(c);
     break;
   case PHASE_WAIT:
     break;
+  }
+}
+
+static void on_conn_timer(uv_timer_t *t) {
+  worker_priv_t *w = t->data;
+  w->timer_due = 0; /* fired: not armed */
+  uint64_t now = uv_now(&w->loop);
+  /* An expired connection closes or moves to a later deadline (a send
+   * deadline starts now), so this loop ends. */
+  while (w->heap_len > 0 && w->heap[0]->deadline <= now) {
+    conn_t *c = w->heap[0];
+    heap_remove(w, c);
+    if (!c->closing)
+      conn_expire(c);
+  }
+  arm_timer(w);
+}
+
+/* ---- per-request memory: taken when needed, given back when idle ---- */
+
+static conn_rx_t *rx_take(conn_t *c) {
+  worker_priv_t *w = c->worker;
+  conn_rx_t *rx = w->rx_spare;
+  if (rx) {
+    w->rx_spare = rx->next_spare;
+    w->nrx_spare--;
+    /* Keep the spare's buffers, forget the rest. */
+    tg_buf_t scratch = rx->scratch, body = rx->body, target = rx->target, pending = rx->pending_in;
+    memset(rx, 0, sizeof *rx);
+    rx->scratch = scratch;
+    rx->body = body;
+    rx->target = target;
+    rx->pending_in = pending;
+  } else {
+    rx = calloc(1, sizeof *rx);
+    if (rx == NULL)
+      return NULL;
+  }
+  llhttp_init(&rx->parser, HTTP_REQUEST, &parser_settings);
+  rx->parser.data = c;
+  c->rx = rx;
+  return rx;
+}
+
+static void buf_trim(tg_buf_t *b) {
+  if (b->cap > SPARE_BUF_MAX)
+    tg_buf_free(b);
+  else
+    tg_buf_reset(b);
+}
+
+static void rx_free(conn_rx_t *rx) {
+  tg_buf_free(&rx->scratch);
+  tg_buf_free(&rx->body);
+  tg_buf_free(&rx->target);
+  tg_buf_free(&rx->pending_in);
+  free(rx);
+}
+
+static void rx_give(worker_priv_t *w, conn_rx_t *rx) {
+  if (w->nrx_spare >= RX_SPARES || w->finished) {
+    rx_free(rx);
+    return;
+  }
+  buf_trim(&rx->scratch);
+  buf_trim(&rx->body);
+  buf_trim(&rx->target);
+  buf_trim(&rx->pending_in);
+  rx->next_spare = w->rx_spare;
+  w->rx_spare = rx;
+  w->nrx_spare++;
+}
+
+/* Gives the parse state back once nothing in it is needed: parsing stopped
+ * between two messages and no byte waits. The next byte takes a fresh one,
+ * which is the state llhttp itself would be in at a message start. */
+static void rx_release_if_idle(conn_t *c) {
+  conn_rx_t *rx = c->rx;
+  if (rx == NULL || c->in_execute || rx->in_message || rx->pending_in.len)
+    return;
+  c->rx = NULL;
+  rx_give(c->worker, rx);
+}
+
+/* An empty output buffer with room, from the worker's spares when it has none. */
+static void buf_take(worker_priv_t *w, tg_buf_t *b) {
+  if (b->data == NULL && w->nbuf_spare > 0)
+    *b = w->buf_spare[--w->nbuf_spare];
+}
+
+static void buf_give(worker_priv_t *w, tg_buf_t *b) {
+  if (b->data == NULL)
+    return;
+  if (b->len == 0 && b->cap <= SPARE_BUF_MAX && w->nbuf_spare < BUF_SPARES && !w->finished) {
+    tg_buf_reset(b);
+    w->buf_spare[w->nbuf_spare++] = *b;
+    *b = (tg_buf_t){0};
+  } else {
+    tg_buf_free(b);
   }
 }
 
@@ -392,6 +618,8 @@ static void drain_queue(conn_t *c) {
     c->qhead = r->next;
     if (c->qhead == NULL)
       c->qtail = NULL;
+    if (r->out.len)
+      buf_take(c->worker, &c->wbuf);
     if (r->out.len && tg_buf_append(&c->wbuf, r->out.data, r->out.len) != 0) {
       /* Skipping an answer would pair every later one with the wrong request. */
       req_free(r);
@@ -425,6 +653,8 @@ void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *hea
     body_len = sizeof oops - 1;
   }
   int head = c->qhead == r; /* common case: the oldest request, nothing ahead of it */
+  if (head)
+    buf_take(c->worker, &c->wbuf);
   if (serialize(c, head ? &c->wbuf : &r->out, r, status, headers, nheaders, body, body_len) != 0) {
     /* No answer at all would shift every later one onto the wrong request. */
     r->done = 1;
@@ -509,7 +739,7 @@ static void send_deadline(conn_t *c) {
     return;
   uint64_t now = uv_now(&c->worker->loop);
   uint64_t due = c->write_ms + c->worker->server->cfg.limits.idle_timeout_ms;
-  set_phase(c, PHASE_SEND, due > now ? (uint32_t)(due - now) : 0);
+  set_deadline(c, PHASE_SEND, due > now ? due : now);
 }
 
 /* Hands the head of inflight (at most MAX_WRITE bytes) to uv_write. */
@@ -518,10 +748,18 @@ static void write_inflight(conn_t *c) {
   c->write_ms = uv_now(&c->worker->loop); /* a write starts: the last one made progress */
   send_deadline(c);
   uv_buf_t b = uv_buf_init(c->inflight.data, (unsigned int)n);
-  c->wreq.data = c;
+  /* Only a connection the client reads slowly (or a TLS one) gets here: the
+   * request lives as long as its write. */
+  uv_write_t *wr = malloc(sizeof *wr);
+  if (wr == NULL) {
+    conn_close(c);
+    return;
+  }
+  wr->data = c;
   c->writing = 1;
   c->wlen = n;
-  if (uv_write(&c->wreq, (uv_stream_t *)&c->handle, &b, 1, on_write) != 0) {
+  if (uv_write(wr, (uv_stream_t *)&c->handle, &b, 1, on_write) != 0) {
+    free(wr);
     c->writing = 0;
     conn_close(c);
   }
@@ -529,6 +767,7 @@ static void write_inflight(conn_t *c) {
 
 static void on_write(uv_write_t *wr, int status) {
   conn_t *c = wr->data;
+  free(wr);
   c->writing = 0;
   if (status < 0 || c->closing) {
     if (!c->closing)
@@ -562,21 +801,12 @@ static void conn_after_flush(conn_t *c) {
     set_phase(c, PHASE_WAIT, 0);
   if (!c->closing && c->queued == 0 && c->phase == PHASE_WAIT) {
     set_phase(c, PHASE_IDLE, c->worker->server->cfg.limits.idle_timeout_ms);
-    /* An idle connection keeps small buffers for the next request, but not
-     * what one large request or answer grew them to. */
-    if (c->wbuf.cap > 16384)
-      tg_buf_free(&c->wbuf);
-    if (c->inflight.cap > 16384)
-      tg_buf_free(&c->inflight);
-    if (c->body.cap > 16384)
-      tg_buf_free(&c->body);
-    if (c->target.cap > 16384)
-      tg_buf_free(&c->target);
-    if (c->scratch.cap > 16384 && c->scratch.len == 0)
-      tg_buf_free(&c->scratch);
+    /* An idle connection keeps no buffer: they go back to the worker. */
+    buf_give(c->worker, &c->wbuf);
+    buf_give(c->worker, &c->inflight);
+    rx_release_if_idle(c);
   }
-  if (!c->closing && c->queued == 0 && c->worker->draining && c->scratch.len == 0 &&
-      c->head_bytes == 0)
+  if (!c->closing && c->queued == 0 && c->worker->draining && no_partial_request(c))
     conn_close(c);
 }
 
@@ -634,32 +864,37 @@ static void conn_flush(conn_t *c) {
 
 /* ---- parsing ---- */
 
-static int hdr_is(conn_t *c, uint32_t i, const char *name) {
-  return strcasecmp(c->scratch.data + c->hoff[1 + 2 * i], name) == 0;
+static int hdr_is(const conn_rx_t *rx, uint32_t i, const char *name) {
+  return strcasecmp(rx->scratch.data + rx->hoff[1 + 2 * i], name) == 0;
 }
 
-static const char *hdr_value(conn_t *c, uint32_t i) { return c->scratch.data + c->hoff[2 + 2 * i]; }
+static const char *hdr_value(const conn_rx_t *rx, uint32_t i) {
+  return rx->scratch.data + rx->hoff[2 + 2 * i];
+}
 
 static int on_message_begin(llhttp_t *p) {
   conn_t *c = p->data;
-  tg_buf_reset(&c->scratch);
-  tg_buf_reset(&c->body);
-  c->nhdr = 0;
-  c->span_start = 0;
-  c->head_bytes = 0;
-  c->expect_continue = 0;
-  c->in_trailers = 0;
-  c->upgrade = 0;
-  tg_buf_reset(&c->target);
-  c->msg_start_ns = uv_hrtime();
+  conn_rx_t *rx = c->rx;
+  tg_buf_reset(&rx->scratch);
+  tg_buf_reset(&rx->body);
+  tg_buf_reset(&rx->target);
+  rx->nhdr = 0;
+  rx->span_start = 0;
+  rx->head_bytes = 0;
+  rx->in_message = 1;
+  rx->expect_continue = 0;
+  rx->in_trailers = 0;
+  rx->upgrade = 0;
+  rx->msg_start_ns = uv_hrtime();
   set_phase(c, PHASE_HEAD, c->worker->server->cfg.limits.header_timeout_ms);
   return 0;
 }
 
 static int add_head_bytes(conn_t *c, size_t n) {
-  c->head_bytes += n;
-  if (c->head_bytes > c->worker->server->cfg.limits.max_header_bytes) {
-    c->err_status = 431;
+  conn_rx_t *rx = c->rx;
+  rx->head_bytes += n;
+  if (rx->head_bytes > c->worker->server->cfg.limits.max_header_bytes) {
+    rx->err_status = 431;
     return HPE_USER;
   }
   return 0;
@@ -667,12 +902,13 @@ static int add_head_bytes(conn_t *c, size_t n) {
 
 static int on_span(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = p->data;
+  conn_rx_t *rx = c->rx;
   if (add_head_bytes(c, len) != 0)
     return HPE_USER;
-  if (c->in_trailers) /* counted against the head limit, then dropped */
+  if (rx->in_trailers) /* counted against the head limit, then dropped */
     return 0;
-  if (tg_buf_append(&c->scratch, at, len) != 0) {
-    c->err_status = 500;
+  if (tg_buf_append(&rx->scratch, at, len) != 0) {
+    rx->err_status = 500;
     return HPE_USER;
   }
   return 0;
@@ -685,12 +921,13 @@ static int on_span(llhttp_t *p, const char *at, size_t len) {
  * the previous line, possibly at the end of the previous read. */
 static int on_value_span(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = p->data;
+  conn_rx_t *rx = c->rx;
   if (len && (at[0] == ' ' || at[0] == '\t')) {
-    size_t off = (size_t)(at - c->exec_data);
-    char prev = off >= 1 ? at[-1] : c->tail[1];
+    size_t off = (size_t)(at - rx->exec_data);
+    char prev = off >= 1 ? at[-1] : rx->tail[1];
     if (prev == '\n') {
-      c->err_status = 400;
-      c->err_msg = "obsolete line folding";
+      rx->err_status = 400;
+      rx->err_msg = "obsolete line folding";
       return HPE_USER;
     }
   }
@@ -698,23 +935,25 @@ static int on_value_span(llhttp_t *p, const char *at, size_t len) {
 }
 
 static int end_span(conn_t *c, uint32_t slot) {
-  if (tg_buf_append(&c->scratch, "", 1) != 0) { /* the NUL terminator */
-    c->err_status = 500;
+  conn_rx_t *rx = c->rx;
+  if (tg_buf_append(&rx->scratch, "", 1) != 0) { /* the NUL terminator */
+    rx->err_status = 500;
     return HPE_USER;
   }
-  c->hoff[slot] = (uint16_t)c->span_start;
-  c->span_start = (uint32_t)c->scratch.len;
+  rx->hoff[slot] = (uint16_t)rx->span_start;
+  rx->span_start = (uint32_t)rx->scratch.len;
   return 0;
 }
 
 /* The request target has its own cap so an over-long one is a 414, not a 431. */
 static int on_url(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = p->data;
+  conn_rx_t *rx = c->rx;
   size_t limit = c->worker->server->cfg.limits.max_header_bytes;
   if (limit > 8192)
     limit = 8192;
-  if (c->scratch.len + len > limit) {
-    c->err_status = 414;
+  if (rx->scratch.len + len > limit) {
+    rx->err_status = 414;
     return HPE_USER;
   }
   return on_span(p, at, len);
@@ -724,19 +963,20 @@ static int on_url_complete(llhttp_t *p) { return end_span(p->data, 0); }
 
 static int on_field_complete(llhttp_t *p) {
   conn_t *c = p->data;
-  if (c->in_trailers)
+  conn_rx_t *rx = c->rx;
+  if (rx->in_trailers)
     return add_head_bytes(c, 4);
-  if (c->nhdr >= MAX_HEADERS) {
-    c->err_status = 431;
+  if (rx->nhdr >= MAX_HEADERS) {
+    rx->err_status = 431;
     return HPE_USER;
   }
   if (add_head_bytes(c, 4) != 0) /* ": " and CRLF count against the limit */
     return HPE_USER;
-  int rc = end_span(c, 1 + 2 * c->nhdr);
-  const char *name = c->scratch.data + c->hoff[1 + 2 * c->nhdr];
+  int rc = end_span(c, 1 + 2 * rx->nhdr);
+  const char *name = rx->scratch.data + rx->hoff[1 + 2 * rx->nhdr];
   if (rc == 0 && !is_token_n(name, strlen(name))) {
-    c->err_status = 400;
-    c->err_msg = "invalid header name";
+    rx->err_status = 400;
+    rx->err_msg = "invalid header name";
     return HPE_USER;
   }
   return rc;
@@ -744,21 +984,23 @@ static int on_field_complete(llhttp_t *p) {
 
 static int on_value_complete(llhttp_t *p) {
   conn_t *c = p->data;
-  if (c->in_trailers)
+  conn_rx_t *rx = c->rx;
+  if (rx->in_trailers)
     return 0;
   /* RFC 9110 5.5: trailing whitespace is not part of a field value, and
    * llhttp 8.1 leaves it in ("Host: api.example " names api.example). */
-  while (c->scratch.len > c->span_start &&
-         (c->scratch.data[c->scratch.len - 1] == ' ' || c->scratch.data[c->scratch.len - 1] == '\t'))
-    c->scratch.len--;
-  int rc = end_span(c, 2 + 2 * c->nhdr);
-  c->nhdr++;
+  while (rx->scratch.len > rx->span_start &&
+         (rx->scratch.data[rx->scratch.len - 1] == ' ' || rx->scratch.data[rx->scratch.len - 1] == '\t'))
+    rx->scratch.len--;
+  int rc = end_span(c, 2 + 2 * rx->nhdr);
+  rx->nhdr++;
   return rc;
 }
 
 static int head_error(conn_t *c, int status, const char *msg) {
-  c->err_status = status;
-  c->err_msg = msg;
+  conn_rx_t *rx = c->rx;
+  rx->err_status = status;
+  rx->err_msg = msg;
   return HPE_USER;
 }
 
@@ -793,28 +1035,29 @@ static int check_transfer_encoding(const char *v) {
   return other ? 501 : 0;
 }
 
-/* Normalizes the target and the host into c->target (net/target.h), so a
+/* Normalizes the target and the host into rx->target (net/target.h), so a
  * bad one is refused before any body is read. */
 static int parse_target(conn_t *c, llhttp_t *p, const char *host_hdr) {
-  const char *url = c->scratch.data + c->hoff[0];
+  conn_rx_t *rx = c->rx;
+  const char *url = rx->scratch.data + rx->hoff[0];
   size_t url_len = strlen(url);
   size_t host_len = host_hdr ? strlen(host_hdr) : 0;
-  if (tg_buf_reserve(&c->target, url_len + 4 + host_len + 1) != 0)
+  if (tg_buf_reserve(&rx->target, url_len + 4 + host_len + 1) != 0)
     return head_error(c, 500, NULL);
   const char *why = NULL;
-  tg_target_t *t = &c->tgt;
-  if (tg_target_parse(url, url_len, c->target.data, t, &why) != 0)
+  tg_target_t *t = &rx->tgt;
+  if (tg_target_parse(url, url_len, rx->target.data, t, &why) != 0)
     return head_error(c, 400, why);
   if (t->asterisk && p->method != HTTP_OPTIONS)
     return head_error(c, 400, "\"*\" is for OPTIONS only");
   const char *end = t->host ? t->host + t->host_len + 1
                     : t->query ? t->query + t->query_len + 1
                                : t->path + t->path_len + 1;
-  size_t used = (size_t)(end - c->target.data);
+  size_t used = (size_t)(end - rx->target.data);
   if (host_hdr) {
     /* Checked even when an absolute-form authority wins (RFC 9112 3.2.2):
      * a malformed Host is a malformed request. */
-    char *out = c->target.data + used;
+    char *out = rx->target.data + used;
     size_t n;
     if (tg_target_host(host_hdr, host_len, out, &n, &why) != 0)
       return head_error(c, 400, why);
@@ -824,15 +1067,16 @@ static int parse_target(conn_t *c, llhttp_t *p, const char *host_hdr) {
     }
     used += n + 1;
   }
-  c->target.len = used;
+  rx->target.len = used;
   return 0;
 }
 
 static int on_headers_complete(llhttp_t *p) {
   conn_t *c = p->data;
+  conn_rx_t *rx = c->rx;
   const tg_http_limits_t *lim = &c->worker->server->cfg.limits;
-  c->in_trailers = 1; /* any header callback from here on is a trailer field */
-  if (c->hoff[0] >= c->scratch.len) /* no URL at all */
+  rx->in_trailers = 1; /* any header callback from here on is a trailer field */
+  if (rx->hoff[0] >= rx->scratch.len) /* no URL at all */
     return head_error(c, 400, NULL);
   if (p->http_major != 1) /* HTTP/0.9 and anything newer than 1.x over this parser */
     return head_error(c, 505, NULL);
@@ -844,15 +1088,15 @@ static int on_headers_complete(llhttp_t *p) {
     return head_error(c, 413, NULL);
   int hosts = 0, te = 0;
   const char *host = NULL, *te_value = NULL;
-  for (uint32_t i = 0; i < c->nhdr; i++) {
-    if (hdr_is(c, i, "host")) {
+  for (uint32_t i = 0; i < rx->nhdr; i++) {
+    if (hdr_is(rx, i, "host")) {
       hosts++;
-      host = hdr_value(c, i);
-    } else if (hdr_is(c, i, "transfer-encoding")) {
+      host = hdr_value(rx, i);
+    } else if (hdr_is(rx, i, "transfer-encoding")) {
       te++;
-      te_value = hdr_value(c, i);
-    } else if (hdr_is(c, i, "upgrade")) {
-      c->upgrade = 1;
+      te_value = hdr_value(rx, i);
+    } else if (hdr_is(rx, i, "upgrade")) {
+      rx->upgrade = 1;
     }
   }
   /* RFC 9112 3.2: exactly one Host in HTTP/1.1; at most one in 1.0. */
@@ -871,28 +1115,31 @@ static int on_headers_complete(llhttp_t *p) {
   int rc = parse_target(c, p, host);
   if (rc != 0)
     return rc;
-  for (uint32_t i = 0; i < c->nhdr; i++) {
-    if (hdr_is(c, i, "expect")) {
-      if (strcasecmp(hdr_value(c, i), "100-continue") != 0)
+  for (uint32_t i = 0; i < rx->nhdr; i++) {
+    if (hdr_is(rx, i, "expect")) {
+      if (strcasecmp(hdr_value(rx, i), "100-continue") != 0)
         return head_error(c, 417, NULL);
-      c->expect_continue = p->http_minor >= 1;
+      rx->expect_continue = p->http_minor >= 1;
     }
   }
-  if (c->expect_continue && c->qhead == NULL && c->wbuf.len == 0 &&
-      ((p->flags & F_CHUNKED) || p->content_length > 0))
+  if (rx->expect_continue && c->qhead == NULL && c->wbuf.len == 0 &&
+      ((p->flags & F_CHUNKED) || p->content_length > 0)) {
+    buf_take(c->worker, &c->wbuf);
     tg_buf_append(&c->wbuf, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+  }
   set_phase(c, PHASE_BODY, lim->body_timeout_ms);
   return 0;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = p->data;
-  if (c->body.len + len > c->worker->server->cfg.limits.max_body_bytes) {
-    c->err_status = 413;
+  conn_rx_t *rx = c->rx;
+  if (rx->body.len + len > c->worker->server->cfg.limits.max_body_bytes) {
+    rx->err_status = 413;
     return HPE_USER;
   }
-  if (tg_buf_append(&c->body, at, len) != 0) {
-    c->err_status = 500;
+  if (tg_buf_append(&rx->body, at, len) != 0) {
+    rx->err_status = 500;
     return HPE_USER;
   }
   return 0;
@@ -900,26 +1147,27 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
 
 static int on_chunk_header(llhttp_t *p) {
   conn_t *c = p->data;
-  c->chunk_has_data = p->content_length > 0;
+  c->rx->chunk_has_data = p->content_length > 0;
   return 0;
 }
 
 static int on_chunk_complete(llhttp_t *p) {
   conn_t *c = p->data;
-  if (!c->chunk_has_data)
+  conn_rx_t *rx = c->rx;
+  if (!rx->chunk_has_data)
     return 0;
-  c->chunk_has_data = 0;
-  c->check_crlf = 1;
+  rx->chunk_has_data = 0;
+  rx->check_crlf = 1;
   return HPE_PAUSED;
 }
 
 /* A client's X-Request-Id goes into every log line of its request: only a
  * short token ([A-Za-z0-9._:-], 1..39 bytes) is adopted, else we make one. */
-static void make_request_id(worker_priv_t *w, req_priv_t *r, conn_t *c) {
-  for (uint32_t i = 0; i < c->nhdr; i++) {
-    if (!hdr_is(c, i, "x-request-id"))
+static void make_request_id(worker_priv_t *w, req_priv_t *r, const conn_rx_t *rx) {
+  for (uint32_t i = 0; i < rx->nhdr; i++) {
+    if (!hdr_is(rx, i, "x-request-id"))
       continue;
-    const char *v = hdr_value(c, i);
+    const char *v = hdr_value(rx, i);
     size_t n = strlen(v);
     int ok = n > 0 && n < sizeof r->pub.request_id;
     for (size_t k = 0; ok && k < n; k++)
@@ -943,74 +1191,88 @@ static void make_request_id(worker_priv_t *w, req_priv_t *r, conn_t *c) {
   *o = '\0';
 }
 
+/* "ip:port" or "[ip6]:port" of the client into out (64 bytes); "" when unknown. */
+static size_t format_peer(const conn_t *c, char *out) {
+  char ip[48];
+  out[0] = '\0';
+  if (c->peer_family == 0 || uv_inet_ntop(c->peer_family, c->peer_addr, ip, sizeof ip) != 0)
+    return 0;
+  int n = snprintf(out, 64, c->peer_family == AF_INET6 ? "[%s]:%u" : "%s:%u", ip,
+                   (unsigned)c->peer_port);
+  return n > 0 && n < 64 ? (size_t)n : 0;
+}
+
 static int on_message_complete(llhttp_t *p) {
   conn_t *c = p->data;
+  conn_rx_t *rx = c->rx;
   worker_priv_t *w = c->worker;
-  size_t peer_len = strlen(c->peer) + 1;
-  size_t hdrs_size = c->nhdr * sizeof(tg_http_header_t);
-  size_t total = sizeof(req_priv_t) + hdrs_size + c->scratch.len + c->target.len + c->body.len + 1 +
-                 peer_len;
+  char peer_str[64];
+  size_t peer_len = format_peer(c, peer_str) + 1;
+  size_t hdrs_size = rx->nhdr * sizeof(tg_http_header_t);
+  size_t total = sizeof(req_priv_t) + hdrs_size + rx->scratch.len + rx->target.len + rx->body.len +
+                 1 + peer_len;
   req_priv_t *r = malloc(total);
   if (r == NULL) {
-    c->err_status = 500;
+    rx->err_status = 500;
     return HPE_USER;
   }
   memset(r, 0, sizeof *r);
   char *mem = (char *)(r + 1);
   tg_http_header_t *hdrs = (tg_http_header_t *)mem;
   char *head = mem + hdrs_size;
-  memcpy(head, c->scratch.data, c->scratch.len);
-  char *target = head + c->scratch.len;
-  memcpy(target, c->target.data, c->target.len);
-  char *body = target + c->target.len;
-  if (c->body.len)
-    memcpy(body, c->body.data, c->body.len);
-  body[c->body.len] = '\0';
-  char *peer = body + c->body.len + 1;
-  memcpy(peer, c->peer, peer_len);
+  memcpy(head, rx->scratch.data, rx->scratch.len);
+  char *target = head + rx->scratch.len;
+  memcpy(target, rx->target.data, rx->target.len);
+  char *body = target + rx->target.len;
+  if (rx->body.len)
+    memcpy(body, rx->body.data, rx->body.len);
+  body[rx->body.len] = '\0';
+  char *peer = body + rx->body.len + 1;
+  memcpy(peer, peer_str, peer_len);
 
-  for (uint32_t i = 0; i < c->nhdr; i++) {
-    hdrs[i].name = head + c->hoff[1 + 2 * i];
-    hdrs[i].value = head + c->hoff[2 + 2 * i];
+  for (uint32_t i = 0; i < rx->nhdr; i++) {
+    hdrs[i].name = head + rx->hoff[1 + 2 * i];
+    hdrs[i].value = head + rx->hoff[2 + 2 * i];
     hdrs[i].name_len = strlen(hdrs[i].name);
     hdrs[i].value_len = strlen(hdrs[i].value);
   }
   r->conn = c;
   /* After an Upgrade request the client may switch protocols whatever we
    * answer: its next bytes are not ours to parse as HTTP. */
-  r->keep_alive = llhttp_should_keep_alive(p) && !c->upgrade && !p->upgrade ? 1 : 0;
+  r->keep_alive = llhttp_should_keep_alive(p) && !rx->upgrade && !p->upgrade ? 1 : 0;
   r->head_method = p->method == HTTP_HEAD;
   tg_http_req_t *q = &r->pub;
   q->worker = &w->pub;
   q->id = ++w->req_counter;
   q->method = p->method;
   q->method_name = llhttp_method_name((llhttp_method_t)p->method);
-  const tg_target_t *t = &c->tgt;
-  q->raw_target = head + c->hoff[0];
+  const tg_target_t *t = &rx->tgt;
+  q->raw_target = head + rx->hoff[0];
   q->raw_target_len = strlen(q->raw_target);
-  q->path = target + (t->path - c->target.data);
+  q->path = target + (t->path - rx->target.data);
   q->path_len = t->path_len;
   if (t->query) {
-    q->query = target + (t->query - c->target.data);
+    q->query = target + (t->query - rx->target.data);
     q->query_len = t->query_len;
   }
   if (t->host) {
-    q->host = target + (t->host - c->target.data);
+    q->host = target + (t->host - rx->target.data);
     q->host_len = t->host_len;
   }
   q->headers = hdrs;
-  q->nheaders = c->nhdr;
+  q->nheaders = rx->nhdr;
   q->body = body;
-  q->body_len = c->body.len;
+  q->body_len = rx->body.len;
   q->http_minor = p->http_minor;
   q->tls = c->tls != NULL;
-  q->start_ns = c->msg_start_ns;
+  q->start_ns = rx->msg_start_ns;
   q->peer = peer;
-  make_request_id(w, r, c);
+  make_request_id(w, r, rx);
   queue_push(c, r);
-  tg_buf_reset(&c->scratch);
-  tg_buf_reset(&c->body);
-  c->head_bytes = 0;
+  tg_buf_reset(&rx->scratch);
+  tg_buf_reset(&rx->body);
+  rx->head_bytes = 0;
+  rx->in_message = 0;
   set_phase(c, PHASE_WAIT, 0);
   if (!r->keep_alive)
     c->stop_reading = 1;
@@ -1054,42 +1316,48 @@ static void settings_init(void) {
 static int conn_parse(conn_t *c, const char *data, size_t len) {
   if (c->stop_reading)
     return 1;
+  if (c->rx == NULL && rx_take(c) == NULL) {
+    conn_close(c);
+    return 1;
+  }
+  conn_rx_t *rx = c->rx;
   if (c->paused) {
-    tg_buf_append(&c->pending_in, data, len);
+    if (tg_buf_append(&rx->pending_in, data, len) != 0)
+      conn_close(c); /* dropping them would misframe what follows */
     return 1;
   }
   c->in_execute = 1;
-  c->exec_data = data;
+  rx->exec_data = data;
   const char *cur = data;
   llhttp_errno_t e;
   for (;;) {
-    e = llhttp_execute(&c->parser, cur, len - (size_t)(cur - data));
-    if (e != HPE_PAUSED || !c->check_crlf)
+    e = llhttp_execute(&rx->parser, cur, len - (size_t)(cur - data));
+    if (e != HPE_PAUSED || !rx->check_crlf)
       break;
     /* llhttp 8.1 skips the two bytes after chunk data without looking at
      * them; a proxy in front that checks would frame the body differently
      * (request smuggling). They sit just before the pause position, possibly
      * partly at the end of the previous read. */
-    c->check_crlf = 0;
-    const char *pos = llhttp_get_error_pos(&c->parser);
+    rx->check_crlf = 0;
+    const char *pos = llhttp_get_error_pos(&rx->parser);
     size_t off = (size_t)(pos - data);
-    char b1 = off >= 2 ? pos[-2] : off == 1 ? c->tail[1] : c->tail[0];
-    char b2 = off >= 1 ? pos[-1] : c->tail[1];
+    char b1 = off >= 2 ? pos[-2] : off == 1 ? rx->tail[1] : rx->tail[0];
+    char b2 = off >= 1 ? pos[-1] : rx->tail[1];
     if (b1 != '\r' || b2 != '\n') {
-      c->err_status = 400;
-      c->err_msg = "invalid chunk framing";
+      rx->err_status = 400;
+      rx->err_msg = "invalid chunk framing";
       e = HPE_USER;
       break;
     }
-    llhttp_resume(&c->parser);
+    llhttp_resume(&rx->parser);
     cur = pos;
   }
   if (len >= 2) {
-    c->tail[0] = data[len - 2];
-    c->tail[1] = data[len - 1];
+    rx->tail[0] = data[len - 2];
+    rx->tail[1] = data[len - 1];
   } else if (len == 1) {
-    c->tail[0] = c->tail[1];
-    c->tail[1] = data[0];
+    rx->tail[0] = rx->tail[1];
+    rx->tail[1] = data[0];
   }
   c->in_execute = 0;
   if (c->closing)
@@ -1099,13 +1367,13 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   if (e == HPE_PAUSED_UPGRADE) /* the Upgrade request was answered; nothing after it is read */
     c->stop_reading = 1;
   if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
-    const char *pos = llhttp_get_error_pos(&c->parser);
+    const char *pos = llhttp_get_error_pos(&rx->parser);
     size_t used = pos ? (size_t)(pos - data) : len;
-    if (c->paused && used < len)
-      tg_buf_append(&c->pending_in, data + used, len - used);
+    if (c->paused && used < len && tg_buf_append(&rx->pending_in, data + used, len - used) != 0)
+      conn_close(c);
     return 1;
   }
-  int status = c->err_status ? c->err_status : 400;
+  int status = rx->err_status ? rx->err_status : 400;
   const char *msg;
   switch (status) {
   case 413: msg = "request body too large"; break;
@@ -1114,8 +1382,8 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   case 417: msg = "expectation not supported"; break;
   case 505: msg = "HTTP version not supported"; break;
   case 500: msg = "out of memory"; break;
-  case 405: case 501: msg = c->err_msg ? c->err_msg : tg_http_reason(status); break;
-  default: msg = c->err_msg ? c->err_msg : llhttp_errno_name(e); status = 400; break;
+  case 405: case 501: msg = rx->err_msg ? rx->err_msg : tg_http_reason(status); break;
+  default: msg = rx->err_msg ? rx->err_msg : llhttp_errno_name(e); status = 400; break;
   }
   if (e == HPE_INVALID_VERSION)
     status = 505, msg = "HTTP version not supported";
@@ -1135,11 +1403,15 @@ static void conn_resume(conn_t *c) {
   do {
     c->resume_again = 0;
     c->paused = 0;
-    llhttp_resume(&c->parser);
-    if (c->pending_in.len == 0)
+    /* No parse state: parsing paused between two messages with nothing
+     * left over, and the next byte starts afresh. */
+    if (c->rx == NULL)
       break;
-    tg_buf_t in = c->pending_in;
-    c->pending_in = (tg_buf_t){0};
+    llhttp_resume(&c->rx->parser);
+    if (c->rx->pending_in.len == 0)
+      break;
+    tg_buf_t in = c->rx->pending_in;
+    c->rx->pending_in = (tg_buf_t){0};
     conn_parse(c, in.data, in.len);
     tg_buf_free(&in);
     if (c->closing)
@@ -1150,7 +1422,10 @@ static void conn_resume(conn_t *c) {
     conn_flush(c);
   } while (c->resume_again && !c->closing);
   c->resuming = 0;
-  if (!c->closing && !c->paused && !c->reading && !c->stop_reading)
+  if (c->closing)
+    return;
+  rx_release_if_idle(c);
+  if (!c->paused && !c->reading && !c->stop_reading)
     conn_read_start(c);
 }
 
@@ -1210,7 +1485,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     drain_queue(c);
     conn_flush(c);
   }
-  if (!c->closing && (c->paused || c->stop_reading) && c->reading) {
+  if (c->closing)
+    return;
+  rx_release_if_idle(c);
+  if ((c->paused || c->stop_reading) && c->reading) {
     uv_read_stop(s);
     c->reading = 0;
   }
@@ -1251,25 +1529,30 @@ static void conn_close(conn_t *c) {
     c->nextc->prev = c->prev;
   w->nconns--;
   atomic_fetch_sub_explicit(&w->server->connections, 1, memory_order_relaxed);
-  uv_timer_stop(&c->timer);
-  uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
+  heap_remove(w, c);
   uv_close((uv_handle_t *)&c->handle, conn_handle_closed);
 }
 
+/* The parse state may be in use until here: conn_close can run inside a
+ * parser callback. */
 static void conn_handle_closed(uv_handle_t *h) {
   conn_t *c = h->data;
-  if (++c->closed_handles < 2)
-    return;
   worker_priv_t *w = c->worker;
-  tg_buf_free(&c->scratch);
-  tg_buf_free(&c->body);
+  if (c->rx)
+    rx_give(w, c->rx);
   tg_buf_free(&c->wbuf);
   tg_buf_free(&c->inflight);
-  tg_buf_free(&c->pending_in);
-  tg_buf_free(&c->target);
   if (c->tls)
     tg_tls_free(c->tls);
   free(c);
+  /* Give back what a burst of connections grew the deadline heap to. */
+  if (w->heap_cap > 1024 && w->nconns < w->heap_cap / 4) {
+    conn_t **heap = realloc(w->heap, (w->heap_cap / 2) * sizeof *heap);
+    if (heap) {
+      w->heap = heap;
+      w->heap_cap /= 2;
+    }
+  }
   if (w->draining && w->nconns == 0)
     worker_finish(w);
 }
@@ -1300,36 +1583,34 @@ static void on_connection(uv_stream_t *server, int status) {
   }
   c->worker = w;
   c->listener = l;
-  uv_timer_init(&w->loop, &c->timer);
-  c->timer.data = c;
+  /* Its deadline's heap slot, so that setting one later cannot fail. */
+  if (heap_reserve(w, w->nconns + 1) != 0) {
+    uv_close((uv_handle_t *)&c->handle, (uv_close_cb)free);
+    return;
+  }
   uv_tcp_nodelay(&c->handle, 1);
   struct sockaddr_storage ss;
   int sl = sizeof ss;
   if (uv_tcp_getpeername(&c->handle, (struct sockaddr *)&ss, &sl) == 0) {
-    char ip[48] = "?";
-    int port = 0;
     if (ss.ss_family == AF_INET) {
       struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-      uv_ip4_name(a, ip, sizeof ip);
-      port = ntohs(a->sin_port);
-      snprintf(c->peer, sizeof c->peer, "%s:%d", ip, port);
+      c->peer_family = AF_INET;
+      c->peer_port = ntohs(a->sin_port);
+      memcpy(c->peer_addr, &a->sin_addr, 4);
     } else if (ss.ss_family == AF_INET6) {
       struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-      uv_ip6_name(a, ip, sizeof ip);
-      port = ntohs(a->sin6_port);
-      snprintf(c->peer, sizeof c->peer, "[%s]:%d", ip, port);
+      c->peer_family = AF_INET6;
+      c->peer_port = ntohs(a->sin6_port);
+      memcpy(c->peer_addr, &a->sin6_addr, 16);
     }
   }
   if (l->tls) {
     c->tls = tg_tls_new(l->tls, NULL);
     if (c->tls == NULL) {
-      uv_close((uv_handle_t *)&c->timer, NULL);
       uv_close((uv_handle_t *)&c->handle, (uv_close_cb)free);
       return;
     }
   }
-  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
-  c->parser.data = c;
   c->nextc = w->conns;
   if (w->conns)
     w->conns->prev = c;
@@ -1353,6 +1634,20 @@ static void on_grace_expired(uv_timer_t *t) {
   }
 }
 
+static void worker_free_spares(worker_priv_t *w) {
+  while (w->rx_spare) {
+    conn_rx_t *rx = w->rx_spare;
+    w->rx_spare = rx->next_spare;
+    rx_free(rx);
+  }
+  w->nrx_spare = 0;
+  while (w->nbuf_spare > 0)
+    tg_buf_free(&w->buf_spare[--w->nbuf_spare]);
+  free(w->heap);
+  w->heap = NULL;
+  w->heap_len = w->heap_cap = 0;
+}
+
 /* Every connection is gone: let the application release its per-worker
  * state, then close the worker's own handles so its loop ends. */
 static void worker_finish(worker_priv_t *w) {
@@ -1364,7 +1659,9 @@ static void worker_finish(worker_priv_t *w) {
     s->cfg.on_worker_stop(&w->pub, s->cfg.ud);
   uv_close((uv_handle_t *)&w->grace_timer, NULL);
   uv_close((uv_handle_t *)&w->date_timer, NULL);
+  uv_close((uv_handle_t *)&w->conn_timer, NULL);
   uv_close((uv_handle_t *)&w->stop_async, NULL);
+  worker_free_spares(w);
 }
 
 static void on_stop(uv_async_t *a) {
@@ -1618,6 +1915,9 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
     w->grace_timer.data = w;
     uv_timer_init(&w->loop, &w->date_timer);
     w->date_timer.data = w;
+    uv_timer_init(&w->loop, &w->conn_timer);
+    w->conn_timer.data = w;
+    uv_unref((uv_handle_t *)&w->conn_timer); /* connections keep the loop alive, not their deadlines */
     update_date(w);
     uv_timer_start(&w->date_timer, on_date_timer, 1000, 1000);
     uv_unref((uv_handle_t *)&w->date_timer);
@@ -1672,6 +1972,7 @@ fail_threads:
     uv_close((uv_handle_t *)&w->stop_async, NULL);
     uv_close((uv_handle_t *)&w->grace_timer, NULL);
     uv_close((uv_handle_t *)&w->date_timer, NULL);
+    uv_close((uv_handle_t *)&w->conn_timer, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     for (size_t li = 0; li < nl; li++)
       if (w->listeners && w->listeners[li].fd >= 0)

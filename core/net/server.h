@@ -25,7 +25,10 @@
  * Backpressure: a connection stops being read while the client has not taken
  * max_pipelined answers (queued, or serialized but unwritten) or 256 KiB of
  * unwritten output, and is read again once its output has drained; one whose
- * output makes no progress for idle_timeout_ms is closed. */
+ * output makes no progress for idle_timeout_ms is closed.
+ *
+ * An idle keep-alive connection holds no parse state, buffer or timer of its
+ * own: about 450 bytes with its libuv handle (plus the TLS session over TLS). */
 
 typedef struct tg_http_header {
   const char *name;

@@ -27,6 +27,8 @@ struct tg_tls_ctx {
 struct tg_tls {
   tg_tls_ctx_t *ctx;
   mbedtls_ssl_context ssl;
+  /* The three buffers are freed, not kept, once emptied: a session that
+   * waits for its peer (an idle keep-alive connection) holds none of them. */
   tg_buf_t in;      /* ciphertext from the peer not yet read by mbedTLS */
   size_t in_off;    /* bytes of in already handed to mbedTLS */
   tg_buf_t out;     /* ciphertext for the peer */
@@ -36,8 +38,10 @@ struct tg_tls {
   int fail;             /* sticky fatal error (negative errno), 0 while healthy */
   unsigned char ip[16]; /* client to an IP literal: the address to verify */
   size_t ip_len;        /* 4 or 16, 0 for host names */
-  char err[256];
+  char *err;            /* reason of the fatal error, allocated when it happens */
 };
+
+#define ERR_LEN 256
 
 /* mbedTLS checks the list pointer for its whole life: it must be static. */
 static const char *alpn_protos[] = {"http/1.1", NULL};
@@ -196,7 +200,7 @@ static int bio_recv(void *p, unsigned char *buf, size_t len) {
   memcpy(buf, t->in.data + t->in_off, n);
   t->in_off += n;
   if (t->in_off == t->in.len) {
-    tg_buf_reset(&t->in);
+    tg_buf_free(&t->in);
     t->in_off = 0;
   }
   return (int)n;
@@ -253,6 +257,7 @@ void tg_tls_free(tg_tls_t *t) {
   tg_buf_free(&t->in);
   tg_buf_free(&t->out);
   tg_buf_free(&t->pending);
+  free(t->err);
   free(t);
 }
 
@@ -264,14 +269,20 @@ int tg_tls_feed(tg_tls_t *t, const char *data, size_t len) {
   return tg_buf_append(&t->in, data, len);
 }
 
-/* Records a fatal mbedTLS error; returns the sticky errno-style code. */
+/* Records a fatal mbedTLS error; returns the sticky errno-style code. The
+ * reason is lost only when there is no memory for it. */
 static int fail(tg_tls_t *t, int rc, const char *what) {
+  if (t->err == NULL)
+    t->err = malloc(ERR_LEN);
   if (rc == MBEDTLS_ERR_SSL_ALLOC_FAILED) {
     t->fail = -ENOMEM;
-    snprintf(t->err, sizeof t->err, "%s: out of memory", what);
+    if (t->err)
+      snprintf(t->err, ERR_LEN, "%s: out of memory", what);
     return t->fail;
   }
   t->fail = -EPROTO;
+  if (t->err == NULL)
+    return t->fail;
   uint32_t flags = mbedtls_ssl_get_verify_result(&t->ssl);
   if (rc == MBEDTLS_ERR_X509_CERT_VERIFY_FAILED && flags != 0 && flags != (uint32_t)-1) {
     char info[200];
@@ -280,9 +291,9 @@ static int fail(tg_tls_t *t, int rc, const char *what) {
     for (int i = 0; i < n; i++)
       if (info[i] == '\n')
         info[i] = (i == n - 1) ? '\0' : ';';
-    snprintf(t->err, sizeof t->err, "certificate verification failed: %s", info);
+    snprintf(t->err, ERR_LEN, "certificate verification failed: %s", info);
   } else {
-    mbed_reason(rc, what, t->err, sizeof t->err);
+    mbed_reason(rc, what, t->err, ERR_LEN);
   }
   return t->fail;
 }
@@ -354,12 +365,13 @@ int tg_tls_take_output(tg_tls_t *t, tg_buf_t *out) {
     /* Hand the whole buffer over instead of copying it. */
     tg_buf_t empty = *out;
     *out = t->out;
-    t->out = empty;
+    t->out = (tg_buf_t){0};
+    tg_buf_free(&empty);
     return 0;
   }
   if (tg_buf_append(out, t->out.data, t->out.len) != 0)
     return -ENOMEM;
-  tg_buf_reset(&t->out);
+  tg_buf_free(&t->out);
   return 0;
 }
 
@@ -369,4 +381,8 @@ int tg_tls_handshake_done(const tg_tls_t *t) { return t->handshake_done; }
 
 const char *tg_tls_alpn(const tg_tls_t *t) { return mbedtls_ssl_get_alpn_protocol(&t->ssl); }
 
-const char *tg_tls_error(const tg_tls_t *t) { return t->err; }
+const char *tg_tls_error(const tg_tls_t *t) {
+  if (t->err)
+    return t->err;
+  return t->fail == -ENOMEM ? "out of memory" : t->fail ? "TLS error" : "";
+}

@@ -1,8 +1,11 @@
 /* The HTTP server against raw sockets: framing, keep-alive, pipelining,
- * chunked bodies, 100-continue, limits and timeouts, graceful stop. */
+ * chunked bodies, 100-continue, limits and timeouts, graceful stop, TLS, and
+ * what an idle keep-alive connection costs. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -11,7 +14,9 @@
 
 #include "base/buf.h"
 #include "net/server.h"
+#include "net/tls.h"
 #include "test.h"
+#include "tls_fixture.h"
 
 /* ---- the server under test ---- */
 
@@ -153,28 +158,35 @@ static void read_until_quiet(int fd, tg_buf_t *out, int timeout_ms) {
   }
 }
 
+/* Complete responses (Content-Length framed) at the start of b; 100
+ * Continue does not count. */
+static int count_responses(const tg_buf_t *b) {
+  int complete = 0;
+  const char *p = b->data;
+  const char *end = b->data ? b->data + b->len : NULL;
+  while (p && p < end) {
+    const char *hend = strstr(p, "\r\n\r\n");
+    if (hend == NULL)
+      break;
+    if (strncmp(p, "HTTP/1.1 100", 12) == 0) {
+      p = hend + 4;
+      continue;
+    }
+    const char *cl = strcasestr(p, "Content-Length: ");
+    size_t len = (cl && cl < hend) ? strtoul(cl + 16, NULL, 10) : 0;
+    if ((size_t)(end - (hend + 4)) < len)
+      break;
+    p = hend + 4 + len;
+    complete++;
+  }
+  return complete;
+}
+
 /* Reads exactly `count` complete responses (Content-Length framed). */
 static int read_responses(int fd, tg_buf_t *out, int count, int timeout_ms) {
   char tmp[8192];
   for (;;) {
-    int complete = 0;
-    const char *p = out->data;
-    const char *end = out->data ? out->data + out->len : NULL;
-    while (p && p < end) {
-      const char *hend = strstr(p, "\r\n\r\n");
-      if (hend == NULL)
-        break;
-      if (strncmp(p, "HTTP/1.1 100", 12) == 0) {
-        p = hend + 4;
-        continue;
-      }
-      const char *cl = strcasestr(p, "Content-Length: ");
-      size_t len = (cl && cl < hend) ? strtoul(cl + 16, NULL, 10) : 0;
-      if ((size_t)(end - (hend + 4)) < len)
-        break;
-      p = hend + 4 + len;
-      complete++;
-    }
+    int complete = count_responses(out);
     if (complete >= count)
       return complete;
     struct pollfd pf = {fd, POLLIN, 0};
@@ -986,5 +998,386 @@ TEST(client_that_never_reads_is_cut_after_the_idle_timeout) {
   CHECK(ms >= 300); /* idle_timeout_ms after the last write that made progress */
   close(fd);
   tg_buf_free(&req);
+  tg_server_stop(s, 1000);
+}
+
+static uint64_t ms_since(uint64_t t0) { return (uv_hrtime() - t0) / 1000000; }
+
+/* The parse state lasts only while a message is under way: requests split
+ * anywhere across reads, with pauses between them, parse as if they had
+ * come in one read. */
+TEST(requests_split_across_reads_and_pauses) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int fd = dial(tg_server_port(s, 0));
+  CHECK(fd >= 0);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  static const char *parts[] = {
+      "GET /one HTTP/1.1\r\nHost: t\r\n\r\n",
+      "\r\n", /* a stray CRLF between messages (RFC 9112 2.2) */
+      "G",    /* the next method's first byte */
+      "ET /two HTTP/1.1\r\nHo",
+      "st: t\r\nContent-Length: 4\r\n\r\nab",
+      "cdGET /three HTTP/1.1\r\nHost: t\r\n\r\nGET /fo",
+      "ur HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r",
+      "\n0\r\n\r\n",
+  };
+  for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+    send_str(fd, parts[i]);
+    usleep(30 * 1000); /* each part in a read of its own */
+  }
+  tg_buf_t b = {0};
+  CHECK_INT(read_responses(fd, &b, 4, 2000), 4);
+  const char *a1 = strstr(b.data, "GET /one q=- n=0 body=");
+  const char *a2 = strstr(b.data, "GET /two q=- n=4 body=abcd");
+  const char *a3 = strstr(b.data, "GET /three q=- n=0 body=");
+  const char *a4 = strstr(b.data, "GET /four q=- n=2 body=xy");
+  CHECK(a1 && a2 && a3 && a4);
+  CHECK(a1 < a2 && a2 < a3 && a3 < a4);
+  CHECK(strstr(b.data, "Connection: close") == NULL);
+  close(fd);
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+/* A request that starts on a keep-alive connection after a pause gets head
+ * and body deadlines counted from its own start, not what was left of the
+ * idle one. */
+TEST(a_request_after_a_pause_gets_its_own_deadlines) {
+  tg_http_limits_t lim = small_limits(); /* head and body 300 ms */
+  lim.idle_timeout_ms = 400;
+  tg_server_t *s = start(lim, 1);
+  CHECK(s != NULL);
+  static const char *stalls[] = {"GET /x HTTP/1.1\r\nHo",
+                                 "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\nabc"};
+  for (int i = 0; i < 2; i++) {
+    int fd = dial(tg_server_port(s, 0));
+    CHECK(fd >= 0);
+    send_str(fd, "GET /first HTTP/1.1\r\nHost: t\r\n\r\n");
+    tg_buf_t b = {0};
+    CHECK_INT(read_responses(fd, &b, 1, 2000), 1);
+    tg_buf_reset(&b);
+    usleep(250 * 1000); /* the idle deadline is 150 ms away */
+    uint64_t t0 = uv_hrtime();
+    send_str(fd, stalls[i]);
+    read_until_quiet(fd, &b, 2000);
+    uint64_t ms = ms_since(t0);
+    CHECK(b.data && strncmp(b.data, "HTTP/1.1 408 ", 13) == 0);
+    CHECK(ms >= 280);
+    close(fd);
+    tg_buf_free(&b);
+  }
+  tg_server_stop(s, 1000);
+}
+
+/* Deadlines are kept per connection: with head, body and idle timeouts all
+ * different and connections started at different times, each one ends on
+ * its own deadline, never earlier, and not much later. */
+TEST(each_connection_ends_on_its_own_deadline) {
+  tg_http_limits_t lim = small_limits();
+  lim.header_timeout_ms = 200;
+  lim.body_timeout_ms = 500;
+  lim.idle_timeout_ms = 1500;
+  static const uint64_t timeout[3] = {1500, 200, 500};
+  tg_server_t *s = start(lim, 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  enum { N = 24 };
+  int fd[N], kind[N];
+  uint64_t sent[N], ended[N];
+  tg_buf_t out[N];
+  memset(out, 0, sizeof out);
+  /* Interleaved kinds, 10 ms apart: 0 idle after an answer, 1 part of a
+   * head, 2 a head and part of its body. */
+  for (int i = 0; i < N; i++) {
+    kind[i] = i % 3;
+    ended[i] = 0;
+    fd[i] = dial(port);
+    CHECK(fd[i] >= 0);
+    sent[i] = uv_hrtime(); /* the server's clock for it starts later */
+    if (kind[i] == 0) {
+      send_str(fd[i], "GET /k HTTP/1.1\r\nHost: t\r\n\r\n");
+      CHECK_INT(read_responses(fd[i], &out[i], 1, 2000), 1);
+      tg_buf_reset(&out[i]);
+    } else if (kind[i] == 1) {
+      send_str(fd[i], "GET /k HTTP/1.1\r\nHo");
+    } else {
+      send_str(fd[i], "POST /k HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc");
+    }
+    /* After the first, the worker's timer waits for its idle deadline: the
+     * next, earlier deadlines must bring it forward. */
+    usleep(i == 0 ? 300 * 1000 : 10 * 1000);
+  }
+  uint64_t t0 = uv_hrtime();
+  int left = N;
+  while (left > 0 && ms_since(t0) < 5000) {
+    struct pollfd p[N];
+    int idx[N], np = 0;
+    for (int i = 0; i < N; i++) {
+      if (ended[i] == 0) {
+        p[np] = (struct pollfd){fd[i], POLLIN, 0};
+        idx[np++] = i;
+      }
+    }
+    if (poll(p, (nfds_t)np, 100) <= 0)
+      continue;
+    for (int k = 0; k < np; k++) {
+      if (p[k].revents == 0)
+        continue;
+      char tmp[1024];
+      ssize_t n = recv(fd[idx[k]], tmp, sizeof tmp, 0);
+      if (n > 0) {
+        tg_buf_append(&out[idx[k]], tmp, (size_t)n);
+      } else {
+        ended[idx[k]] = uv_hrtime();
+        left--;
+      }
+    }
+  }
+  CHECK_INT(left, 0);
+  for (int i = 0; i < N; i++) {
+    uint64_t ms = (ended[i] - sent[i]) / 1000000;
+    if (ms + 20 < timeout[kind[i]] || ms > timeout[kind[i]] + 400)
+      fprintf(stderr, "  connection %d (kind %d) ended after %" PRIu64 " ms\n", i, kind[i], ms);
+    CHECK(ms + 20 >= timeout[kind[i]]); /* uv_now() is cached per loop turn: a few ms of slack */
+    CHECK(ms <= timeout[kind[i]] + 400);
+    if (kind[i] == 0)
+      CHECK_INT(out[i].len, 0); /* an idle connection just goes */
+    else
+      CHECK(out[i].data && strncmp(out[i].data, "HTTP/1.1 408 ", 13) == 0);
+    close(fd[i]);
+    tg_buf_free(&out[i]);
+  }
+  tg_server_stop(s, 1000);
+}
+
+static int sanitized(void) {
+  const char *v = getenv("TG_SANITIZED");
+  return v && strcmp(v, "1") == 0;
+}
+
+/* An idle keep-alive connection holds no parse state, no buffer and no timer
+ * of its own: what it costs on the heap (this process's, which the server
+ * shares) stays under 1 KiB. */
+TEST(idle_keepalive_connections_cost_under_1_kib) {
+  enum { N = 400 };
+  tg_http_limits_t lim = small_limits();
+  lim.header_timeout_ms = lim.idle_timeout_ms = 60000;
+  tg_server_t *s = start(lim, 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  static int fds[N];
+  tg_buf_t b = {0};
+  CHECK_INT(tg_buf_reserve(&b, 16384), 0);
+  /* Warm up: the worker's spare parse state and buffers, the first blocks
+   * of its deadline heap and of libuv's descriptor table. */
+  for (int i = 0; i < 2; i++) {
+    int fd = dial(port);
+    CHECK(fd >= 0);
+    send_str(fd, "GET /warm HTTP/1.1\r\nHost: t\r\n\r\n");
+    CHECK_INT(read_responses(fd, &b, 1, 2000), 1);
+    tg_buf_reset(&b);
+    close(fd);
+  }
+  while (tg_server_connections(s) > 0)
+    usleep(1000);
+  usleep(50 * 1000);
+  size_t before = mallinfo2().uordblks;
+  for (int i = 0; i < N; i++) {
+    fds[i] = dial(port);
+    CHECK(fds[i] >= 0);
+    send_str(fds[i], "POST /idle HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    CHECK_INT(read_responses(fds[i], &b, 1, 2000), 1);
+    tg_buf_reset(&b);
+  }
+  usleep(100 * 1000); /* the server gives back its buffers after writing the answer */
+  size_t after = mallinfo2().uordblks;
+  CHECK_INT(tg_server_connections(s), N);
+  long per = ((long)after - (long)before) / N;
+  printf("  %d idle keep-alive connections: %ld B of heap each\n", N, per);
+  /* ASan's allocator is not glibc's: mallinfo2 does not see it. */
+  if (!sanitized())
+    CHECK(per < 1024);
+  /* Idle, not dead: each still answers. */
+  for (int i = 0; i < N; i += 40) {
+    send_str(fds[i], "GET /again HTTP/1.1\r\nHost: t\r\n\r\n");
+    CHECK_INT(read_responses(fds[i], &b, 1, 2000), 1);
+    CHECK(strstr(b.data, "GET /again") != NULL);
+    tg_buf_reset(&b);
+  }
+  for (int i = 0; i < N; i++)
+    close(fds[i]);
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+/* ---- TLS: a blocking client over net/tls.h ---- */
+
+static tls_fixture_t fx;
+static int fx_state; /* 0 not made, 1 ready, -1 failed */
+
+static void remove_fixture(void) { tls_fixture_remove(&fx); }
+
+static const tls_fixture_t *fixture(void) {
+  if (fx_state == 0) {
+    fx_state = tls_fixture_make(&fx) == 0 ? 1 : -1;
+    if (fx_state == 1)
+      atexit(remove_fixture);
+  }
+  return fx_state == 1 ? &fx : NULL;
+}
+
+typedef struct tls_client {
+  int fd;
+  tg_tls_t *tls;
+  tg_buf_t plain; /* what the server sent, decrypted */
+} tls_client_t;
+
+static void tls_flush(tls_client_t *c) {
+  if (!tg_tls_has_output(c->tls))
+    return;
+  tg_buf_t wire = {0};
+  if (tg_tls_take_output(c->tls, &wire) == 0)
+    send_all(c->fd, wire.data, wire.len);
+  tg_buf_free(&wire);
+}
+
+/* Waits up to timeout_ms for bytes: 1 read some, 0 nothing came, -1 the
+ * server closed or the session failed. */
+static int tls_recv(tls_client_t *c, int timeout_ms) {
+  struct pollfd p = {c->fd, POLLIN, 0};
+  if (poll(&p, 1, timeout_ms) <= 0)
+    return 0;
+  char tmp[16384];
+  ssize_t n = recv(c->fd, tmp, sizeof tmp, 0);
+  if (n <= 0 || tg_tls_feed(c->tls, tmp, (size_t)n) != 0)
+    return -1;
+  for (;;) {
+    int k = tg_tls_read(c->tls, tmp, sizeof tmp);
+    if (k == 0)
+      break;
+    if (k < 0)
+      return -1;
+    tg_buf_append(&c->plain, tmp, (size_t)k);
+  }
+  tls_flush(c);
+  return 1;
+}
+
+static int tls_dial(tls_client_t *c, tg_tls_ctx_t *ctx, int port) {
+  memset(c, 0, sizeof *c);
+  c->fd = dial(port);
+  c->tls = c->fd >= 0 ? tg_tls_new(ctx, "localhost") : NULL;
+  if (c->tls == NULL)
+    return -1;
+  char none[1];
+  tg_tls_read(c->tls, none, sizeof none); /* ClientHello */
+  tls_flush(c);
+  uint64_t t0 = uv_hrtime();
+  while (!tg_tls_handshake_done(c->tls) && ms_since(t0) < 3000)
+    if (tls_recv(c, 100) < 0)
+      return -1;
+  return tg_tls_handshake_done(c->tls) ? 0 : -1;
+}
+
+static void tls_send(tls_client_t *c, const char *s) {
+  tg_tls_write(c->tls, s, strlen(s));
+  tls_flush(c);
+}
+
+static int tls_read_responses(tls_client_t *c, int count, int timeout_ms) {
+  uint64_t t0 = uv_hrtime();
+  while (count_responses(&c->plain) < count && ms_since(t0) < (uint64_t)timeout_ms)
+    if (tls_recv(c, 50) < 0)
+      break;
+  return count_responses(&c->plain);
+}
+
+static void tls_client_close(tls_client_t *c) {
+  tg_tls_free(c->tls);
+  if (c->fd >= 0)
+    close(c->fd);
+  tg_buf_free(&c->plain);
+}
+
+/* Over TLS the server keeps the session between requests and nothing else:
+ * keep-alive across a pause, pipelined requests split across records, and
+ * the idle timeout all behave as in plain HTTP. */
+TEST(tls_keepalive_pipelining_and_idle_close) {
+  const tls_fixture_t *f = fixture();
+  CHECK(f != NULL);
+  tg_listener_config_t l = {"127.0.0.1", 0, f->cert, f->key, 0, handler, NULL};
+  tg_server_config_t cfg = {0};
+  cfg.listeners = &l;
+  cfg.nlisteners = 1;
+  cfg.nworkers = 1;
+  cfg.limits = small_limits(); /* idle_timeout_ms 300 */
+  tg_server_t *s = NULL;
+  char err[256];
+  CHECK_INT(tg_server_start(&s, &cfg, err, sizeof err), 0);
+  tg_tls_ctx_t *ctx = tg_tls_client_ctx_new(f->ca, err, sizeof err);
+  CHECK(ctx != NULL);
+  tls_client_t c;
+  CHECK_INT(tls_dial(&c, ctx, tg_server_port(s, 0)), 0);
+  tls_send(&c, "GET /one HTTP/1.1\r\nHost: t\r\n\r\n");
+  CHECK_INT(tls_read_responses(&c, 1, 2000), 1);
+  usleep(150 * 1000);
+  tls_send(&c, "GET /two HTTP/1.1\r\nHost: t\r\n\r\nPOST /three HTTP/1.1\r\nHost: t\r\nContent-Len");
+  usleep(30 * 1000);
+  tls_send(&c, "gth: 3\r\n\r\nabc");
+  CHECK_INT(tls_read_responses(&c, 3, 2000), 3);
+  const char *a1 = strstr(c.plain.data, "GET /one q=- n=0");
+  const char *a2 = strstr(c.plain.data, "GET /two q=- n=0");
+  const char *a3 = strstr(c.plain.data, "POST /three q=- n=3 body=abc");
+  CHECK(a1 && a2 && a3);
+  CHECK(a1 < a2 && a2 < a3);
+  /* Then idle: closed after idle_timeout_ms. */
+  uint64_t t0 = uv_hrtime();
+  int rc = 0;
+  while (rc >= 0 && ms_since(t0) < 3000)
+    rc = tls_recv(&c, 100);
+  CHECK_INT(rc, -1);
+  CHECK(ms_since(t0) >= 250);
+  tls_client_close(&c);
+  tg_tls_ctx_free(ctx);
+  tg_server_stop(s, 1000);
+}
+
+/* The earliest deadline moving later (a head completes and its body's longer
+ * deadline starts) must not hide the next one: a connection behind it still
+ * times out on time. */
+TEST(a_deadline_moved_later_does_not_hide_an_earlier_one) {
+  tg_http_limits_t lim = small_limits();
+  lim.header_timeout_ms = 200;
+  lim.body_timeout_ms = 1500;
+  tg_server_t *s = start(lim, 1);
+  CHECK(s != NULL);
+  int port = tg_server_port(s, 0);
+  int x = dial(port);
+  CHECK(x >= 0);
+  send_str(x, "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n");
+  usleep(20 * 1000);
+  int y = dial(port);
+  CHECK(y >= 0);
+  uint64_t ty = uv_hrtime();
+  send_str(y, "GET /y HTTP/1.1\r\nHo");
+  usleep(20 * 1000);
+  uint64_t tx = uv_hrtime();
+  send_str(x, "\r\nabc"); /* x's head is complete: its deadline moves 1.3 s later */
+  tg_buf_t b = {0};
+  read_until_quiet(y, &b, 3000);
+  uint64_t ms = ms_since(ty);
+  CHECK(b.data && strncmp(b.data, "HTTP/1.1 408 ", 13) == 0);
+  CHECK(ms + 20 >= 200);
+  CHECK(ms <= 600);
+  tg_buf_reset(&b);
+  read_until_quiet(x, &b, 3000);
+  ms = ms_since(tx);
+  CHECK(b.data && strncmp(b.data, "HTTP/1.1 408 ", 13) == 0);
+  CHECK(ms + 20 >= 1500);
+  close(x);
+  close(y);
+  tg_buf_free(&b);
   tg_server_stop(s, 1000);
 }
