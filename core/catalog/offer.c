@@ -258,19 +258,34 @@ static int compute_tag(const tg_offer_key_t *key, const uint8_t *msg, size_t len
   return 0;
 }
 
-/* base64url without padding, through mbedTLS' standard base64. */
+/* base64url without padding (RFC 4648 section 5). A token is public, so
+ * this needs no constant-time table lookups (mbedTLS' encoder has them, and
+ * cost Discover more than a SHA-256 compression per offer). */
 static int b64url_encode(const uint8_t *src, size_t len, char *out, size_t outlen) {
-  char tmp[4 * ((MAX_PAYLOAD + 2) / 3) + 1];
-  size_t olen = 0;
-  if (mbedtls_base64_encode((unsigned char *)tmp, sizeof(tmp), &olen, src, len) != 0)
-    return -EIO;
-  while (olen > 0 && tmp[olen - 1] == '=')
-    olen--;
-  if (olen + 1 > outlen)
+  static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  size_t need = len / 3 * 4 + (len % 3 ? len % 3 + 1 : 0);
+  if (need + 1 > outlen)
     return -ENOSPC;
-  for (size_t i = 0; i < olen; i++)
-    out[i] = tmp[i] == '+' ? '-' : tmp[i] == '/' ? '_' : tmp[i];
-  out[olen] = '\0';
+  char *o = out;
+  size_t i = 0;
+  for (; i + 3 <= len; i += 3) {
+    uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8 | src[i + 2];
+    *o++ = abc[v >> 18];
+    *o++ = abc[(v >> 12) & 63];
+    *o++ = abc[(v >> 6) & 63];
+    *o++ = abc[v & 63];
+  }
+  if (len - i == 1) {
+    uint32_t v = (uint32_t)src[i] << 16;
+    *o++ = abc[v >> 18];
+    *o++ = abc[(v >> 12) & 63];
+  } else if (len - i == 2) {
+    uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8;
+    *o++ = abc[v >> 18];
+    *o++ = abc[(v >> 12) & 63];
+    *o++ = abc[(v >> 6) & 63];
+  }
+  *o = '\0';
   return 0;
 }
 

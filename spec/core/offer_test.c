@@ -138,6 +138,28 @@ TEST(encode_hashed_is_encode_and_states_follow_keys) {
   CHECK_INT(tg_offer_encode_hashed(&k, &o, NULL, b, sizeof b), -EINVAL);
 }
 
+/* The token's base64url is the gateway's own encoder: for payloads of every
+ * length modulo 3 (tenant names of 1 to 64 bytes) it must spell exactly what
+ * mbedTLS' standard base64 spells, translated and unpadded. */
+TEST(base64url_matches_the_standard_encoding) {
+  tg_offer_keyring_t k;
+  tg_offer_t o;
+  char tok[TG_OFFER_TOKEN_MAX], want[TG_OFFER_TOKEN_MAX + 4];
+  uint8_t raw[256];
+  keyring(&k);
+  sample(&o);
+  for (size_t len = 1; len <= 64; len++) {
+    memset(o.tenant, 'a' + (int)(len % 26), len);
+    o.tenant[len] = '\0';
+    o.amount = (int64_t)(len * 7919); /* varied bytes, so '-' and '_' show up */
+    CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof tok), 0);
+    size_t n = raw_decode(tok, raw, sizeof raw);
+    CHECK(n > 0);
+    raw_encode(raw, n, want);
+    CHECK_STR(tok, want);
+  }
+}
+
 TEST(round_trip) {
   tg_offer_keyring_t k;
   tg_offer_t o, d;
