@@ -246,7 +246,13 @@ const tg_http_header_t *tg_http_req_header_n(const tg_http_req_t *req, const cha
 }
 
 void tg_http_peer_ip(const tg_http_req_t *req, char *out, size_t outlen) {
-  snprintf(out, outlen, "%s", req->peer ? req->peer : "");
+  size_t n = req->peer ? strlen(req->peer) : 0;
+  if (outlen == 0)
+    return;
+  if (n >= outlen)
+    n = outlen - 1;
+  memcpy(out, req->peer ? req->peer : "", n);
+  out[n] = '\0';
   char *colon = strrchr(out, ':');
   if (colon && (out[0] != '[' || colon[-1] == ']'))
     *colon = '\0';
@@ -1191,15 +1197,33 @@ static void make_request_id(worker_priv_t *w, req_priv_t *r, const conn_rx_t *rx
   *o = '\0';
 }
 
-/* "ip:port" or "[ip6]:port" of the client into out (64 bytes); "" when unknown. */
+/* "ip:port" or "[ip6]:port" of the client into out (64 bytes); "" when
+ * unknown. Runs per request (the connection keeps the address as bytes):
+ * no printf. */
 static size_t format_peer(const conn_t *c, char *out) {
-  char ip[48];
+  char *o = out;
   out[0] = '\0';
-  if (c->peer_family == 0 || uv_inet_ntop(c->peer_family, c->peer_addr, ip, sizeof ip) != 0)
+  if (c->peer_family == AF_INET6)
+    *o++ = '[';
+  if (c->peer_family == 0 || uv_inet_ntop(c->peer_family, c->peer_addr, o, 48) != 0) {
+    out[0] = '\0';
     return 0;
-  int n = snprintf(out, 64, c->peer_family == AF_INET6 ? "[%s]:%u" : "%s:%u", ip,
-                   (unsigned)c->peer_port);
-  return n > 0 && n < 64 ? (size_t)n : 0;
+  }
+  o += strlen(o);
+  if (c->peer_family == AF_INET6)
+    *o++ = ']';
+  *o++ = ':';
+  char digits[6];
+  int n = 0;
+  unsigned port = c->peer_port;
+  do {
+    digits[n++] = (char)('0' + port % 10);
+    port /= 10;
+  } while (port && n < 5);
+  while (n > 0)
+    *o++ = digits[--n];
+  *o = '\0';
+  return (size_t)(o - out);
 }
 
 static int on_message_complete(llhttp_t *p) {

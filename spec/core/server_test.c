@@ -61,6 +61,13 @@ static void handler(tg_http_req_t *req, void *ud) {
     tg_buf_free(&b);
     return;
   }
+  if (strcmp(req->path, "/peer") == 0) {
+    char ip[64], body[160];
+    tg_http_peer_ip(req, ip, sizeof ip);
+    int n = snprintf(body, sizeof body, "peer=%s ip=%s", req->peer ? req->peer : "-", ip);
+    tg_http_respond_simple(req, 200, "text/plain", body, (size_t)n);
+    return;
+  }
   if (strcmp(req->path, "/rid") == 0) {
     tg_http_respond_simple(req, 200, "text/plain", req->request_id, strlen(req->request_id));
     return;
@@ -453,6 +460,28 @@ TEST(slow_client_gets_408_and_others_are_served) {
   CHECK(b.data && strncmp(b.data, "HTTP/1.1 408 ", 13) == 0);
   close(slow);
   close(fast);
+  tg_buf_free(&b);
+  tg_server_stop(s, 1000);
+}
+
+/* The client's address as the pipeline sees it: "ip:port" with the port
+ * the client really has, and the address alone from tg_http_peer_ip. */
+TEST(peer_is_ip_and_port) {
+  tg_server_t *s = start(small_limits(), 1);
+  CHECK(s != NULL);
+  int fd = dial(tg_server_port(s, 0));
+  struct sockaddr_in me;
+  socklen_t len = sizeof me;
+  CHECK_INT(getsockname(fd, (struct sockaddr *)&me, &len), 0);
+  send_str(fd, "GET /peer HTTP/1.1\r\nHost: t\r\n\r\nGET /peer HTTP/1.1\r\nHost: t\r\n\r\n");
+  tg_buf_t b = {0};
+  CHECK_INT(read_responses(fd, &b, 2, 1000), 2);
+  char want[96];
+  snprintf(want, sizeof want, "peer=127.0.0.1:%u ip=127.0.0.1", (unsigned)ntohs(me.sin_port));
+  const char *first = b.data ? strstr(b.data, want) : NULL;
+  CHECK(first != NULL);
+  CHECK(first && strstr(first + 1, want) != NULL); /* the same for the second request */
+  close(fd);
   tg_buf_free(&b);
   tg_server_stop(s, 1000);
 }
