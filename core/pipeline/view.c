@@ -74,10 +74,13 @@ static int canonical_host(const char *host, size_t len, bool https, char *out) {
 /* v->uri = scheme "://" v->host path ["?" query]; sets target. */
 static int compose_uri(tg_view_t *v, bool https, const char *path, size_t plen, const char *query,
                        size_t qlen) {
-  int n = snprintf(v->uri, sizeof v->uri, "%s://%s", https ? "https" : "http", v->host);
-  size_t need = (size_t)n + plen + (query ? 1 + qlen : 0);
-  if (n < 0 || need >= sizeof v->uri)
+  const char *scheme = https ? "https://" : "http://";
+  size_t slen = https ? 8 : 7, hlen = strlen(v->host), n = slen + hlen; /* host < TG_VIEW_HOST_MAX */
+  size_t need = n + plen + (query ? 1 + qlen : 0);
+  if (need >= sizeof v->uri)
     return -1;
+  memcpy(v->uri, scheme, slen);
+  memcpy(v->uri + slen, v->host, hlen);
   char *t = v->uri + n;
   memcpy(t, path, plen);
   if (query) {
@@ -86,7 +89,7 @@ static int compose_uri(tg_view_t *v, bool https, const char *path, size_t plen, 
   }
   v->uri[need] = '\0';
   v->target = t;
-  v->target_len = need - (size_t)n;
+  v->target_len = need - n;
   return 0;
 }
 
