@@ -1,0 +1,774 @@
+#include "ledger/wal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base/crc32c.h"
+#include "base/metrics.h"
+
+static const char MAGIC[8] = {'T', 'G', 'W', 'A', 'L', 'S', 'E', 'G'};
+#define VERSION 1u
+
+static tg_metric_t *m_pending_bytes, *m_pending_records, *m_flush_seconds, *m_batch_records;
+
+/* One appended record: the frame (length, CRC, payload) is written as is. */
+typedef struct entry {
+  struct entry *next;
+  tg_wal_client_t *client;
+  tg_wal_append_cb cb;
+  void *arg;
+  uint64_t seq;
+  int status;
+  uint32_t frame_len; /* TG_WAL_RECORD_OVERHEAD + payload */
+  uint8_t frame[];
+} entry_t;
+
+struct tg_wal_client {
+  tg_wal_t *wal;
+  uv_async_t async;
+  pthread_mutex_t mu; /* guards done_head/tail, and the writer's uv_async_send */
+  entry_t *done_head, *done_tail;
+  size_t inflight; /* loop thread only */
+};
+
+struct tg_wal {
+  char *dir;
+  tg_wal_opts_t o;
+
+  pthread_mutex_t mu; /* guards everything down to `failed` */
+  pthread_cond_t cond;
+  entry_t *head, *tail;  /* queued, not yet taken by the writer */
+  uint64_t queued_bytes; /* in head..tail */
+  uint64_t first_ns;     /* when the oldest queued record arrived */
+  uint64_t pending_bytes, pending_records; /* appended, not yet durable */
+  uint64_t used_bytes;   /* segments on disk + everything appended since */
+  uint64_t next_seq;
+  int stopping;
+  int failed; /* negative errno once the log has failed */
+
+  /* Writer thread only. */
+  pthread_t thread;
+  int fd;           /* current (last) segment */
+  uint64_t seg_size; /* its size */
+  uint64_t seg_records;
+  uint8_t *buf;
+  size_t buf_cap;
+
+  _Atomic uint64_t st_batches, st_fsyncs, st_records, st_bytes;
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  if (err == NULL || errlen == 0)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+static void put32(uint8_t *p, uint32_t v) {
+  for (int i = 0; i < 4; i++)
+    p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++)
+    p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get32(const uint8_t *p) {
+  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get64(const uint8_t *p) {
+  return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The record CRC covers the length too, so a zeroed or shifted frame never verifies. */
+static uint32_t frame_crc(const uint8_t len_le[4], const void *payload, size_t len) {
+  return tg_crc32c(tg_crc32c(0, len_le, 4), payload, len);
+}
+
+static void header_encode(uint8_t h[TG_WAL_HEADER_SIZE], uint64_t first_seq) {
+  memcpy(h, MAGIC, 8);
+  put32(h + 8, VERSION);
+  put64(h + 16, first_seq);
+  uint32_t c = tg_crc32c(tg_crc32c(0, h, 12), h + 16, 8);
+  put32(h + 12, c);
+}
+
+static int header_decode(const uint8_t *h, uint64_t *first_seq) {
+  if (memcmp(h, MAGIC, 8) != 0 || get32(h + 8) != VERSION)
+    return -1;
+  if (get32(h + 12) != tg_crc32c(tg_crc32c(0, h, 12), h + 16, 8))
+    return -1;
+  *first_seq = get64(h + 16);
+  return 0;
+}
+
+void tg_wal_opts_init(tg_wal_opts_t *o) {
+  memset(o, 0, sizeof *o);
+  o->segment_bytes = UINT64_C(64) << 20;
+  o->capacity_bytes = UINT64_C(1) << 30;
+  o->batch_bytes = 64 << 10;
+  o->batch_interval_us = 1000;
+  o->queue_bytes = 16 << 20;
+  o->queue_records = 65536;
+}
+
+int tg_wal_metrics_init(void) {
+  static const double sizes[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096};
+  m_pending_bytes = tg_metric_new(TG_METRIC_GAUGE, "txlog_wal_pending_bytes",
+                                  "Bytes appended to the write-ahead log, not yet durable", NULL, NULL, 0);
+  m_pending_records = tg_metric_new(TG_METRIC_GAUGE, "txlog_wal_pending_records",
+                                    "Records appended to the write-ahead log, not yet durable", NULL, NULL, 0);
+  m_flush_seconds = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_flush_duration_seconds",
+                                  "Write and fdatasync of one write-ahead log batch", NULL, NULL, 0);
+  m_batch_records = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_fsync_batch_records",
+                                  "Records made durable by one fdatasync", NULL, sizes,
+                                  sizeof sizes / sizeof sizes[0]);
+  if (!m_pending_bytes || !m_pending_records || !m_flush_seconds || !m_batch_records)
+    return -ENOMEM;
+  return 0;
+}
+
+/* ---- segments on disk ---- */
+
+typedef struct {
+  uint64_t first_seq;
+  char name[32];
+} seg_t;
+
+static int seg_cmp(const void *a, const void *b) {
+  uint64_t x = ((const seg_t *)a)->first_seq, y = ((const seg_t *)b)->first_seq;
+  return x < y ? -1 : x > y;
+}
+
+static void seg_name(char out[32], uint64_t first_seq) {
+  snprintf(out, 32, "%020" PRIu64 ".wal", first_seq);
+}
+
+/* The segment files of dir, sorted. Other files are ignored. */
+static int list_segments(const char *dir, seg_t **out, size_t *n, char *err, size_t errlen) {
+  DIR *d = opendir(dir);
+  if (d == NULL) {
+    int e = -errno;
+    set_err(err, errlen, "%s: %s", dir, strerror(errno));
+    return e;
+  }
+  seg_t *v = NULL;
+  size_t len = 0, cap = 0;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    const char *s = de->d_name;
+    if (strlen(s) != 24 || strcmp(s + 20, ".wal") != 0 || strspn(s, "0123456789") != 20)
+      continue;
+    if (len == cap) {
+      cap = cap ? cap * 2 : 16;
+      seg_t *nv = realloc(v, cap * sizeof *v);
+      if (nv == NULL) {
+        free(v);
+        closedir(d);
+        set_err(err, errlen, "out of memory");
+        return -ENOMEM;
+      }
+      v = nv;
+    }
+    v[len].first_seq = strtoull(s, NULL, 10);
+    memcpy(v[len].name, s, 25);
+    len++;
+  }
+  closedir(d);
+  if (len)
+    qsort(v, len, sizeof *v, seg_cmp);
+  *out = v;
+  *n = len;
+  return 0;
+}
+
+static int read_file(const char *path, uint8_t **data, size_t *size, char *err, size_t errlen) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    goto fail_errno;
+  struct stat st;
+  if (fstat(fd, &st) != 0)
+    goto fail_close;
+  size_t n = (size_t)st.st_size, got = 0;
+  uint8_t *p = malloc(n ? n : 1);
+  if (p == NULL) {
+    close(fd);
+    set_err(err, errlen, "%s: out of memory", path);
+    return -ENOMEM;
+  }
+  while (got < n) {
+    ssize_t r = read(fd, p + got, n - got);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      int e = r < 0 ? -errno : -EIO;
+      free(p);
+      close(fd);
+      set_err(err, errlen, "%s: read: %s", path, strerror(-e));
+      return e;
+    }
+    got += (size_t)r;
+  }
+  close(fd);
+  *data = p;
+  *size = n;
+  return 0;
+fail_close:;
+  int saved = errno;
+  close(fd);
+  errno = saved;
+fail_errno:;
+  int e = -errno;
+  set_err(err, errlen, "%s: %s", path, strerror(errno));
+  return e;
+}
+
+static int fsync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return -errno;
+  int r = fsync(fd) == 0 ? 0 : -errno;
+  close(fd);
+  return r;
+}
+
+/* A whole frame with a good CRC at off. */
+static int frame_ok(const uint8_t *data, size_t size, size_t off) {
+  if (off > size || size - off < TG_WAL_RECORD_OVERHEAD)
+    return 0;
+  uint32_t len = get32(data + off);
+  return len > 0 && len <= TG_WAL_MAX_RECORD && size - off - TG_WAL_RECORD_OVERHEAD >= len &&
+         frame_crc(data + off, data + off + TG_WAL_RECORD_OVERHEAD, len) == get32(data + off + 4);
+}
+
+/* Verifies every segment of dir in order. With repair, a damaged tail of
+ * the last segment is truncated (and a last segment shorter than a header
+ * removed); without, it is an error. Fills rec, and last_name with the name
+ * of the last segment left ("" when there is none). */
+static int scan(const char *dir, int repair, tg_wal_record_cb cb, void *arg, tg_wal_recovery_t *rec,
+                char *last_name, char *err, size_t errlen) {
+  memset(rec, 0, sizeof *rec);
+  rec->next_seq = 1;
+  seg_t *segs = NULL;
+  size_t nseg = 0;
+  int r = list_segments(dir, &segs, &nseg, err, errlen);
+  if (r != 0)
+    return r;
+  if (last_name)
+    last_name[0] = '\0';
+  char path[4096];
+  for (size_t i = 0; i < nseg; i++) {
+    int last = i + 1 == nseg;
+    snprintf(path, sizeof path, "%s/%s", dir, segs[i].name);
+    uint8_t *data = NULL;
+    size_t size = 0;
+    if ((r = read_file(path, &data, &size, err, errlen)) != 0)
+      goto out;
+    uint64_t first = 0;
+    if (size < TG_WAL_HEADER_SIZE && last && repair) {
+      /* Crashed while the segment was being made: it never held a record. */
+      free(data);
+      if (unlink(path) != 0 || fsync_dir(dir) != 0) {
+        r = -errno;
+        set_err(err, errlen, "%s: cannot remove: %s", path, strerror(errno));
+        goto out;
+      }
+      rec->dropped_bytes += size;
+      break;
+    }
+    if (size < TG_WAL_HEADER_SIZE || header_decode(data, &first) != 0 || first != segs[i].first_seq) {
+      free(data);
+      set_err(err, errlen, "%s: offset 0: bad segment header", path);
+      r = -EBADMSG;
+      goto out;
+    }
+    if (rec->segments > 0 && first != rec->next_seq) {
+      free(data);
+      set_err(err, errlen, "%s: offset 0: starts at sequence %" PRIu64 ", expected %" PRIu64, path, first,
+              rec->next_seq);
+      r = -EBADMSG;
+      goto out;
+    }
+    rec->segments++;
+    rec->next_seq = first;
+    size_t off = TG_WAL_HEADER_SIZE;
+    while (off < size) {
+      const char *why = NULL;
+      uint32_t len = 0;
+      if (size - off < TG_WAL_RECORD_OVERHEAD) {
+        why = "torn record header";
+      } else {
+        len = get32(data + off);
+        if (len == 0 || len > TG_WAL_MAX_RECORD)
+          why = "bad record length";
+        else if (size - off - TG_WAL_RECORD_OVERHEAD < len)
+          why = "torn record";
+        else if (frame_crc(data + off, data + off + TG_WAL_RECORD_OVERHEAD, len) != get32(data + off + 4))
+          why = "CRC mismatch";
+      }
+      /* A bad CRC with a good record right after it is a damaged record in the
+       * middle, not a torn tail: truncating would drop acknowledged records. */
+      int middle = !last || !repair;
+      if (why != NULL && !middle && len > 0 && why[0] == 'C' &&
+          frame_ok(data, size, off + TG_WAL_RECORD_OVERHEAD + len)) {
+        why = "CRC mismatch before valid records";
+        middle = 1;
+      }
+      if (why != NULL) {
+        if (middle) {
+          set_err(err, errlen, "%s: offset %zu: %s (record %" PRIu64 ")", path, off, why, rec->next_seq);
+          free(data);
+          r = -EBADMSG;
+          goto out;
+        }
+        /* The tail: count its frames as best we can, then cut it off. */
+        uint64_t frames = 0;
+        for (size_t o = off; o < size;) {
+          frames++;
+          uint32_t l = size - o >= 4 ? get32(data + o) : 0;
+          if (l == 0 || l > size - o)
+            break;
+          o += TG_WAL_RECORD_OVERHEAD + (size_t)l;
+        }
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, (off_t)off) != 0 || fdatasync(fd) != 0) {
+          r = -errno;
+          set_err(err, errlen, "%s: cannot truncate at %zu: %s", path, off, strerror(errno));
+          if (fd >= 0)
+            close(fd);
+          free(data);
+          goto out;
+        }
+        close(fd);
+        rec->dropped_bytes += size - off;
+        rec->dropped_records += frames;
+        size = off;
+        break;
+      }
+      if (cb && (r = cb(arg, rec->next_seq, data + off + TG_WAL_RECORD_OVERHEAD, len)) != 0) {
+        set_err(err, errlen, "replay stopped at record %" PRIu64 " (%d)", rec->next_seq, r);
+        free(data);
+        goto out;
+      }
+      rec->records++;
+      rec->next_seq++;
+      off += TG_WAL_RECORD_OVERHEAD + (size_t)len;
+    }
+    rec->bytes += size;
+    free(data);
+    if (last_name)
+      memcpy(last_name, segs[i].name, 25);
+  }
+  r = 0;
+out:
+  free(segs);
+  return r;
+}
+
+int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery_t *rec, char *err,
+                size_t errlen) {
+  tg_wal_recovery_t tmp;
+  return scan(dir, 0, cb, arg, rec ? rec : &tmp, NULL, err, errlen);
+}
+
+/* ---- the writer ---- */
+
+static int write_all(int fd, const uint8_t *p, size_t n) {
+  while (n) {
+    ssize_t r = write(fd, p, n);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    p += r;
+    n -= (size_t)r;
+  }
+  return 0;
+}
+
+static int sync_fd(tg_wal_t *w, int fd) {
+  atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
+  return fdatasync(fd) == 0 ? 0 : -errno;
+}
+
+/* A new last segment starting at first_seq, header durable, entry in the dir durable. */
+static int segment_create(tg_wal_t *w, uint64_t first_seq) {
+  char name[32], path[4096];
+  seg_name(name, first_seq);
+  snprintf(path, sizeof path, "%s/%s", w->dir, name);
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+  if (fd < 0)
+    return -errno;
+  uint8_t h[TG_WAL_HEADER_SIZE];
+  header_encode(h, first_seq);
+  int r = write_all(fd, h, sizeof h);
+  if (r == 0)
+    r = sync_fd(w, fd);
+  if (r == 0) {
+    atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
+    r = fsync_dir(w->dir);
+  }
+  if (r != 0) {
+    close(fd);
+    return r;
+  }
+  w->fd = fd;
+  w->seg_size = TG_WAL_HEADER_SIZE;
+  w->seg_records = 0;
+  return 0;
+}
+
+static int flush_buf(tg_wal_t *w, size_t *used) {
+  int r = *used ? write_all(w->fd, w->buf, *used) : 0;
+  *used = 0;
+  return r;
+}
+
+/* Writes a batch and makes it durable: 0 or a negative errno. */
+static int write_batch(tg_wal_t *w, entry_t *list) {
+  size_t used = 0;
+  int r;
+  for (entry_t *e = list; e; e = e->next) {
+    if (w->seg_records > 0 && w->seg_size + e->frame_len > w->o.segment_bytes) {
+      if ((r = flush_buf(w, &used)) != 0 || (r = sync_fd(w, w->fd)) != 0)
+        return r;
+      close(w->fd);
+      w->fd = -1;
+      pthread_mutex_lock(&w->mu);
+      w->used_bytes += TG_WAL_HEADER_SIZE;
+      pthread_mutex_unlock(&w->mu);
+      if ((r = segment_create(w, e->seq)) != 0)
+        return r;
+    }
+    if (used + e->frame_len > w->buf_cap && (r = flush_buf(w, &used)) != 0)
+      return r;
+    if (e->frame_len > w->buf_cap) {
+      if ((r = write_all(w->fd, e->frame, e->frame_len)) != 0)
+        return r;
+    } else {
+      memcpy(w->buf + used, e->frame, e->frame_len);
+      used += e->frame_len;
+    }
+    w->seg_size += e->frame_len;
+    w->seg_records++;
+  }
+  if ((r = flush_buf(w, &used)) != 0)
+    return r;
+  return sync_fd(w, w->fd);
+}
+
+static void deliver(entry_t *list, int status) {
+  while (list) {
+    entry_t *e = list;
+    list = e->next;
+    e->next = NULL;
+    e->status = status;
+    tg_wal_client_t *c = e->client;
+    pthread_mutex_lock(&c->mu);
+    if (c->done_tail)
+      c->done_tail->next = e;
+    else
+      c->done_head = e;
+    c->done_tail = e;
+    /* Under the mutex: tg_wal_client_free takes it, so the handle is alive here. */
+    uv_async_send(&c->async);
+    pthread_mutex_unlock(&c->mu);
+  }
+}
+
+static void *writer_main(void *arg) {
+  tg_wal_t *w = arg;
+  pthread_mutex_lock(&w->mu);
+  for (;;) {
+    while (w->head == NULL && !w->stopping)
+      pthread_cond_wait(&w->cond, &w->mu);
+    if (w->head == NULL)
+      break;
+    if (w->o.batch_interval_us > 0 && !w->stopping && w->failed == 0) {
+      uint64_t deadline = w->first_ns + (uint64_t)w->o.batch_interval_us * 1000u;
+      struct timespec ts = {(time_t)(deadline / 1000000000u), (long)(deadline % 1000000000u)};
+      while (w->queued_bytes < w->o.batch_bytes && !w->stopping && now_ns() < deadline)
+        pthread_cond_timedwait(&w->cond, &w->mu, &ts);
+    }
+    entry_t *list = w->head;
+    w->head = w->tail = NULL;
+    w->queued_bytes = 0;
+    int failed = w->failed;
+    pthread_mutex_unlock(&w->mu);
+
+    uint64_t n = 0, bytes = 0;
+    for (entry_t *e = list; e; e = e->next) {
+      n++;
+      bytes += e->frame_len;
+    }
+    int r = failed;
+    if (r == 0) {
+      uint64_t t0 = now_ns();
+      r = write_batch(w, list);
+      if (r == 0) {
+        tg_histogram_observe(m_flush_seconds, NULL, (double)(now_ns() - t0) / 1e9);
+        tg_histogram_observe(m_batch_records, NULL, (double)n);
+        atomic_fetch_add_explicit(&w->st_batches, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&w->st_records, n, memory_order_relaxed);
+        atomic_fetch_add_explicit(&w->st_bytes, bytes, memory_order_relaxed);
+      }
+    }
+    pthread_mutex_lock(&w->mu);
+    if (r != 0 && w->failed == 0)
+      w->failed = r;
+    w->pending_bytes -= bytes;
+    w->pending_records -= n;
+    tg_gauge_set(m_pending_bytes, NULL, (double)w->pending_bytes);
+    tg_gauge_set(m_pending_records, NULL, (double)w->pending_records);
+    pthread_mutex_unlock(&w->mu);
+    deliver(list, r);
+    pthread_mutex_lock(&w->mu);
+  }
+  pthread_mutex_unlock(&w->mu);
+  return NULL;
+}
+
+int tg_wal_open(const tg_wal_opts_t *o, tg_wal_t **out, tg_wal_recovery_t *rec, char *err, size_t errlen) {
+  tg_wal_recovery_t tmp;
+  if (rec == NULL)
+    rec = &tmp;
+  *out = NULL;
+  if (o == NULL || o->dir == NULL || o->segment_bytes < TG_WAL_HEADER_SIZE + TG_WAL_RECORD_OVERHEAD + 1 ||
+      o->batch_bytes == 0 || o->queue_records == 0 || o->queue_bytes == 0) {
+    set_err(err, errlen, "invalid write-ahead log options");
+    return -EINVAL;
+  }
+  if (mkdir(o->dir, 0750) != 0 && errno != EEXIST) {
+    int e = -errno;
+    set_err(err, errlen, "%s: %s", o->dir, strerror(errno));
+    return e;
+  }
+  char last[32];
+  int r = scan(o->dir, 1, o->replay, o->replay_arg, rec, last, err, errlen);
+  if (r != 0)
+    return r;
+
+  tg_wal_t *w = calloc(1, sizeof *w);
+  if (w == NULL || (w->dir = strdup(o->dir)) == NULL) {
+    free(w);
+    set_err(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  w->o = *o;
+  w->o.dir = w->dir;
+  w->fd = -1;
+  w->next_seq = rec->next_seq;
+  w->used_bytes = rec->bytes;
+  w->buf_cap = o->batch_bytes < (1u << 20) ? (1u << 20) : o->batch_bytes;
+  if ((w->buf = malloc(w->buf_cap)) == NULL) {
+    r = -ENOMEM;
+    set_err(err, errlen, "out of memory");
+    goto fail;
+  }
+  if (last[0] != '\0') {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", w->dir, last);
+    w->fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    struct stat st;
+    if (w->fd < 0 || fstat(w->fd, &st) != 0) {
+      r = -errno;
+      set_err(err, errlen, "%s: %s", path, strerror(errno));
+      goto fail;
+    }
+    w->seg_size = (uint64_t)st.st_size;
+    uint64_t first = strtoull(last, NULL, 10);
+    w->seg_records = rec->next_seq - first;
+  } else {
+    if ((r = segment_create(w, w->next_seq)) != 0) {
+      set_err(err, errlen, "%s: cannot create a segment: %s", w->dir, strerror(-r));
+      goto fail;
+    }
+    w->used_bytes += TG_WAL_HEADER_SIZE;
+    rec->bytes += TG_WAL_HEADER_SIZE;
+    rec->segments++;
+  }
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&w->cond, &ca);
+  pthread_condattr_destroy(&ca);
+  pthread_mutex_init(&w->mu, NULL);
+  if ((r = pthread_create(&w->thread, NULL, writer_main, w)) != 0) {
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->mu);
+    r = -r;
+    set_err(err, errlen, "cannot start the writer thread: %s", strerror(-r));
+    goto fail;
+  }
+  tg_gauge_set(m_pending_bytes, NULL, 0);
+  tg_gauge_set(m_pending_records, NULL, 0);
+  *out = w;
+  return 0;
+fail:
+  if (w->fd >= 0)
+    close(w->fd);
+  free(w->buf);
+  free(w->dir);
+  free(w);
+  return r;
+}
+
+void tg_wal_close(tg_wal_t *w) {
+  if (w == NULL)
+    return;
+  pthread_mutex_lock(&w->mu);
+  w->stopping = 1;
+  pthread_cond_signal(&w->cond);
+  pthread_mutex_unlock(&w->mu);
+  pthread_join(w->thread, NULL);
+  if (w->fd >= 0)
+    close(w->fd);
+  pthread_cond_destroy(&w->cond);
+  pthread_mutex_destroy(&w->mu);
+  free(w->buf);
+  free(w->dir);
+  free(w);
+}
+
+void tg_wal_stats(tg_wal_t *w, tg_wal_stats_t *out) {
+  out->batches = atomic_load_explicit(&w->st_batches, memory_order_relaxed);
+  out->fsyncs = atomic_load_explicit(&w->st_fsyncs, memory_order_relaxed);
+  out->records = atomic_load_explicit(&w->st_records, memory_order_relaxed);
+  out->bytes = atomic_load_explicit(&w->st_bytes, memory_order_relaxed);
+}
+
+/* ---- clients ---- */
+
+static void on_async(uv_async_t *a) {
+  tg_wal_client_t *c = a->data;
+  pthread_mutex_lock(&c->mu);
+  entry_t *list = c->done_head;
+  c->done_head = c->done_tail = NULL;
+  pthread_mutex_unlock(&c->mu);
+  while (list) {
+    entry_t *e = list;
+    list = e->next;
+    c->inflight--;
+    e->cb(e->arg, e->status, e->seq);
+    free(e);
+  }
+}
+
+int tg_wal_client_new(tg_wal_t *w, uv_loop_t *loop, tg_wal_client_t **out) {
+  *out = NULL;
+  tg_wal_client_t *c = calloc(1, sizeof *c);
+  if (c == NULL)
+    return -ENOMEM;
+  c->wal = w;
+  int r = uv_async_init(loop, &c->async, on_async);
+  if (r != 0) {
+    free(c);
+    return r;
+  }
+  c->async.data = c;
+  pthread_mutex_init(&c->mu, NULL);
+  *out = c;
+  return 0;
+}
+
+static void on_client_closed(uv_handle_t *h) {
+  tg_wal_client_t *c = h->data;
+  pthread_mutex_destroy(&c->mu);
+  free(c);
+}
+
+int tg_wal_client_free(tg_wal_client_t *c) {
+  if (c == NULL)
+    return 0;
+  if (c->inflight > 0)
+    return -EBUSY;
+  /* Waits out a writer still inside deliver()'s uv_async_send for our last entry. */
+  pthread_mutex_lock(&c->mu);
+  pthread_mutex_unlock(&c->mu);
+  uv_close((uv_handle_t *)&c->async, on_client_closed);
+  return 0;
+}
+
+size_t tg_wal_client_inflight(const tg_wal_client_t *c) {
+  return c->inflight;
+}
+
+int tg_wal_append(tg_wal_client_t *c, const void *payload, size_t len, tg_wal_append_cb cb, void *arg,
+                  uint64_t *seq) {
+  tg_wal_t *w = c->wal;
+  if (len == 0 || cb == NULL || (payload == NULL && len > 0))
+    return -EINVAL;
+  if (len > TG_WAL_MAX_RECORD || len > w->o.segment_bytes - TG_WAL_HEADER_SIZE - TG_WAL_RECORD_OVERHEAD)
+    return -EMSGSIZE;
+  uint32_t frame_len = (uint32_t)(TG_WAL_RECORD_OVERHEAD + len);
+  entry_t *e = malloc(sizeof *e + frame_len);
+  if (e == NULL)
+    return -ENOMEM;
+  e->next = NULL;
+  e->client = c;
+  e->cb = cb;
+  e->arg = arg;
+  e->status = 0;
+  e->frame_len = frame_len;
+  put32(e->frame, (uint32_t)len);
+  memcpy(e->frame + TG_WAL_RECORD_OVERHEAD, payload, len);
+  put32(e->frame + 4, frame_crc(e->frame, payload, len));
+
+  int r = 0;
+  pthread_mutex_lock(&w->mu);
+  if (w->failed != 0)
+    r = w->failed;
+  else if (w->stopping)
+    r = -ESHUTDOWN;
+  else if (w->used_bytes + frame_len > w->o.capacity_bytes)
+    r = -ENOSPC;
+  else if (w->pending_records + 1 > w->o.queue_records || w->pending_bytes + frame_len > w->o.queue_bytes)
+    r = -EAGAIN;
+  if (r != 0) {
+    pthread_mutex_unlock(&w->mu);
+    free(e);
+    return r;
+  }
+  e->seq = w->next_seq++;
+  w->used_bytes += frame_len;
+  w->pending_bytes += frame_len;
+  w->pending_records++;
+  int wake = w->head == NULL;
+  if (wake) {
+    w->head = e;
+    w->first_ns = now_ns();
+  } else {
+    w->tail->next = e;
+  }
+  w->tail = e;
+  w->queued_bytes += frame_len;
+  if (w->queued_bytes >= w->o.batch_bytes)
+    wake = 1;
+  if (wake)
+    pthread_cond_signal(&w->cond);
+  tg_gauge_set(m_pending_bytes, NULL, (double)w->pending_bytes);
+  tg_gauge_set(m_pending_records, NULL, (double)w->pending_records);
+  if (seq)
+    *seq = e->seq;
+  pthread_mutex_unlock(&w->mu);
+  c->inflight++;
+  return 0;
+}
