@@ -1,0 +1,238 @@
+#include "signer/signer.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <mbedtls/base64.h>
+#include <mbedtls/platform_util.h>
+
+#include "base/hex.h"
+#include "base/secret.h"
+#include "signer/common.h"
+
+void tg_signer_err(char *err, size_t errlen, const char *fmt, ...) {
+  if (err == NULL || errlen == 0)
+    return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+/* What passes raw follows the WHATWG URL serializer (what Node's URL, and so
+ * the npm reference signers, produce): RFC 3986's unreserved, sub-delims,
+ * ':' '@' '/' '?', and also '|' '^' '[' ']'; in the query, '\'' is encoded.
+ * '%' is checked by the caller. */
+static int url_raw_ok(unsigned char c, int in_query) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+    return 1;
+  if (c == '\'')
+    return !in_query;
+  return c != 0 && strchr("-._~!$&()*+,;=:@/?|^[]", c) != NULL;
+}
+
+/* A host name, an IPv4 or [IPv6] address, and a port: no user info. */
+static int host_ok(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+         (c != 0 && strchr("-.:[]", c) != NULL);
+}
+
+static int scheme_char(char c, int first) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
+    return 1;
+  return !first && ((c >= '0' && c <= '9') || c == '+' || c == '-' || c == '.');
+}
+
+int tg_signer_url(const char *url, int allow_path, tg_signer_url_t *u, char *err, size_t errlen) {
+  static const char hexd[] = "0123456789ABCDEF";
+  size_t n, i = 0;
+  memset(u, 0, sizeof *u);
+  if (url == NULL || url[0] == '\0') {
+    tg_signer_err(err, errlen, "no URL to sign");
+    return -EINVAL;
+  }
+  n = strlen(url);
+  if (n > TG_SIGNER_URL_MAX) {
+    tg_signer_err(err, errlen, "the URL is longer than %d bytes", TG_SIGNER_URL_MAX);
+    return -EINVAL;
+  }
+  if (url[0] == '/') {
+    if (!allow_path || url[1] == '/') {
+      tg_signer_err(err, errlen, "the URL must be absolute (scheme://host/path)");
+      return -EINVAL;
+    }
+  } else {
+    while (i < n && scheme_char(url[i], i == 0))
+      i++;
+    if (i == 0 || strncmp(url + i, "://", 3) != 0) {
+      tg_signer_err(err, errlen, "the URL has no scheme://");
+      return -EINVAL;
+    }
+    i += 3;
+    size_t a = i;
+    while (i < n && url[i] != '/' && url[i] != '?' && url[i] != '#') {
+      unsigned char c = (unsigned char)url[i];
+      if (!host_ok(c)) {
+        tg_signer_err(err, errlen, "the URL's host has a byte 0x%02x that a host may not carry", c);
+        return -EINVAL;
+      }
+      i++;
+    }
+    if (i == a) {
+      tg_signer_err(err, errlen, "the URL has no host");
+      return -EINVAL;
+    }
+    u->absolute = 1;
+  }
+  int rc = tg_buf_append(&u->buf, url, i);
+  /* Scheme and host are case-insensitive; WHATWG writes them in lowercase. */
+  for (size_t j = 0; rc == 0 && j < i; j++)
+    if (u->buf.data[j] >= 'A' && u->buf.data[j] <= 'Z')
+      u->buf.data[j] = (char)(u->buf.data[j] - 'A' + 'a');
+  if (rc == 0 && (i == n || url[i] != '/'))
+    rc = tg_buf_puts(&u->buf, "/"); /* "https://h" and "https://h/" are one resource */
+  u->path = u->absolute ? i : 0;
+  u->query = SIZE_MAX;
+  for (; rc == 0 && i < n; i++) {
+    unsigned char c = (unsigned char)url[i];
+    if (c == '#') {
+      tg_signer_err(err, errlen, "the URL has a fragment ('#'), which a CDN never sees");
+      goto invalid;
+    }
+    if (c == '\\') {
+      /* WHATWG reads it as '/' in http(s) URLs: refuse rather than guess. */
+      tg_signer_err(err, errlen, "the URL has a '\\'");
+      goto invalid;
+    }
+    if (c == '%') {
+      if (i + 2 >= n || tg_hex_value(url[i + 1]) < 0 || tg_hex_value(url[i + 2]) < 0) {
+        tg_signer_err(err, errlen, "the URL has a '%%' that is not followed by two hex digits");
+        goto invalid;
+      }
+      rc = tg_buf_append(&u->buf, url + i, 3);
+      i += 2;
+      continue;
+    }
+    if (c == '?' && u->query == SIZE_MAX)
+      u->query = u->buf.len;
+    if (url_raw_ok(c, u->query != SIZE_MAX)) {
+      rc = tg_buf_append(&u->buf, url + i, 1);
+    } else {
+      char e[3] = {'%', hexd[c >> 4], hexd[c & 15]};
+      rc = tg_buf_append(&u->buf, e, 3);
+    }
+  }
+  if (rc == 0 && u->buf.len > TG_SIGNER_URL_MAX) {
+    tg_signer_err(err, errlen, "the URL is longer than %d bytes once encoded", TG_SIGNER_URL_MAX);
+    goto invalid;
+  }
+  if (rc != 0) {
+    tg_signer_err(err, errlen, "out of memory");
+    tg_signer_url_free(u);
+    return rc;
+  }
+  if (u->query == SIZE_MAX)
+    u->query = u->buf.len;
+  return 0;
+invalid:
+  tg_signer_url_free(u);
+  return -EINVAL;
+}
+
+void tg_signer_url_free(tg_signer_url_t *u) {
+  tg_buf_free(&u->buf);
+  memset(u, 0, sizeof *u);
+}
+
+int tg_signer_b64(tg_buf_t *b, const uint8_t *in, size_t n, int url, int pad) {
+  size_t need = 4 * ((n + 2) / 3) + 1, olen = 0;
+  int rc = tg_buf_reserve(b, need);
+  if (rc != 0)
+    return rc;
+  unsigned char *p = (unsigned char *)b->data + b->len;
+  if (mbedtls_base64_encode(p, need, &olen, in, n) != 0)
+    return -EINVAL;
+  size_t m = 0;
+  for (size_t i = 0; i < olen; i++) {
+    unsigned char c = p[i];
+    if (c == '=' && !pad)
+      continue;
+    if (url)
+      c = c == '+' ? '-' : c == '/' ? '_' : c;
+    p[m++] = c;
+  }
+  b->len += m;
+  b->data[b->len] = '\0';
+  return 0;
+}
+
+void tg_signer_buf_wipe(tg_buf_t *b) {
+  if (b->data != NULL)
+    mbedtls_platform_zeroize(b->data, b->cap);
+  tg_buf_free(b);
+}
+
+int tg_signer_finish(tg_buf_t *tmp, tg_buf_t *out) {
+  int rc = tg_buf_append(out, tmp->data, tmp->len);
+  tg_signer_buf_wipe(tmp);
+  return rc;
+}
+
+static const struct {
+  const char *name;
+  tg_signer_type_t type;
+} types[] = {
+    {"nginx_secure_link", TG_SIGNER_NGINX},
+    {"akamai_edgeauth", TG_SIGNER_AKAMAI},
+    {"gcdn", TG_SIGNER_GCDN},
+    {"cloudfront", TG_SIGNER_CLOUDFRONT},
+};
+
+tg_signer_type_t tg_signer_type_parse(const char *name) {
+  for (size_t i = 0; name != NULL && i < sizeof types / sizeof types[0]; i++)
+    if (strcmp(name, types[i].name) == 0)
+      return types[i].type;
+  return TG_SIGNER_NONE;
+}
+
+const char *tg_signer_type_name(tg_signer_type_t t) {
+  for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
+    if (types[i].type == t)
+      return types[i].name;
+  return NULL;
+}
+
+int tg_signer_sign(const tg_signer_t *s, const char *url, int64_t expires, tg_buf_t *out,
+                   char *err, size_t errlen) {
+  if (s == NULL || s->key == NULL || s->key_len == 0) {
+    tg_signer_err(err, errlen, "the signer has no key");
+    return -EINVAL;
+  }
+  switch (s->type) {
+  case TG_SIGNER_NGINX:
+    return tg_signer_nginx_sign(&s->opt.nginx, s->key, s->key_len, url, expires, out, err, errlen);
+  case TG_SIGNER_AKAMAI:
+    return tg_signer_akamai_sign(&s->opt.akamai, s->key, s->key_len, url, expires, out, err,
+                                 errlen);
+  case TG_SIGNER_GCDN:
+    return tg_signer_gcdn_sign(&s->opt.gcdn, s->key, s->key_len, url, expires, out, err, errlen);
+  case TG_SIGNER_CLOUDFRONT:
+    return tg_signer_cloudfront_sign(&s->opt.cloudfront, s->key, s->key_len, url, expires, out,
+                                     err, errlen);
+  default:
+    tg_signer_err(err, errlen, "unknown signer type");
+    return -EINVAL;
+  }
+}
+
+void tg_signer_free(tg_signer_t *s) {
+  if (s == NULL)
+    return;
+  if (s->key != NULL) {
+    mbedtls_platform_zeroize(s->key, s->key_len);
+    tg_secret_free(s->key);
+  }
+  mbedtls_platform_zeroize(s, sizeof *s);
+}
