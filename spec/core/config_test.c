@@ -684,13 +684,15 @@ TEST(endless_loop_stops_at_deadline) {
   /* The count hook lands on the loop test or its body. */
   CHECK(strstr(err, "took longer than 1000 ms (an endless loop?)") != NULL);
   CHECK(err_line() == 2 || err_line() == 3);
-  CHECK(took >= 0.9 && took < 3.0);
+  /* Stopped by the deadline, not before it; the upper bound only tells
+   * "stopped" from "hung" (a loaded machine, a sanitizer: not a speed goal). */
+  CHECK(took >= 0.9 && took < 30.0);
   /* pcall cannot swallow the deadline. */
   t0 = now_s();
   CHECK_INT(load("while true do\n  pcall(function() while true do end end)\nend\n"), -1);
   took = now_s() - t0;
   CHECK(err_is(2, "took longer than 1000 ms"));
-  CHECK(took < 3.0);
+  CHECK(took < 30.0);
 }
 
 TEST(memory_bomb_stops_at_cap) {
@@ -705,7 +707,7 @@ TEST(memory_bomb_stops_at_cap) {
                  "  pcall(function() for i = 1, 1e9 do t[#t + 1] = s .. i end end)\nend\n"),
             -1);
   CHECK(err_is(0, "used more than 64 MiB"));
-  CHECK(now_s() - t0 < 5.0);
+  CHECK(now_s() - t0 < 30.0); /* stopped, not hung: not a speed goal */
 }
 
 TEST(sandbox_has_only_the_allowlist) {

@@ -739,7 +739,7 @@ TEST(async_reply_within_deadline) {
 TEST(deadline_answers_504_and_drops_the_late_reply) {
   int late0 = atomic_load(&execute_late);
   size_t len;
-  uint8_t *body = small_execute("delay=400", &len);
+  uint8_t *body = small_execute("delay=1500", &len);
   resp_t r;
   char code[64];
   int rc = exchange("POST", EXECUTE,
@@ -748,10 +748,13 @@ TEST(deadline_answers_504_and_drops_the_late_reply) {
   CHECK_INT(rc, 0);
   CHECK_INT(r.status, 504);
   CHECK_STR(error_code(&r, code, sizeof code), "deadline_exceeded");
-  CHECK(r.ms >= 50 && r.ms < 350);
+  /* Answered at the deadline, before the handler was done: not a speed
+   * bound (a loaded machine may take long), an order. */
+  CHECK(r.ms >= 50 && r.ms < 1500);
+  CHECK_INT(atomic_load(&execute_late), late0);
   resp_free(&r);
   /* The handler still finishes, seeing the call expired; its answer goes nowhere. */
-  for (int i = 0; i < 200 && atomic_load(&execute_late) == late0; i++)
+  for (int i = 0; i < 400 && atomic_load(&execute_late) == late0; i++)
     usleep(10000);
   CHECK_INT(atomic_load(&execute_late), late0 + 1);
   CHECK(atomic_load(&execute_late_req) >= 1);
