@@ -1,4 +1,5 @@
 #include "catalog/offer.h"
+#include "base/b64.h"
 #include "base/hex.h"
 
 #include <errno.h>
@@ -258,36 +259,6 @@ static int compute_tag(const tg_offer_key_t *key, const uint8_t *msg, size_t len
   return 0;
 }
 
-/* base64url without padding (RFC 4648 section 5). A token is public, so
- * this needs no constant-time table lookups (mbedTLS' encoder has them, and
- * cost Discover more than a SHA-256 compression per offer). */
-static int b64url_encode(const uint8_t *src, size_t len, char *out, size_t outlen) {
-  static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  size_t need = len / 3 * 4 + (len % 3 ? len % 3 + 1 : 0);
-  if (need + 1 > outlen)
-    return -ENOSPC;
-  char *o = out;
-  size_t i = 0;
-  for (; i + 3 <= len; i += 3) {
-    uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8 | src[i + 2];
-    *o++ = abc[v >> 18];
-    *o++ = abc[(v >> 12) & 63];
-    *o++ = abc[(v >> 6) & 63];
-    *o++ = abc[v & 63];
-  }
-  if (len - i == 1) {
-    uint32_t v = (uint32_t)src[i] << 16;
-    *o++ = abc[v >> 18];
-    *o++ = abc[(v >> 12) & 63];
-  } else if (len - i == 2) {
-    uint32_t v = (uint32_t)src[i] << 16 | (uint32_t)src[i + 1] << 8;
-    *o++ = abc[v >> 18];
-    *o++ = abc[(v >> 12) & 63];
-    *o++ = abc[(v >> 6) & 63];
-  }
-  *o = '\0';
-  return 0;
-}
 
 int tg_offer_uri_hash(const char *uri, uint8_t out[TG_OFFER_HASH_LEN]) {
   if (uri == NULL)
@@ -340,7 +311,7 @@ static int encode(const tg_offer_keyring_t *k, const tg_offer_t *o, const uint8_
   if ((rc = compute_tag(key, buf, n, buf + n)) < 0)
     return rc;
   n += TG_OFFER_TAG_LEN;
-  return b64url_encode(buf, n, out, outlen);
+  return tg_b64_encode(buf, n, 1, 0, out, outlen);
 }
 
 int tg_offer_encode(const tg_offer_keyring_t *k, const tg_offer_t *o, char *out, size_t outlen) {
@@ -379,7 +350,7 @@ static int b64url_decode(const char *token, size_t len, uint8_t *out, size_t *ou
     tmp[i++] = '=';
   if (mbedtls_base64_decode(out, MAX_PAYLOAD, outlen, (const unsigned char *)tmp, i) != 0)
     return -EINVAL;
-  if (b64url_encode(out, *outlen, again, sizeof(again)) != 0 || strlen(again) != len ||
+  if (tg_b64_encode(out, *outlen, 1, 0, again, sizeof(again)) != 0 || strlen(again) != len ||
       memcmp(again, token, len) != 0)
     return -EINVAL;
   return 0;

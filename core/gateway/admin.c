@@ -1,6 +1,7 @@
 #include "gateway/admin.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,12 +35,17 @@ static int authorized(const tg_admin_t *a, tg_http_req_t *req) {
   return token_equal(tok, len, a->token, a->token_len);
 }
 
-/* The value of ?name= into out: 1 found, 0 absent, -1 malformed (empty,
- * too long, or other characters than a tenant name's). */
+/* The value of ?name= into out: 1 found, 2 given bare (?name, no '='), 0
+ * absent, -1 malformed (empty, too long, or other characters than a tenant
+ * name's). */
 static int query_param(const char *query, const char *name, char *out, size_t outlen) {
   size_t klen = strlen(name);
   for (const char *p = query; p && *p; p += strcspn(p, "&"), p += *p == '&') {
-    if (strncmp(p, name, klen) != 0 || p[klen] != '=')
+    if (strncmp(p, name, klen) != 0)
+      continue;
+    if (p[klen] == '\0' || p[klen] == '&')
+      return 2;
+    if (p[klen] != '=')
       continue;
     const char *v = p + klen + 1;
     size_t n = strcspn(v, "&");
@@ -59,20 +65,46 @@ static int query_param(const char *query, const char *name, char *out, size_t ou
 }
 
 static int tenant_param(const char *query, char *out, size_t outlen) {
-  return query_param(query, "tenant", out, outlen);
+  int has = query_param(query, "tenant", out, outlen);
+  return has == 2 ? -1 : has;
 }
 
-/* ?dry_run=1|true (1), absent or 0|false (0), anything else -1. */
+/* ?dry_run=1|true and a bare ?dry_run (1), absent or 0|false (0), anything
+ * else -1: a request that meant to only validate must never swap. */
 static int dry_run_param(const char *query) {
   char v[8];
   int has = query_param(query, "dry_run", v, sizeof v);
   if (has == 0)
     return 0;
+  if (has == 2)
+    return 1;
   if (has > 0 && (strcmp(v, "1") == 0 || strcmp(v, "true") == 0))
     return 1;
   if (has > 0 && (strcmp(v, "0") == 0 || strcmp(v, "false") == 0))
     return 0;
   return -1;
+}
+
+/* The first query parameter not named in known (NULL-terminated) into
+ * out, or "" when every one is known: /reload refuses a typo such as
+ * ?dryrun=1 rather than reloading for real. */
+static void unknown_param(const char *query, const char *const *known, char *out, size_t outlen) {
+  out[0] = '\0';
+  for (const char *p = query; p && *p; p += strcspn(p, "&"), p += *p == '&') {
+    size_t n = strcspn(p, "=&");
+    bool ok = n == 0; /* an empty piece ("a&&b") names nothing */
+    for (size_t k = 0; known[k] && !ok; k++)
+      ok = strlen(known[k]) == n && strncmp(p, known[k], n) == 0;
+    if (!ok) {
+      size_t m = 0;
+      for (size_t i = 0; i < n && m + 1 < outlen; i++) /* shown safely: printable ASCII only */
+        out[m++] = p[i] >= 0x20 && p[i] < 0x7f && p[i] != '"' && p[i] != '\\' ? p[i] : '?';
+      out[m] = '\0';
+      if (m == 0 && outlen > 1)
+        out[0] = '?', out[1] = '\0';
+      return;
+    }
+  }
 }
 
 static void error_json(tg_http_req_t *req, int status, const char *msg) {
@@ -223,17 +255,23 @@ void tg_admin_handle(tg_http_req_t *req, void *ud) {
   } else if (strcmp(req->path, "/status") == 0) {
     status(a, req);
   } else if (strcmp(req->path, "/reload") == 0) {
-    char tenant[65];
+    static const char *const known[] = {"dry_run", "tenant", NULL};
+    char tenant[65], unknown[64], msg[128];
     int has = tenant_param(req->query, tenant, sizeof tenant);
     int dry = dry_run_param(req->query);
-    if (req->method != HTTP_POST)
+    unknown_param(req->query, known, unknown, sizeof unknown);
+    if (req->method != HTTP_POST) {
       only_post(req);
-    else if (dry < 0)
+    } else if (unknown[0]) {
+      snprintf(msg, sizeof msg, "unknown parameter '%s' (known: dry_run, tenant)", unknown);
+      error_json(req, 400, msg);
+    } else if (dry < 0) {
       error_json(req, 400, "dry_run must be 1 or 0");
-    else if (has < 0)
+    } else if (has < 0) {
       error_json(req, 404, "unknown tenant");
-    else
+    } else {
       tg_reload_respond(a->app->policies, req, has ? tenant : NULL, dry);
+    }
   } else if (strcmp(req->path, "/catalog/refresh") == 0) {
     if (req->method != HTTP_POST)
       only_post(req);

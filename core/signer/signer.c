@@ -5,9 +5,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <mbedtls/base64.h>
 #include <mbedtls/platform_util.h>
 
+#include "base/b64.h"
 #include "base/hex.h"
 #include "base/secret.h"
 #include "signer/common.h"
@@ -147,24 +147,13 @@ void tg_signer_url_free(tg_signer_url_t *u) {
 }
 
 int tg_signer_b64(tg_buf_t *b, const uint8_t *in, size_t n, int url, int pad) {
-  size_t need = 4 * ((n + 2) / 3) + 1, olen = 0;
+  size_t need = tg_b64_len(n, pad) + 1;
   int rc = tg_buf_reserve(b, need);
   if (rc != 0)
     return rc;
-  unsigned char *p = (unsigned char *)b->data + b->len;
-  if (mbedtls_base64_encode(p, need, &olen, in, n) != 0)
+  if (tg_b64_encode(in, n, url, pad, b->data + b->len, need) != 0)
     return -EINVAL;
-  size_t m = 0;
-  for (size_t i = 0; i < olen; i++) {
-    unsigned char c = p[i];
-    if (c == '=' && !pad)
-      continue;
-    if (url)
-      c = c == '+' ? '-' : c == '/' ? '_' : c;
-    p[m++] = c;
-  }
-  b->len += m;
-  b->data[b->len] = '\0';
+  b->len += need - 1;
   return 0;
 }
 
