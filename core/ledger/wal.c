@@ -20,7 +20,7 @@
 static const char MAGIC[8] = {'T', 'G', 'W', 'A', 'L', 'S', 'E', 'G'};
 #define VERSION 1u
 
-static tg_metric_t *m_pending_bytes, *m_pending_records, *m_flush_seconds, *m_batch_records;
+static tg_metric_t *m_pending_bytes, *m_pending_records, *m_flush_seconds, *m_batch_records, *m_retained;
 
 /* One appended record: the frame (length, CRC, payload) is written as is. */
 typedef struct entry {
@@ -54,8 +54,11 @@ struct tg_wal {
   uint64_t pending_bytes, pending_records; /* appended, not yet durable */
   uint64_t used_bytes;   /* segments on disk + everything appended since */
   uint64_t next_seq;
+  uint64_t cur_first; /* first sequence of the segment being written (set once it is durable) */
   int stopping;
   int failed; /* negative errno once the log has failed */
+
+  pthread_mutex_t retain_mu; /* one tg_wal_retain at a time */
 
   /* Writer thread only. */
   pthread_t thread;
@@ -141,7 +144,10 @@ int tg_wal_metrics_init(void) {
   m_batch_records = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_fsync_batch_records",
                                   "Records made durable by one fdatasync", NULL, sizes,
                                   sizeof sizes / sizeof sizes[0]);
-  if (!m_pending_bytes || !m_pending_records || !m_flush_seconds || !m_batch_records)
+  m_retained = tg_metric_new(TG_METRIC_COUNTER, "txlog_retention_removed_segments_total",
+                             "Write-ahead log segments removed by retention (covered by a balance snapshot)",
+                             NULL, NULL, 0);
+  if (!m_pending_bytes || !m_pending_records || !m_flush_seconds || !m_batch_records || !m_retained)
     return -ENOMEM;
   return 0;
 }
@@ -307,6 +313,8 @@ static int scan(const char *dir, int repair, tg_wal_record_cb cb, void *arg, tg_
       r = -EBADMSG;
       goto out;
     }
+    if (rec->segments == 0)
+      rec->first_seq = first;
     rec->segments++;
     rec->next_seq = first;
     size_t off = TG_WAL_HEADER_SIZE;
@@ -377,6 +385,8 @@ static int scan(const char *dir, int repair, tg_wal_record_cb cb, void *arg, tg_
     if (last_name)
       memcpy(last_name, segs[i].name, 25);
   }
+  if (rec->segments == 0)
+    rec->first_seq = rec->next_seq;
   r = 0;
 out:
   free(segs);
@@ -457,6 +467,10 @@ static int write_batch(tg_wal_t *w, entry_t *list) {
       pthread_mutex_unlock(&w->mu);
       if ((r = segment_create(w, e->seq)) != 0)
         return r;
+      /* Only now may retention take the closed segment: the new one is durable. */
+      pthread_mutex_lock(&w->mu);
+      w->cur_first = e->seq;
+      pthread_mutex_unlock(&w->mu);
     }
     if (used + e->frame_len > w->buf_cap && (r = flush_buf(w, &used)) != 0)
       return r;
@@ -494,6 +508,15 @@ static void deliver(entry_t *list, int status) {
   }
 }
 
+/* The durable hook, in list (= sequence) order, before any completion is posted. */
+static void notify_durable(tg_wal_t *w, const entry_t *list) {
+  if (w->o.on_durable == NULL)
+    return;
+  for (const entry_t *e = list; e; e = e->next)
+    w->o.on_durable(w->o.on_durable_arg, e->seq, e->frame + TG_WAL_RECORD_OVERHEAD,
+                    e->frame_len - TG_WAL_RECORD_OVERHEAD);
+}
+
 static void *writer_main(void *arg) {
   tg_wal_t *w = arg;
   pthread_mutex_lock(&w->mu);
@@ -529,6 +552,7 @@ static void *writer_main(void *arg) {
         atomic_fetch_add_explicit(&w->st_batches, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&w->st_records, n, memory_order_relaxed);
         atomic_fetch_add_explicit(&w->st_bytes, bytes, memory_order_relaxed);
+        notify_durable(w, list);
       }
     }
     pthread_mutex_lock(&w->mu);
@@ -596,14 +620,17 @@ int tg_wal_open(const tg_wal_opts_t *o, tg_wal_t **out, tg_wal_recovery_t *rec, 
     w->seg_size = (uint64_t)st.st_size;
     uint64_t first = strtoull(last, NULL, 10);
     w->seg_records = rec->next_seq - first;
+    w->cur_first = first;
   } else {
     if ((r = segment_create(w, w->next_seq)) != 0) {
       set_err(err, errlen, "%s: cannot create a segment: %s", w->dir, strerror(-r));
       goto fail;
     }
     w->used_bytes += TG_WAL_HEADER_SIZE;
+    w->cur_first = w->next_seq;
     rec->bytes += TG_WAL_HEADER_SIZE;
     rec->segments++;
+    rec->first_seq = w->next_seq;
   }
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -611,9 +638,11 @@ int tg_wal_open(const tg_wal_opts_t *o, tg_wal_t **out, tg_wal_recovery_t *rec, 
   pthread_cond_init(&w->cond, &ca);
   pthread_condattr_destroy(&ca);
   pthread_mutex_init(&w->mu, NULL);
+  pthread_mutex_init(&w->retain_mu, NULL);
   if ((r = pthread_create(&w->thread, NULL, writer_main, w)) != 0) {
     pthread_cond_destroy(&w->cond);
     pthread_mutex_destroy(&w->mu);
+    pthread_mutex_destroy(&w->retain_mu);
     r = -r;
     set_err(err, errlen, "cannot start the writer thread: %s", strerror(-r));
     goto fail;
@@ -643,6 +672,7 @@ void tg_wal_close(tg_wal_t *w) {
     close(w->fd);
   pthread_cond_destroy(&w->cond);
   pthread_mutex_destroy(&w->mu);
+  pthread_mutex_destroy(&w->retain_mu);
   free(w->buf);
   free(w->dir);
   free(w);
@@ -653,6 +683,98 @@ void tg_wal_stats(tg_wal_t *w, tg_wal_stats_t *out) {
   out->fsyncs = atomic_load_explicit(&w->st_fsyncs, memory_order_relaxed);
   out->records = atomic_load_explicit(&w->st_records, memory_order_relaxed);
   out->bytes = atomic_load_explicit(&w->st_bytes, memory_order_relaxed);
+}
+
+uint64_t tg_wal_bytes(tg_wal_t *w) {
+  pthread_mutex_lock(&w->mu);
+  uint64_t b = w->used_bytes - w->pending_bytes;
+  pthread_mutex_unlock(&w->mu);
+  return b;
+}
+
+uint64_t tg_wal_used_bytes(tg_wal_t *w) {
+  pthread_mutex_lock(&w->mu);
+  uint64_t b = w->used_bytes;
+  pthread_mutex_unlock(&w->mu);
+  return b;
+}
+
+uint64_t tg_wal_capacity(tg_wal_t *w) {
+  return w->o.capacity_bytes;
+}
+
+/* ---- retention ---- */
+
+int tg_wal_retain(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, uint32_t max_age_s,
+                  tg_wal_retain_stats_t *out) {
+  return tg_wal_retain_keep(w, covered_seq, max_bytes, max_age_s, 0, out);
+}
+
+int tg_wal_retain_keep(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, uint32_t max_age_s,
+                       uint32_t keep_age_s, tg_wal_retain_stats_t *out) {
+  tg_wal_retain_stats_t st;
+  memset(&st, 0, sizeof st);
+  pthread_mutex_lock(&w->retain_mu);
+  /* The segment being written, and the log's size, as the writer left them:
+   * every segment before cur is closed (synced, never written again). */
+  pthread_mutex_lock(&w->mu);
+  uint64_t cur = w->cur_first;
+  uint64_t total = w->used_bytes - w->pending_bytes;
+  pthread_mutex_unlock(&w->mu);
+
+  seg_t *segs = NULL;
+  size_t n = 0;
+  int r = list_segments(w->dir, &segs, &n, NULL, 0);
+  if (r != 0)
+    goto out;
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  char path[4096];
+  size_t i = 0;
+  /* Oldest first, and only a prefix: removing a later segment and keeping an
+   * earlier one would leave a gap that recovery refuses. */
+  for (; i + 1 < n && segs[i].first_seq < cur; i++) {
+    uint64_t next_first = segs[i + 1].first_seq; /* its last record is next_first - 1 */
+    if (next_first > cur || next_first - 1 > covered_seq)
+      break; /* not wholly covered by the snapshot (nor is any later one) */
+    snprintf(path, sizeof path, "%s/%s", w->dir, segs[i].name);
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+      r = -errno;
+      break;
+    }
+    uint64_t size = (uint64_t)sb.st_size;
+    uint64_t age = now.tv_sec > sb.st_mtim.tv_sec ? (uint64_t)(now.tv_sec - sb.st_mtim.tv_sec) : 0;
+    int by_size = max_bytes > 0 && total > max_bytes;
+    int by_age = max_age_s > 0 && age > max_age_s;
+    if ((!by_size && !by_age) || (keep_age_s > 0 && age <= keep_age_s))
+      break;
+    if (unlink(path) != 0) {
+      r = -errno;
+      break;
+    }
+    total = total > size ? total - size : 0;
+    st.removed_segments++;
+    st.removed_bytes += size;
+  }
+  st.first_seq = i < n ? segs[i].first_seq : cur;
+  if (st.removed_segments > 0) {
+    pthread_mutex_lock(&w->mu);
+    w->used_bytes = w->used_bytes > st.removed_bytes ? w->used_bytes - st.removed_bytes : 0;
+    pthread_mutex_unlock(&w->mu);
+    tg_counter_add(m_retained, NULL, st.removed_segments);
+    atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
+    int e = fsync_dir(w->dir);
+    if (r == 0)
+      r = e;
+  }
+out:
+  free(segs);
+  st.bytes = tg_wal_bytes(w);
+  pthread_mutex_unlock(&w->retain_mu);
+  if (out)
+    *out = st;
+  return r;
 }
 
 /* ---- clients ---- */

@@ -23,9 +23,10 @@
  * Group commit: tg_wal_append copies the record into a bounded queue and
  * returns; the writer thread takes what is queued when batch_bytes are
  * waiting or batch_interval_us after the oldest waiting record arrived,
- * writes it, calls fdatasync once (once per segment touched), and only then
- * posts each record's completion to the loop of the client it was appended
- * through (uv_async). A worker never waits on the disk, and takes the
+ * writes it, calls fdatasync once (once per segment touched), calls the
+ * on_durable hook for each record (when set), and only then posts each
+ * record's completion to the loop of the client it was appended through
+ * (uv_async). A worker never waits on the disk, and takes the
  * queue's mutex only for the time of a list insertion.
  *
  * Failure: when a write or fdatasync fails, the log is failed for good (after
@@ -34,10 +35,17 @@
  * and every one still queued completes with the error, and later appends
  * return it at once. Reopening (recovery) is the way back.
  *
+ * Retention (tg_wal_retain): closed segments whose records a balance
+ * snapshot covers are removed, oldest first, when the log is above a size or
+ * they are older than an age. The log then starts at a sequence above 1: the
+ * first segment's header gives it, and recovery checks continuity from there
+ * (tg_wal_recovery_t first_seq).
+ *
  * Metrics (tg_wal_metrics_init): txlog_wal_pending_bytes and
  * txlog_wal_pending_records (gauges: appended, not yet durable),
  * txlog_flush_duration_seconds (histogram: write + fdatasync of one batch),
- * txlog_fsync_batch_records (histogram: records made durable per batch). */
+ * txlog_fsync_batch_records (histogram: records made durable per batch),
+ * txlog_retention_removed_segments_total (counter: segments retention removed). */
 
 typedef struct tg_wal tg_wal_t;
 typedef struct tg_wal_client tg_wal_client_t;
@@ -60,6 +68,15 @@ typedef struct tg_wal_opts {
   size_t queue_records;       /* at most this many not yet durable, else -EAGAIN; default 65536 */
   tg_wal_record_cb replay;    /* called for every record at open, in order; NULL: none */
   void *replay_arg;
+  /* Called for every appended record once it is durable (its batch written
+   * and fdatasync'd), strictly in sequence order, on the writer thread,
+   * before the completions of its batch are posted: a completion callback
+   * already sees what on_durable did. Not called for a record of a batch that
+   * failed. Its return value is ignored (the record is durable regardless).
+   * It holds up the writer, so it must be quick, and it must not append to
+   * this log or close it. NULL: none. */
+  tg_wal_record_cb on_durable;
+  void *on_durable_arg;
 } tg_wal_opts_t;
 
 /* What recovery at open found. */
@@ -70,6 +87,9 @@ typedef struct tg_wal_recovery {
   uint64_t next_seq;        /* sequence the next append gets */
   uint64_t dropped_bytes;   /* torn or corrupt tail of the last segment, truncated */
   uint64_t dropped_records; /* record frames in that tail (an estimate: a torn length can hide more) */
+  uint64_t first_seq;       /* sequence of the first record the log holds (its first segment's
+                             * header; above 1 once retention removed segments); next_seq when
+                             * it holds none. Records first_seq..next_seq-1 were all replayed. */
 } tg_wal_recovery_t;
 
 /* Counters since open, for tests, benchmarks and `tollgate wal` (any thread). */
@@ -83,7 +103,7 @@ typedef struct tg_wal_stats {
 /* Defaults above; dir NULL. */
 void tg_wal_opts_init(tg_wal_opts_t *o);
 
-/* Declares the four metrics (start-up, before workers run). 0 or -ENOMEM.
+/* Declares the five metrics (start-up, before workers run). 0 or -ENOMEM.
  * Without it the log works and counts nothing in the registry. */
 int tg_wal_metrics_init(void);
 
@@ -116,6 +136,57 @@ int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery
 void tg_wal_close(tg_wal_t *w);
 
 void tg_wal_stats(tg_wal_t *w, tg_wal_stats_t *out);
+
+/* Bytes of the log on disk: every segment (headers and durable records).
+ * Any thread. */
+uint64_t tg_wal_bytes(tg_wal_t *w);
+
+/* What capacity_bytes bounds: tg_wal_bytes plus the records appended and not
+ * yet durable. An append of a record of n bytes fails -ENOSPC when this plus
+ * n + TG_WAL_RECORD_OVERHEAD would pass tg_wal_capacity. Any thread. */
+uint64_t tg_wal_used_bytes(tg_wal_t *w);
+uint64_t tg_wal_capacity(tg_wal_t *w);
+
+/* What one tg_wal_retain did. */
+typedef struct tg_wal_retain_stats {
+  uint64_t removed_segments;
+  uint64_t removed_bytes;
+  uint64_t first_seq; /* the log's first sequence after it (its first segment left) */
+  uint64_t bytes;     /* tg_wal_bytes after it */
+} tg_wal_retain_stats_t;
+
+/* Retention. Removes closed segments (never the one being written) whose
+ * every record has a sequence <= covered_seq (pass the wal_seq of a balance
+ * snapshot already durable on disk: tg_prepaid_snapshot_write_seq; records
+ * after it must stay, they are what a restart replays over it), oldest
+ * first, each only while
+ *   - the log is above max_bytes (tg_wal_bytes, lowered by each removal), or
+ *   - the segment's file mtime (the time its last record was written) is more
+ *     than max_age_s seconds ago;
+ * 0 disables either bound (both 0: nothing is removed). Only a prefix of the
+ * log goes: the first segment that stays stops it (no gap, which recovery
+ * would refuse). The directory is fsync'd after the unlinks. The capacity
+ * accounting goes down by what was removed: a log that answered -ENOSPC
+ * accepts appends again. Counts txlog_retention_removed_segments_total.
+ *
+ * Safe while workers append and the writer writes (it reads the segment being
+ * written under the log's mutex, and unlinks outside it); calls are
+ * serialized. Returns 0, or the first error (listing the directory, stat,
+ * unlink, fsync of the directory): what was removed before it stays removed
+ * and is in *out (when not NULL). Blocking (unlink, fsync): any thread but
+ * the writer (not from on_durable), off the worker loops; not concurrently
+ * with tg_wal_close. */
+int tg_wal_retain(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, uint32_t max_age_s,
+                  tg_wal_retain_stats_t *out);
+
+/* tg_wal_retain, but a segment whose mtime is keep_age_s seconds ago or less
+ * stays even above max_bytes (and stops the removal: only a prefix goes).
+ * For what the log holds beyond the snapshot: the local idempotency table is
+ * rebuilt from the transactions still in the log, so a segment younger than
+ * its TTL must stay or a retried request is charged again after a restart.
+ * The log may then reach capacity_bytes (-ENOSPC) instead. 0: no floor. */
+int tg_wal_retain_keep(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, uint32_t max_age_s,
+                       uint32_t keep_age_s, tg_wal_retain_stats_t *out);
 
 /* A loop's handle on the log: its appends complete on that loop. One per
  * worker loop (or any thread running a libuv loop). Returns 0 and *out, or

@@ -1,0 +1,104 @@
+#ifndef TG_BILLING_H
+#define TG_BILLING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "ledger/prepaid.h"
+
+/* Billing adapters: who is asked whether an AI system may spend, and told
+ * when it did. The pipeline speaks to every adapter through tg_billing_ops_t:
+ *
+ *   authorize  reserve amount on the account (a hold) or refuse;
+ *   capture    turn a hold into a charge, once the purchase was answered;
+ *   release    give a hold back (the purchase did not happen);
+ *   health     whether the adapter can answer now (readiness).
+ *
+ * Contract shared by every adapter:
+ *  - Threads: one tg_billing_t per worker loop (tg_billing_*_new on that
+ *    loop's thread); its calls run on that thread only. Adapters that share
+ *    state across workers (the built-in ledger) lock it themselves.
+ *  - Asynchronous: each call takes a callback that runs exactly once, with
+ *    the result; it may run before the call returns (the built-in ledger
+ *    decides in memory) or later on the loop (a remote service). The caller
+ *    must cope with both. arg stays valid until the callback.
+ *  - Deadline: deadline_ms is a uv_now() instant of the caller's loop; an
+ *    adapter that has not decided by then answers TG_BILLING_TIMEOUT (the
+ *    policy's on_billing_timeout hook then decides, in a later issue).
+ *  - Idempotency: capture and release are keyed by the hold: a second
+ *    capture of the same hold charges nothing more (-ENOENT from the
+ *    built-in ledger, "already captured" from a remote one).
+ *  - Secrets: a billing reference is the customer's account id; adapters log
+ *    it redacted only (tg_billing_redact). */
+
+typedef enum {
+  TG_BILLING_APPROVED = 0,  /* held (authorize) or done (capture, release) */
+  TG_BILLING_DECLINED,      /* insufficient funds or an account that may not spend */
+  TG_BILLING_UNAVAILABLE,   /* the billing system failed or is unreachable */
+  TG_BILLING_TIMEOUT,       /* no answer by the deadline */
+} tg_billing_status_t;
+
+#define TG_BILLING_HOLD_MAX 64
+
+typedef struct tg_billing_auth {
+  const char *tenant;
+  const char *billing_ref;     /* the account (AISystem.billing_reference) */
+  const char *currency;
+  int64_t amount;              /* atomic units, >= 0 */
+  const char *transaction_id;
+  const char *ai_system_id;    /* may be "" */
+  const char *request_id;      /* for logs */
+  uint64_t deadline_ms;        /* uv_now() of the caller's loop */
+} tg_billing_auth_t;
+
+typedef struct tg_billing_result {
+  tg_billing_status_t status;
+  char hold[TG_BILLING_HOLD_MAX]; /* approved authorize: the hold to capture or release */
+  int64_t available;           /* declined: what the account could spend, or -1 when unknown */
+  char detail[192];            /* for a person: why (never the full billing reference) */
+} tg_billing_result_t;
+
+typedef void (*tg_billing_cb)(void *arg, const tg_billing_result_t *r);
+
+typedef struct tg_billing tg_billing_t;
+
+typedef struct tg_billing_ops {
+  const char *name; /* "builtin", ... (Transaction.billing_type in the log) */
+  void (*authorize)(tg_billing_t *b, const tg_billing_auth_t *a, tg_billing_cb cb, void *arg);
+  void (*capture)(tg_billing_t *b, const char *hold, tg_billing_cb cb, void *arg);
+  void (*release)(tg_billing_t *b, const char *hold, tg_billing_cb cb, void *arg);
+  int (*health)(tg_billing_t *b); /* 0: can answer; negative errno otherwise */
+  void (*free)(tg_billing_t *b);
+} tg_billing_ops_t;
+
+struct tg_billing {
+  const tg_billing_ops_t *ops;
+  uv_loop_t *loop;
+};
+
+/* The built-in prepaid ledger (ledger/prepaid.h) as an adapter: holds and
+ * releases in memory, decided before the call returns; the charge itself is
+ * the durable Transaction record (the ledger applies it when it is on
+ * disk), so capture only drops the hold. NULL when out of memory. */
+tg_billing_t *tg_billing_builtin_new(uv_loop_t *loop, tg_prepaid_t *ledger);
+
+void tg_billing_free(tg_billing_t *b);
+
+/* "****" and the last 4 bytes of ref (just "****" for 4 bytes or fewer):
+ * the only form in which a billing reference reaches a log or an answer. */
+void tg_billing_redact(const char *ref, char out[16]);
+
+/* Prepaid balances in Redis (ledger/prepaid_redis.h) as an adapter, name
+ * "redis": authorize holds in Redis (DECLINED on insufficient funds,
+ * UNAVAILABLE when Redis fails, TIMEOUT at the deadline, a late hold then
+ * released), capture debits once per transaction id, release gives the hold
+ * back. The hold string is the ledger's hold id; the account, currency,
+ * amount and transaction id stay in the adapter (core/billing/redis.c), so
+ * capture and release go to the adapter that authorized. ledger is borrowed,
+ * on the same loop: free the adapter before it. NULL on out of memory. */
+struct tg_prepaid_redis;
+tg_billing_t *tg_billing_redis_new(uv_loop_t *loop, struct tg_prepaid_redis *ledger);
+
+#endif
