@@ -14,8 +14,10 @@
 #include <mbedtls/sha256.h>
 
 #define HEADER_LEN 5 /* version + fixed-width key id */
-#define MIN_PAYLOAD (HEADER_LEN + 7 + 2 + TG_OFFER_HASH_LEN) /* seven 1-byte varints, two empty strings */
-#define MAX_PAYLOAD (HEADER_LEN + 2 * 9 + 5 * 5 + 1 + 16 + 1 + 64 + TG_OFFER_HASH_LEN + TG_OFFER_TAG_LEN)
+#define MIN_PAYLOAD (HEADER_LEN + 7 + 2 + 2) /* seven 1-byte varints, two empty strings, a 1-byte URI */
+#define MAX_PAYLOAD (HEADER_LEN + 2 * 9 + 5 * 5 + 1 + 16 + 1 + 64 + 2 + TG_OFFER_URI_MAX + TG_OFFER_TAG_LEN)
+
+_Static_assert(4 * ((MAX_PAYLOAD + 2) / 3) < TG_OFFER_TOKEN_MAX, "TG_OFFER_TOKEN_MAX fits every token");
 
 /* Domain separation: a key shared by mistake with another HMAC use in the
  * gateway still cannot turn that use's tags into offer tags. */
@@ -131,14 +133,6 @@ static void put_u32le(uint8_t *p, uint32_t v) {
 
 static uint32_t get_u32le(const uint8_t *p) {
   return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static int uri_hash(const char *uri, size_t len, uint8_t out[TG_OFFER_HASH_LEN]) {
-  uint8_t digest[32];
-  if (mbedtls_sha256_ret((const unsigned char *)uri, len, digest, 0) != 0)
-    return -EIO;
-  memcpy(out, digest, TG_OFFER_HASH_LEN);
-  return 0;
 }
 
 /* Per-thread HMAC-SHA256 states with the key already absorbed: the inner
@@ -260,23 +254,17 @@ static int compute_tag(const tg_offer_key_t *key, const uint8_t *msg, size_t len
 }
 
 
-int tg_offer_uri_hash(const char *uri, uint8_t out[TG_OFFER_HASH_LEN]) {
-  if (uri == NULL)
-    return -EINVAL;
-  size_t len = strnlen(uri, sizeof(((tg_offer_t *)0)->uri));
-  if (len == sizeof(((tg_offer_t *)0)->uri))
-    return -EINVAL;
-  return uri_hash(uri, len, out);
-}
-
-static int encode(const tg_offer_keyring_t *k, const tg_offer_t *o, const uint8_t *hash, char *out,
+static int encode(const tg_offer_keyring_t *k, const tg_offer_t *o, const char *uri, char *out,
                   size_t outlen) {
   uint8_t buf[MAX_PAYLOAD];
   size_t n = 0;
   int rc;
   if (out != NULL && outlen > 0)
     out[0] = '\0';
-  if (k == NULL || o == NULL || out == NULL)
+  if (k == NULL || o == NULL || out == NULL || uri == NULL)
+    return -EINVAL;
+  size_t uri_len = strnlen(uri, TG_OFFER_URI_MAX + 1);
+  if (uri_len == 0 || uri_len > TG_OFFER_URI_MAX)
     return -EINVAL;
   const tg_offer_key_t *key = k->has_active ? find_key(k, k->active) : NULL;
   if (key == NULL)
@@ -303,11 +291,9 @@ static int encode(const tg_offer_keyring_t *k, const tg_offer_t *o, const uint8_
   buf[n++] = (uint8_t)tenant_len;
   memcpy(buf + n, o->tenant, tenant_len);
   n += tenant_len;
-  if (hash)
-    memcpy(buf + n, hash, TG_OFFER_HASH_LEN);
-  else if ((rc = tg_offer_uri_hash(o->uri, buf + n)) < 0)
-    return rc;
-  n += TG_OFFER_HASH_LEN;
+  n += put_varint(buf + n, uri_len);
+  memcpy(buf + n, uri, uri_len);
+  n += uri_len;
   if ((rc = compute_tag(key, buf, n, buf + n)) < 0)
     return rc;
   n += TG_OFFER_TAG_LEN;
@@ -315,17 +301,12 @@ static int encode(const tg_offer_keyring_t *k, const tg_offer_t *o, const uint8_
 }
 
 int tg_offer_encode(const tg_offer_keyring_t *k, const tg_offer_t *o, char *out, size_t outlen) {
-  return encode(k, o, NULL, out, outlen);
+  return encode(k, o, o ? o->uri : NULL, out, outlen);
 }
 
-int tg_offer_encode_hashed(const tg_offer_keyring_t *k, const tg_offer_t *o,
-                           const uint8_t uri_hash[TG_OFFER_HASH_LEN], char *out, size_t outlen) {
-  if (uri_hash == NULL) {
-    if (out != NULL && outlen > 0)
-      out[0] = '\0';
-    return -EINVAL;
-  }
-  return encode(k, o, uri_hash, out, outlen);
+int tg_offer_encode_uri(const tg_offer_keyring_t *k, const tg_offer_t *o, const char *uri, char *out,
+                        size_t outlen) {
+  return encode(k, o, uri, out, outlen);
 }
 
 /* Strict base64url: only the url alphabet, no padding, and the result must
@@ -356,8 +337,8 @@ static int b64url_decode(const char *token, size_t len, uint8_t *out, size_t *ou
   return 0;
 }
 
-/* Parses the authenticated body (everything between the header and the URI
- * hash). Only called once the tag has been verified. */
+/* Parses the authenticated body (everything between the header and the
+ * tag). Only called once the tag has been verified. */
 static int parse_body(const uint8_t *p, size_t len, tg_offer_t *o) {
   uint64_t v[7];
   static const uint64_t max[7] = {INT64_MAX, INT64_MAX, UINT32_MAX, UINT32_MAX,
@@ -389,7 +370,13 @@ static int parse_body(const uint8_t *p, size_t len, tg_offer_t *o) {
     dst[i][slen] = '\0';
     off += slen;
   }
-  return off == len ? 0 : -EINVAL;
+  uint64_t ulen;
+  size_t used = get_varint(p + off, len - off, 2, TG_OFFER_URI_MAX, &ulen);
+  if (used == 0 || ulen == 0 || ulen != len - off - used || memchr(p + off + used, '\0', ulen) != NULL)
+    return -EINVAL;
+  memcpy(o->uri, p + off + used, ulen);
+  o->uri[ulen] = '\0';
+  return 0;
 }
 
 int tg_offer_decode(const tg_offer_keyring_t *k, const char *token, size_t len, int64_t now,
@@ -420,26 +407,15 @@ int tg_offer_decode(const tg_offer_keyring_t *k, const char *token, size_t len, 
   if (mbedtls_ct_memcmp(tag, buf + signed_len, TG_OFFER_TAG_LEN) != 0)
     goto fail;
 
-  const uint8_t *hash = buf + signed_len - TG_OFFER_HASH_LEN;
-  if ((rc = parse_body(buf + HEADER_LEN, signed_len - TG_OFFER_HASH_LEN - HEADER_LEN, out)) < 0)
+  if ((rc = parse_body(buf + HEADER_LEN, signed_len - HEADER_LEN, out)) < 0)
     goto fail;
   out->key_id = key->id;
   rc = -ETIMEDOUT;
   if (now >= out->expires_at)
     goto fail;
-  if (uri != NULL) {
-    uint8_t claimed[TG_OFFER_HASH_LEN];
-    size_t uri_len = strnlen(uri, sizeof(out->uri));
-    rc = -EXDEV;
-    if (uri_len == sizeof(out->uri))
-      goto fail;
-    if ((rc = uri_hash(uri, uri_len, claimed)) < 0)
-      goto fail;
-    rc = -EXDEV;
-    if (mbedtls_ct_memcmp(claimed, hash, TG_OFFER_HASH_LEN) != 0)
-      goto fail;
-    memcpy(out->uri, uri, uri_len + 1);
-  }
+  rc = -EXDEV;
+  if (uri != NULL && strcmp(uri, out->uri) != 0)
+    goto fail;
   return 0;
 
 fail:

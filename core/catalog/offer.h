@@ -9,22 +9,26 @@
  * carries every priced field and an HMAC-SHA256 tag over them, so a client
  * cannot change the price, the terms, the tenant or the expiry it accepts.
  *
- * Wire format, version 1 (all integers little-endian):
- *   u8      version (1)
+ * Wire format, version 2 (all integers little-endian):
+ *   u8      version (2)
  *   u32     key_id          fixed width, so the key is chosen without parsing
  *   varint  expires_at      unsigned LEB128, seconds since the Unix epoch
  *   varint  amount          atomic units of the currency (never negative)
  *   varint  content, license, payment, payment_type, usage_bits
  *   u8 len + bytes  currency (at most 16)
  *   u8 len + bytes  tenant   (at most 64)
- *   16 bytes        SHA-256(uri) truncated: the URI itself stays out of the token
+ *   varint + bytes  uri      (1 to 2047 bytes): the resource the offer is for
  *   16 bytes        HMAC-SHA256(key, "tg-offer\0" || everything above), truncated
- * then base64url without padding. A typical token is 80 to 110 characters.
+ * then base64url without padding. A token for a 50-byte URI is 135 characters; the longest, 2927.
+ *
+ * Version 1 carried a 128-bit hash of the URI instead of the URI: an offer
+ * could be verified against a URI the client named, but a purchase that
+ * names only the offer id (ExecuteTransaction) could not learn what to sign.
+ * Version 1 tokens are refused as malformed (they lived offer_ttl_s).
  *
  * The tag is truncated to 128 bits (RFC 2104 section 5 allows truncation to
- * half the hash length); forging one still costs 2^128 tries. The URI hash is
- * truncated to 128 bits too: it binds the offer to a URI the client names,
- * and a second preimage of 128 bits is out of reach.
+ * half the hash length); forging one still costs 2^128 tries. The URI is
+ * public (the client named it), so carrying it costs no secrecy.
  *
  * Expiry: expires_at is the first second at which the offer is no longer
  * valid: an offer is accepted while now < expires_at.
@@ -33,16 +37,16 @@
  * padding or whitespace, and the decoded bytes must re-encode to the very
  * same string, so a token can serve as an idempotency key. */
 
-#define TG_OFFER_VERSION 1
+#define TG_OFFER_VERSION 2
 #define TG_OFFER_KEY_LEN 32   /* HMAC-SHA256 key bytes */
 #define TG_OFFER_MAX_KEYS 8   /* keys held at once: the active one plus those being retired */
 #define TG_OFFER_TAG_LEN 16   /* truncated HMAC-SHA256 */
-#define TG_OFFER_HASH_LEN 16  /* truncated SHA-256 of the URI */
-#define TG_OFFER_TOKEN_MAX 224 /* buffer size that fits any token and its NUL */
+#define TG_OFFER_URI_MAX 2047  /* bytes of a URI an offer can be made for */
+#define TG_OFFER_TOKEN_MAX 3072 /* buffer size that fits any token and its NUL */
 
 typedef struct tg_offer {
   char tenant[65];       /* NUL-terminated, at most 64 bytes */
-  char uri[2048];        /* NUL-terminated; not carried in the token (see decode) */
+  char uri[TG_OFFER_URI_MAX + 1]; /* NUL-terminated, 1 to TG_OFFER_URI_MAX bytes */
   uint32_t content, license, payment;
   int64_t amount;        /* atomic units (micro-USD for USD); >= 0 */
   char currency[17];     /* NUL-terminated, at most 16 bytes */
@@ -96,19 +100,16 @@ void tg_offer_keyring_clear(tg_offer_keyring_t *k);
 /* Writes the token for o, signed with the active key, NUL-terminated, into
  * out (TG_OFFER_TOKEN_MAX bytes always suffice). o->key_id is ignored.
  * Returns 0, -ENOKEY (no active key), -EINVAL (a string not terminated within
- * its field or too long, amount or expires_at negative) or -ENOSPC (outlen
+ * its field or too long, an empty URI or one above TG_OFFER_URI_MAX bytes,
+ * amount or expires_at negative) or -ENOSPC (outlen
  * too small). On error out holds an empty string if outlen > 0. */
 int tg_offer_encode(const tg_offer_keyring_t *k, const tg_offer_t *o, char *out, size_t outlen);
 
-/* The truncated SHA-256 of uri a token binds (NUL-terminated, shorter than
- * tg_offer_t.uri): a caller signing several offers for one URI hashes it
- * once. 0, -EINVAL (NULL or too long) or -EIO. */
-int tg_offer_uri_hash(const char *uri, uint8_t out[TG_OFFER_HASH_LEN]);
-
-/* tg_offer_encode with the URI's hash given (tg_offer_uri_hash); o->uri is
- * not read. The token is the same. */
-int tg_offer_encode_hashed(const tg_offer_keyring_t *k, const tg_offer_t *o,
-                           const uint8_t uri_hash[TG_OFFER_HASH_LEN], char *out, size_t outlen);
+/* tg_offer_encode with the URI given apart (NUL-terminated, 1 to
+ * TG_OFFER_URI_MAX bytes); o->uri is not read, so a caller signing several
+ * offers for one URI need not copy it. The token is the same. */
+int tg_offer_encode_uri(const tg_offer_keyring_t *k, const tg_offer_t *o, const char *uri, char *out,
+                        size_t outlen);
 
 /* Verifies token (len bytes, not necessarily NUL-terminated) and fills out.
  * Checks, in this order, and returns the first failure:
@@ -119,8 +120,7 @@ int tg_offer_encode_hashed(const tg_offer_keyring_t *k, const tg_offer_t *o,
  *   -ETIMEDOUT  now >= expires_at
  *   -EXDEV      uri is not NULL and is not the URI the offer was made for
  * Only the version and the key id are read before the tag is verified, and
- * only to choose the key. The token does not carry the URI: out->uri is the
- * claimed uri when one was given and matched, an empty string otherwise.
+ * only to choose the key. out->uri is the URI the offer was made for.
  * On any error out is zeroed, so no unverified field can leak out. */
 int tg_offer_decode(const tg_offer_keyring_t *k, const char *token, size_t len, int64_t now,
                     const char *uri, tg_offer_t *out);

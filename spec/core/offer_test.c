@@ -12,6 +12,10 @@ static const char *KEY2_HEX = "F0E1D2C3B4A5968778695A4B3C2D1E0FF0E1D2C3B4A596877
 static const char *URI = "https://news.example.com/2024/05/article-1234.html";
 static const int64_t NOW = 1717000000;
 
+/* Raw token bytes: the longest payload (every field at its widest, a URI of
+ * TG_OFFER_URI_MAX bytes) is 2195 bytes, tag included. */
+#define RAW_MAX 2304
+
 static void keyring(tg_offer_keyring_t *k) {
   tg_offer_keyring_init(k);
   tg_offer_keyring_add_hex(k, 7, KEY1_HEX, strlen(KEY1_HEX));
@@ -58,7 +62,7 @@ static void raw_encode(const uint8_t *p, size_t n, char *out) {
 /* Re-signs raw bytes with key (what a holder of the key could do), so tests
  * can build well-signed tokens the encoder would never emit. */
 static void resign(const uint8_t key[32], uint8_t *p, size_t n) {
-  uint8_t in[512], full[32];
+  uint8_t in[9 + RAW_MAX], full[32];
   memcpy(in, "tg-offer", 9);
   memcpy(in + 9, p, n - TG_OFFER_TAG_LEN);
   mbedtls_md_hmac(mbedtls_md_info_from_type(MBEDTLS_MD_SHA256), key, 32, in,
@@ -74,6 +78,55 @@ static void key_bytes(const char *hex, uint8_t out[32]) {
   }
 }
 
+static size_t put_varint(uint8_t *p, uint64_t v) {
+  size_t n = 0;
+  while (v >= 0x80) {
+    p[n++] = (uint8_t)(v | 0x80);
+    v >>= 7;
+  }
+  p[n++] = (uint8_t)v;
+  return n;
+}
+
+/* Hand-builds the bytes of a token for sample()'s fields: version ver, key
+ * id 7, the fields, then tail (where version 2 puts the URI's length and
+ * bytes, version 1 the URI's hash), then a tag made with key. Returns the
+ * length. A test checks that it spells what the encoder does. */
+static size_t build(uint8_t *p, uint8_t ver, const uint8_t *tail, size_t tail_len,
+                    const uint8_t key[32]) {
+  size_t n = 0;
+  p[n++] = ver;
+  p[n++] = 7;
+  p[n++] = 0;
+  p[n++] = 0;
+  p[n++] = 0;
+  n += put_varint(p + n, (uint64_t)(NOW + 300));
+  n += put_varint(p + n, 2500);
+  n += put_varint(p + n, 3);
+  n += put_varint(p + n, 12);
+  n += put_varint(p + n, 1);
+  n += put_varint(p + n, 2);
+  n += put_varint(p + n, 5);
+  p[n++] = 3;
+  memcpy(p + n, "USD", 3);
+  n += 3;
+  p[n++] = 12;
+  memcpy(p + n, "news-example", 12);
+  n += 12;
+  memcpy(p + n, tail, tail_len);
+  n += tail_len;
+  n += TG_OFFER_TAG_LEN;
+  resign(key, p, n);
+  return n;
+}
+
+/* The version 2 tail for uri (len bytes, may hold a NUL): varint + bytes. */
+static size_t uri_tail(uint8_t *p, const char *uri, size_t len) {
+  size_t n = put_varint(p, len);
+  memcpy(p + n, uri, len);
+  return n + len;
+}
+
 TEST(hmac_sha256_rfc4231_case2) {
   static const uint8_t expect[32] = {
       0x5b, 0xdc, 0xc1, 0x46, 0xbf, 0x60, 0x75, 0x4e, 0x6a, 0x04, 0x24, 0x26, 0x08, 0x95, 0x75, 0xc7,
@@ -87,36 +140,46 @@ TEST(hmac_sha256_rfc4231_case2) {
   CHECK(memcmp(out, expect, 32) == 0);
 }
 
-TEST(token_tag_and_uri_hash_are_what_the_header_says) {
+TEST(token_tag_and_uri_are_what_the_header_says) {
   tg_offer_keyring_t k;
   tg_offer_t o;
   char tok[TG_OFFER_TOKEN_MAX];
-  uint8_t raw[256], copy[256], key[32], h[32];
+  uint8_t raw[RAW_MAX], copy[RAW_MAX], key[32], tail[64];
+  size_t ulen = strlen(URI);
   keyring(&k);
   sample(&o);
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
   size_t n = raw_decode(tok, raw, sizeof(raw));
-  CHECK(n > 40);
-  CHECK_INT(raw[0], 1);
+  CHECK(n > TG_OFFER_TAG_LEN + ulen + 1 + 5);
+  CHECK_INT(raw[0], 2);
+  CHECK_INT(TG_OFFER_VERSION, 2);
   CHECK_INT(raw[1] | raw[2] << 8 | raw[3] << 16 | raw[4] << 24, 7);
-  mbedtls_sha256_ret((const unsigned char *)URI, strlen(URI), h, 0);
-  CHECK(memcmp(raw + n - 32, h, 16) == 0);
+  /* The URI, its length (one varint byte: 50 < 128) first, then the tag. */
+  CHECK(ulen < 128);
+  CHECK_INT(raw[n - TG_OFFER_TAG_LEN - ulen - 1], ulen);
+  CHECK(memcmp(raw + n - TG_OFFER_TAG_LEN - ulen, URI, ulen) == 0);
+  /* The tag is HMAC-SHA256(key, "tg-offer\0" || the rest), truncated. */
   memcpy(copy, raw, n);
   key_bytes(KEY1_HEX, key);
   resign(key, copy, n);
   CHECK(memcmp(copy, raw, n) == 0);
+  /* The hand builder the tests below use spells exactly what encode does. */
+  size_t tl = uri_tail(tail, URI, ulen);
+  CHECK_INT(build(copy, 2, tail, tl, key), n);
+  CHECK(memcmp(copy, raw, n) == 0);
 }
 
-/* The hash given once per URI yields the very token encode makes; the
- * per-thread HMAC states stay right when more keys take turns than the
+/* The URI given apart yields the very token encode makes (o->uri unread);
+ * the per-thread HMAC states stay right when more keys take turns than the
  * thread keeps (each tag checked against mbedtls' one-shot HMAC). */
-TEST(encode_hashed_is_encode_and_states_follow_keys) {
+TEST(encode_uri_is_encode_and_states_follow_keys) {
   tg_offer_keyring_t k;
-  tg_offer_t o;
+  tg_offer_t o, other;
   char a[TG_OFFER_TOKEN_MAX], b[TG_OFFER_TOKEN_MAX];
-  uint8_t hash[TG_OFFER_HASH_LEN], raw[256], copy[256], key[32];
+  uint8_t raw[RAW_MAX], copy[RAW_MAX], key[32];
   sample(&o);
-  CHECK_INT(tg_offer_uri_hash(o.uri, hash), 0);
+  other = o;
+  strcpy(other.uri, "https://elsewhere.example/not-read");
   for (int round = 0; round < 3; round++)
     for (uint32_t id = 1; id <= 6; id++) {
       tg_offer_keyring_init(&k);
@@ -124,7 +187,10 @@ TEST(encode_hashed_is_encode_and_states_follow_keys) {
         key[i] = (uint8_t)(id * 37 + i);
       CHECK_INT(tg_offer_keyring_add(&k, id, key, sizeof key), 0);
       CHECK_INT(tg_offer_encode(&k, &o, a, sizeof a), 0);
-      CHECK_INT(tg_offer_encode_hashed(&k, &o, hash, b, sizeof b), 0);
+      CHECK_INT(tg_offer_encode_uri(&k, &other, URI, b, sizeof b), 0);
+      CHECK_STR(a, b);
+      memset(other.uri, 'x', sizeof other.uri); /* not even terminated: not read */
+      CHECK_INT(tg_offer_encode_uri(&k, &other, URI, b, sizeof b), 0);
       CHECK_STR(a, b);
       size_t n = raw_decode(a, raw, sizeof raw);
       CHECK(n > 40 && n <= sizeof raw);
@@ -133,9 +199,19 @@ TEST(encode_hashed_is_encode_and_states_follow_keys) {
       memcpy(copy, raw, n);
       resign(key, copy, n);
       CHECK(memcmp(copy, raw, n) == 0);
+      tg_offer_t d;
+      CHECK_INT(tg_offer_decode(&k, b, strlen(b), NOW, NULL, &d), 0);
+      CHECK_STR(d.uri, URI);
+      CHECK_INT(d.key_id, id);
       tg_offer_keyring_clear(&k);
     }
-  CHECK_INT(tg_offer_encode_hashed(&k, &o, NULL, b, sizeof b), -EINVAL);
+  keyring(&k);
+  strcpy(b, "junk");
+  CHECK_INT(tg_offer_encode_uri(&k, &o, NULL, b, sizeof b), -EINVAL);
+  CHECK_STR(b, "");
+  strcpy(b, "junk");
+  CHECK_INT(tg_offer_encode_uri(&k, &o, "", b, sizeof b), -EINVAL);
+  CHECK_STR(b, "");
 }
 
 /* The token's base64url is the gateway's own encoder: for payloads of every
@@ -145,7 +221,7 @@ TEST(base64url_matches_the_standard_encoding) {
   tg_offer_keyring_t k;
   tg_offer_t o;
   char tok[TG_OFFER_TOKEN_MAX], want[TG_OFFER_TOKEN_MAX + 4];
-  uint8_t raw[256];
+  uint8_t raw[RAW_MAX];
   keyring(&k);
   sample(&o);
   for (size_t len = 1; len <= 64; len++) {
@@ -168,7 +244,13 @@ TEST(round_trip) {
   sample(&o);
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
   printf("  token (%zu chars): %s\n", strlen(tok), tok);
-  CHECK(strlen(tok) < 120);
+  /* Payload: header 5, expiry 5 (NOW + 300 < 2^35), amount 2 (2500), five
+   * 1-byte varints, currency 1 + 3, tenant 1 + 12, URI 1 + 50, tag 16 = 101
+   * bytes; base64url without padding: ceil(101 * 4 / 3) = 135 characters. */
+  size_t payload = 5 + 5 + 2 + 5 + 1 + 3 + 1 + 12 + 1 + strlen(URI) + TG_OFFER_TAG_LEN;
+  CHECK_INT(payload, 101);
+  CHECK_INT(strlen(tok), (payload * 4 + 2) / 3);
+  CHECK(strlen(tok) < 160);
   CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), 0);
   CHECK_STR(d.tenant, "news-example");
   CHECK_STR(d.uri, URI);
@@ -182,10 +264,20 @@ TEST(round_trip) {
   CHECK_INT(d.expires_at, NOW + 300);
   CHECK_INT(d.key_id, 7);
 
-  /* Without a claimed URI nothing is checked and the URI stays empty. */
+  /* Without a claimed URI nothing is compared, and the token tells the URI. */
+  memset(&d, 0x55, sizeof d);
   CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), 0);
-  CHECK_STR(d.uri, "");
+  CHECK_STR(d.uri, URI);
+  CHECK_STR(d.tenant, "news-example");
   CHECK_INT(d.amount, 2500);
+  CHECK_INT(d.key_id, 7);
+  /* The buffer need only fit the token and its NUL. */
+  char exact[160];
+  size_t len = strlen(tok);
+  CHECK_INT(tg_offer_encode(&k, &o, exact, len + 1), 0);
+  CHECK_STR(exact, tok);
+  CHECK_INT(tg_offer_encode(&k, &o, exact, len), -ENOSPC);
+  CHECK_STR(exact, "");
 }
 
 TEST(round_trip_extremes) {
@@ -196,27 +288,63 @@ TEST(round_trip_extremes) {
   memset(&o, 0, sizeof(o));
   memset(o.tenant, 't', 64);
   memset(o.currency, 'C', 16);
-  memset(o.uri, 'u', sizeof(o.uri) - 1);
+  memset(o.uri, 'u', TG_OFFER_URI_MAX); /* the longest URI: 2047 bytes */
+  o.uri[TG_OFFER_URI_MAX - 1] = '~';
   o.content = o.license = o.payment = o.payment_type = o.usage_bits = UINT32_MAX;
   o.amount = INT64_MAX;
   o.expires_at = INT64_MAX;
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
   printf("  longest token: %zu chars\n", strlen(tok));
+  /* 5 + 2 * 9 + 5 * 5 + 1 + 16 + 1 + 64 + 2 + 2047 + 16 = 2195 bytes. */
+  CHECK_INT(strlen(tok), (2195 * 4 + 2) / 3);
   CHECK(strlen(tok) < TG_OFFER_TOKEN_MAX);
   CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, o.uri, &d), 0);
   CHECK_INT(strlen(d.tenant), 64);
   CHECK_INT(strlen(d.currency), 16);
+  CHECK_INT(strlen(d.uri), TG_OFFER_URI_MAX);
+  CHECK(memcmp(d.uri, o.uri, TG_OFFER_URI_MAX + 1) == 0);
   CHECK_INT(d.amount, INT64_MAX);
+  CHECK_INT(d.expires_at, INT64_MAX);
   CHECK_INT(d.usage_bits, UINT32_MAX);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), 0);
+  CHECK(memcmp(d.uri, o.uri, TG_OFFER_URI_MAX + 1) == 0);
+  /* A claim one byte shorter or longer is another resource. */
+  char claim[TG_OFFER_URI_MAX + 2];
+  memcpy(claim, o.uri, TG_OFFER_URI_MAX);
+  claim[TG_OFFER_URI_MAX - 1] = '\0';
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, claim, &d), -EXDEV);
+  memcpy(claim, o.uri, TG_OFFER_URI_MAX);
+  claim[TG_OFFER_URI_MAX] = 'u';
+  claim[TG_OFFER_URI_MAX + 1] = '\0';
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, claim, &d), -EXDEV);
+  /* The same through encode_uri, and a URI of 2048 bytes is refused. */
+  char a[TG_OFFER_TOKEN_MAX];
+  CHECK_INT(tg_offer_encode_uri(&k, &o, o.uri, a, sizeof a), 0);
+  CHECK_STR(a, tok);
+  CHECK_INT(tg_offer_encode_uri(&k, &o, claim, a, sizeof a), -EINVAL);
+  CHECK_STR(a, "");
+  memset(o.uri, 'u', sizeof o.uri); /* 2048 bytes, no room for the NUL */
+  CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), -EINVAL);
+  CHECK_STR(tok, "");
 
-  /* All zero and empty strings. */
+  /* All zero, empty strings, the shortest URI. */
   memset(&o, 0, sizeof(o));
   o.expires_at = 1;
+  strcpy(o.uri, "/");
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
   printf("  shortest token: %zu chars\n", strlen(tok));
-  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), 0, "", &d), 0);
+  /* 5 + 7 + 1 + 1 + 2 + 16 = 32 bytes. */
+  CHECK_INT(strlen(tok), (32 * 4 + 2) / 3);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), 0, "/", &d), 0);
   CHECK_STR(d.tenant, "");
+  CHECK_STR(d.currency, "");
+  CHECK_STR(d.uri, "/");
   CHECK_INT(d.amount, 0);
+  /* An empty URI is no longer something an offer can be made for. */
+  o.uri[0] = '\0';
+  CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), -EINVAL);
+  CHECK_STR(tok, "");
+  CHECK_INT(tg_offer_encode_uri(&k, &o, "", tok, sizeof(tok)), -EINVAL);
 }
 
 TEST(encode_rejects_bad_input) {
@@ -246,7 +374,7 @@ TEST(every_flipped_bit_is_rejected) {
   tg_offer_keyring_t k;
   tg_offer_t o, d;
   char tok[TG_OFFER_TOKEN_MAX], bad[TG_OFFER_TOKEN_MAX];
-  uint8_t raw[256];
+  uint8_t raw[RAW_MAX];
   keyring(&k);
   sample(&o);
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
@@ -288,7 +416,7 @@ TEST(price_change_rejected) {
   tg_offer_keyring_t k;
   tg_offer_t o, d;
   char tok[TG_OFFER_TOKEN_MAX], bad[TG_OFFER_TOKEN_MAX];
-  uint8_t raw[256], other[32];
+  uint8_t raw[RAW_MAX], other[32];
   keyring(&k);
   sample(&o);
   o.amount = 100; /* a one-byte varint at a known offset */
@@ -397,14 +525,14 @@ TEST(unknown_version) {
   tg_offer_keyring_t k;
   tg_offer_t o, d;
   char tok[TG_OFFER_TOKEN_MAX];
-  uint8_t raw[256], key[32];
+  uint8_t raw[RAW_MAX], key[32];
   keyring(&k);
   sample(&o);
   CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
   size_t n = raw_decode(tok, raw, sizeof(raw));
   key_bytes(KEY1_HEX, key);
   /* Correctly signed, but a version this gateway does not speak. */
-  raw[0] = 2;
+  raw[0] = 3;
   resign(key, raw, n);
   raw_encode(raw, n, tok);
   CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
@@ -412,13 +540,219 @@ TEST(unknown_version) {
   resign(key, raw, n);
   raw_encode(raw, n, tok);
   CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
+  raw[0] = 1; /* a version 2 body under a version 1 byte */
+  resign(key, raw, n);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
+}
+
+/* Version 1 tokens, as the previous gateway made them (the URI's truncated
+ * SHA-256 where version 2 has the URI) and validly signed with a key we
+ * hold, are refused as malformed, whatever URI is claimed. */
+TEST(version_1_tokens_refused) {
+  tg_offer_keyring_t k;
+  tg_offer_t d;
+  char tok[TG_OFFER_TOKEN_MAX];
+  uint8_t raw[RAW_MAX], key[32], h[32];
+  keyring(&k);
+  key_bytes(KEY1_HEX, key);
+  mbedtls_sha256_ret((const unsigned char *)URI, strlen(URI), h, 0);
+  size_t n = build(raw, 1, h, 16, key);
+  CHECK_INT(n, 5 + 5 + 2 + 5 + 4 + 13 + 16 + 16);
+  raw_encode(raw, n, tok);
+  memset(&d, 0x55, sizeof d);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
+  CHECK_INT(d.amount, 0);
+  CHECK_STR(d.uri, "");
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  /* Under version 2 the same bytes are signed but do not parse. */
+  n = build(raw, 2, h, 16, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+}
+
+/* Every byte of the URI is covered by the tag. */
+TEST(tampered_uri_rejected) {
+  tg_offer_keyring_t k;
+  tg_offer_t o, d;
+  char tok[TG_OFFER_TOKEN_MAX], bad[TG_OFFER_TOKEN_MAX];
+  uint8_t raw[RAW_MAX];
+  size_t ulen = strlen(URI);
+  keyring(&k);
+  sample(&o);
+  CHECK_INT(tg_offer_encode(&k, &o, tok, sizeof(tok)), 0);
+  size_t n = raw_decode(tok, raw, sizeof(raw));
+  size_t at = n - TG_OFFER_TAG_LEN - ulen;
+  CHECK(memcmp(raw + at, URI, ulen) == 0);
+  /* "article-1234" to "article-1235": the very URI uri_mismatch claims. */
+  size_t digit = at + ulen - strlen(".html") - 1;
+  CHECK_INT(raw[digit], '4');
+  raw[digit] = '5';
+  raw_encode(raw, n, bad);
+  CHECK_INT(tg_offer_decode(&k, bad, strlen(bad), NOW, NULL, &d), -EBADMSG);
+  CHECK_INT(tg_offer_decode(&k, bad, strlen(bad), NOW,
+                            "https://news.example.com/2024/05/article-1235.html", &d),
+            -EBADMSG);
+  CHECK_STR(d.uri, "");
+  raw[digit] = '4';
+  for (size_t i = at; i < at + ulen; i++) {
+    raw[i] ^= 0x20;
+    raw_encode(raw, n, bad);
+    CHECK_INT(tg_offer_decode(&k, bad, strlen(bad), NOW, NULL, &d), -EBADMSG);
+    raw[i] ^= 0x20;
+  }
+  /* The length byte too. */
+  raw[at - 1]--;
+  raw_encode(raw, n, bad);
+  CHECK_INT(tg_offer_decode(&k, bad, strlen(bad), NOW, NULL, &d), -EBADMSG);
+  raw[at - 1]++;
+  raw_encode(raw, n, bad);
+  CHECK_STR(bad, tok);
+}
+
+/* A URI holding a NUL cannot come out of encode (a C string); one signed by
+ * hand is refused, so out->uri is never a truncated URI. */
+TEST(uri_with_nul_rejected) {
+  tg_offer_keyring_t k;
+  tg_offer_t d;
+  char tok[TG_OFFER_TOKEN_MAX];
+  uint8_t raw[RAW_MAX], key[32], tail[64];
+  char uri[64];
+  size_t ulen = strlen(URI);
+  keyring(&k);
+  key_bytes(KEY1_HEX, key);
+  size_t at[] = {0, 8, ulen - 1};
+  for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) {
+    memcpy(uri, URI, ulen);
+    uri[at[i]] = '\0';
+    size_t n = build(raw, 2, tail, uri_tail(tail, uri, ulen), key);
+    raw_encode(raw, n, tok);
+    CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+    CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, uri, &d), -EINVAL); /* the part before the NUL */
+    CHECK_INT(d.amount, 0);
+  }
+  /* A URI of one NUL byte. */
+  size_t n = build(raw, 2, (const uint8_t *)"\x01\x00", 2, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, "", &d), -EINVAL);
+  /* The same builder with the NUL replaced decodes: it is the NUL refused. */
+  n = build(raw, 2, (const uint8_t *)"\x01/", 2, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, "/", &d), 0);
+}
+
+/* The URI's length has one spelling: the shortest LEB128, at most 2047. */
+TEST(uri_length_must_be_canonical) {
+  tg_offer_keyring_t k;
+  tg_offer_t d;
+  char tok[TG_OFFER_TOKEN_MAX];
+  static uint8_t raw[RAW_MAX + 64], tail[TG_OFFER_URI_MAX + 64];
+  static char uri[TG_OFFER_URI_MAX + 2];
+  uint8_t key[32];
+  size_t ulen = strlen(URI), n;
+  keyring(&k);
+  key_bytes(KEY1_HEX, key);
+  /* 50 as two bytes (0xb2 0x00) and as three (0xb2 0x80 0x00). */
+  tail[0] = 0x80 | (uint8_t)ulen;
+  tail[1] = 0x00;
+  memcpy(tail + 2, URI, ulen);
+  n = build(raw, 2, tail, 2 + ulen, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
+  tail[1] = 0x80;
+  tail[2] = 0x00;
+  memcpy(tail + 3, URI, ulen);
+  n = build(raw, 2, tail, 3 + ulen, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  /* The canonical one-byte form of the same URI decodes. */
+  n = build(raw, 2, tail, uri_tail(tail, URI, ulen), key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), 0);
+
+  /* 200 bytes: two varint bytes are canonical (0xc8 0x01), three are not. */
+  memset(uri, 'p', 200);
+  uri[200] = '\0';
+  n = build(raw, 2, tail, uri_tail(tail, uri, 200), key);
+  CHECK_INT(tail[0], 0xc8);
+  CHECK_INT(tail[1], 0x01);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, uri, &d), 0);
+  tail[1] = 0x81;
+  tail[2] = 0x00;
+  memcpy(tail + 3, uri, 200);
+  n = build(raw, 2, tail, 3 + 200, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+
+  /* Length zero, and a length over TG_OFFER_URI_MAX (2048, canonically
+   * 0x80 0x10, with 2048 bytes that fit the payload), signed: refused. */
+  n = build(raw, 2, (const uint8_t *)"\x00", 1, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, "", &d), -EINVAL);
+  memset(uri, 'p', TG_OFFER_URI_MAX + 1);
+  uri[TG_OFFER_URI_MAX + 1] = '\0';
+  n = build(raw, 2, tail, uri_tail(tail, uri, TG_OFFER_URI_MAX + 1), key);
+  CHECK_INT(tail[0], 0x80);
+  CHECK_INT(tail[1], 0x10);
+  CHECK(n <= RAW_MAX);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  /* 2047 by hand is the encoder's token. */
+  n = build(raw, 2, tail, uri_tail(tail, uri, TG_OFFER_URI_MAX), key);
+  raw_encode(raw, n, tok);
+  uri[TG_OFFER_URI_MAX] = '\0';
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, uri, &d), 0);
+  CHECK_INT(strlen(d.uri), TG_OFFER_URI_MAX);
+}
+
+/* The URI runs to the tag: nothing may follow it, and it may not stop short. */
+TEST(uri_length_must_match_the_rest) {
+  tg_offer_keyring_t k;
+  tg_offer_t d;
+  char tok[TG_OFFER_TOKEN_MAX];
+  uint8_t raw[RAW_MAX], key[32], tail[128];
+  size_t ulen = strlen(URI);
+  keyring(&k);
+  key_bytes(KEY1_HEX, key);
+  size_t tl = uri_tail(tail, URI, ulen);
+  /* One trailing byte (of any value), then several. */
+  const uint8_t extra[] = {0x00, 'x', 0xff};
+  for (size_t i = 0; i < sizeof extra; i++) {
+    tail[tl] = extra[i];
+    size_t n = build(raw, 2, tail, tl + 1, key);
+    raw_encode(raw, n, tok);
+    CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+    CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, URI, &d), -EINVAL);
+  }
+  memcpy(tail + tl, "/more", 5);
+  size_t n = build(raw, 2, tail, tl + 5, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  /* The length claims one byte more than there is, or one less. */
+  tail[0] = (uint8_t)(ulen + 1);
+  n = build(raw, 2, tail, tl, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  tail[0] = (uint8_t)(ulen - 1);
+  n = build(raw, 2, tail, tl, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  /* No URI at all: the body ends after the tenant. */
+  n = build(raw, 2, tail, 0, key);
+  raw_encode(raw, n, tok);
+  CHECK_INT(tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d), -EINVAL);
+  CHECK_INT(d.amount, 0);
 }
 
 TEST(signed_but_malformed_body) {
   tg_offer_keyring_t k;
   tg_offer_t o, d;
   char tok[TG_OFFER_TOKEN_MAX];
-  uint8_t raw[256], key[32];
+  uint8_t raw[RAW_MAX], key[32];
   keyring(&k);
   key_bytes(KEY1_HEX, key);
   sample(&o);
@@ -457,7 +791,7 @@ TEST(garbage_and_empty) {
   char tok[TG_OFFER_TOKEN_MAX];
   for (int i = 0; i < 80; i++)
     junk[i] = (uint8_t)(i * 37 + 11);
-  junk[0] = 1;
+  junk[0] = TG_OFFER_VERSION;
   raw_encode(junk, sizeof(junk), tok);
   int rc = tg_offer_decode(&k, tok, strlen(tok), NOW, NULL, &d);
   CHECK(rc == -ENOKEY || rc == -EBADMSG);
@@ -498,7 +832,7 @@ TEST(truncated_tokens) {
   for (size_t l = 0; l < len; l++)
     CHECK(tg_offer_decode(&k, tok, l, NOW, URI, &d) < 0);
   /* Truncation on a byte boundary reaches the MAC check. */
-  uint8_t raw[256];
+  uint8_t raw[RAW_MAX];
   size_t n = raw_decode(tok, raw, sizeof(raw));
   char bad[TG_OFFER_TOKEN_MAX];
   raw_encode(raw, n - 1, bad);

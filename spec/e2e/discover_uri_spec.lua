@@ -1,5 +1,5 @@
--- DiscoverResources and the URIs it prices. An offer id binds the hash of its
--- URI, so a URI longer than an offer can hold is refused rather than cut (an
+-- DiscoverResources and the URIs it prices. An offer id carries its URI,
+-- so a URI longer than an offer can hold is refused rather than cut (an
 -- offer signed for a prefix of the URI would be an offer for another
 -- resource); and a path that is not in normal form is refused rather than
 -- matched as written ("/a/../private/x" is /private/x to the origin).
