@@ -9,10 +9,12 @@
 #include "base/buf.h"
 #include "config/config.h"
 #include "gateway/gateway.h"
+#include "gateway/walcli.h"
 #include "base/log.h"
 #include "base/secret.h"
 #include "policy/policy.h"
 #include "policy/tools.h"
+#include "signer/signer.h"
 
 static void usage(FILE *f) {
   fprintf(f, "usage: tollgate run -c FILE     start the gateway\n"
@@ -21,6 +23,8 @@ static void usage(FILE *f) {
              "                                validate a policy, run its fixtures (and busted specs)\n"
              "       tollgate policy diff OLD NEW [--tenant T]\n"
              "                                how NEW decides differently from OLD on their fixtures\n"
+             "       tollgate wal ls|verify|cat -c FILE\n"
+             "                                read the write-ahead log, never modifying it (wal --help)\n"
              "       tollgate version\n");
 }
 
@@ -56,6 +60,9 @@ int main(int argc, char **argv) {
   /* Tools for one policy file, no configuration needed (policy/tools.h). */
   if (argc > 1 && strcmp(argv[1], "policy") == 0)
     return tg_policy_tool_main(argc - 1, argv + 1);
+  /* Read-only tools for the write-ahead log (gateway/walcli.h). */
+  if (argc > 1 && strcmp(argv[1], "wal") == 0)
+    return tg_walcli_main(argc - 1, argv + 1, stdout, stderr);
   const char *cmd = "run", *path = NULL;
   int i = 1;
   if (argc > 1 && argv[1][0] != '-')
@@ -98,6 +105,20 @@ int main(int argc, char **argv) {
       fprintf(stderr, "tollgate: %s\n", err);
       tg_config_free(&cfg);
       return 1;
+    }
+    /* Each signer as the gateway builds it at start: key read, options
+     * checked, a probe URL signed. */
+    for (size_t i = 0; i < cfg.ntenants; i++) {
+      tg_signer_t s;
+      if (tg_signer_from_config(&cfg.tenants[i].signer, &s, err, sizeof err) != 0) {
+        fprintf(stderr, "tollgate: %s: tenant %s: %s\n", cfg.path, cfg.tenants[i].name, err);
+        tg_config_free(&cfg);
+        return 1;
+      }
+      const char *key_file = tg_config_get(&cfg.tenants[i].signer, "key_file");
+      if (key_file && tg_secret_exposed(key_file))
+        fprintf(stderr, "tollgate: warning: %s is readable by group or others; chmod 600 it\n", key_file);
+      tg_signer_free(&s);
     }
     /* The same warning `run` logs, where the operator checking will see it. */
     const char *secrets[] = {cfg.admin_token_file, cfg.redis.password_file};

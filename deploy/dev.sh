@@ -223,7 +223,13 @@ check_tools() {
 }
 
 install_npm() {
-  local dir
+  local dir major
+  # The interop clients (@aws-sdk/cloudfront-signer above all) need Node 20 or later.
+  step="node version"
+  major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)"
+  if [ "${major:-0}" -lt 20 ]; then
+    die "node $(node --version 2>/dev/null) is older than 20, which the interop clients need; install Node 20 (e.g. from NodeSource: https://github.com/nodesource/distributions) and run this again"
+  fi
   for dir in spec/*/; do
     [ -f "$dir/package.json" ] || continue
     step="npm ci in $dir"

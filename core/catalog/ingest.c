@@ -420,7 +420,7 @@ static int declare_metrics(tg_ingest_t *ing) {
   static const char *const l1[] = {"tenant_id", NULL};
   static const char *const l2[] = {"tenant_id", "reason", NULL};
   static const double buckets[] = {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60};
-  ing->m_offers = tg_metric_new(TG_METRIC_GAUGE, "catalog_offers_total",
+  ing->m_offers = tg_metric_new(TG_METRIC_GAUGE, "catalog_entries",
                                 "Entries in the tenant's current catalog.", l1, NULL, 0);
   ing->m_last = tg_metric_new(TG_METRIC_GAUGE, "catalog_last_refresh_timestamp",
                               "Unix time of the last successful catalog refresh.", l1, NULL, 0);

@@ -31,7 +31,7 @@
  * application/rsl+xml, application/xml or text/xml), "too_large", "parse",
  * "build".
  *
- * Metrics: catalog_offers_total{tenant_id} (gauge, entries),
+ * Metrics: catalog_entries{tenant_id} (gauge, entries),
  * catalog_last_refresh_timestamp{tenant_id} (gauge, unix seconds of the last
  * success), catalog_refresh_duration_seconds{tenant_id} (histogram, every
  * attempt), catalog_refresh_errors_total{tenant_id,reason} (counter). */

@@ -1099,15 +1099,20 @@ typedef struct kind {
   bool implemented;
 } kind_t;
 
-static const char *const nginx_secure_link_keys[] = {"type", "base_url", "key_file", "ttl_s", NULL};
+/* The signer kinds' keys (signer/signer.h reads and checks their values). */
+static const char *const nginx_secure_link_keys[] = {"type", "base_url", "key_file", "ttl_s", "expression", NULL};
+static const char *const akamai_keys[] = {"type",      "base_url",  "key_file",     "ttl_s",  "token_name",
+                                          "algorithm", "acl",       "url_form",     "escape_early", NULL};
+static const char *const gcdn_keys[] = {"type", "base_url", "key_file", "ttl_s", "key_name", "url_prefix", NULL};
+static const char *const cloudfront_keys[] = {"type", "base_url", "key_file", "ttl_s", "key_pair_id", NULL};
 static const char *const builtin_billing_keys[] = {"type", NULL};
-static const kind_t signer_kinds[] = {{"nginx_secure_link", nginx_secure_link_keys, false},
-                                      {"akamai", NULL, false},
-                                      {"cloudfront", NULL, false},
-                                      {"gcdn", NULL, false},
+static const kind_t signer_kinds[] = {{"nginx_secure_link", nginx_secure_link_keys, true},
+                                      {"akamai_edgeauth", akamai_keys, true},
+                                      {"cloudfront", cloudfront_keys, true},
+                                      {"gcdn", gcdn_keys, true},
                                       {NULL, NULL, false}};
 static const kind_t billing_kinds[] = {
-    {"builtin", builtin_billing_keys, false}, {"connect", NULL, false}, {NULL, NULL, false}};
+    {"builtin", builtin_billing_keys, true}, {"connect", NULL, false}, {NULL, NULL, false}};
 
 /* The section at sec names one of kinds in its 'type', has only that kind's
  * keys, and the kind is implemented. */
@@ -1139,8 +1144,8 @@ static int check_kind(ctx_t *c, int sec, const char *what, const kind_t *kinds) 
     return -1;
   if (!k->implemented) {
     field(c, sec, "type");
-    fail_here(c, "%s type %s is not implemented yet: remove the %s section (the issue after this one adds it)",
-              what, k->type, what);
+    fail_here(c, "%s type %s is not implemented yet: remove the %s section (a later issue adds it)", what,
+              k->type, what);
     leave(c);
     return -1;
   }
@@ -1192,9 +1197,9 @@ static int refuse_x402_price(ctx_t *c, int t) {
   return rc;
 }
 
-static const char *const top_keys[] = {"listen", "admin", "workers", "data_dir", "log_level", "limits",
-                                       "redis", "rate_limit", "exchange", "ingest", "policy", "tenants",
-                                       NULL};
+static const char *const top_keys[] = {"listen", "admin",  "workers", "data_dir", "log_level",
+                                       "limits", "redis",  "rate_limit", "exchange", "ingest",
+                                       "policy", "ledger", "instance", "tenants",  NULL};
 static const char *const listener_keys[] = {"host", "port", "tls_cert", "tls_key", NULL};
 static const char *const admin_keys[] = {"host", "port", "token_file", NULL};
 static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "header_timeout_ms",
@@ -1205,6 +1210,8 @@ static const char *const tenant_keys[] = {"name", "hosts", "catalog", "policy", 
 static const char *const catalog_keys[] = {"source", "refresh_s", "strict", NULL};
 static const char *const redis_keys[] = {"host", "port", "password_file", "timeout_ms", "db", NULL};
 static const char *const rate_limit_keys[] = {"mode", "table_size", NULL};
+static const char *const ledger_keys[] = {"mode", "wal", "snapshot_every", "idempotency", "accounts", NULL};
+static const char *const account_keys[] = {"billing_reference", "currency", "amount", "reference", NULL};
 
 /* The table on top of the stack as a listener (or the admin listener). */
 static int load_listener(ctx_t *c, tg_config_listener_t *l, bool admin) {
@@ -1453,6 +1460,122 @@ static int load_settings(ctx_t *c, int root) {
   return rc;
 }
 
+/* One ledger.accounts entry: an opening credit, applied once per reference. */
+static int load_account(ctx_t *c, tg_config_account_t *a) {
+  int t = lua_gettop(c->L);
+  long long amount = 0;
+  if (want_type(c, LUA_TTABLE, "a table { billing_reference = ..., amount = ... }") != 0 ||
+      check_keys(c, t, account_keys) != 0 || req_string(c, t, "billing_reference", &a->billing_reference) != 0 ||
+      opt_string(c, t, "currency", &a->currency) != 0 || opt_string(c, t, "reference", &a->reference) != 0 ||
+      opt_integer(c, t, "amount", 1, 1LL << 53, &amount) != 0)
+    return -1;
+  a->amount = amount;
+  if (amount == 0) {
+    return fail_here(c, "missing 'amount' (atomic units of the currency, > 0)");
+  }
+  size_t rl = strlen(a->billing_reference);
+  if (rl == 0 || rl > 256) {
+    field(c, t, "billing_reference");
+    fail_here(c, "must be 1 to 256 bytes");
+    leave(c);
+    return -1;
+  }
+  if (a->currency == NULL && (a->currency = strdup("USD")) == NULL)
+    return fail_oom(c);
+  bool ok = a->currency[0] != '\0' && strlen(a->currency) <= 16;
+  for (const char *p = a->currency; ok && *p; p++)
+    ok = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9');
+  if (!ok) {
+    field(c, t, "currency");
+    fail_here(c, "'%.32s' is not a currency code ([A-Za-z0-9], 1 to 16 characters)", a->currency);
+    leave(c);
+    return -1;
+  }
+  if (a->reference == NULL) {
+    size_t n = strlen(a->billing_reference) + strlen(a->currency) + 16;
+    if ((a->reference = malloc(n)) == NULL)
+      return fail_oom(c);
+    snprintf(a->reference, n, "config:%s:%s", a->billing_reference, a->currency);
+  }
+  return 0;
+}
+
+/* After load_redis: mode "redis" needs its section. The ranges are in config.h. */
+static int load_ledger(ctx_t *c, int root) {
+  tg_config_ledger_t *l = &c->cfg->ledger;
+  static const int_key_t wal[] = {{"capacity_bytes", 1LL << 20, 1LL << 40},
+                                  {"segment_bytes", 1LL << 16, 1LL << 30},
+                                  {"batch_bytes", 512, 1LL << 26},
+                                  {"batch_interval_us", 0, 1000000},
+                                  {"retention_bytes", 0, 1LL << 40},
+                                  {"retention_age_s", 0, 1LL << 31},
+                                  {NULL, 0, 0}};
+  static const int_key_t idem[] = {{"ttl_s", 1, 30LL * 86400},
+                                   {"max_entries", 1024, 1LL << 26},
+                                   {"pending_ttl_ms", 100, 3600000},
+                                   {"wait_ms", 0, 60000},
+                                   {NULL, 0, 0}};
+  long long w[] = {TG_CONFIG_DEFAULT_WAL_CAPACITY, 64LL << 20, 64LL << 10, 0, 512LL << 20, 7LL * 86400};
+  long long id[] = {86400, 1000000, 30000, 2000};
+  long long every = 100000, n = 0;
+  char *mode = NULL;
+  int rc = 0;
+  if (field(c, root, "ledger") != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table") != 0 || check_keys(c, t, ledger_keys) != 0 ||
+        opt_string(c, t, "mode", &mode) != 0 || load_ints(c, t, "wal", wal, w) != 0 ||
+        load_ints(c, t, "idempotency", idem, id) != 0 || opt_integer(c, t, "snapshot_every", 1000, 1LL << 31, &every) != 0)
+      rc = -1;
+    if (rc == 0 && mode != NULL) {
+      if (strcmp(mode, "redis") == 0) {
+        l->mode = TG_CONFIG_LEDGER_REDIS;
+      } else if (strcmp(mode, "local") != 0) {
+        field(c, t, "mode");
+        rc = fail_here(c, "'%s' is not one of local, redis", mode);
+        leave(c);
+      }
+    }
+    if (rc == 0 && l->mode == TG_CONFIG_LEDGER_REDIS && c->cfg->redis.host == NULL) {
+      field(c, t, "mode");
+      rc = fail_here(c, "'redis' needs a top-level redis = { host = ..., port = ... } section");
+      leave(c);
+    }
+    if (rc == 0 && w[1] > w[0]) {
+      field(c, t, "wal");
+      rc = fail_here(c, "segment_bytes (%lld) is above capacity_bytes (%lld)", w[1], w[0]);
+      leave(c);
+    }
+    if (rc == 0 && field(c, t, "accounts") != LUA_TNIL) {
+      int at = lua_gettop(c->L);
+      if (want_type(c, LUA_TTABLE, "a list of accounts") != 0 || check_list(c, at, &n) != 0)
+        rc = -1;
+      else if (n > 0 && (l->accounts = calloc((size_t)n, sizeof *l->accounts)) == NULL)
+        rc = fail_oom(c);
+      for (long long i = 1; rc == 0 && i <= n; i++) {
+        element(c, at, i);
+        l->naccounts = (size_t)i;
+        rc = load_account(c, &l->accounts[i - 1]);
+        leave(c);
+      }
+    }
+    leave(c);
+  }
+  leave(c);
+  free(mode);
+  l->wal_capacity_bytes = (uint64_t)w[0];
+  l->wal_segment_bytes = (uint64_t)w[1];
+  l->wal_batch_bytes = (uint32_t)w[2];
+  l->wal_batch_interval_us = (uint32_t)w[3];
+  l->wal_retention_bytes = (uint64_t)w[4];
+  l->wal_retention_age_s = (uint32_t)w[5];
+  l->snapshot_every = (uint32_t)every;
+  l->idem_ttl_s = (uint32_t)id[0];
+  l->idem_max_entries = (uint32_t)id[1];
+  l->idem_pending_ttl_ms = (uint32_t)id[2];
+  l->idem_wait_ms = (uint32_t)id[3];
+  return rc;
+}
+
 static bool is_url(const char *s) {
   return strncasecmp(s, "http://", 7) == 0 || strncasecmp(s, "https://", 8) == 0;
 }
@@ -1648,6 +1771,31 @@ done:
   return rc == 0 ? check_unique(c) : rc;
 }
 
+/* instance: names this gateway in log records and shared keys; default the
+ * host name. */
+static int load_instance(ctx_t *c, int root) {
+  tg_config_t *cfg = c->cfg;
+  if (opt_string(c, root, "instance", &cfg->instance) != 0)
+    return -1;
+  if (cfg->instance == NULL) {
+    char host[256] = "";
+    if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')
+      snprintf(host, sizeof host, "tollgate");
+    if ((cfg->instance = strdup(host)) == NULL)
+      return fail_oom(c);
+  }
+  bool ok = cfg->instance[0] != '\0' && strlen(cfg->instance) <= 64;
+  for (const char *p = cfg->instance; ok && *p; p++)
+    ok = (unsigned char)*p > 0x20 && (unsigned char)*p < 0x7f;
+  if (!ok) {
+    field(c, root, "instance");
+    fail_here(c, "must be 1 to 64 printable ASCII characters without spaces");
+    leave(c);
+    return -1;
+  }
+  return 0;
+}
+
 static int validate(ctx_t *c, int root) {
   tg_config_t *cfg = c->cfg;
   long long workers = 0;
@@ -1676,7 +1824,8 @@ static int validate(ctx_t *c, int root) {
     goto fail;
   }
   if (load_limits(c, root) != 0 || load_redis(c, root) != 0 || load_rate_limit(c, root) != 0 ||
-      load_settings(c, root) != 0 || load_tenants(c, root) != 0)
+      load_settings(c, root) != 0 || load_ledger(c, root) != 0 || load_instance(c, root) != 0 ||
+      load_tenants(c, root) != 0)
     goto fail;
   return 0;
 fail:
@@ -1860,6 +2009,13 @@ void tg_config_free(tg_config_t *cfg) {
   free(cfg->log_level);
   free(cfg->redis.host);
   free(cfg->redis.password_file);
+  free(cfg->instance);
+  for (size_t i = 0; i < cfg->ledger.naccounts; i++) {
+    free(cfg->ledger.accounts[i].billing_reference);
+    free(cfg->ledger.accounts[i].currency);
+    free(cfg->ledger.accounts[i].reference);
+  }
+  free(cfg->ledger.accounts);
   for (size_t i = 0; i < cfg->ntenants; i++) {
     tg_config_tenant_t *t = &cfg->tenants[i];
     free(t->name);

@@ -27,14 +27,22 @@
  *     ingest = { max_bytes = 268435456, timeout_ms = 10000, initial_wait_ms = 5000 },
  *     policy = { time_limit_ms = 50, load_time_limit_ms = 1000, memory_limit = 33554432,
  *                watch_debounce_ms = 200 },
+ *     instance = "gw-1",          -- default: the host name
+ *     ledger = { mode = "local",   -- "redis": balances and idempotency keys shared (needs redis)
+ *                wal = { capacity_bytes = 1073741824, segment_bytes = 67108864, batch_bytes = 65536,
+ *                        batch_interval_us = 0, retention_bytes = 536870912, retention_age_s = 604800 },
+ *                snapshot_every = 100000,
+ *                idempotency = { ttl_s = 86400, max_entries = 1000000, pending_ttl_ms = 30000,
+ *                                wait_ms = 2000 },
+ *                accounts = { { billing_reference = "acct-demo", currency = "USD", amount = 100000000,
+ *                               reference = "demo-opening" } } },
  *     tenants = {
  *       { name = "news", hosts = { "news.example" },
  *         catalog = { source = "rsl/news.xml", refresh_s = 300, strict = false },
  *         policy = "policies/news.lua",
- *         -- not implemented yet (an error until then, see below):
- *         -- signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
- *         --            key_file = "keys/news.key", ttl_s = 300 },
- *         -- billing = { type = "builtin" },
+ *         signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
+ *                    key_file = "keys/news.key", ttl_s = 300 },
+ *         billing = { type = "builtin" },
  *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532" } } },
  *     },
  *   }
@@ -76,11 +84,25 @@
  *   - files (policy, tls_*, token_file, a catalog source that is not an
  *     http(s) URL) must be readable when the file is loaded.
  *   - signer and billing name their kind in a string 'type' and take only
- *     that kind's keys: signer nginx_secure_link (base_url, key_file, ttl_s),
- *     akamai, cloudfront, gcdn; billing builtin (no other key), connect. No
- *     kind is implemented yet (the issue after this one adds them):
- *     configuring one is an error that says so, rather than a section that
- *     nothing reads. An unknown type or key is an error too.
+ *     that kind's keys. Every signer takes key_file (required), base_url
+ *     (the CDN origin that replaces the resource's scheme and host) and
+ *     ttl_s; then nginx_secure_link expression; akamai_edgeauth token_name,
+ *     algorithm, acl, url_form, escape_early; gcdn key_name, url_prefix;
+ *     cloudfront key_pair_id. Their values are checked by signer/signer.h
+ *     (tg_signer_from_config) at start and by `tollgate check`. billing:
+ *     builtin (no other key); connect is not implemented yet, an error that
+ *     says so. An unknown type or key is an error too.
+ *   - ledger: mode local or redis (needs the redis section); wal
+ *     capacity_bytes 2^20..2^40, segment_bytes 2^16..2^30 (at most the
+ *     capacity), batch_bytes 512..2^26, batch_interval_us 0..10^6,
+ *     retention_bytes and retention_age_s 0 (off) or a bound: a segment
+ *     older or beyond it is removed once a balance snapshot covers it;
+ *     snapshot_every 1000..2^31 records; idempotency ttl_s 1..30 days,
+ *     max_entries 1024..2^26, pending_ttl_ms 100..3600000, wait_ms 0..60000;
+ *     accounts: billing_reference (1..256 bytes), amount 1..2^53, currency
+ *     (default USD), reference (default "config:<ref>:<currency>"): each
+ *     an opening credit applied once per reference, so a restart does not
+ *     credit it again.
  *   - payments (and signer, billing once implemented): leaves are strings,
  *     integers (money is an integer in atomic units: fractions are refused,
  *     and integers above 2^53 must be written as strings) or booleans; list
@@ -142,6 +164,36 @@ typedef struct tg_config_redis {
 
 typedef enum { TG_CONFIG_RATE_LIMIT_LOCAL = 0, TG_CONFIG_RATE_LIMIT_REDIS } tg_config_rate_limit_mode_t;
 
+#define TG_CONFIG_DEFAULT_WAL_CAPACITY (1LL << 30)
+
+/* ledger.accounts: an opening credit of a prepaid account. */
+typedef struct tg_config_account {
+  char *billing_reference;    /* 1..256 bytes */
+  char *currency;             /* default "USD" */
+  int64_t amount;             /* atomic units, 1 .. 2^53 */
+  char *reference;            /* the credit is applied once per reference; default "config:<ref>:<currency>" */
+} tg_config_account_t;
+
+typedef enum { TG_CONFIG_LEDGER_LOCAL = 0, TG_CONFIG_LEDGER_REDIS } tg_config_ledger_mode_t;
+
+/* The ledger section: the write-ahead log, prepaid balances, idempotency. */
+typedef struct tg_config_ledger {
+  tg_config_ledger_mode_t mode;   /* local (default) or redis: balances and idempotency keys in Redis */
+  uint64_t wal_capacity_bytes;    /* 1 GiB */
+  uint64_t wal_segment_bytes;     /* 64 MiB */
+  uint32_t wal_batch_bytes;       /* 64 KiB */
+  uint32_t wal_batch_interval_us; /* 0: a batch is what queued while the disk was busy */
+  uint64_t wal_retention_bytes;   /* 512 MiB; 0: keep everything (until capacity) */
+  uint32_t wal_retention_age_s;   /* 7 days; 0: no age limit */
+  uint32_t snapshot_every;        /* records between balance snapshots; 100000 */
+  uint32_t idem_ttl_s;            /* 86400 */
+  uint32_t idem_max_entries;      /* 1000000 */
+  uint32_t idem_pending_ttl_ms;   /* redis mode: how long a crashed owner's claim blocks the key; 30000 */
+  uint32_t idem_wait_ms;          /* how long a duplicate waits for the first call's answer; 2000 */
+  tg_config_account_t *accounts;
+  size_t naccounts;
+} tg_config_ledger_t;
+
 typedef struct tg_config_tenant {
   char *name;                 /* [a-z0-9_-]{1,64}, unique */
   char **hosts;               /* lowercased, unique across tenants */
@@ -150,8 +202,8 @@ typedef struct tg_config_tenant {
   uint32_t catalog_refresh_s; /* default 300 */
   bool catalog_strict;        /* refuse a non-conformant RSL document; default false */
   char *policy_file;          /* absolute path, or NULL for the default policy */
-  tg_config_section_t signer;  /* empty until a signer kind is implemented */
-  tg_config_section_t billing; /* likewise */
+  tg_config_section_t signer;  /* empty: no signer (signer/signer.h reads it) */
+  tg_config_section_t billing; /* empty: billing builtin */
   tg_config_section_t payments;
 } tg_config_tenant_t;
 
@@ -184,6 +236,8 @@ typedef struct tg_config {
   uint32_t policy_load_time_limit_ms;
   size_t policy_memory_limit;
   uint32_t policy_watch_debounce_ms;
+  tg_config_ledger_t ledger;
+  char *instance;                   /* this gateway's name; default the host name */
   tg_config_tenant_t *tenants;
   size_t ntenants;
 } tg_config_t;

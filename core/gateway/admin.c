@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <jansson.h>
 #include <llhttp.h>
@@ -14,6 +15,7 @@
 #include "base/metrics.h"
 #include "base/utf8.h"
 #include "gateway/reload.h"
+#include "ledger/v1/ledger.pb-c.h"
 
 /* Compares in time independent of where the first difference is. */
 static int token_equal(const char *a, size_t alen, const char *b, size_t blen) {
@@ -239,8 +241,311 @@ static void refresh(const tg_admin_t *a, tg_http_req_t *req) {
     error_json(req, 404, "unknown tenant or no catalog source");
 }
 
+/* ---- The built-in ledger: balances and top-ups */
+
+typedef struct each_ctx {
+  json_t *list;
+  const char *only; /* NULL: every account */
+  size_t n;
+} each_ctx_t;
+
+static int add_account(void *arg, const char *ref, const char *currency, int64_t balance, int64_t held) {
+  each_ctx_t *c = arg;
+  if (c->only && strcmp(c->only, ref) != 0)
+    return 0;
+  if (c->n >= 1000)
+    return 1;
+  c->n++;
+  json_array_append_new(c->list, json_pack("{s:s,s:s,s:I,s:I,s:I}", "account", ref, "currency", currency,
+                                           "balance", (json_int_t)balance, "held", (json_int_t)held,
+                                           "available", (json_int_t)(balance - held)));
+  return 0;
+}
+
+/* GET /ledger/balance[?account=REF]: one account's balances (per currency),
+ * or the first 1000 accounts. */
+typedef struct rbal {
+  tg_http_req_t *req;
+  char ref[257], currency[17];
+} rbal_t;
+
+static void on_redis_balance(void *arg, int status, int64_t balance, int64_t held) {
+  rbal_t *b = arg;
+  if (status != 0) {
+    error_json(b->req, 503, "Redis did not answer: the balances live there in ledger mode redis");
+  } else {
+    json_t *acct = json_pack("{s:s,s:s,s:I,s:I,s:I}", "account", b->ref, "currency", b->currency, "balance",
+                             (json_int_t)balance, "held", (json_int_t)held, "available",
+                             (json_int_t)(balance - held));
+    tg_http_respond_json(b->req, 200, json_pack("{s:[o]}", "accounts", acct));
+  }
+  free(b);
+}
+
+/* Redis mode: one account in one currency (?currency=, default USD). */
+static void balance_redis(tg_app_worker_t *aw, tg_http_req_t *req, const char *ref) {
+  rbal_t *b = calloc(1, sizeof *b);
+  int has = b ? query_param(req->query, "currency", b->currency, sizeof b->currency) : 0;
+  if (b == NULL || has < 0 || has == 2) {
+    free(b);
+    error_json(req, 400, "currency: a currency code");
+    return;
+  }
+  if (has == 0)
+    snprintf(b->currency, sizeof b->currency, "USD");
+  b->req = req;
+  snprintf(b->ref, sizeof b->ref, "%s", ref);
+  if (tg_prepaid_redis_balance(aw->prepaid_redis, b->ref, b->currency, on_redis_balance, b) != 0) {
+    free(b);
+    error_json(req, 400, "bad account or currency");
+  }
+}
+
+static void balance(const tg_admin_t *a, tg_http_req_t *req) {
+  char ref[257];
+  int has = query_param(req->query, "account", ref, sizeof ref);
+  tg_app_worker_t *aw = tg_app_worker(a->app, req->worker);
+  if (a->app->prepaid == NULL) {
+    error_json(req, 503, "no ledger: the gateway runs without a data_dir");
+    return;
+  }
+  if (has < 0 || has == 2) {
+    error_json(req, 400, "account: 1 to 256 characters of [A-Za-z0-9._-]");
+    return;
+  }
+  if (aw && aw->prepaid_redis) {
+    if (has == 0)
+      error_json(req, 400, "account: required in ledger mode redis (the balances live in Redis)");
+    else
+      balance_redis(aw, req, ref);
+    return;
+  }
+  each_ctx_t c = {json_array(), has == 1 ? ref : NULL, 0};
+  tg_prepaid_each(a->app->prepaid, add_account, &c);
+  if (has == 1 && c.n == 0) {
+    json_decref(c.list);
+    error_json(req, 404, "no such account (it has never been credited)");
+    return;
+  }
+  tg_http_respond_json(req, 200, json_pack("{s:o}", "accounts", c.list));
+}
+
+typedef struct topup {
+  tg_http_req_t *req;
+  tg_prepaid_t *ledger;
+  char ref[257], currency[17], reference[129];
+  struct topup *next;    /* in flight (the admin runs on one worker: no lock) */
+  struct topup *waiters; /* the same reference asked again while this one is in flight */
+  tg_app_worker_t *aw;   /* redis mode */
+  int64_t amount;
+  int64_t balance_after; /* redis mode: Redis' answer */
+} topup_t;
+
+static topup_t *topups_in_flight;
+static const char *admin_instance; /* the configuration's instance id, for records */
+
+static void answer_topup(topup_t *t, int applied, uint64_t seq) {
+  int64_t bal = t->balance_after, held = 0;
+  if (t->aw == NULL)
+    tg_prepaid_balance(t->ledger, t->ref, t->currency, &bal, &held);
+  json_t *body = json_pack("{s:s,s:s,s:I,s:I,s:b}", "account", t->ref, "currency", t->currency, "balance",
+                           (json_int_t)bal, "available", (json_int_t)(bal - held), "applied", applied);
+  if (body && applied)
+    json_object_set_new(body, "seq", json_integer((json_int_t)seq));
+  tg_http_respond_json(t->req, 200, body);
+}
+
+static void on_topup_durable(void *arg, int status, uint64_t seq) {
+  topup_t *t = arg;
+  for (topup_t **pp = &topups_in_flight; *pp; pp = &(*pp)->next)
+    if (*pp == t) {
+      *pp = t->next;
+      break;
+    }
+  if (status != 0) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the transaction log failed (%s): nothing was credited", strerror(-status));
+    error_json(t->req, 503, msg);
+  } else {
+    tg_log_req(TG_LOG_INFO, t->req->request_id, "ledger credit", "reference", t->reference, NULL);
+    answer_topup(t, 1, seq);
+  }
+  /* The same reference asked meanwhile: credited once, by the first. */
+  for (topup_t *w = t->waiters, *next; w; w = next) {
+    next = w->waiters;
+    w->aw = t->aw;
+    w->balance_after = t->balance_after;
+    if (status != 0)
+      error_json(w->req, 503, "the transaction log failed: nothing was credited");
+    else
+      answer_topup(w, 0, 0);
+    free(w);
+  }
+  free(t);
+}
+
+static uint8_t *credit_record(const tg_admin_t *a, const topup_t *t, int64_t n, size_t *len);
+static void on_topup_durable(void *arg, int status, uint64_t seq);
+
+/* Redis mode: the credit is Redis' (once per reference there); the log
+ * keeps an audit record of each credit applied. */
+static void on_redis_credit(void *arg, int status, int64_t balance) {
+  topup_t *t = arg;
+  t->balance_after = balance;
+  if (status == 1) {
+    size_t len;
+    uint8_t *rec = credit_record(NULL, t, t->amount, &len);
+    if (rec == NULL || tg_app_append(t->aw, rec, len, on_topup_durable, t) != 0) {
+      tg_log_req(TG_LOG_WARN, t->req->request_id, "credit applied in Redis, its audit record not logged",
+                 "reference", t->reference, NULL);
+      on_topup_durable(t, 0, 0);
+    }
+    free(rec);
+    return;
+  }
+  for (topup_t **pp = &topups_in_flight; *pp; pp = &(*pp)->next)
+    if (*pp == t) {
+      *pp = t->next;
+      break;
+    }
+  if (status == 0)
+    answer_topup(t, 0, 0);
+  else
+    error_json(t->req, status == -EOVERFLOW ? 400 : 503,
+               status == -EOVERFLOW ? "the balance would pass 2^53" : "Redis did not take the credit: retry");
+  for (topup_t *w = t->waiters, *next; w; w = next) {
+    next = w->waiters;
+    w->balance_after = balance;
+    if (status == 0)
+      answer_topup(w, 0, 0);
+    else
+      error_json(w->req, 503, "Redis did not take the credit: retry");
+    free(w);
+  }
+  free(t);
+}
+
+/* POST /ledger/topup {"account":REF,"amount":N,"currency":"USD","reference":R}:
+ * a CREDIT record, answered once durable. The same reference twice credits
+ * once (the second answer says applied:false). */
+static void topup(const tg_admin_t *a, tg_http_req_t *req) {
+  json_error_t jerr;
+  json_t *body = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+  const char *ref = NULL, *cur = "USD", *reference = NULL;
+  json_t *amount = NULL;
+  tg_app_worker_t *aw = tg_app_worker(a->app, req->worker);
+  if (a->app->prepaid == NULL || aw == NULL || aw->wal == NULL) {
+    json_decref(body);
+    error_json(req, 503, "no ledger: the gateway runs without a data_dir");
+    return;
+  }
+  if (body == NULL || json_unpack_ex(body, &jerr, JSON_STRICT, "{s:s,s:o,s?s,s:s}", "account", &ref, "amount",
+                                     &amount, "currency", &cur, "reference", &reference) != 0) {
+    json_decref(body);
+    error_json(req, 400, "expected {\"account\":REF,\"amount\":N,\"currency\":\"USD\",\"reference\":R} "
+                         "(reference: your id of this top-up, so a retry credits once)");
+    return;
+  }
+  if (!json_is_integer(amount) || json_integer_value(amount) <= 0 ||
+      json_integer_value(amount) > (json_int_t)1 << 53) {
+    json_decref(body);
+    error_json(req, 400, "amount: an integer of atomic units (micro-USD for USD), 1 .. 2^53");
+    return;
+  }
+  if (strlen(ref) < 1 || strlen(ref) > 256 || strlen(reference) < 1 || strlen(reference) > 128) {
+    json_decref(body);
+    error_json(req, 400, "account 1..256 bytes, reference 1..128 bytes");
+    return;
+  }
+  topup_t *t = calloc(1, sizeof *t);
+  if (t == NULL) {
+    json_decref(body);
+    error_json(req, 500, "out of memory");
+    return;
+  }
+  t->req = req;
+  t->ledger = a->app->prepaid;
+  snprintf(t->ref, sizeof t->ref, "%s", ref);
+  snprintf(t->currency, sizeof t->currency, "%s", cur);
+  snprintf(t->reference, sizeof t->reference, "%s", reference);
+  int64_t after = 0;
+  int64_t n = (int64_t)json_integer_value(amount);
+  json_decref(body);
+  for (topup_t *f = topups_in_flight; f; f = f->next)
+    if (strcmp(f->reference, t->reference) == 0) {
+      t->waiters = f->waiters; /* answered when f is durable */
+      f->waiters = t;
+      return;
+    }
+  if (aw->prepaid_redis) {
+    t->aw = aw;
+    t->amount = n;
+    t->next = topups_in_flight;
+    topups_in_flight = t;
+    if (tg_prepaid_redis_credit(aw->prepaid_redis, t->ref, t->currency, n, t->reference, on_redis_credit, t) != 0) {
+      topups_in_flight = t->next;
+      free(t);
+      error_json(req, 400, "bad account or currency");
+    }
+    return;
+  }
+  int rc = tg_prepaid_credit_check(a->app->prepaid, t->ref, t->currency, n, t->reference, &after);
+  if (rc == -EALREADY) {
+    answer_topup(t, 0, 0);
+    free(t);
+    return;
+  }
+  if (rc != 0) {
+    free(t);
+    error_json(req, 400, rc == -EOVERFLOW ? "the balance would pass 2^53" : "bad account or currency");
+    return;
+  }
+  size_t len;
+  uint8_t *buf = credit_record(a, t, n, &len);
+  if (buf == NULL) {
+    free(t);
+    error_json(req, 500, "out of memory");
+    return;
+  }
+  rc = tg_app_append(aw, buf, len, on_topup_durable, t);
+  free(buf);
+  if (rc == 0) {
+    t->next = topups_in_flight;
+    topups_in_flight = t;
+  } else {
+    char msg[160];
+    snprintf(msg, sizeof msg, "the transaction log refused the credit (%s)", strerror(-rc));
+    free(t);
+    error_json(req, 503, msg);
+  }
+}
+
+/* The CREDIT record of a top-up, packed (malloc), or NULL. */
+static uint8_t *credit_record(const tg_admin_t *a, const topup_t *t, int64_t n, size_t *len) {
+  (void)a;
+  Ledger__V1__Record rec = LEDGER__V1__RECORD__INIT;
+  Ledger__V1__LedgerChange ch = LEDGER__V1__LEDGER_CHANGE__INIT;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  rec.at_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  rec.instance = (char *)(admin_instance ? admin_instance : "");
+  rec.kind_case = LEDGER__V1__RECORD__KIND_LEDGER_CHANGE;
+  rec.ledger_change = &ch;
+  ch.kind = LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT;
+  ch.billing_reference = (char *)t->ref;
+  ch.currency = (char *)t->currency;
+  ch.amount = n;
+  ch.reference = (char *)t->reference;
+  *len = ledger__v1__record__get_packed_size(&rec);
+  uint8_t *buf = malloc(*len);
+  if (buf)
+    ledger__v1__record__pack(&rec, buf);
+  return buf;
+}
+
 void tg_admin_handle(tg_http_req_t *req, void *ud) {
   const tg_admin_t *a = ud;
+  admin_instance = a->app->cfg->instance;
   if (!authorized(a, req)) {
     static const char body[] = "{\"error\":\"unauthorized\"}";
     tg_http_header_t h[2] = {{"WWW-Authenticate", 16, "Bearer realm=\"tollgate-admin\"", 29},
@@ -272,6 +577,13 @@ void tg_admin_handle(tg_http_req_t *req, void *ud) {
     } else {
       tg_reload_respond(a->app->policies, req, has ? tenant : NULL, dry);
     }
+  } else if (strcmp(req->path, "/ledger/balance") == 0) {
+    balance(a, req);
+  } else if (strcmp(req->path, "/ledger/topup") == 0) {
+    if (req->method != HTTP_POST)
+      only_post(req);
+    else
+      topup(a, req);
   } else if (strcmp(req->path, "/catalog/refresh") == 0) {
     if (req->method != HTTP_POST)
       only_post(req);

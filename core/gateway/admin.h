@@ -18,6 +18,10 @@
  *   POST /reload[?tenant=NAME]        policy reload (gateway/reload.h)
  *   POST /reload?dry_run=1[&tenant=N] validate and compare the files, publish nothing
  *   POST /catalog/refresh[?tenant=N]  catalog ingestion now (202)
+ *   GET  /ledger/balance[?account=R]  prepaid balances (balance, held, available per
+ *                                     currency) of one account, or of the first 1000
+ *   POST /ledger/topup                {"account","amount","currency","reference"}: a credit,
+ *                                     logged durably before the answer; once per reference
  * Everything the struct points to is borrowed and outlives the listener;
  * token is a secret: it never reaches a log or an answer. Handlers run on
  * worker 0 (the admin listener is single-worker). */

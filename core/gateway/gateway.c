@@ -30,6 +30,8 @@ struct tg_gateway {
   tg_admin_t admin;
   char *admin_token;
   tg_watch_t *watch;
+  uv_timer_t maintain;      /* balance snapshots (main loop) */
+  bool maintaining;
   size_t nlisten;           /* public listeners; the admin one comes after them */
 };
 
@@ -120,7 +122,8 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
       goto fail;
     }
   }
-  if ((rc = tg_app_init(&g->app, cfg, TG_VERSION, err, errlen)) != 0)
+  if ((rc = tg_app_init(&g->app, cfg, TG_VERSION, err, errlen)) != 0 ||
+      (rc = tg_app_open_ledger(&g->app, err, errlen)) != 0)
     goto fail;
   rc = -ENOMEM;
   if ((g->router = tg_connect_router_new()) == NULL) {
@@ -168,12 +171,28 @@ int tg_gateway_port(const tg_gateway_t *g, int i) {
 
 int tg_gateway_reload(tg_gateway_t *g) { return tg_reload_policies(g->app.policies, NULL, NULL); }
 
+static void on_maintain(uv_timer_t *t) {
+  tg_gateway_t *g = t->data;
+  tg_app_ledger_maintain(&g->app, false);
+  tg_app_ledger_tick(&g->app, t->loop);
+}
+
 int tg_gateway_watch(tg_gateway_t *g, uv_loop_t *loop) {
+  if (!g->maintaining && g->app.prepaid && uv_timer_init(loop, &g->maintain) == 0) {
+    g->maintain.data = g;
+    g->maintaining = true;
+    uv_timer_start(&g->maintain, on_maintain, 1000, 5000);
+  }
   g->watch = tg_watch_start(g->app.policies, loop, g->cfg->policy_watch_debounce_ms);
   return g->watch ? 0 : -ENOMEM;
 }
 
 void tg_gateway_unwatch(tg_gateway_t *g) {
+  if (g->maintaining) {
+    g->maintaining = false;
+    uv_close((uv_handle_t *)&g->maintain, NULL);
+    tg_app_ledger_main_stop(&g->app);
+  }
   tg_watch_stop(g->watch);
   g->watch = NULL;
 }

@@ -2,12 +2,20 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <inttypes.h>
 #include <stdlib.h>
 
 #include "base/log.h"
 #include "base/metrics.h"
 #include "catalog/catalog.h"
 #include "catalog/offerkey.h"
+#include "ledger/v1/ledger.pb-c.h"
+#include "pipeline/owed.h"
+#include "pipeline/purchase.h"
+
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 
 /* Wakes every worker to rebuild the changed states between requests. */
 static void on_publish(void *ud, uint64_t generation) {
@@ -85,6 +93,21 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
 }
 
 void tg_app_clear(tg_app_t *app) {
+  if (app->wal) {
+    tg_wal_close(app->wal); /* everything queued is durable (and applied) or failed */
+    app->wal = NULL;
+    tg_app_ledger_maintain(app, true);
+  }
+  tg_prepaid_free(app->prepaid);
+  tg_idem_free(app->idem);
+  tg_owed_free(app->owed);
+  tg_ratelimit_redis_opts_clear(&app->ledger_redis);
+  free(app->snapshot_path);
+  if (app->signers) {
+    for (size_t i = 0; i < app->cfg->ntenants; i++)
+      tg_signer_free(&app->signers[i]);
+    free(app->signers);
+  }
   tg_tenants_free(app->tenants);
   if (app->policies)
     tg_policy_registry_free(app->policies);
@@ -130,6 +153,33 @@ int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
   for (size_t i = 0; i < app->cfg->ntenants; i++)
     if ((aw->catalog_readers[i] = tg_snapshot_reader_register(app->catalogs[i])) == NULL)
       goto fail;
+  if (app->wal && (rc = tg_wal_client_new(app->wal, w->loop, &aw->wal)) != 0) {
+    snprintf(err, sizeof err, "cannot attach to the transaction log (%s)", uv_strerror(rc));
+    goto fail;
+  }
+  if (app->wal && app->ledger_redis.host) {
+    tg_prepaid_redis_opts_t po = {app->ledger_redis.host,       app->ledger_redis.port, app->ledger_redis.password,
+                                  app->ledger_redis.db,         app->ledger_redis.timeout_ms, 0, 0,
+                                  app->cfg->instance};
+    if ((rc = tg_prepaid_redis_new(w->loop, &po, &aw->prepaid_redis, err, sizeof err)) != 0)
+      goto fail;
+    aw->billing = tg_billing_redis_new(w->loop, aw->prepaid_redis);
+  } else if (app->wal) {
+    aw->billing = tg_billing_builtin_new(w->loop, app->prepaid);
+  }
+  if (app->wal && aw->billing == NULL) {
+    snprintf(err, sizeof err, "out of memory");
+    rc = -ENOMEM;
+    goto fail;
+  }
+  if (app->wal && app->ledger_redis.host) {
+    const tg_config_ledger_t *l = &app->cfg->ledger;
+    tg_idem_redis_opts_t io = {app->ledger_redis.host, app->ledger_redis.port, app->ledger_redis.password,
+                               app->ledger_redis.db, app->ledger_redis.timeout_ms,
+                               (uint64_t)l->idem_ttl_s * 1000, l->idem_pending_ttl_ms, app->cfg->instance};
+    if ((rc = tg_idem_redis_new(w->loop, &io, &aw->idem_redis, err, sizeof err)) != 0)
+      goto fail;
+  }
   if ((rc = uv_async_init(w->loop, &aw->policy_sync, on_policy_sync)) != 0) {
     snprintf(err, sizeof err, "cannot create the reload wake-up handle: %s", uv_strerror(rc));
     goto fail;
@@ -152,6 +202,13 @@ void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
     tg_httpc_free(aw->httpc);
   if (aw->redis)
     tg_ratelimit_redis_free(aw->redis);
+  tg_billing_free(aw->billing); /* before the ledger it borrows */
+  if (aw->prepaid_redis)
+    tg_prepaid_redis_free(aw->prepaid_redis);
+  if (aw->idem_redis)
+    tg_idem_redis_free(aw->idem_redis);
+  if (aw->wal && tg_wal_client_free(aw->wal) != 0)
+    tg_log(TG_LOG_WARN, "transaction log client still busy at stop (its appends complete unseen)", NULL);
   if (aw->policy)
     tg_policy_runtime_free(aw->policy);
   if (aw->catalog_readers) {
@@ -203,4 +260,281 @@ void tg_app_take(tg_app_worker_t *aw, const char *tenant, const tg_policy_rate_t
     rc = tg_ratelimit_take(aw->app->limits, tenant, rate->key, rate->keylen, rate->rate, rate->burst,
                            tg_ratelimit_now_us(), &retry);
   cb(ud, rc == 1, rc == 1 ? 0 : retry ? retry : 1000);
+}
+
+/* ---- The money path */
+
+int tg_app_append(tg_app_worker_t *aw, const void *payload, size_t len, tg_wal_append_cb cb, void *arg) {
+  if (aw->wal == NULL)
+    return -ENODEV;
+  return tg_wal_append(aw->wal, payload, len, cb, arg, NULL);
+}
+
+static int on_durable(void *arg, uint64_t seq, const void *payload, size_t len) {
+  tg_app_t *app = arg;
+  int rc = tg_prepaid_apply(app->prepaid, seq, payload, len);
+  if (rc != 0)
+    tg_log(TG_LOG_ERROR, "ledger: a durable record does not decode", NULL);
+  return 0;
+}
+
+static int on_replay(void *arg, uint64_t seq, const void *payload, size_t len) {
+  tg_app_t *app = arg;
+  int rc = tg_prepaid_apply(app->prepaid, seq, payload, len);
+  if (rc == 0)
+    rc = tg_purchase_replay(app, seq, payload, len);
+  return rc;
+}
+
+typedef struct seed {
+  int pending, failed;
+} seed_t;
+
+static void on_seeded(void *arg, int status, uint64_t seq) {
+  seed_t *s = arg;
+  (void)seq;
+  s->pending--;
+  if (status != 0)
+    s->failed = status;
+}
+
+static int64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+typedef struct rseed {
+  int pending;
+  int applied;
+  int status;
+} rseed_t;
+
+static void on_rseeded(void *arg, int status, int64_t balance) {
+  rseed_t *s = arg;
+  (void)balance;
+  s->pending--;
+  s->status = status;
+}
+
+/* Redis mode: the opening credits go to Redis (once per reference there).
+ * Redis down at start is not fatal: purchases fail until it answers, and the
+ * credits are tried again at the next start. */
+static void seed_redis(tg_app_t *app) {
+  const tg_config_ledger_t *l = &app->cfg->ledger;
+  uv_loop_t loop;
+  tg_prepaid_redis_t *r = NULL;
+  char err[256];
+  if (l->naccounts == 0 || uv_loop_init(&loop) != 0)
+    return;
+  tg_prepaid_redis_opts_t po = {app->ledger_redis.host, app->ledger_redis.port, app->ledger_redis.password,
+                                app->ledger_redis.db,   app->ledger_redis.timeout_ms, 0, 0, app->cfg->instance};
+  if (tg_prepaid_redis_new(&loop, &po, &r, err, sizeof err) == 0) {
+    uint64_t until = uv_hrtime() + 3000000000ULL;
+    while (!tg_prepaid_redis_ready(r) && uv_hrtime() < until)
+      uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(5);
+    for (size_t i = 0; i < l->naccounts; i++) {
+      const tg_config_account_t *a = &l->accounts[i];
+      rseed_t s = {1, 0, 0};
+      if (tg_prepaid_redis_credit(r, a->billing_reference, a->currency, a->amount, a->reference, on_rseeded, &s) != 0)
+        s.pending = 0, s.status = -EIO;
+      while (s.pending > 0)
+        uv_run(&loop, UV_RUN_ONCE);
+      if (s.status < 0)
+        tg_log(TG_LOG_WARN, "ledger: an opening credit could not reach Redis (tried again at the next start)",
+               "reference", a->reference, "error", strerror(-s.status), NULL);
+    }
+    tg_prepaid_redis_free(r);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+}
+
+/* The opening credits of ledger.accounts not applied yet, appended on a
+ * loop of this thread and waited for. */
+static int seed_accounts(tg_app_t *app, char *err, size_t errlen) {
+  if (app->ledger_redis.host) {
+    seed_redis(app);
+    return 0;
+  }
+  const tg_config_ledger_t *l = &app->cfg->ledger;
+  uv_loop_t loop;
+  tg_wal_client_t *c = NULL;
+  seed_t s = {0};
+  int rc = uv_loop_init(&loop);
+  if (rc != 0) {
+    snprintf(err, errlen, "cannot make a loop: %s", uv_strerror(rc));
+    return rc;
+  }
+  if ((rc = tg_wal_client_new(app->wal, &loop, &c)) != 0)
+    goto done;
+  for (size_t i = 0; i < l->naccounts && rc == 0; i++) {
+    const tg_config_account_t *a = &l->accounts[i];
+    int64_t after;
+    rc = tg_prepaid_credit_check(app->prepaid, a->billing_reference, a->currency, a->amount, a->reference, &after);
+    if (rc == -EALREADY) {
+      rc = 0;
+      continue;
+    }
+    if (rc != 0) {
+      snprintf(err, errlen, "ledger.accounts[%zu]: the opening credit is refused (%s)", i + 1, strerror(-rc));
+      goto done;
+    }
+    Ledger__V1__Record rec = LEDGER__V1__RECORD__INIT;
+    Ledger__V1__LedgerChange ch = LEDGER__V1__LEDGER_CHANGE__INIT;
+    rec.at_unix_ms = wall_ms();
+    rec.instance = app->cfg->instance ? app->cfg->instance : (char *)"";
+    rec.kind_case = LEDGER__V1__RECORD__KIND_LEDGER_CHANGE;
+    rec.ledger_change = &ch;
+    ch.kind = LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT;
+    ch.billing_reference = a->billing_reference;
+    ch.currency = a->currency;
+    ch.amount = a->amount;
+    ch.reference = a->reference;
+    uint8_t buf[1024];
+    size_t n = ledger__v1__record__get_packed_size(&rec);
+    if (n > sizeof buf) {
+      rc = -EMSGSIZE;
+      break;
+    }
+    ledger__v1__record__pack(&rec, buf);
+    if ((rc = tg_wal_append(c, buf, n, on_seeded, &s, NULL)) == 0)
+      s.pending++;
+  }
+  while (s.pending > 0)
+    uv_run(&loop, UV_RUN_ONCE);
+  if (rc == 0 && s.failed)
+    rc = s.failed;
+  if (rc != 0 && err[0] == '\0')
+    snprintf(err, errlen, "ledger.accounts: the opening credits could not be logged (%s)", strerror(-rc));
+done:
+  if (c)
+    tg_wal_client_free(c);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  return rc;
+}
+
+int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
+  const tg_config_t *cfg = app->cfg;
+  const tg_config_ledger_t *l = &cfg->ledger;
+  int rc;
+  err[0] = '\0';
+  if ((app->signers = calloc(cfg->ntenants ? cfg->ntenants : 1, sizeof *app->signers)) == NULL)
+    return -ENOMEM;
+  for (size_t i = 0; i < cfg->ntenants; i++) {
+    char why[400];
+    if ((rc = tg_signer_from_config(&cfg->tenants[i].signer, &app->signers[i], why, sizeof why)) != 0) {
+      snprintf(err, errlen, "tenant %s: %s", cfg->tenants[i].name, why);
+      return rc;
+    }
+  }
+  if (cfg->data_dir == NULL)
+    return 0;
+  if (cfg->ledger.mode == TG_CONFIG_LEDGER_REDIS &&
+      tg_ratelimit_redis_opts_init(&app->ledger_redis, &cfg->redis, err, errlen) != 0)
+    return -EINVAL;
+  if (tg_purchase_metrics_init() != 0 || tg_wal_metrics_init() != 0 || tg_idem_metrics_init() != 0) {
+    snprintf(err, errlen, "cannot declare the ledger metrics");
+    return -ENOMEM;
+  }
+  size_t dl = strlen(cfg->data_dir) + 32;
+  char *waldir = malloc(dl);
+  app->snapshot_path = malloc(dl);
+  app->prepaid = tg_prepaid_new();
+  app->idem = tg_idem_new(l->idem_max_entries ? l->idem_max_entries : 1000000,
+                          (uint64_t)(l->idem_ttl_s ? l->idem_ttl_s : 86400) * 1000);
+  app->owed = tg_owed_new();
+  if (waldir == NULL || app->snapshot_path == NULL || app->prepaid == NULL || app->idem == NULL ||
+      app->owed == NULL) {
+    free(waldir);
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  snprintf(waldir, dl, "%s/wal", cfg->data_dir);
+  snprintf(app->snapshot_path, dl, "%s/ledger.snap", cfg->data_dir);
+  mkdir(cfg->data_dir, 0700);
+  uint64_t snap_seq = 0;
+  rc = tg_prepaid_snapshot_load(app->prepaid, app->snapshot_path, &snap_seq);
+  if (rc != 0 && rc != -ENOENT) {
+    snprintf(err, errlen, "%s: the balance snapshot is damaged (%s): move it away to rebuild the balances "
+                          "from the whole log, if the log still holds every record",
+             app->snapshot_path, strerror(-rc));
+    free(waldir);
+    return rc;
+  }
+  tg_wal_opts_t o;
+  tg_wal_opts_init(&o);
+  o.dir = waldir;
+  if (l->wal_capacity_bytes)
+    o.capacity_bytes = l->wal_capacity_bytes;
+  if (l->wal_segment_bytes)
+    o.segment_bytes = l->wal_segment_bytes;
+  if (l->wal_batch_bytes)
+    o.batch_bytes = l->wal_batch_bytes;
+  o.batch_interval_us = l->wal_batch_interval_us;
+  o.replay = on_replay;
+  o.replay_arg = app;
+  o.on_durable = on_durable;
+  o.on_durable_arg = app;
+  tg_wal_recovery_t rec;
+  char why[512] = "";
+  uint64_t t0 = uv_hrtime();
+  rc = tg_wal_open(&o, &app->wal, &rec, why, sizeof why);
+  free(waldir);
+  if (rc != 0) {
+    snprintf(err, errlen, "transaction log: %s", why[0] ? why : strerror(-rc));
+    return rc;
+  }
+  char segs[24], recs[24], dropped[24], ms[24], snap[24];
+  snprintf(segs, sizeof segs, "%" PRIu64, rec.segments);
+  snprintf(recs, sizeof recs, "%" PRIu64, rec.records);
+  snprintf(dropped, sizeof dropped, "%" PRIu64, rec.dropped_bytes);
+  snprintf(ms, sizeof ms, "%.1f", (double)(uv_hrtime() - t0) / 1e6);
+  snprintf(snap, sizeof snap, "%" PRIu64, snap_seq);
+  tg_log(rec.dropped_bytes ? TG_LOG_WARN : TG_LOG_INFO, "transaction log recovered", "segments", segs, "records",
+         recs, "snapshot_seq", snap, "torn_tail_bytes", dropped, "ms", ms, NULL);
+  if (tg_owed_count(app->owed) > 0) {
+    char owed[24];
+    snprintf(owed, sizeof owed, "%zu", tg_owed_count(app->owed));
+    tg_log(TG_LOG_WARN, "ledger: captures owed to Redis from before the restart (paid from the main loop)",
+           "transactions", owed, NULL);
+  }
+  return seed_accounts(app, err, errlen);
+}
+
+void tg_app_ledger_tick(tg_app_t *app, uv_loop_t *loop) {
+  if (app->owed == NULL || app->wal == NULL || !app->ledger_redis.host || tg_owed_count(app->owed) == 0)
+    return;
+  char err[256];
+  if (app->main_redis == NULL) {
+    tg_prepaid_redis_opts_t po = {app->ledger_redis.host, app->ledger_redis.port, app->ledger_redis.password,
+                                  app->ledger_redis.db,   app->ledger_redis.timeout_ms, 0, 0, app->cfg->instance};
+    if (tg_prepaid_redis_new(loop, &po, &app->main_redis, err, sizeof err) != 0)
+      return;
+  }
+  if (app->main_wal == NULL && tg_wal_client_new(app->wal, loop, &app->main_wal) != 0)
+    return;
+  tg_owed_settle(app->owed, app->main_redis, app->main_wal, app->cfg->instance, 1000);
+}
+
+void tg_app_ledger_main_stop(tg_app_t *app) {
+  if (app->main_redis)
+    tg_prepaid_redis_free(app->main_redis);
+  app->main_redis = NULL;
+  if (app->main_wal && tg_wal_client_free(app->main_wal) == 0)
+    app->main_wal = NULL;
+}
+
+void tg_app_ledger_maintain(tg_app_t *app, bool force) {
+  if (app->prepaid == NULL || app->snapshot_path == NULL)
+    return;
+  if (app->idem)
+    tg_idem_expire(app->idem, tg_idem_now_ms());
+  uint32_t every = app->cfg->ledger.snapshot_every ? app->cfg->ledger.snapshot_every : 100000;
+  if (!force && !tg_prepaid_snapshot_due(app->prepaid, every))
+    return;
+  int rc = tg_prepaid_snapshot_write(app->prepaid, app->snapshot_path);
+  if (rc != 0)
+    tg_log(TG_LOG_ERROR, "ledger snapshot not written", "path", app->snapshot_path, "error", strerror(-rc), NULL);
 }

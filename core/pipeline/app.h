@@ -8,12 +8,18 @@
 
 #include "base/snapshot.h"
 #include "base/worker.h"
+#include "billing/billing.h"
 #include "catalog/offer.h"
 #include "config/config.h"
 #include "config/tenants.h"
+#include "ledger/idem.h"
+#include "ledger/prepaid.h"
+#include "ledger/prepaid_redis.h"
+#include "ledger/wal.h"
 #include "limit/ratelimit.h"
 #include "net/client.h"
 #include "policy/policy.h"
+#include "signer/signer.h"
 
 /* What the request pipeline shares: the process-wide parts (read-only after
  * tg_app_init, or internally synchronized) and each worker's own parts, in
@@ -34,6 +40,16 @@ typedef struct tg_app {
   tg_snapshot_t **catalogs;               /* one per tenant (config order): tg_catalog_t */
   tg_offer_keyring_t offer_keys;          /* signs offer ids; read-only while serving */
   uint32_t offer_ttl_s;                   /* how long an offer id is accepted */
+  /* The money path (pipeline/purchase.h); NULL without a data_dir. */
+  tg_wal_t *wal;                          /* data_dir/wal */
+  tg_prepaid_t *prepaid;                  /* the built-in ledger's balances */
+  tg_idem_t *idem;                        /* idempotency answers of this instance */
+  tg_signer_t *signers;                   /* one per tenant (config order); type NONE: none */
+  char *snapshot_path;                    /* data_dir/ledger.snap */
+  tg_ratelimit_redis_opts_t ledger_redis; /* ledger.mode redis: where (host NULL otherwise) */
+  struct tg_owed *owed;                   /* ledger.mode redis: captures not yet confirmed */
+  tg_prepaid_redis_t *main_redis;         /* the main loop's, paying owed captures */
+  tg_wal_client_t *main_wal;
 } tg_app_t;
 
 struct tg_app_worker {
@@ -44,6 +60,10 @@ struct tg_app_worker {
   tg_ratelimit_redis_t *redis;            /* NULL in local mode */
   uv_async_t policy_sync;                 /* woken after a reload is published */
   tg_snapshot_reader_t **catalog_readers; /* one per tenant */
+  tg_wal_client_t *wal;                   /* appends complete on this worker's loop */
+  tg_billing_t *billing;                  /* the built-in ledger's adapter */
+  tg_idem_redis_t *idem_redis;            /* ledger.mode redis: the shared idempotency keys */
+  tg_prepaid_redis_t *prepaid_redis;      /* ledger.mode redis: the shared balances */
 };
 
 /* Builds the shared parts from cfg: policy registry (version is reported in
@@ -53,6 +73,29 @@ struct tg_app_worker {
 int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char *err,
                 size_t errlen);
 void tg_app_clear(tg_app_t *app);
+
+/* Opens the money path (after tg_app_init, before workers start): the
+ * balance snapshot, the write-ahead log with replay into the balances and
+ * the idempotency table, the opening credits of ledger.accounts not applied
+ * yet, and each tenant's signer. Without a data_dir it does nothing (and
+ * ExecuteTransaction answers unavailable). Returns 0 or negative with err.
+ * Blocking: start-up only. */
+int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen);
+
+/* Writes the balance snapshot when snapshot_every records were applied since
+ * the last one, then removes the segments retention lets go. Blocking file
+ * I/O: the thread pool or the main thread, never a worker. */
+void tg_app_ledger_maintain(tg_app_t *app, bool force);
+
+/* On the main loop, every few seconds (gateway maintenance timer): pays
+ * the owed captures of Redis mode. tg_app_ledger_main_stop frees what it
+ * made on that loop (run the loop once more after). */
+void tg_app_ledger_tick(tg_app_t *app, uv_loop_t *loop);
+void tg_app_ledger_main_stop(tg_app_t *app);
+
+/* Appends one record through worker aw and calls cb on its loop when it is
+ * durable (wal.h contract). For the admin's top-ups. */
+int tg_app_append(tg_app_worker_t *aw, const void *payload, size_t len, tg_wal_append_cb cb, void *arg);
 
 /* The per-worker parts, on worker w's thread: client, policy states, Redis
  * connection, catalog readers. Returns 0, or the cause as a negative errno

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "pipeline/app.h"
+#include "pipeline/purchase.h"
 #include "pipeline/quote.h"
 #include "pipeline/view.h"
 #include "catalog/catalog.h"
@@ -18,7 +19,7 @@
 #include "net/target.h"
 #include "ramp/v1/exchange.pb-c.h"
 
-#define MAX_URI (sizeof(((tg_offer_t *)0)->uri) - 1)
+#define MAX_URI TG_OFFER_URI_MAX
 
 /* True when the path of a URI (up to '?' or '#') is its own normal form,
  * as the server normalizes request targets (net/target.h). */
@@ -224,8 +225,7 @@ static void discover(tg_connect_call_t *call, const ProtobufCMessage *msg, void 
   }
   for (size_t i = 0; i < req->n_resources; i++) {
     const char *uri = req->resources[i]->uri;
-    /* An offer id binds the hash of its URI: a longer URI would be cut to fit
-     * and the offer would be signed for a prefix of it, another resource. */
+    /* An offer id carries its URI: a longer one cannot be offered. */
     if (strnlen(uri, MAX_URI + 1) > MAX_URI) {
       tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "resources[%zu].uri: longer than %zu bytes", i,
                       (size_t)MAX_URI);
@@ -270,10 +270,10 @@ static const struct {
 
 /* One quoted offer as the answer's Offer, its id signed. NULL when out of memory. */
 static Ramp__V1__Offer *answer_offer(tg_app_worker_t *aw, tg_connect_call_t *call, const char *tenant,
-                                     const char *uri, const uint8_t *uri_hash, const tg_quote_offer_t *o,
-                                     int64_t now) {
+                                     const char *uri, const tg_quote_offer_t *o, int64_t now) {
   const tg_app_t *app = aw->app;
-  tg_offer_t tok = {0}; /* tok.uri stays empty: the URI goes in as its hash */
+  tg_offer_t tok = {0}; /* tok.uri stays empty: the URI goes in apart */
+  char idbuf[TG_OFFER_TOKEN_MAX];
   snprintf(tok.tenant, sizeof tok.tenant, "%s", tenant);
   tok.content = o->content;
   tok.license = o->license;
@@ -283,16 +283,19 @@ static Ramp__V1__Offer *answer_offer(tg_app_worker_t *aw, tg_connect_call_t *cal
   tok.payment_type = (uint32_t)o->type;
   tok.usage_bits = o->usage;
   tok.expires_at = now + app->offer_ttl_s;
-  char *id = tg_connect_call_alloc(call, TG_OFFER_TOKEN_MAX);
+  if (tg_offer_encode_uri(&app->offer_keys, &tok, uri, idbuf, sizeof idbuf) != 0)
+    return NULL;
+  size_t idlen = strlen(idbuf) + 1;
+  char *id = tg_connect_call_alloc(call, idlen);
   Ramp__V1__Offer *of = tg_connect_call_alloc(call, sizeof *of);
   Ramp__V1__Pricing *pr = tg_connect_call_alloc(call, sizeof *pr);
   Ramp__V1__Money *m = tg_connect_call_alloc(call, sizeof *m);
   Ramp__V1__Terms *te = tg_connect_call_alloc(call, sizeof *te);
   Comp__V1__UsagePurpose *pp = tg_connect_call_alloc(call, TG_VIEW_NPURPOSES * sizeof *pp);
   char *cur = tg_connect_call_alloc(call, sizeof tok.currency);
-  if (!id || !of || !pr || !m || !te || !pp || !cur ||
-      tg_offer_encode_hashed(&app->offer_keys, &tok, uri_hash, id, TG_OFFER_TOKEN_MAX) != 0)
+  if (!id || !of || !pr || !m || !te || !pp || !cur)
     return NULL;
+  memcpy(id, idbuf, idlen);
   memcpy(cur, tok.currency, sizeof tok.currency);
   ramp__v1__offer__init(of);
   ramp__v1__pricing__init(pr);
@@ -349,11 +352,8 @@ static int discover_one(disc_t *d, size_t i, Ramp__V1__ResourceResult *r, int64_
   if (offers == NULL)
     return -1;
   bool paid = false;
-  uint8_t hash[TG_OFFER_HASH_LEN]; /* one per URI, whatever its number of offers */
-  if (tg_offer_uri_hash(uri, hash) != 0)
-    return -1;
   for (size_t k = 0; k < q.n; k++) {
-    if ((offers[k] = answer_offer(d->aw, d->call, t->name, uri, hash, &q.offers[k], now)) == NULL)
+    if ((offers[k] = answer_offer(d->aw, d->call, t->name, uri, &q.offers[k], now)) == NULL)
       return -1;
     paid = paid || q.offers[k].amount > 0;
   }
@@ -422,19 +422,8 @@ static void discover_answer(disc_t *d) {
 
 static void execute(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {
   const tg_exchange_t *ex = ud;
-  const Ramp__V1__ExecuteTransactionRequest *req = (const Ramp__V1__ExecuteTransactionRequest *)msg;
-  uint32_t max = ex->app->cfg->idempotency_key_max ? ex->app->cfg->idempotency_key_max
-                                                   : TG_CONFIG_DEFAULT_IDEMPOTENCY_KEY_MAX;
-  size_t klen = strnlen(req->idempotency_key, (size_t)max + 1);
-  if (klen == 0 || klen > max) {
-    tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "idempotency_key: required, 1 to %u characters", max);
-    return;
-  }
-  if (req->n_items == 0) {
-    tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "items: at least one offer is required");
-    return;
-  }
-  tg_connect_fail(call, TG_CONNECT_UNIMPLEMENTED, "ExecuteTransaction is not available yet");
+  tg_purchase_execute(tg_app_worker(ex->app, tg_connect_call_http(call)->worker), call,
+                      (const Ramp__V1__ExecuteTransactionRequest *)msg);
 }
 
 static void report(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {

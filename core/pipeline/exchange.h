@@ -8,11 +8,10 @@
  * to its tenant, runs the rate_limit hook of every tenant the call names
  * (a denial answers resource_exhausted with Retry-After, whole seconds
  * rounded up), then answers each URI from its tenant's catalog and price
- * hook; offers carry the content's license URL (catalog/catalog.h). Billing,
- * signing and the log arrive with later issues (until then
- * ExecuteTransaction and ReportUsage validate their input and answer
- * unimplemented; the idempotency key may be 1 to cfg->idempotency_key_max
- * bytes). Offer ids are accepted for app->offer_ttl_s. */
+ * hook; offers carry the content's license URL (catalog/catalog.h).
+ * ExecuteTransaction is pipeline/purchase.h. ReportUsage arrives with a
+ * later issue (until then it validates its input and answers
+ * unimplemented). Offer ids are accepted for app->offer_ttl_s. */
 
 #define TG_EXCHANGE_MAX_RESOURCES 256
 

@@ -28,10 +28,12 @@ static int escape_early(tg_buf_t *b, const char *s) {
 }
 
 /* One "name=value" field; value escaped when asked. The field delimiter
- * inside a value would split the token, so it is refused. */
-static int field(tg_buf_t *b, const char *name, const char *value, int esc, char *err,
-                 size_t errlen) {
-  if (!esc && strchr(value, '~') != NULL) {
+ * inside a value that is sent would split the token, so it is refused; url=
+ * and salt= are only hashed (sent: 0), where a '~' is harmless (a path like
+ * /~user/ in the url form, as akamai-edgeauth signs it). */
+static int field(tg_buf_t *b, const char *name, const char *value, int esc, int sent,
+                 char *err, size_t errlen) {
+  if (sent && !esc && strchr(value, '~') != NULL) {
     tg_signer_err(err, errlen, "akamai edgeauth: the %s field has a '~'", name);
     return -EINVAL;
   }
@@ -79,28 +81,28 @@ int tg_signer_akamai_token(const tg_signer_akamai_opts_t *o, const char *key, si
     goto done;
   }
   char num[24];
-  if (o->ip && (rc = field(&tok, "ip", o->ip, esc, err, errlen)) != 0)
+  if (o->ip && (rc = field(&tok, "ip", o->ip, esc, 1, err, errlen)) != 0)
     goto done;
   if (o->start_time > 0) {
     snprintf(num, sizeof num, "%" PRId64, o->start_time);
-    if ((rc = field(&tok, "st", num, 0, err, errlen)) != 0)
+    if ((rc = field(&tok, "st", num, 0, 1, err, errlen)) != 0)
       goto done;
   }
   snprintf(num, sizeof num, "%" PRId64, expires);
-  if ((rc = field(&tok, "exp", num, 0, err, errlen)) != 0)
+  if ((rc = field(&tok, "exp", num, 0, 1, err, errlen)) != 0)
     goto done;
-  if (!o->url_form && (rc = field(&tok, "acl", acl, 0, err, errlen)) != 0)
+  if (!o->url_form && (rc = field(&tok, "acl", acl, 0, 1, err, errlen)) != 0)
     goto done;
-  if (o->session_id && (rc = field(&tok, "id", o->session_id, esc, err, errlen)) != 0)
+  if (o->session_id && (rc = field(&tok, "id", o->session_id, esc, 1, err, errlen)) != 0)
     goto done;
-  if (o->payload && (rc = field(&tok, "data", o->payload, esc, err, errlen)) != 0)
+  if (o->payload && (rc = field(&tok, "data", o->payload, esc, 1, err, errlen)) != 0)
     goto done;
   /* What is hashed: the token so far, then url= and salt=, which are not sent. */
   if ((rc = tg_buf_append(&src, tok.data ? tok.data : "", tok.len)) != 0)
     goto done;
-  if (o->url_form && (rc = field(&src, "url", acl, esc, err, errlen)) != 0)
+  if (o->url_form && (rc = field(&src, "url", acl, esc, 0, err, errlen)) != 0)
     goto done;
-  if (o->salt && (rc = field(&src, "salt", o->salt, 0, err, errlen)) != 0)
+  if (o->salt && (rc = field(&src, "salt", o->salt, 0, 0, err, errlen)) != 0)
     goto done;
   if (mbedtls_md_hmac(md, k, klen, (const unsigned char *)src.data, src.len, mac) != 0) {
     tg_signer_err(err, errlen, "akamai edgeauth: HMAC failed");

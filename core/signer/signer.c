@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <mbedtls/platform_util.h>
@@ -214,6 +215,153 @@ int tg_signer_sign(const tg_signer_t *s, const char *url, int64_t expires, tg_bu
     tg_signer_err(err, errlen, "unknown signer type");
     return -EINVAL;
   }
+}
+
+static int get_bool(const tg_config_section_t *sec, const char *key, int *out, char *err, size_t errlen) {
+  const char *v = tg_config_get(sec, key);
+  if (v == NULL)
+    return 0;
+  if (strcmp(v, "true") == 0 || strcmp(v, "false") == 0) {
+    *out = v[0] == 't';
+    return 0;
+  }
+  tg_signer_err(err, errlen, "signer.%s: expected true or false", key);
+  return -EINVAL;
+}
+
+static int kind_options(const tg_config_section_t *sec, tg_signer_t *s, char *err, size_t errlen) {
+  switch (s->type) {
+  case TG_SIGNER_NGINX:
+    s->opt.nginx.expression = tg_config_get(sec, "expression");
+    return 0;
+  case TG_SIGNER_AKAMAI: {
+    tg_signer_akamai_opts_t *o = &s->opt.akamai;
+    const char *alg = tg_config_get(sec, "algorithm");
+    o->token_name = tg_config_get(sec, "token_name");
+    o->acl = tg_config_get(sec, "acl");
+    if (alg == NULL || strcmp(alg, "sha256") == 0)
+      o->alg = TG_AKAMAI_SHA256;
+    else if (strcmp(alg, "sha1") == 0)
+      o->alg = TG_AKAMAI_SHA1;
+    else if (strcmp(alg, "md5") == 0)
+      o->alg = TG_AKAMAI_MD5;
+    else {
+      tg_signer_err(err, errlen, "signer.algorithm: '%.32s' is not one of sha256, sha1, md5", alg);
+      return -EINVAL;
+    }
+    if (get_bool(sec, "url_form", &o->url_form, err, errlen) != 0 ||
+        get_bool(sec, "escape_early", &o->escape_early, err, errlen) != 0)
+      return -EINVAL;
+    return 0;
+  }
+  case TG_SIGNER_GCDN:
+    s->opt.gcdn.key_name = tg_config_get(sec, "key_name");
+    s->opt.gcdn.url_prefix = tg_config_get(sec, "url_prefix");
+    if (s->opt.gcdn.key_name == NULL) {
+      tg_signer_err(err, errlen, "signer.key_name: required (the key's name in Cloud CDN)");
+      return -EINVAL;
+    }
+    return 0;
+  case TG_SIGNER_CLOUDFRONT:
+    s->opt.cloudfront.key_pair_id = tg_config_get(sec, "key_pair_id");
+    if (s->opt.cloudfront.key_pair_id == NULL) {
+      tg_signer_err(err, errlen, "signer.key_pair_id: required (the CloudFront public key id)");
+      return -EINVAL;
+    }
+    return 0;
+  default:
+    tg_signer_err(err, errlen, "signer.type: unknown");
+    return -EINVAL;
+  }
+}
+
+int tg_signer_from_config(const tg_config_section_t *sec, tg_signer_t *out, char *err, size_t errlen) {
+  memset(out, 0, sizeof *out);
+  if (sec->nitems == 0)
+    return 0;
+  const char *type = tg_config_get(sec, "type"), *file = tg_config_get(sec, "key_file");
+  const char *ttl = tg_config_get(sec, "ttl_s");
+  char why[256] = "";
+  if ((out->type = tg_signer_type_parse(type)) == TG_SIGNER_NONE) {
+    tg_signer_err(err, errlen, "signer.type: '%.32s' is not a signer type", type ? type : "");
+    return -EINVAL;
+  }
+  out->ttl_s = TG_SIGNER_DEFAULT_TTL_S;
+  if (ttl != NULL) {
+    char *end;
+    unsigned long v = strtoul(ttl, &end, 10);
+    if (*end != '\0' || v < 1 || v > 7 * 86400 || ttl[0] == '-') {
+      tg_signer_err(err, errlen, "signer.ttl_s: must be an integer in 1..604800");
+      return -EINVAL;
+    }
+    out->ttl_s = (uint32_t)v;
+  }
+  out->base_url = tg_config_get(sec, "base_url");
+  tg_signer_url_t u;
+  if (out->base_url != NULL &&
+      (tg_signer_url(out->base_url, 0, &u, why, sizeof why) != 0 || strchr(out->base_url, '?') != NULL)) {
+    tg_signer_err(err, errlen, "signer.base_url: %s", why[0] ? why : "must not carry a query");
+    tg_signer_free(out);
+    return -EINVAL;
+  }
+  int rc = kind_options(sec, out, err, errlen);
+  if (rc != 0) {
+    tg_signer_free(out);
+    return rc;
+  }
+  if (file == NULL) {
+    tg_signer_err(err, errlen, "signer.key_file: required");
+    tg_signer_free(out);
+    return -EINVAL;
+  }
+  if ((out->key = tg_secret_read(file, "signer key", 0, why, sizeof why)) == NULL) {
+    tg_signer_err(err, errlen, "signer.key_file: %s", why);
+    tg_signer_free(out);
+    return -EINVAL;
+  }
+  out->key_len = strlen(out->key);
+  /* A probe: the kind parses the key exactly as it will on a purchase. */
+  tg_buf_t probe = {0};
+  int64_t expires;
+  rc = tg_signer_resource(out, "https://probe.invalid/tollgate-probe", 1, &probe, &expires, why, sizeof why);
+  tg_signer_buf_wipe(&probe);
+  if (rc != 0) {
+    tg_signer_err(err, errlen, "signer (%s, key_file %s): %s", type, file, why);
+    tg_signer_free(out);
+    return rc;
+  }
+  return 0;
+}
+
+int tg_signer_resource(const tg_signer_t *s, const char *uri, int64_t now, tg_buf_t *out, int64_t *expires,
+                       char *err, size_t errlen) {
+  if (s == NULL || uri == NULL) {
+    tg_signer_err(err, errlen, "no signer");
+    return -EINVAL;
+  }
+  *expires = now + (int64_t)(s->ttl_s ? s->ttl_s : TG_SIGNER_DEFAULT_TTL_S);
+  if (s->base_url == NULL)
+    return tg_signer_sign(s, uri, *expires, out, err, errlen);
+  /* The resource's path and query under the CDN origin (and its prefix). */
+  const char *p = strstr(uri, "://");
+  p = p ? strpbrk(p + 3, "/?") : NULL;
+  const char *tail = p ? p : "/";
+  size_t blen = strlen(s->base_url);
+  if (blen > 0 && s->base_url[blen - 1] == '/' && tail[0] == '/')
+    blen--;
+  tg_buf_t url = {0};
+  int rc = tg_buf_append(&url, s->base_url, blen);
+  if (rc == 0 && tail[0] == '?')
+    rc = tg_buf_puts(&url, "/");
+  if (rc == 0)
+    rc = tg_buf_puts(&url, tail);
+  if (rc != 0) {
+    tg_buf_free(&url);
+    return rc;
+  }
+  rc = tg_signer_sign(s, url.data, *expires, out, err, errlen);
+  tg_buf_free(&url);
+  return rc;
 }
 
 void tg_signer_free(tg_signer_t *s) {

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "base/buf.h"
+#include "config/config.h"
 
 /* CDN URL signers: what an agent bought is fetched from the publisher's CDN
  * with a URL that the CDN (or web server) verifies. Each kind is a pure
@@ -16,11 +17,14 @@
  *    allocation kept after the call.
  *  - url: an absolute URL (scheme://authority/path[?query]) or a path
  *    ("/a/b[?query]") where the kind allows one. It is put in the form the
- *    WHATWG URL serializer (Node's URL, which the npm reference signers use)
- *    gives: scheme and host in lowercase, a missing path as "/", and bytes a
- *    URL may not carry raw (controls, space, non-ASCII, " < > ` { }, and '
- *    in the query) percent-encoded. The URL signed and the URL written are
- *    that form. Refused: user info, a '%' not followed by two hex digits, a
+ *    WHATWG URL serializer (Node's URL) gives: scheme and host in lowercase,
+ *    a missing path as "/", and bytes a URL may not carry raw (controls,
+ *    space, non-ASCII, " < > ` { }, and ' in the query) percent-encoded. The
+ *    URL signed and the URL written are that form. (npm's
+ *    @aws-sdk/cloudfront-signer 3.1166 re-encodes path segments and rebuilds
+ *    the query its own way; each side signs exactly what it writes, so both
+ *    verify: spec/interop/signers.test.js pins where the spellings differ.)
+ *    Refused: user info, a '%' not followed by two hex digits, a
  *    '\', a fragment ('#'), a URL longer than TG_SIGNER_URL_MAX.
  *  - key, key_len: the secret as tg_secret_read returns it (its format is the
  *    kind's: see each). Borrowed for the call; a working copy (a decoded key)
@@ -127,6 +131,9 @@ typedef struct tg_signer {
   tg_signer_type_t type;
   char *key;      /* owned: from tg_secret_read; wiped and freed by tg_signer_free */
   size_t key_len;
+  const char *base_url; /* NULL: sign the resource URI as is; else the CDN origin
+                           (scheme://host[:port][/prefix]) its path and query go under */
+  uint32_t ttl_s;       /* how long a signed URL is valid */
   union {
     tg_signer_nginx_opts_t nginx;
     tg_signer_akamai_opts_t akamai;
@@ -143,6 +150,25 @@ const char *tg_signer_type_name(tg_signer_type_t t);
 /* Signs with s's kind (contract above). A signer without a key is -EINVAL. */
 int tg_signer_sign(const tg_signer_t *s, const char *url, int64_t expires, tg_buf_t *out,
                    char *err, size_t errlen);
+
+#define TG_SIGNER_DEFAULT_TTL_S 300
+
+/* Builds a tenant's signer from its configuration section (config.h: type,
+ * key_file, base_url, ttl_s and the kind's keys): reads the key with
+ * tg_secret_read, checks every option, and signs a probe URL so that a key
+ * the kind cannot use (bad hex, bad base64, not an RSA PEM) fails here, at
+ * start or in `tollgate check`, not on the first purchase. An empty section
+ * gives type TG_SIGNER_NONE and 0. Strings are borrowed from the section,
+ * which must outlive the signer. Returns 0, or -EINVAL / -ENOMEM with err
+ * ("signer.<key>: why"); the key never reaches err. Blocking (file read):
+ * start-up or a tool. */
+int tg_signer_from_config(const tg_config_section_t *sec, tg_signer_t *out, char *err, size_t errlen);
+
+/* The retrieval URL of resource uri (absolute, as an offer names it): with
+ * base_url, its path and query under base_url; signed to expire at
+ * now + ttl_s (*expires). Appended to out; same contract as tg_signer_sign. */
+int tg_signer_resource(const tg_signer_t *s, const char *uri, int64_t now, tg_buf_t *out, int64_t *expires,
+                       char *err, size_t errlen);
 
 /* Wipes and frees the key, and zeroes s. NULL is fine. */
 void tg_signer_free(tg_signer_t *s);

@@ -7,34 +7,43 @@
 return {
   listen = { { host = "127.0.0.1", port = 8080 } },
 
-  -- admin.token and keys/news.key hold values for the demo only: anyone can
+  -- admin.token and keys/*.key hold values for the demo only: anyone can
   -- read them here. A real deployment makes its own (openssl rand -hex 24)
-  -- and keeps them readable by the gateway's user alone. (keys/news.key is
-  -- for the news signer, which the next issue adds: see below.)
+  -- and keeps them readable by the gateway's user alone.
   admin = { host = "127.0.0.1", port = 9090, token_file = "admin.token" },
 
   workers = 0,                          -- one per core
   data_dir = "../../.cache/demo-data",  -- .cache/ is not committed
   log_level = "info",
 
+  -- The built-in prepaid ledger and its write-ahead log (data_dir/wal). The
+  -- demo account is funded once with 10 USD (amounts are micro-USD); top it
+  -- up on the admin listener (POST /ledger/topup).
+  ledger = {
+    accounts = { { billing_reference = "acct-demo", currency = "USD", amount = 10000000,
+                   reference = "demo-opening-credit" } },
+  },
+
   tenants = {
-    -- A publisher: licensed content described by RSL. The next issue adds
-    -- its delivery by signed links that nginx secure_link verifies and its
-    -- built-in billing; until they exist the configuration refuses them:
-    --   signer = { type = "nginx_secure_link", base_url = "http://127.0.0.1:8081",
-    --              key_file = "keys/news.key", ttl_s = 300 },
-    --   billing = { type = "builtin" },
+    -- A publisher: licensed content described by RSL, delivered from its
+    -- CDN (here an nginx with secure_link on 127.0.0.1:8081) by signed links.
     { name = "news",
       hosts = { "news.example", "localhost" },
       catalog = { source = "rsl/news.xml", refresh_s = 300 },
-      policy = "../../policies/news_publisher.lua" },
+      policy = "../../policies/news_publisher.lua",
+      signer = { type = "nginx_secure_link", base_url = "http://127.0.0.1:8081",
+                 key_file = "keys/news.key", ttl_s = 300 },
+      billing = { type = "builtin" } },
 
-    -- A metered API paid per call over x402 (Base Sepolia, test USDC).
-    -- billing = { type = "builtin" } comes with the next issue, as above.
+    -- A metered API paid per call over x402 (Base Sepolia, test USDC), or
+    -- bought through the exchange and fetched from its Akamai-style edge.
     { name = "api",
       hosts = { "api.example" },
       catalog = { source = "rsl/api.xml" },
       policy = "../../policies/metered_api.lua",
+      signer = { type = "akamai_edgeauth", base_url = "https://edge.api.example",
+                 key_file = "keys/api.key", ttl_s = 120 },
+      billing = { type = "builtin" },
       payments = {
         x402 = {
           network = "eip155:84532",

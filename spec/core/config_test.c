@@ -136,16 +136,20 @@ TEST(demo_config_loads) {
   CHECK_INT(news->catalog_refresh_s, 300);
   CHECK_STR(news->policy_file, TG_SOURCE_DIR "/policies/news_publisher.lua");
   CHECK_STR(api->policy_file, TG_SOURCE_DIR "/policies/metered_api.lua");
-  /* No signer or billing kind exists yet: the demo configures none. */
-  CHECK_INT(news->signer.nitems, 0);
-  CHECK_INT(news->billing.nitems, 0);
+  /* Each demo tenant has a signer and the built-in billing; the key path is resolved. */
+  CHECK_STR(tg_config_get(&news->signer, "type"), "nginx_secure_link");
+  CHECK_STR(tg_config_get(&news->signer, "key_file"), TG_SOURCE_DIR "/deploy/demo/keys/news.key");
+  CHECK_STR(tg_config_get(&news->billing, "type"), "builtin");
   CHECK_INT(news->payments.nitems, 0);
+  CHECK_INT(cfg.ledger.naccounts, 1);
+  if (cfg.ledger.naccounts == 1)
+    CHECK_STR(cfg.ledger.accounts[0].billing_reference, "acct-demo");
 
   CHECK_STR(api->name, "api");
   CHECK_STR(api->hosts[0], "api.example");
   CHECK_STR(api->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/api.xml");
-  CHECK_INT(api->signer.nitems, 0);
-  CHECK_INT(api->billing.nitems, 0);
+  CHECK_STR(tg_config_get(&api->signer, "type"), "akamai_edgeauth");
+  CHECK_STR(tg_config_get(&api->billing, "type"), "builtin");
   CHECK_STR(tg_config_get(&api->payments, "x402.network"), "eip155:84532");
   CHECK(tg_config_get(&api->payments, "x402.price") == NULL);
   CHECK_STR(tg_config_get(&api->payments, "x402.extra.name"), "USDC");
@@ -638,20 +642,29 @@ static int load_kind(const char *key, const char *a, const char *b) {
 }
 
 TEST(signer_and_billing_are_checked_by_kind) {
-  /* A known kind with its keys: refused, since nothing implements it yet. */
-  CHECK_INT(load_kind("signer", "type = 'nginx_secure_link', base_url = 'https://cdn.example'", "ttl_s = 300"), -1);
-  CHECK(err_is(4, "tenants[1].signer.type: signer type nginx_secure_link is not implemented yet"));
-  CHECK_INT(load_kind("billing", "ttl = nil", "type = 'builtin'"), -1);
-  CHECK(err_is(5, "tenants[1].billing.type: billing type builtin is not implemented yet"));
-  static const char *const kinds[][2] = {{"signer", "akamai"}, {"signer", "cloudfront"}, {"signer", "gcdn"},
-                                         {"billing", "connect"}};
+  /* The implemented kinds with their keys load, flattened for signer/signer.h. */
+  CHECK_INT(load_kind("signer", "type = 'nginx_secure_link', base_url = 'https://cdn.example'", "ttl_s = 300"), 0);
+  CHECK_STR(tg_config_get(&cfg.tenants[0].signer, "type"), "nginx_secure_link");
+  CHECK_STR(tg_config_get(&cfg.tenants[0].signer, "ttl_s"), "300");
+  tg_config_free(&cfg);
+  CHECK_INT(load_kind("billing", "ttl = nil", "type = 'builtin'"), 0);
+  CHECK_STR(tg_config_get(&cfg.tenants[0].billing, "type"), "builtin");
+  tg_config_free(&cfg);
+  static const char *const kinds[][3] = {{"signer", "akamai_edgeauth", "algorithm = 'sha256'"},
+                                         {"signer", "cloudfront", "key_pair_id = 'K2'"},
+                                         {"signer", "gcdn", "key_name = 'k'"}};
   for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
-    char a[64], want[128];
+    char a[64];
     snprintf(a, sizeof(a), "type = '%s'", kinds[i][1]);
-    snprintf(want, sizeof(want), "%s type %s is not implemented yet", kinds[i][0], kinds[i][1]);
-    CHECK_INT(load_kind(kinds[i][0], a, "x = 1"), -1);
-    CHECK(err_is(4, want));
+    CHECK_INT(load_kind(kinds[i][0], a, kinds[i][2]), 0);
+    tg_config_free(&cfg);
+    /* Another kind's key is refused. */
+    CHECK_INT(load_kind(kinds[i][0], a, "expression = '$uri'"), -1);
+    CHECK(err_is(5, "unknown key 'expression'"));
   }
+  /* A kind not implemented yet is refused, saying so. */
+  CHECK_INT(load_kind("billing", "type = 'connect'", "x = 1"), -1);
+  CHECK(err_is(4, "billing type connect is not implemented yet"));
   /* A key the kind does not take: FILE:LINE of the key, with a hint. */
   CHECK_INT(load_kind("signer", "type = 'nginx_secure_link'", "base_ur = 'https://cdn.example'"), -1);
   CHECK(err_is(5, "unknown key 'base_ur' in tenants[1].signer (did you mean 'base_url'?)"));
@@ -659,8 +672,8 @@ TEST(signer_and_billing_are_checked_by_kind) {
   CHECK(err_is(5, "unknown key 'url' in tenants[1].billing"));
   /* A type nobody knows, or none. */
   CHECK_INT(load_kind("signer", "ttl_s = 1", "type = 'nginx'"), -1);
-  CHECK(err_is(5, "tenants[1].signer.type: 'nginx' is not a signer type (one of nginx_secure_link, akamai, "
-                  "cloudfront, gcdn)"));
+  CHECK(err_is(5, "tenants[1].signer.type: 'nginx' is not a signer type (one of nginx_secure_link, "
+                  "akamai_edgeauth, cloudfront, gcdn)"));
   CHECK_INT(load_kind("billing", "type = 'http'", "url = 'x'"), -1);
   CHECK(err_is(4, "tenants[1].billing.type: 'http' is not a billing type (one of builtin, connect)"));
   CHECK_INT(load_kind("signer", "ttl_s = 1", "key = 'k'"), -1);
@@ -790,6 +803,52 @@ TEST(redis_and_rate_limit_values) {
   CHECK_INT(load_here("return {\n" LISTEN "  redis = { host = '::1' },\n  rate_limit = { mode = 'redis' },\n}\n"), 0);
   CHECK_STR(cfg.redis.host, "::1");
   CHECK_INT(cfg.rate_limit_mode, TG_CONFIG_RATE_LIMIT_REDIS);
+}
+
+TEST(ledger_defaults_values_and_errors) {
+  CHECK_INT(load("return {\n" LISTEN "}\n"), 0);
+  CHECK_INT(cfg.ledger.mode, TG_CONFIG_LEDGER_LOCAL);
+  CHECK(cfg.ledger.wal_capacity_bytes == (1ULL << 30));
+  CHECK(cfg.ledger.wal_segment_bytes == (64ULL << 20));
+  CHECK_INT(cfg.ledger.idem_ttl_s, 86400);
+  CHECK_INT(cfg.ledger.naccounts, 0);
+  CHECK(cfg.instance != NULL && cfg.instance[0] != '\0');
+  tg_config_free(&cfg);
+  CHECK_INT(load("return {\n" LISTEN "  instance = 'gw-2',\n"
+                 "  ledger = { wal = { capacity_bytes = 4194304, segment_bytes = 1048576, batch_interval_us = 200 },\n"
+                 "    idempotency = { ttl_s = 60, wait_ms = 10 }, snapshot_every = 5000,\n"
+                 "    accounts = { { billing_reference = 'acct-demo', amount = 5000000 },\n"
+                 "                 { billing_reference = 'b', amount = 7, currency = 'EUR', reference = 'r1' } } },\n}\n"),
+            0);
+  CHECK_STR(cfg.instance, "gw-2");
+  CHECK(cfg.ledger.wal_capacity_bytes == 4194304);
+  CHECK_INT(cfg.ledger.wal_batch_interval_us, 200);
+  CHECK_INT(cfg.ledger.idem_ttl_s, 60);
+  CHECK_INT(cfg.ledger.idem_wait_ms, 10);
+  CHECK_INT(cfg.ledger.snapshot_every, 5000);
+  CHECK_INT(cfg.ledger.naccounts, 2);
+  if (cfg.ledger.naccounts == 2) {
+    CHECK_STR(cfg.ledger.accounts[0].billing_reference, "acct-demo");
+    CHECK_STR(cfg.ledger.accounts[0].currency, "USD");
+    CHECK_STR(cfg.ledger.accounts[0].reference, "config:acct-demo:USD");
+    CHECK(cfg.ledger.accounts[0].amount == 5000000);
+    CHECK_STR(cfg.ledger.accounts[1].currency, "EUR");
+    CHECK_STR(cfg.ledger.accounts[1].reference, "r1");
+  }
+  tg_config_free(&cfg);
+  CHECK_INT(load("return {\n" LISTEN "  ledger = {\n    mode = 'redis' },\n}\n"), -1);
+  CHECK(err_is(4, "ledger.mode: 'redis' needs a top-level redis"));
+  CHECK_INT(load("return {\n" LISTEN "  ledger = { wal = { capacity_bytes = 1048576, segment_bytes = 2097152 } },\n}\n"), -1);
+  CHECK(err_is(3, "segment_bytes (2097152) is above capacity_bytes (1048576)"));
+  CHECK_INT(load("return {\n" LISTEN "  ledger = { accounts = { { billing_reference = 'a', amount = -1 } } },\n}\n"), -1);
+  CHECK(err_is(3, "amount: must be an integer in 1..9007199254740992"));
+  CHECK_INT(load("return {\n" LISTEN "  ledger = { accounts = { { billing_reference = 'a', amount = 1.5 } } },\n}\n"), -1);
+  CHECK_INT(load("return {\n" LISTEN "  ledger = { accounts = { { billing_reference = 'a', amount = 1, currency = 'U$D' } } },\n}\n"), -1);
+  CHECK(err_is(3, "is not a currency code"));
+  CHECK_INT(load("return {\n" LISTEN "  ledger = { wal = { capacity = 1 } },\n}\n"), -1);
+  CHECK(err_is(3, "unknown key 'capacity' in ledger.wal"));
+  CHECK_INT(load("return {\n" LISTEN "  instance = 'has space',\n}\n"), -1);
+  CHECK(err_is(3, "instance: must be 1 to 64 printable ASCII characters"));
 }
 
 TEST(redis_and_rate_limit_errors) {

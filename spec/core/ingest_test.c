@@ -134,7 +134,7 @@ TEST(file_source) {
   CHECK_INT(s1.a.status, TG_CATALOG_OFFERS);
   CHECK_INT(s1.a.offers[0].amount, 10000);
   CHECK_INT(s1.b.status, TG_CATALOG_NOT_IN_CATALOG);
-  CHECK_INT(metric("catalog_offers_total{tenant_id=\"files\"}"), 1);
+  CHECK_INT(metric("catalog_entries{tenant_id=\"files\"}"), 1);
   CHECK(metric("catalog_last_refresh_timestamp{tenant_id=\"files\"}") >= st.last_success);
 
   /* Unchanged file: success, not rebuilt, same catalog. */
@@ -181,7 +181,7 @@ TEST(file_source) {
   CHECK_INT(st.entries, 2);
   CHECK(look(r).ptr == s2.ptr);
   CHECK_INT(metric("catalog_refresh_errors_total{tenant_id=\"files\",reason=\"parse\"}"), 1);
-  CHECK_INT(metric("catalog_offers_total{tenant_id=\"files\"}"), 2);
+  CHECK_INT(metric("catalog_entries{tenant_id=\"files\"}"), 2);
 
   /* Still broken and unchanged: parsed again, not taken for "unchanged". */
   CHECK_INT(tg_ingest_refresh(ing, "files"), 0);
@@ -391,7 +391,7 @@ TEST(http_sources) {
   CHECK(s2.ptr && s2.ptr != s1.ptr);
   CHECK_INT(s2.a.offers[0].amount, 20000);
   CHECK_INT(s2.b.status, TG_CATALOG_NOT_FOR_SALE);
-  CHECK_INT(metric("catalog_offers_total{tenant_id=\"t_ok\"}"), 2);
+  CHECK_INT(metric("catalog_entries{tenant_id=\"t_ok\"}"), 2);
 
   /* The source fails: the v2 catalog keeps serving. */
   CHECK_INT(node_cmd("fail\n"), 0);

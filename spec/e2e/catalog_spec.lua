@@ -165,7 +165,7 @@ end
   it("exposes the catalog metrics", function()
     local res = assert(h.request(gw.admin_port,
       h.get_req("/metrics", { "Authorization: Bearer " .. gw.token }, "127.0.0.1")))
-    for _, name in ipairs({ "catalog_offers_total", "catalog_last_refresh_timestamp",
+    for _, name in ipairs({ "catalog_entries", "catalog_last_refresh_timestamp",
       "catalog_refresh_duration_seconds", "catalog_refresh_errors_total", "exchange_offers_returned" }) do
       assert.truthy(res.body:find(name, 1, true), "missing " .. name)
     end

@@ -557,4 +557,189 @@ function M.connect_code(res)
   return res and res.body and res.body:match('"code"%s*:%s*"([%a_]+)"')
 end
 
+-- ---- graceful restarts and admin calls (spec/e2e/purchase_spec.lua) ----
+
+-- Stops gw like stop() (SIGTERM, then waits) but keeps its folder (config,
+-- files, data_dir), so relaunch() can start a new process on the same state. Returns exited and
+-- the exit status, as stop().
+function M.stop_keep(gw, timeout)
+  timeout = timeout or 10
+  if gw.stopped then
+    return gw.stop_result[1], gw.stop_result[2]
+  end
+  gw.stopped = true
+  os.execute("kill -TERM " .. gw.pid .. " 2>/dev/null")
+  local t0 = M.now()
+  while M.proc_alive(gw.pid) and M.now() - t0 < timeout do
+    M.sleep(0.02)
+  end
+  local exited = not M.proc_alive(gw.pid)
+  if not exited then
+    os.execute("kill -KILL " .. gw.pid .. " 2>/dev/null")
+  end
+  local rc
+  local t1 = M.now()
+  while M.now() - t1 < 3 do
+    local s = read_file(gw.rc_path)
+    if s and s:match("%d") then
+      rc = tonumber(s:match("%d+"))
+      break
+    end
+    M.sleep(0.02)
+  end
+  gw.stop_result = { exited, rc, M.now() - t0 }
+  return exited, rc
+end
+
+-- An admin request (Bearer token) on gw's admin listener; body (a string)
+-- makes it carry Content-Length. Returns the response.
+function M.admin(gw, method, path, body)
+  local lines = { method .. " " .. path .. " HTTP/1.1", "Host: 127.0.0.1", "Authorization: Bearer " .. gw.token }
+  if body then
+    lines[#lines + 1] = "Content-Type: application/json"
+    lines[#lines + 1] = "Content-Length: " .. #body
+  elseif method ~= "GET" then
+    lines[#lines + 1] = "Content-Length: 0"
+  end
+  local raw = table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or "")
+  return assert(M.request(gw.admin_port, raw, { timeout = 10 }))
+end
+
+-- An int64/uint64 varint field (wire type 0).
+function M.pb_varint(field, n)
+  return M.varint(field * 8) .. M.varint(n)
+end
+
+-- ---- restarts, crashes and the write-ahead log (crash_spec, log_full_spec) ----
+
+-- Starts the binary again for gw (after kill9 or stop), in the same folder
+-- with the same configuration file (and so the same data_dir and ports).
+-- Each launch logs to its own file, tollgate.<n>.log; gw.log() reads the
+-- current one. A port still held a moment after the previous process died is
+-- retried for up to 10 s. Returns gw, or raises with the log.
+function M.relaunch(gw)
+  gw.launches = (gw.launches or 1) + 1
+  gw.log_path = gw.dir .. "/tollgate." .. gw.launches .. ".log"
+  gw.rc_path = gw.dir .. "/exit." .. gw.launches .. ".rc"
+  gw.stopped, gw.stop_result = nil, nil
+  local deadline = M.now() + 10
+  while true do
+    local cmd = string.format(
+      "cd %s && { %s run -c %s >%s 2>&1 </dev/null & pid=$!; echo $pid; wait $pid; echo $? >%s; } 2>/dev/null &",
+      sh_quote(gw.dir), sh_quote(M.binary()), sh_quote(gw.config), sh_quote(gw.log_path), sh_quote(gw.rc_path))
+    local p = assert(io.popen(cmd))
+    gw.pid = tonumber(p:read("*l"))
+    p:close()
+    assert(gw.pid, "could not start " .. M.binary())
+    local up_deadline = M.now() + 15
+    local retry = false
+    while true do
+      if not M.proc_alive(gw.pid) then
+        local log = gw.log()
+        if log:find("in use", 1, true) and M.now() < deadline then
+          retry = true
+          break
+        end
+        error("tollgate exited during start-up (launch " .. gw.launches .. "):\n" .. log)
+      end
+      local res = M.request(gw.port, M.get_req("/healthz"), { timeout = 1 })
+      if res and res.status == 200 then
+        return gw
+      end
+      if M.now() > up_deadline then
+        M.stop(gw)
+        error("tollgate did not answer /healthz within 15 s (launch " .. gw.launches .. "):\n" .. gw.log())
+      end
+      M.sleep(0.02)
+    end
+    if not retry then
+      break
+    end
+    M.sleep(0.1)
+  end
+end
+
+-- SIGKILL, and waits until the process is gone (and its status written).
+-- Returns the seconds it took.
+function M.kill9(gw)
+  local t0 = M.now()
+  os.execute("kill -KILL " .. gw.pid .. " 2>/dev/null")
+  while M.proc_alive(gw.pid) and M.now() - t0 < 10 do
+    M.sleep(0.005)
+  end
+  assert(not M.proc_alive(gw.pid), "tollgate pid " .. gw.pid .. " survived SIGKILL")
+  while not (read_file(gw.rc_path) or ""):match("%d") and M.now() - t0 < 3 do
+    M.sleep(0.005)
+  end
+  gw.stopped = true
+  gw.stop_result = { true, tonumber((read_file(gw.rc_path) or ""):match("%d+")), M.now() - t0 }
+  return M.now() - t0
+end
+
+-- Runs `tollgate wal <sub> -c <gw.config> [args]`: returns stdout, stderr
+-- and the exit status.
+function M.wal_tool(gw, sub, args)
+  local errf = os.tmpname()
+  local p = assert(io.popen(string.format("%s wal %s -c %s %s 2>%s; echo \"rc=$?\"", sh_quote(M.binary()),
+    sub, sh_quote(gw.config), args or "", sh_quote(errf))))
+  local out = p:read("*a")
+  p:close()
+  local err = read_file(errf) or ""
+  os.remove(errf)
+  local rc = tonumber(out:match("rc=(%d+)\n?$"))
+  out = out:gsub("rc=%d+\n?$", "")
+  return out, err, rc
+end
+
+-- GET on the admin listener with the bearer token; the response or nil, err.
+function M.admin_get(gw, path)
+  return M.request(gw.admin_port, M.get_req(path, { "Authorization: Bearer " .. gw.token }, M.HOST))
+end
+
+-- The prepaid balance of account in currency (default USD) from GET
+-- /ledger/balance: balance, held (numbers), or nil and the answer.
+function M.balance(gw, account, currency)
+  local res, err = M.admin_get(gw, "/ledger/balance?account=" .. M.urlencode(account))
+  if not res or res.status ~= 200 then
+    return nil, res and (res.status .. " " .. res.body) or tostring(err)
+  end
+  for _, a in ipairs(M.json_decode(res.body).accounts or {}) do
+    if a.account == account and a.currency == (currency or "USD") then
+      return a.balance, a.held
+    end
+  end
+  return nil, "no " .. account .. " in " .. res.body
+end
+
+-- The JSON log lines of the current launch whose msg is msg, decoded.
+function M.log_lines(gw, msg)
+  local out = {}
+  for line in gw.log():gmatch("[^\n]+") do
+    if line:find('"msg":"' .. msg .. '"', 1, true) then
+      out[#out + 1] = M.json_decode(line)
+    end
+  end
+  return out
+end
+
+-- SIGTERM and waits for the exit like stop(), but keeps the folder (for a
+-- relaunch). Returns exited and the exit status.
+function M.terminate(gw, timeout)
+  local t0 = M.now()
+  os.execute("kill -TERM " .. gw.pid .. " 2>/dev/null")
+  while M.proc_alive(gw.pid) and M.now() - t0 < (timeout or 10) do
+    M.sleep(0.01)
+  end
+  if M.proc_alive(gw.pid) then
+    return false
+  end
+  while not (read_file(gw.rc_path) or ""):match("%d") and M.now() - t0 < (timeout or 10) + 3 do
+    M.sleep(0.01)
+  end
+  local rc = tonumber((read_file(gw.rc_path) or ""):match("%d+"))
+  gw.stopped = true
+  gw.stop_result = { true, rc, M.now() - t0 }
+  return true, rc
+end
+
 return M

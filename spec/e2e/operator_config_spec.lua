@@ -106,8 +106,11 @@ describe("operator settings", function()
     end
     local long = execute(string.rep("k", 17))
     assert.are.equal("invalid_argument", h.connect_code(long))
-    assert.are.equal("idempotency_key: required, 1 to 16 characters", h.json_decode(long.body).message)
-    assert.are.equal("unimplemented", h.connect_code(execute(string.rep("k", 16))))
+    assert.are.equal("idempotency_key: required, 1 to 16 bytes of UTF-8", h.json_decode(long.body).message)
+    -- 16 bytes pass the key check and reach the next one: no billing reference
+    local ok16 = execute(string.rep("k", 16))
+    assert.are.equal("invalid_argument", h.connect_code(ok16))
+    assert.truthy(h.json_decode(ok16.body).message:find("^ai_system.billing_reference"), ok16.body)
   end)
 
   it("refuses a non-conformant RSL document for a strict tenant only", function()
@@ -222,30 +225,34 @@ describe("tollgate check on secrets", function()
 end)
 
 describe("signer and billing", function()
-  it("are refused while no kind is implemented, with the line that names them", function()
-    local rc, out, path = check([[
+  it("check reads the signer's key and refuses what the signer cannot use, with the reason", function()
+    local rc, out = check([[
     { name = "news", hosts = { "news.example" },
       signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example", ttl_s = 300 } },]])
     assert.are.equal(1, rc, out)
-    assert.truthy(out:find(path .. ":12: tenants[1].signer.type: signer type nginx_secure_link is not implemented yet",
-      1, true), out)
+    assert.truthy(out:find("tenant news: signer.key_file: required", 1, true), out)
     rc, out = check([[
-    { name = "news", hosts = { "news.example" }, billing = { type = "builtin" } },]])
+    { name = "news", hosts = { "news.example" }, billing = { type = "connect" } },]])
     assert.are.equal(1, rc, out)
-    assert.truthy(out:find("billing type builtin is not implemented yet", 1, true), out)
+    assert.truthy(out:find("billing type connect is not implemented yet", 1, true), out)
     rc, out = check([[
     { name = "news", hosts = { "news.example" },
       signer = { type = "nginx_secure_link", key = "k" } },]])
     assert.are.equal(1, rc, out)
     assert.truthy(out:find("unknown key 'key' in tenants[1].signer", 1, true), out)
+    rc, out = check([[
+    { name = "news", hosts = { "news.example" }, billing = { type = "builtin" } },]])
+    assert.are.equal(0, rc, out)
   end)
 
-  it("are gone from the demo configuration, which checks clean", function()
+  it("the demo gives each tenant a signer and the built-in billing, and checks clean", function()
     local demo = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "../../deploy/demo/tollgate.lua"
     local out = assert(io.popen(string.format("%s check -c %s 2>&1; echo \"rc=$?\"", h.sh_quote(h.binary()),
       h.sh_quote(demo)))):read("*a")
     assert.truthy(out:find("is valid", 1, true), out)
-    assert.is_nil(h.read_file(demo):match("\n%s*signer%s*="), "the demo configures a signer")
-    assert.is_nil(h.read_file(demo):match("\n%s*billing%s*="), "the demo configures billing")
+    local _, signers = h.read_file(demo):gsub("\n%s*signer%s*=", "")
+    local _, billing = h.read_file(demo):gsub("\n%s*billing%s*=", "")
+    assert.are.equal(2, signers)
+    assert.are.equal(2, billing)
   end)
 end)

@@ -6,11 +6,16 @@ import { request as httpRequest } from "node:http";
 import { gunzipSync, gzipSync } from "node:zlib";
 import diagnostics from "node:diagnostics_channel";
 import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { create, toBinary, fromBinary, toJsonString, fromJson } from "@bufbuild/protobuf";
 import { createClient, ConnectError, Code } from "@connectrpc/connect";
 import { createConnectTransport, compressionGzip } from "@connectrpc/connect-node";
-import { ExchangeService, AbsenceReason } from "./gen/ramp/v1/exchange_pb.js";
+import {
+  ExchangeService, AbsenceReason, TransactionStatus, DenialReason, PaymentModel,
+  ExecuteTransactionRequestSchema, ExecuteTransactionResponseSchema,
+} from "./gen/ramp/v1/exchange_pb.js";
 import { UsagePurpose, UserType } from "./gen/comp/v1/ai_system_pb.js";
-import { startGateway } from "./lib/gateway.js";
+import { startGateway, SHOP_HOST, SHOP_PRICE, CDN_BASE, ACCOUNTS } from "./lib/gateway.js";
 
 const DISCOVER = "/ramp.v1.ExchangeService/DiscoverResources";
 const EXECUTE = "/ramp.v1.ExchangeService/ExecuteTransaction";
@@ -75,6 +80,37 @@ function jsonOf(res) {
   return JSON.parse(res.body.toString("utf8"));
 }
 
+// A raw Connect unary POST of an ExecuteTransaction request in the given format:
+// the bytes the gateway answered, and the answer decoded with the generated schema.
+async function rawExecute(gw, request, binary) {
+  const msg = create(ExecuteTransactionRequestSchema, request);
+  const res = await raw(gw.baseUrl + EXECUTE, {
+    method: "POST",
+    headers: {
+      "Content-Type": binary ? "application/proto" : "application/json",
+      "Connect-Protocol-Version": "1",
+    },
+    body: binary ? Buffer.from(toBinary(ExecuteTransactionRequestSchema, msg))
+      : toJsonString(ExecuteTransactionRequestSchema, msg),
+  });
+  assert.equal(res.status, 200, `raw ExecuteTransaction: ${res.body}`);
+  assert.match(res.headers["content-type"] ?? "", binary ? /^application\/proto/ : /^application\/json/);
+  const decoded = binary ? fromBinary(ExecuteTransactionResponseSchema, res.body)
+    : fromJson(ExecuteTransactionResponseSchema, JSON.parse(res.body.toString("utf8")));
+  return { body: res.body, decoded };
+}
+
+// nginx secure_link with the default expression "$secure_link_expires$uri $secret":
+// md5 = base64url(MD5("<expires><uri> <secret>")), $uri being the percent-decoded path.
+function nginxMd5(expires, path, secret) {
+  return createHash("md5").update(`${expires}${decodeURIComponent(path)} ${secret}`).digest("base64url");
+}
+
+let keySeq = 0;
+function newKey(label) {
+  return `interop-${label}-${process.pid}-${Date.now().toString(36)}-${++keySeq}`;
+}
+
 function checkDiscovered(res, uris) {
   assert.equal(res.results.length, uris.length, "one result per query");
   res.results.forEach((r, i) => {
@@ -136,11 +172,142 @@ describe("Connect interop", () => {
       Code.InvalidArgument);
   });
 
-  it("ExecuteTransaction with a key is unimplemented for now", async () => {
-    await expectCode(client(gw).executeTransaction({
-      aiSystem, idempotencyKey: "k-1", items: [{ offerId: "o-1", estimatedTokens: 1000n }],
-    }), Code.Unimplemented);
-  });
+  // Purchases: discover the shop's priced offer, buy it through the unmodified Connect
+  // client, check the signed retrieval URL against the CDN secret, then the
+  // idempotency and denial rules of core/pipeline/purchase.h.
+  for (const [mode, binary] of [["binary", true], ["JSON", false]]) {
+    describe(`ExecuteTransaction in ${mode} mode`, () => {
+      const uri = `https://${SHOP_HOST}/articles/${binary ? "bin" : "json"}-1`;
+      const buyer = { ...aiSystem, billingReference: ACCOUNTS.funded };
+      const c = () => client(gw, { useBinaryFormat: binary });
+      let offer, key, request, first;
+
+      async function discoverOffer(u = uri) {
+        const res = await c().discoverResources({ aiSystem: buyer, resources: [{ uri: u }] });
+        assert.equal(res.results.length, 1);
+        const r = res.results[0];
+        assert.equal(r.offers.length, 1, `offers for ${u}: ${AbsenceReason[r.absenceReason]} ${r.absenceDetail}`);
+        return r.offers[0];
+      }
+
+      it("DiscoverResources gives the shop's priced offer", async () => {
+        offer = await discoverOffer();
+        assert.equal(offer.uri, uri);
+        assert.ok(offer.id.length > 20, offer.id);
+        assert.equal(offer.pricing.model, PaymentModel.PURCHASE);
+        assert.equal(offer.pricing.price.currency, SHOP_PRICE.currency);
+        assert.equal(offer.pricing.price.amount, SHOP_PRICE.amount);
+        assert.ok(offer.expiresAtUnix > BigInt(Math.floor(Date.now() / 1000)), `${offer.expiresAtUnix}`);
+      });
+
+      it("buys it: APPROVED, a transaction id, a signed retrieval URL, the offer's price", async () => {
+        key = newKey(mode);
+        request = { aiSystem: buyer, idempotencyKey: key, items: [{ offerId: offer.id, estimatedTokens: 1000n }] };
+        const before = Math.floor(Date.now() / 1000);
+        const res = await c().executeTransaction(request);
+        first = res;
+        assert.equal(TransactionStatus[res.status], TransactionStatus[TransactionStatus.APPROVED],
+          `${DenialReason[res.denialReason]}: ${res.denialDetail}`);
+        assert.equal(res.denialReason, DenialReason.UNSPECIFIED);
+        assert.match(res.transactionId, /^tx_[0-9a-z]{26}$/);
+        assert.equal(res.totalCost?.currency, SHOP_PRICE.currency);
+        assert.equal(res.totalCost?.amount, offer.pricing.price.amount);
+        assert.equal(res.items.length, 1);
+        const item = res.items[0];
+        assert.equal(item.offerId, offer.id);
+        assert.equal(item.uri, uri);
+        assert.equal(item.cost?.currency, SHOP_PRICE.currency);
+        assert.equal(item.cost?.amount, SHOP_PRICE.amount);
+        // The retrieval URL: the resource's path under the CDN origin, nginx secure_link signed.
+        const url = new URL(item.retrievalUrl);
+        assert.equal(url.origin, CDN_BASE, item.retrievalUrl);
+        assert.equal(url.pathname, new URL(uri).pathname, item.retrievalUrl);
+        const expires = url.searchParams.get("expires");
+        const md5 = url.searchParams.get("md5");
+        assert.ok(expires && md5, item.retrievalUrl);
+        assert.equal(expires, String(item.expiresAtUnix), "expires= is expires_at_unix");
+        assert.ok(Number(expires) > before, `expires ${expires} is in the future`);
+        assert.ok(Number(expires) <= Math.ceil(Date.now() / 1000) + 300 + 1, `expires ${expires}: default ttl_s 300`);
+        assert.equal(md5, nginxMd5(expires, url.pathname, gw.cdnSecret), item.retrievalUrl);
+        // A wrong secret or another expiry does not verify.
+        assert.notEqual(md5, nginxMd5(expires, url.pathname, gw.cdnSecret + "x"));
+        assert.notEqual(md5, nginxMd5(String(Number(expires) + 1), url.pathname, gw.cdnSecret));
+      });
+
+      it("the same call again is the same answer, byte for byte over raw HTTP", async () => {
+        assert.ok(first, "the purchase above succeeded");
+        const again = await c().executeTransaction(request);
+        assert.deepEqual(again, first);
+        const r1 = await rawExecute(gw, request, binary);
+        const r2 = await rawExecute(gw, request, binary);
+        assert.ok(r1.body.equals(r2.body), `raw replays differ:\n${r1.body.toString("hex")}\n${r2.body.toString("hex")}`);
+        assert.deepEqual(r1.decoded, first);
+        if (binary) {
+          // protobuf-c's encoding of the stored answer is protobuf-es's of the decoded one.
+          assert.ok(r1.body.equals(Buffer.from(toBinary(ExecuteTransactionResponseSchema, first))),
+            "replayed bytes re-encode identically");
+        }
+        // The other format carries the same request: the same answer, not a conflict.
+        const other = await rawExecute(gw, request, !binary);
+        assert.deepEqual(other.decoded, first);
+      });
+
+      it("the same key with another request is already_exists", async () => {
+        assert.ok(first, "the purchase above succeeded");
+        await expectCode(c().executeTransaction({
+          ...request, items: [{ offerId: offer.id, estimatedTokens: 1001n }],
+        }), Code.AlreadyExists);
+        // The key still answers what it answered.
+        assert.deepEqual(await c().executeTransaction(request), first);
+      });
+
+      it("a forged offer id is DENIED, OFFER_INVALID, and the key stays free", async () => {
+        // One character of the tag changed (not the last, whose low bits base64url may not use).
+        const i = offer.id.length - 5;
+        const forged = offer.id.slice(0, i) + (offer.id[i] === "A" ? "B" : "A") + offer.id.slice(i + 1);
+        assert.notEqual(forged, offer.id);
+        const k = newKey(`${mode}-forged`);
+        const res = await c().executeTransaction({
+          aiSystem: buyer, idempotencyKey: k, items: [{ offerId: forged, estimatedTokens: 1000n }],
+        });
+        assert.equal(TransactionStatus[res.status], TransactionStatus[TransactionStatus.DENIED]);
+        assert.equal(DenialReason[res.denialReason], DenialReason[DenialReason.OFFER_INVALID], res.denialDetail);
+        assert.ok(res.denialDetail.length > 0, "a detail a person can act on");
+        assert.equal(res.items.length, 0);
+        // A denial is not remembered: the same key buys the real offer.
+        const fresh = await discoverOffer(`https://${SHOP_HOST}/articles/${binary ? "bin" : "json"}-2`);
+        const ok = await c().executeTransaction({
+          aiSystem: buyer, idempotencyKey: k, items: [{ offerId: fresh.id, estimatedTokens: 1000n }],
+        });
+        assert.equal(TransactionStatus[ok.status], TransactionStatus[TransactionStatus.APPROVED],
+          `${DenialReason[ok.denialReason]}: ${ok.denialDetail}`);
+        assert.notEqual(ok.transactionId, first.transactionId);
+      });
+
+      it("an account without enough funds is DENIED, INSUFFICIENT_FUNDS", async () => {
+        for (const ref of [ACCOUNTS.poor, "acct-never-funded"]) {
+          const res = await c().executeTransaction({
+            aiSystem: { ...aiSystem, billingReference: ref }, idempotencyKey: newKey(`${mode}-poor`),
+            items: [{ offerId: offer.id, estimatedTokens: 1000n }],
+          });
+          assert.equal(TransactionStatus[res.status], TransactionStatus[TransactionStatus.DENIED], ref);
+          assert.equal(DenialReason[res.denialReason], DenialReason[DenialReason.INSUFFICIENT_FUNDS],
+            `${ref}: ${res.denialDetail}`);
+          assert.ok(res.denialDetail.length > 0);
+          assert.ok(!res.denialDetail.includes(ref), `the billing reference is redacted: ${res.denialDetail}`);
+          assert.equal(res.transactionId, "");
+        }
+      });
+
+      it("a missing billing reference is invalid_argument", async () => {
+        const items = [{ offerId: offer.id, estimatedTokens: 1000n }];
+        await expectCode(c().executeTransaction({ aiSystem, idempotencyKey: newKey(`${mode}-noref`), items }),
+          Code.InvalidArgument);
+        await expectCode(c().executeTransaction({ idempotencyKey: newKey(`${mode}-noai`), items }),
+          Code.InvalidArgument);
+      });
+    });
+  }
 
   it("ReportUsage is unimplemented for now", async () => {
     await expectCode(client(gw).reportUsage({
@@ -282,14 +449,14 @@ describe("Connect interop", () => {
   it("/healthz is 200; /readyz is 200 with its JSON report", async () => {
     const h = await raw(`${gw.baseUrl}/healthz`);
     assert.equal(h.status, 200);
-    // The gateway is serving and its one tenant has no catalog source, so nothing
-    // keeps it from being ready: 200, and a report that says so.
+    // The gateway is serving and the shop's catalog (a local file) has loaded, so
+    // nothing keeps it from being ready: 200, and a report that says so.
     const r = await raw(`${gw.baseUrl}/readyz`);
     assert.equal(r.status, 200, `readyz: ${r.body}`);
     const body = jsonOf(r);
     assert.ok(body !== null && typeof body === "object" && !Array.isArray(body), `readyz body: ${r.body}`);
     assert.equal(body.ready, true);
-    assert.equal(body.tenants, 1);
+    assert.equal(body.tenants, 2);
     assert.ok(Number.isInteger(body.connections) && body.connections >= 1,
       `connections (this request's own at least): ${body.connections}`);
     assert.deepEqual(body.reasons, []);

@@ -1,5 +1,6 @@
 // Starts the real tollgate binary on free loopback ports with a throwaway
-// configuration (public, TLS and admin listeners, one tenant), and stops it.
+// configuration (public, TLS and admin listeners, two tenants, the built-in
+// ledger with funded accounts), and stops it.
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, writeFileSync, mkdirSync, readFileSync, rmSync, chmodSync, openSync, closeSync, copyFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -42,6 +43,27 @@ function makeCertificates(dir) {
   return readFileSync(join(dir, "ca.pem"));
 }
 
+// The shop tenant's catalog: one priced licence for AI input by commercial users.
+export const SHOP_HOST = "shop.interop.test";
+export const SHOP_PRICE = { currency: "USD", amount: 100000n }; // "0.10" in micro-USD
+export const CDN_BASE = "http://cdn.interop.test";
+// Prepaid accounts of the built-in ledger (micro-USD).
+export const ACCOUNTS = { funded: "acct-interop", poor: "acct-poor" };
+const SHOP_RSL = `<?xml version="1.0" encoding="UTF-8"?>
+<rsl xmlns="https://rslstandard.org/rsl">
+  <content url="/articles/*">
+    <license>
+      <permits type="usage">ai-input</permits>
+      <permits type="user">commercial</permits>
+      <payment type="purchase">
+        <amount currency="USD">0.10</amount>
+      </payment>
+    </license>
+    <terms>https://shop.interop.test/terms</terms>
+  </content>
+</rsl>
+`;
+
 function luaString(s) {
   return JSON.stringify(s); // a JSON string of printable ASCII is a valid Lua string
 }
@@ -52,6 +74,12 @@ export async function startGateway({ workers = 2 } = {}) {
   const token = "interop-" + Math.random().toString(36).slice(2) + Date.now().toString(36);
   writeFileSync(join(dir, "admin.token"), token + "\n", { mode: 0o600 });
   mkdirSync(join(dir, "data"));
+  // The CDN secret of the nginx_secure_link signers: printable, no white space
+  // (the file is trimmed), readable by its owner alone.
+  const cdnSecret = "interop-cdn-" + Math.random().toString(36).slice(2);
+  writeFileSync(join(dir, "cdn.key"), cdnSecret, { mode: 0o600 });
+  mkdirSync(join(dir, "rsl"));
+  writeFileSync(join(dir, "rsl", "shop.xml"), SHOP_RSL);
   const [port, tlsPort, adminPort] = [await freePort(), await freePort(), await freePort()];
   const config = `return {
   listen = {
@@ -63,8 +91,23 @@ export async function startGateway({ workers = 2 } = {}) {
   data_dir = "data",
   log_level = "info",
   limits = { shutdown_grace_ms = 2000 },
+  ledger = {
+    wal = { capacity_bytes = 16777216, segment_bytes = 1048576 },
+    accounts = {
+      { billing_reference = ${luaString(ACCOUNTS.funded)}, amount = 1000000 },
+      { billing_reference = ${luaString(ACCOUNTS.poor)}, amount = 1 },
+    },
+  },
   tenants = {
-    { name = ${luaString("news")}, hosts = { ${luaString("news.example")} } },
+    -- No catalog: its implicit offers have no price, so nothing is for sale.
+    { name = ${luaString("news")}, hosts = { ${luaString("news.example")} },
+      signer = { type = "nginx_secure_link", base_url = ${luaString(CDN_BASE)}, key_file = "cdn.key" },
+      billing = { type = "builtin" } },
+    -- A catalog with one priced offer: what the purchase tests buy.
+    { name = ${luaString("shop")}, hosts = { ${luaString(SHOP_HOST)} },
+      catalog = { source = "rsl/shop.xml" },
+      signer = { type = "nginx_secure_link", base_url = ${luaString(CDN_BASE)}, key_file = "cdn.key" },
+      billing = { type = "builtin" } },
   },
 }
 `;
@@ -87,6 +130,7 @@ export async function startGateway({ workers = 2 } = {}) {
     dir,
     ca,
     token,
+    cdnSecret,
     port,
     tlsPort,
     adminPort,
