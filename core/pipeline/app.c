@@ -486,6 +486,15 @@ int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
     snprintf(err, errlen, "transaction log: %s", why[0] ? why : strerror(-rc));
     return rc;
   }
+  if (rec.first_seq > snap_seq + 1 || rec.next_seq <= snap_seq) {
+    snprintf(err, errlen,
+             "transaction log: it holds records %" PRIu64 "..%" PRIu64 " but the balance snapshot %s covers "
+             "records up to %" PRIu64 " (%s): restore the snapshot or the log that go together",
+             rec.first_seq, rec.next_seq - 1, app->snapshot_path, snap_seq, snap_seq ? "written" : "missing");
+    tg_wal_close(app->wal);
+    app->wal = NULL;
+    return -EBADMSG;
+  }
   char segs[24], recs[24], dropped[24], ms[24], snap[24];
   snprintf(segs, sizeof segs, "%" PRIu64, rec.segments);
   snprintf(recs, sizeof recs, "%" PRIu64, rec.records);
@@ -526,15 +535,45 @@ void tg_app_ledger_main_stop(tg_app_t *app) {
     app->main_wal = NULL;
 }
 
+/* Removes the segments retention lets go: covered by the last snapshot on
+ * disk, and older than the idempotency TTL (a restart rebuilds idempotency
+ * answers from the log); nothing while captures are owed to Redis (they are
+ * rebuilt from their records too). */
+static void ledger_retain(tg_app_t *app) {
+  const tg_config_ledger_t *l = &app->cfg->ledger;
+  if (app->wal == NULL || (l->wal_retention_bytes == 0 && l->wal_retention_age_s == 0))
+    return;
+  if (app->owed && tg_owed_count(app->owed) > 0)
+    return;
+  uint32_t keep = l->idem_ttl_s ? l->idem_ttl_s : 86400;
+  tg_wal_retain_stats_t st;
+  int rc = tg_wal_retain_keep(app->wal, tg_prepaid_snapshot_seq(app->prepaid), l->wal_retention_bytes,
+                              l->wal_retention_age_s, keep, &st);
+  if (rc == 0 && st.removed_segments == 0)
+    return;
+  char n[24], first[24], bytes[24];
+  snprintf(n, sizeof n, "%" PRIu64, st.removed_segments);
+  snprintf(first, sizeof first, "%" PRIu64, st.first_seq);
+  snprintf(bytes, sizeof bytes, "%" PRIu64, st.bytes);
+  if (rc != 0)
+    tg_log(TG_LOG_ERROR, "transaction log retention failed", "error", strerror(-rc), "removed_segments", n,
+           "first_seq", first, "bytes", bytes, NULL);
+  else
+    tg_log(TG_LOG_INFO, "transaction log segments removed", "removed_segments", n, "first_seq", first, "bytes",
+           bytes, NULL);
+}
+
 void tg_app_ledger_maintain(tg_app_t *app, bool force) {
   if (app->prepaid == NULL || app->snapshot_path == NULL)
     return;
   if (app->idem)
     tg_idem_expire(app->idem, tg_idem_now_ms());
   uint32_t every = app->cfg->ledger.snapshot_every ? app->cfg->ledger.snapshot_every : 100000;
-  if (!force && !tg_prepaid_snapshot_due(app->prepaid, every))
-    return;
-  int rc = tg_prepaid_snapshot_write(app->prepaid, app->snapshot_path);
-  if (rc != 0)
-    tg_log(TG_LOG_ERROR, "ledger snapshot not written", "path", app->snapshot_path, "error", strerror(-rc), NULL);
+  if (force || tg_prepaid_snapshot_due(app->prepaid, every)) {
+    int rc = tg_prepaid_snapshot_write(app->prepaid, app->snapshot_path);
+    if (rc != 0)
+      tg_log(TG_LOG_ERROR, "ledger snapshot not written", "path", app->snapshot_path, "error", strerror(-rc),
+             NULL);
+  }
+  ledger_retain(app); /* app->wal is NULL at shutdown: nothing then */
 }
