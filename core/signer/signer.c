@@ -297,12 +297,16 @@ int tg_signer_from_config(const tg_config_section_t *sec, tg_signer_t *out, char
     out->ttl_s = (uint32_t)v;
   }
   out->base_url = tg_config_get(sec, "base_url");
-  tg_signer_url_t u;
-  if (out->base_url != NULL &&
-      (tg_signer_url(out->base_url, 0, &u, why, sizeof why) != 0 || strchr(out->base_url, '?') != NULL)) {
-    tg_signer_err(err, errlen, "signer.base_url: %s", why[0] ? why : "must not carry a query");
-    tg_signer_free(out);
-    return -EINVAL;
+  if (out->base_url != NULL) {
+    tg_signer_url_t u;
+    int bad = tg_signer_url(out->base_url, 0, &u, why, sizeof why) != 0;
+    if (!bad)
+      tg_signer_url_free(&u);
+    if (bad || strpbrk(out->base_url, "?#") != NULL) {
+      tg_signer_err(err, errlen, "signer.base_url: %s", why[0] ? why : "must not carry a query");
+      tg_signer_free(out);
+      return -EINVAL;
+    }
   }
   int rc = kind_options(sec, out, err, errlen);
   if (rc != 0) {

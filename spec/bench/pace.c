@@ -8,10 +8,16 @@
  * a stall of the server or the machine counts against every request it
  * delays (no coordinated omission); latency from the actual send is kept too.
  *
- * Usage: pace HOST PORT RATE SECONDS CONNS REQUEST_FILE
+ * Usage: pace HOST PORT RATE SECONDS CONNS REQUEST_FILE [PLACEHOLDER [START]]
  * REQUEST_FILE holds one raw HTTP/1.1 request; the answer must be a 200 with
  * Content-Length. Prints one line "BENCHJSON {...}" in the format of
- * connect.lua, preceded by the members in $BENCH_LABEL. Single-threaded. */
+ * connect.lua, preceded by the members in $BENCH_LABEL. Single-threaded.
+ * With PLACEHOLDER (a string found in REQUEST_FILE, e.g. inside an
+ * idempotency key), every occurrence of it in request k is overwritten by the
+ * decimal START + k, zero-padded to the placeholder's width (same length, so
+ * Content-Length and protobuf lengths stay right): every request differs, so
+ * none is a replay. START defaults to 0; a counter that outgrows the width is
+ * an error at start. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -45,8 +51,25 @@ typedef struct errors {
 } errors_t;
 
 static struct sockaddr_in peer;
-static const char *request;
+static char *request;
 static size_t request_len;
+/* The per-request counter (PLACEHOLDER): offsets of its occurrences in request. */
+static size_t ph_off[16], ph_count, ph_len;
+static uint64_t ph_start;
+
+/* Writes START + k over every occurrence of the placeholder. */
+static void stamp(uint64_t k) {
+  if (ph_count == 0)
+    return;
+  char digits[64];
+  uint64_t v = ph_start + k;
+  for (size_t i = ph_len; i-- > 0;) {
+    digits[i] = (char)('0' + v % 10);
+    v /= 10;
+  }
+  for (size_t j = 0; j < ph_count; j++)
+    memcpy(request + ph_off[j], digits, ph_len);
+}
 static errors_t errs;
 
 static uint64_t now_ns(void) {
@@ -137,8 +160,8 @@ static void arm(int tfd, uint64_t at_ns) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 7) {
-    fprintf(stderr, "usage: pace HOST PORT RATE SECONDS CONNS REQUEST_FILE\n");
+  if (argc < 7 || argc > 9) {
+    fprintf(stderr, "usage: pace HOST PORT RATE SECONDS CONNS REQUEST_FILE [PLACEHOLDER [START]]\n");
     return 2;
   }
   peer.sin_family = AF_INET;
@@ -153,6 +176,25 @@ int main(int argc, char **argv) {
   if (request == NULL || request_len == 0) {
     fprintf(stderr, "pace: cannot read %s\n", argv[6]);
     return 2;
+  }
+  if (argc >= 8) {
+    ph_len = strlen(argv[7]);
+    ph_start = argc >= 9 ? strtoull(argv[8], NULL, 10) : 0;
+    if (ph_len == 0 || ph_len > 64) {
+      fprintf(stderr, "pace: PLACEHOLDER must be 1 to 64 bytes\n");
+      return 2;
+    }
+    for (size_t at = 0; at + ph_len <= request_len && ph_count < 16;) {
+      const char *hit = memmem(request + at, request_len - at, argv[7], ph_len);
+      if (hit == NULL)
+        break;
+      ph_off[ph_count++] = (size_t)(hit - request);
+      at = (size_t)(hit - request) + ph_len;
+    }
+    if (ph_count == 0) {
+      fprintf(stderr, "pace: placeholder %s not found in %s\n", argv[7], argv[6]);
+      return 2;
+    }
   }
   prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
 
@@ -180,6 +222,16 @@ int main(int argc, char **argv) {
   const double interval_ns = 1e9 / rate;
   const uint64_t t0 = now_ns() + 1000000; /* first request 1 ms from now */
   const uint64_t total = (uint64_t)(rate * secs);
+  if (ph_count && ph_len < 19) { /* 19 digits and more hold any 64-bit start + total here */
+    uint64_t limit = 1;
+    for (size_t i = 0; i < ph_len; i++)
+      limit *= 10;
+    if (ph_start + total > limit) {
+      fprintf(stderr, "pace: %llu requests from %llu do not fit the %zu-digit placeholder\n",
+              (unsigned long long)total, (unsigned long long)ph_start, ph_len);
+      return 2;
+    }
+  }
   const uint64_t t_stop = t0 + (uint64_t)(secs * 1e9);
   uint64_t next_k = 0, done = 0, bytes = 0, outstanding = 0;
   uint64_t last_done_ns = t0;
@@ -193,6 +245,7 @@ int main(int argc, char **argv) {
       if (intended > now)
         break;
       conn_t *c = &conns[idle[--nidle]];
+      stamp(next_k);
       ssize_t w = write(c->fd, request, request_len);
       if (w != (ssize_t)request_len) {
         errs.write++;
