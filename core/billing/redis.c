@@ -257,8 +257,9 @@ static void authorize(tg_billing_t *b, const tg_billing_auth_t *a, tg_billing_cb
     arm_deadline(rb);
 }
 
-/* capture and release: the entry goes back into the map when Redis failed,
- * so that the caller may try again (capture is idempotent on txid). */
+/* capture and release: when Redis failed, a release's entry goes back into
+ * the map so that the caller may try again; a failed capture is owed and
+ * paid by the pipeline (capture is idempotent on txid). */
 static void on_done(void *arg, int status, int64_t balance) {
   call_t *c = arg;
   redis_billing_t *rb = c->rb;
@@ -279,7 +280,10 @@ static void on_done(void *arg, int status, int64_t balance) {
       tg_log(TG_LOG_ERROR, "billing redis: capture failed, the amount is owed but not yet debited", "account", red,
              "transaction", e->txid, "error", why(status), NULL);
     }
-    if (rb) {
+    /* A release is tried again by the caller; a failed capture is owed:
+     * the pipeline pays it from its owed set (pipeline/owed.h), by
+     * transaction id and hold id, not through this map. */
+    if (rb && c->kind != CALL_CAPTURE) {
       map_put(rb, e);
       e = NULL;
     }

@@ -1778,10 +1778,13 @@ static int load_instance(ctx_t *c, int root) {
   if (opt_string(c, root, "instance", &cfg->instance) != 0)
     return -1;
   if (cfg->instance == NULL) {
-    char host[256] = "";
+    /* The host name and the first listener's port: two gateways on one
+     * machine are two instances. */
+    char host[256] = "", id[64];
     if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')
       snprintf(host, sizeof host, "tollgate");
-    if ((cfg->instance = strdup(host)) == NULL)
+    snprintf(id, sizeof id, "%.48s:%d", host, cfg->nlisten ? cfg->listen[0].port : 0);
+    if ((cfg->instance = strdup(id)) == NULL)
       return fail_oom(c);
   }
   bool ok = cfg->instance[0] != '\0' && strlen(cfg->instance) <= 64;

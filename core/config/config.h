@@ -27,7 +27,7 @@
  *     ingest = { max_bytes = 268435456, timeout_ms = 10000, initial_wait_ms = 5000 },
  *     policy = { time_limit_ms = 50, load_time_limit_ms = 1000, memory_limit = 33554432,
  *                watch_debounce_ms = 200 },
- *     instance = "gw-1",          -- default: the host name
+ *     instance = "gw-1",          -- default: "<host name>:<first listen port>"
  *     ledger = { mode = "local",   -- "redis": balances and idempotency keys shared (needs redis)
  *                wal = { capacity_bytes = 1073741824, segment_bytes = 67108864, batch_bytes = 65536,
  *                        batch_interval_us = 0, retention_bytes = 536870912, retention_age_s = 604800 },
@@ -237,7 +237,7 @@ typedef struct tg_config {
   size_t policy_memory_limit;
   uint32_t policy_watch_debounce_ms;
   tg_config_ledger_t ledger;
-  char *instance;                   /* this gateway's name; default the host name */
+  char *instance;                   /* this gateway's name; default "<host name>:<first listen port>" */
   tg_config_tenant_t *tenants;
   size_t ntenants;
 } tg_config_t;

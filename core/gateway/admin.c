@@ -471,24 +471,24 @@ static void topup(const tg_admin_t *a, tg_http_req_t *req) {
   int64_t after = 0;
   int64_t n = (int64_t)json_integer_value(amount);
   json_decref(body);
+  /* Redis mode: Redis applies a reference once, atomically, and answers
+   * for the account asked about. */
+  if (aw->prepaid_redis) {
+    t->aw = aw;
+    t->amount = n;
+    if (tg_prepaid_redis_credit(aw->prepaid_redis, t->ref, t->currency, n, t->reference, on_redis_credit, t) != 0) {
+      free(t);
+      error_json(req, 400, "bad account or currency");
+    }
+    return;
+  }
+  /* Local mode: a reference in flight answers its duplicates once durable. */
   for (topup_t *f = topups_in_flight; f; f = f->next)
     if (strcmp(f->reference, t->reference) == 0) {
       t->waiters = f->waiters; /* answered when f is durable */
       f->waiters = t;
       return;
     }
-  if (aw->prepaid_redis) {
-    t->aw = aw;
-    t->amount = n;
-    t->next = topups_in_flight;
-    topups_in_flight = t;
-    if (tg_prepaid_redis_credit(aw->prepaid_redis, t->ref, t->currency, n, t->reference, on_redis_credit, t) != 0) {
-      topups_in_flight = t->next;
-      free(t);
-      error_json(req, 400, "bad account or currency");
-    }
-    return;
-  }
   int rc = tg_prepaid_credit_check(a->app->prepaid, t->ref, t->currency, n, t->reference, &after);
   if (rc == -EALREADY) {
     answer_topup(t, 0, 0);

@@ -21,6 +21,7 @@ static const char MAGIC[8] = {'T', 'G', 'W', 'A', 'L', 'S', 'E', 'G'};
 #define VERSION 1u
 
 static tg_metric_t *m_pending_bytes, *m_pending_records, *m_flush_seconds, *m_batch_records, *m_retained;
+static tg_metric_t *m_used_bytes, *m_capacity_bytes;
 
 /* One appended record: the frame (length, CRC, payload) is written as is. */
 typedef struct entry {
@@ -144,10 +145,17 @@ int tg_wal_metrics_init(void) {
   m_batch_records = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_fsync_batch_records",
                                   "Records made durable by one fdatasync", NULL, sizes,
                                   sizeof sizes / sizeof sizes[0]);
+  m_used_bytes = tg_metric_new(TG_METRIC_GAUGE, "txlog_wal_used_bytes",
+                               "Bytes the write-ahead log takes against its capacity (segments on disk and "
+                               "records not yet durable); at txlog_wal_capacity_bytes purchases are refused",
+                               NULL, NULL, 0);
+  m_capacity_bytes = tg_metric_new(TG_METRIC_GAUGE, "txlog_wal_capacity_bytes",
+                                   "The write-ahead log's capacity (ledger.wal.capacity_bytes)", NULL, NULL, 0);
   m_retained = tg_metric_new(TG_METRIC_COUNTER, "txlog_retention_removed_segments_total",
                              "Write-ahead log segments removed by retention (covered by a balance snapshot)",
                              NULL, NULL, 0);
-  if (!m_pending_bytes || !m_pending_records || !m_flush_seconds || !m_batch_records || !m_retained)
+  if (!m_pending_bytes || !m_pending_records || !m_flush_seconds || !m_batch_records || !m_retained ||
+      !m_used_bytes || !m_capacity_bytes)
     return -ENOMEM;
   return 0;
 }
@@ -562,6 +570,7 @@ static void *writer_main(void *arg) {
     w->pending_records -= n;
     tg_gauge_set(m_pending_bytes, NULL, (double)w->pending_bytes);
     tg_gauge_set(m_pending_records, NULL, (double)w->pending_records);
+    tg_gauge_set(m_used_bytes, NULL, (double)w->used_bytes);
     pthread_mutex_unlock(&w->mu);
     deliver(list, r);
     pthread_mutex_lock(&w->mu);
@@ -601,6 +610,8 @@ int tg_wal_open(const tg_wal_opts_t *o, tg_wal_t **out, tg_wal_recovery_t *rec, 
   w->fd = -1;
   w->next_seq = rec->next_seq;
   w->used_bytes = rec->bytes;
+  tg_gauge_set(m_used_bytes, NULL, (double)w->used_bytes);
+  tg_gauge_set(m_capacity_bytes, NULL, (double)o->capacity_bytes);
   w->buf_cap = o->batch_bytes < (1u << 20) ? (1u << 20) : o->batch_bytes;
   if ((w->buf = malloc(w->buf_cap)) == NULL) {
     r = -ENOMEM;
@@ -761,6 +772,7 @@ int tg_wal_retain_keep(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, ui
   if (st.removed_segments > 0) {
     pthread_mutex_lock(&w->mu);
     w->used_bytes = w->used_bytes > st.removed_bytes ? w->used_bytes - st.removed_bytes : 0;
+    tg_gauge_set(m_used_bytes, NULL, (double)w->used_bytes);
     pthread_mutex_unlock(&w->mu);
     tg_counter_add(m_retained, NULL, st.removed_segments);
     atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
@@ -860,8 +872,8 @@ int tg_wal_append(tg_wal_client_t *c, const void *payload, size_t len, tg_wal_ap
     r = w->failed;
   else if (w->stopping)
     r = -ESHUTDOWN;
-  else if (w->used_bytes + frame_len > w->o.capacity_bytes)
-    r = -ENOSPC;
+  else if (w->used_bytes + frame_len + TG_WAL_HEADER_SIZE > w->o.capacity_bytes)
+    r = -ENOSPC; /* room kept for the header of a segment the record may open */
   else if (w->pending_records + 1 > w->o.queue_records || w->pending_bytes + frame_len > w->o.queue_bytes)
     r = -EAGAIN;
   if (r != 0) {

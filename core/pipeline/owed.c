@@ -18,6 +18,7 @@ typedef struct entry {
   char txid[40];
   char currency[17];
   char ref[257];
+  char hold[64];
 } entry_t;
 
 struct tg_owed {
@@ -53,9 +54,10 @@ void tg_owed_free(tg_owed_t *o) {
   free(o);
 }
 
-int tg_owed_add(tg_owed_t *o, const char *txid, const char *ref, const char *currency, int64_t amount) {
+int tg_owed_add(tg_owed_t *o, const char *txid, const char *ref, const char *currency, int64_t amount,
+                const char *hold) {
   if (strlen(txid) >= sizeof((entry_t *)0)->txid || strlen(ref) >= sizeof((entry_t *)0)->ref ||
-      strlen(currency) >= sizeof((entry_t *)0)->currency)
+      strlen(currency) >= sizeof((entry_t *)0)->currency || (hold && strlen(hold) >= sizeof((entry_t *)0)->hold))
     return -EINVAL;
   size_t k = bucket(txid);
   pthread_mutex_lock(&o->mu);
@@ -69,6 +71,7 @@ int tg_owed_add(tg_owed_t *o, const char *txid, const char *ref, const char *cur
     strcpy(e->txid, txid);
     strcpy(e->ref, ref);
     strcpy(e->currency, currency);
+    strcpy(e->hold, hold ? hold : "");
     e->amount = amount;
     e->next = o->b[k];
     o->b[k] = e;
@@ -125,7 +128,7 @@ typedef struct job {
   tg_owed_t *o;
   tg_wal_client_t *w;
   const char *instance;
-  char txid[40], currency[17], ref[257];
+  char txid[40], currency[17], ref[257], hold[64];
   int64_t amount;
 } job_t;
 
@@ -184,7 +187,7 @@ void tg_owed_settle(tg_owed_t *o, tg_prepaid_redis_t *r, tg_wal_client_t *w, con
         break;
       e->in_flight = 1;
       j->o = o, j->w = w, j->instance = instance, j->amount = e->amount;
-      strcpy(j->txid, e->txid), strcpy(j->currency, e->currency), strcpy(j->ref, e->ref);
+      strcpy(j->txid, e->txid), strcpy(j->currency, e->currency), strcpy(j->ref, e->ref), strcpy(j->hold, e->hold);
       batch[nb++] = j;
     }
     pthread_mutex_unlock(&o->mu);
@@ -192,7 +195,7 @@ void tg_owed_settle(tg_owed_t *o, tg_prepaid_redis_t *r, tg_wal_client_t *w, con
       job_t *j = batch[i];
       o->settling++;
       started++;
-      if (tg_prepaid_redis_capture(r, j->ref, j->currency, j->amount, NULL, j->txid, on_captured, j) != 0) {
+      if (tg_prepaid_redis_capture(r, j->ref, j->currency, j->amount, j->hold, j->txid, on_captured, j) != 0) {
         unmark(j);
         job_done(j);
       }

@@ -24,8 +24,11 @@ typedef struct tg_owed tg_owed_t;
 tg_owed_t *tg_owed_new(void);
 void tg_owed_free(tg_owed_t *o);
 
-/* 0, -ENOMEM or -EINVAL (a string too long). Adding a txid already owed is a no-op. */
-int tg_owed_add(tg_owed_t *o, const char *txid, const char *ref, const char *currency, int64_t amount);
+/* 0, -ENOMEM or -EINVAL (a string too long). hold: the hold the capture
+ * drops (NULL: none known, e.g. rebuilt from the log; it expires by itself).
+ * Adding a txid already owed is a no-op. */
+int tg_owed_add(tg_owed_t *o, const char *txid, const char *ref, const char *currency, int64_t amount,
+                const char *hold);
 void tg_owed_remove(tg_owed_t *o, const char *txid);
 size_t tg_owed_count(tg_owed_t *o);
 

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -286,7 +287,7 @@ static void answer(purchase_t *p) {
   if (p->has_hold) {
     p->has_hold = false;
     if (shared_ledger(p))
-      tg_owed_add(p->aw->app->owed, p->txid, p->req_ref, p->currency, p->total);
+      tg_owed_add(p->aw->app->owed, p->txid, p->req_ref, p->currency, p->total, p->hold);
     p->aw->billing->ops->capture(p->aw->billing, p->hold, on_captured, p);
     return;
   }
@@ -481,13 +482,18 @@ static void sign_and_log(purchase_t *p) {
     return;
   char msg[200];
   if (rc == -ENOSPC)
-    snprintf(msg, sizeof msg, "the transaction log is full: purchases resume when the operator frees room "
-                              "(DiscoverResources and ReportUsage still work); nothing was charged");
+    snprintf(msg, sizeof msg, "the transaction log is full: nothing was charged; purchases resume once the "
+                              "operator raises ledger.wal.capacity_bytes or retention frees room "
+                              "(DiscoverResources still works)");
   else if (rc == -EAGAIN)
     snprintf(msg, sizeof msg, "the transaction log is behind: retry in a second; nothing was charged");
   else
     snprintf(msg, sizeof msg, "the transaction log cannot take records (%s); nothing was charged", strerror(-rc));
-  tg_log_req(TG_LOG_WARN, p->request_id, "purchase refused: transaction log", "error", strerror(-rc), NULL);
+  /* One line a second at most: a full log refuses every purchase. */
+  static _Atomic uint64_t last_warn_s;
+  uint64_t now_s = uv_hrtime() / 1000000000u, prev = last_warn_s;
+  if (now_s != prev && atomic_compare_exchange_strong(&last_warn_s, &prev, now_s))
+    tg_log_req(TG_LOG_WARN, p->request_id, "purchases refused: transaction log", "error", strerror(-rc), NULL);
   if (rc == -EAGAIN || rc == -ENOSPC)
     tg_connect_call_add_header(p->call, "Retry-After", rc == -EAGAIN ? "1" : "60");
   fail(p, TG_CONNECT_UNAVAILABLE, "error", msg);
@@ -914,7 +920,7 @@ int tg_purchase_replay(tg_app_t *app, uint64_t seq, const void *payload, size_t 
   if (app->owed && rec->kind_case == LEDGER__V1__RECORD__KIND_TRANSACTION &&
       tx->outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED &&
       strcmp(tx->billing_type, "redis") == 0 && tx->n_totals == 1)
-    tg_owed_add(app->owed, tx->id, tx->billing_reference, tx->totals[0]->currency, tx->totals[0]->amount);
+    tg_owed_add(app->owed, tx->id, tx->billing_reference, tx->totals[0]->currency, tx->totals[0]->amount, NULL);
   if (app->owed && rec->kind_case == LEDGER__V1__RECORD__KIND_LEDGER_CHANGE &&
       rec->ledger_change->kind == LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE)
     tg_owed_remove(app->owed, rec->ledger_change->transaction_id);

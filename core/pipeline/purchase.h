@@ -38,6 +38,15 @@
  * used again). The log full or behind is `unavailable`; a signing failure
  * releases the hold, logs a sign_failed record and answers `internal`.
  *
+ * Redis mode (ledger.mode = "redis"): the key is claimed in Redis (the
+ * claim lives ledger.idempotency.pending_ttl_ms should its owner die), a
+ * duplicate on another instance polls every 10 ms for the answer, and the
+ * answer is stored in Redis before it is sent. A claim that cannot be given
+ * back (Redis down when the call was refused) blocks its key until
+ * pending_ttl_ms; a retry meanwhile is `aborted`. Balances are Redis'
+ * (billing/billing.h "redis"); a capture that fails is owed and paid from
+ * the main loop (pipeline/owed.h).
+ *
  * Threads: the worker the call arrived on, throughout. */
 
 #define TG_PURCHASE_MAX_ITEMS 100

@@ -742,4 +742,73 @@ function M.terminate(gw, timeout)
   return true, rc
 end
 
+-- ---- several instances on shared state (redis_ledger_spec) ----
+
+-- Like start(), but prepare(dir) runs after the configuration is written and
+-- before the process starts, to put files in place (e.g. data/offer.key, which
+-- instances behind one load balancer must share). The first launch logs to
+-- tollgate.1.log. Returns the gateway table (relaunch/stop/terminate work on it).
+function M.start_prepared(opts, prepare)
+  opts = opts or {}
+  local p = assert(io.popen("mktemp -d " .. sh_quote((os.getenv("TMPDIR") or "/tmp") .. "/tollgate-e2e-XXXXXX")))
+  local dir = p:read("*l")
+  p:close()
+  assert(dir and dir ~= "", "mktemp -d failed")
+  local gw = { dir = dir, port = M.free_port(), admin_port = M.free_port(), token = M.random_hex(16), launches = 0 }
+  gw.config = M.write_config(dir, { public = gw.port, admin = gw.admin_port }, gw.token, opts)
+  function gw.log()
+    return read_file(gw.log_path) or ""
+  end
+  if prepare then
+    prepare(dir)
+  end
+  return M.relaunch(gw)
+end
+
+-- A redis-server of its own on a free loopback port (or opts.port), its data
+-- in opts.dir when given (append-only file, fsync on every write, so a
+-- SIGKILL loses nothing); otherwise no persistence. Waits until it answers
+-- PING. Returns { pid, port, dir }; stop it with redis_stop.
+function M.redis_start(opts)
+  opts = opts or {}
+  local port = opts.port or M.free_port()
+  local persist = opts.dir and string.format("--appendonly yes --appendfsync always --dir %s", sh_quote(opts.dir))
+    or "--appendonly no"
+  local p = assert(io.popen(string.format(
+    "redis-server --port %d --bind 127.0.0.1 --save '' %s --daemonize no >/dev/null 2>&1 & echo $!", port, persist)))
+  local pid = tonumber(p:read("*l"))
+  p:close()
+  assert(pid, "could not start redis-server")
+  local deadline = M.now() + 5
+  while M.now() < deadline do
+    local s = M.connect(port, 0.5)
+    if s then
+      s:send("PING\r\n")
+      s:settimeout(0.5)
+      local line = s:receive("*l")
+      s:close()
+      if line == "+PONG" then
+        return { pid = pid, port = port, dir = opts.dir }
+      end
+    end
+    M.sleep(0.02)
+  end
+  os.execute("kill -KILL " .. pid .. " 2>/dev/null")
+  error("redis-server did not answer PING on port " .. port)
+end
+
+-- Stops the redis-server of redis_start by its pid (SIGKILL with kill9, else
+-- SIGTERM) and waits until it is gone.
+function M.redis_stop(r, kill9)
+  if not r or not r.pid then
+    return
+  end
+  os.execute("kill -" .. (kill9 and "KILL " or "TERM ") .. r.pid .. " 2>/dev/null")
+  local t0 = M.now()
+  while M.proc_alive(r.pid) and M.now() - t0 < 10 do
+    M.sleep(0.01)
+  end
+  r.pid = nil
+end
+
 return M
