@@ -45,7 +45,10 @@
  * txlog_wal_pending_records (gauges: appended, not yet durable),
  * txlog_flush_duration_seconds (histogram: write + fdatasync of one batch),
  * txlog_fsync_batch_records (histogram: records made durable per batch),
- * txlog_retention_removed_segments_total (counter: segments retention removed). */
+ * txlog_retention_removed_segments_total (counter: segments retention removed),
+ * txlog_wal_used_bytes and txlog_wal_capacity_bytes (gauges: what the
+ * capacity limit counts, and the limit; an append keeps room for one segment
+ * header, so the log never passes capacity_bytes). */
 
 typedef struct tg_wal tg_wal_t;
 typedef struct tg_wal_client tg_wal_client_t;
