@@ -1524,7 +1524,8 @@ static int load_ledger(ctx_t *c, int root) {
     int t = lua_gettop(c->L);
     if (want_type(c, LUA_TTABLE, "a table") != 0 || check_keys(c, t, ledger_keys) != 0 ||
         opt_string(c, t, "mode", &mode) != 0 || load_ints(c, t, "wal", wal, w) != 0 ||
-        load_ints(c, t, "idempotency", idem, id) != 0 || opt_integer(c, t, "snapshot_every", 1000, 1LL << 31, &every) != 0)
+        load_ints(c, t, "idempotency", idem, id) != 0 ||
+        opt_integer(c, t, "snapshot_every", 1000, 1LL << 31, &every) != 0)
       rc = -1;
     if (rc == 0 && mode != NULL) {
       if (strcmp(mode, "redis") == 0) {

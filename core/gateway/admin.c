@@ -15,7 +15,7 @@
 #include "base/metrics.h"
 #include "base/utf8.h"
 #include "gateway/reload.h"
-#include "ledger/v1/ledger.pb-c.h"
+#include "ledger/record.h"
 
 /* Compares in time independent of where the first difference is. */
 static int token_equal(const char *a, size_t alen, const char *b, size_t blen) {
@@ -523,24 +523,8 @@ static void topup(const tg_admin_t *a, tg_http_req_t *req) {
 /* The CREDIT record of a top-up, packed (malloc), or NULL. */
 static uint8_t *credit_record(const tg_admin_t *a, const topup_t *t, int64_t n, size_t *len) {
   (void)a;
-  Ledger__V1__Record rec = LEDGER__V1__RECORD__INIT;
-  Ledger__V1__LedgerChange ch = LEDGER__V1__LEDGER_CHANGE__INIT;
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  rec.at_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-  rec.instance = (char *)(admin_instance ? admin_instance : "");
-  rec.kind_case = LEDGER__V1__RECORD__KIND_LEDGER_CHANGE;
-  rec.ledger_change = &ch;
-  ch.kind = LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT;
-  ch.billing_reference = (char *)t->ref;
-  ch.currency = (char *)t->currency;
-  ch.amount = n;
-  ch.reference = (char *)t->reference;
-  *len = ledger__v1__record__get_packed_size(&rec);
-  uint8_t *buf = malloc(*len);
-  if (buf)
-    ledger__v1__record__pack(&rec, buf);
-  return buf;
+  return tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT, t->ref, t->currency, n,
+                                 NULL, t->reference, admin_instance, len);
 }
 
 void tg_admin_handle(tg_http_req_t *req, void *ud) {

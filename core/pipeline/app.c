@@ -9,7 +9,7 @@
 #include "base/metrics.h"
 #include "catalog/catalog.h"
 #include "catalog/offerkey.h"
-#include "ledger/v1/ledger.pb-c.h"
+#include "ledger/record.h"
 #include "pipeline/owed.h"
 #include "pipeline/purchase.h"
 
@@ -298,12 +298,6 @@ static void on_seeded(void *arg, int status, uint64_t seq) {
     s->failed = status;
 }
 
-static int64_t wall_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 typedef struct rseed {
   int pending;
   int applied;
@@ -380,26 +374,17 @@ static int seed_accounts(tg_app_t *app, char *err, size_t errlen) {
       snprintf(err, errlen, "ledger.accounts[%zu]: the opening credit is refused (%s)", i + 1, strerror(-rc));
       goto done;
     }
-    Ledger__V1__Record rec = LEDGER__V1__RECORD__INIT;
-    Ledger__V1__LedgerChange ch = LEDGER__V1__LEDGER_CHANGE__INIT;
-    rec.at_unix_ms = wall_ms();
-    rec.instance = app->cfg->instance ? app->cfg->instance : (char *)"";
-    rec.kind_case = LEDGER__V1__RECORD__KIND_LEDGER_CHANGE;
-    rec.ledger_change = &ch;
-    ch.kind = LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT;
-    ch.billing_reference = a->billing_reference;
-    ch.currency = a->currency;
-    ch.amount = a->amount;
-    ch.reference = a->reference;
-    uint8_t buf[1024];
-    size_t n = ledger__v1__record__get_packed_size(&rec);
-    if (n > sizeof buf) {
-      rc = -EMSGSIZE;
+    size_t n;
+    uint8_t *buf = tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT,
+                                           a->billing_reference, a->currency, a->amount, NULL, a->reference,
+                                           app->cfg->instance, &n);
+    if (buf == NULL) {
+      rc = -ENOMEM;
       break;
     }
-    ledger__v1__record__pack(&rec, buf);
     if ((rc = tg_wal_append(c, buf, n, on_seeded, &s, NULL)) == 0)
       s.pending++;
+    free(buf);
   }
   while (s.pending > 0)
     uv_run(&loop, UV_RUN_ONCE);

@@ -34,19 +34,10 @@ static bool normal_path(const char *path) {
   return n == len && memcmp(norm, path, len) == 0;
 }
 
-static const char *call_header(void *ud, const char *name, size_t namelen, size_t *vlen) {
-  tg_http_req_t *req = tg_connect_call_http(ud);
-  const tg_http_header_t *h = req ? tg_http_req_header_n(req, name, namelen) : NULL;
-  if (h == NULL)
-    return NULL;
-  *vlen = h->value_len;
-  return h->value;
-}
-
 /* The view of resource uri of a Discover call, for tenant. */
 static int uri_view(tg_view_t *v, tg_connect_call_t *call, const char *uri, const Comp__V1__AISystem *ai,
                     const char *tenant) {
-  return tg_view_connect(v, "DiscoverResources", uri, tg_connect_call_http(call), tenant, call_header, call,
+  return tg_view_connect(v, "DiscoverResources", uri, tg_connect_call_http(call), tenant, tg_view_call_header, call,
                          ai);
 }
 

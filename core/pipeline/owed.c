@@ -4,10 +4,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "base/log.h"
-#include "ledger/v1/ledger.pb-c.h"
+#include "ledger/record.h"
 
 #define BUCKETS 4096
 
@@ -102,28 +101,6 @@ size_t tg_owed_count(tg_owed_t *o) {
   return n;
 }
 
-uint8_t *tg_owed_capture_record(const char *txid, const char *ref, const char *currency, int64_t amount,
-                                const char *instance, size_t *len) {
-  Ledger__V1__Record rec = LEDGER__V1__RECORD__INIT;
-  Ledger__V1__LedgerChange ch = LEDGER__V1__LEDGER_CHANGE__INIT;
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  rec.at_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-  rec.instance = (char *)(instance ? instance : "");
-  rec.kind_case = LEDGER__V1__RECORD__KIND_LEDGER_CHANGE;
-  rec.ledger_change = &ch;
-  ch.kind = LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE;
-  ch.billing_reference = (char *)ref;
-  ch.currency = (char *)currency;
-  ch.amount = amount;
-  ch.transaction_id = (char *)txid;
-  *len = ledger__v1__record__get_packed_size(&rec);
-  uint8_t *out = malloc(*len);
-  if (out)
-    ledger__v1__record__pack(&rec, out);
-  return out;
-}
-
 typedef struct job {
   tg_owed_t *o;
   tg_wal_client_t *w;
@@ -163,7 +140,8 @@ static void on_captured(void *arg, int status, int64_t balance) {
     return;
   }
   size_t len;
-  uint8_t *rec = tg_owed_capture_record(j->txid, j->ref, j->currency, j->amount, j->instance, &len);
+  uint8_t *rec = tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE, j->ref,
+                                         j->currency, j->amount, j->txid, NULL, j->instance, &len);
   if (rec == NULL || tg_wal_append(j->w, rec, len, on_recorded, j, NULL) != 0) {
     unmark(j);
     job_done(j);

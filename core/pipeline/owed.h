@@ -38,8 +38,4 @@ size_t tg_owed_count(tg_owed_t *o);
  * previous round runs does nothing. Main loop. */
 void tg_owed_settle(tg_owed_t *o, tg_prepaid_redis_t *r, tg_wal_client_t *w, const char *instance, size_t max);
 
-/* The CAPTURE record of txid, packed (malloc), or NULL. */
-uint8_t *tg_owed_capture_record(const char *txid, const char *ref, const char *currency, int64_t amount,
-                                const char *instance, size_t *len);
-
 #endif

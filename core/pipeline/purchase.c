@@ -19,6 +19,7 @@
 #include "catalog/offer.h"
 #include "catalog/rsl.h"
 #include "ledger/idem.h"
+#include "ledger/record.h"
 #include "ledger/v1/ledger.pb-c.h"
 #include "ledger/wal.h"
 #include "net/target.h"
@@ -231,7 +232,8 @@ static void on_captured(void *arg, const tg_billing_result_t *r) {
   } else if (shared_ledger(p)) {
     /* The charge went through: the log says so, and it is owed no more. */
     size_t len;
-    uint8_t *rec = tg_owed_capture_record(p->txid, p->req_ref, p->currency, p->total, p->aw->app->cfg->instance, &len);
+    uint8_t *rec = tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE, p->req_ref,
+                                           p->currency, p->total, p->txid, NULL, p->aw->app->cfg->instance, &len);
     char *txid = strdup(p->txid);
     if (rec && txid && tg_wal_append(p->aw->wal, rec, len, on_capture_logged, txid, NULL) == 0)
       txid = NULL;
@@ -377,9 +379,7 @@ static uint8_t *pack_record(purchase_t *p, Ledger__V1__TransactionOutcome outcom
   uint8_t *out = NULL;
   if (items == NULL || ptrs == NULL)
     goto done;
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  rec.at_unix_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  rec.at_unix_ms = tg_record_now_ms();
   rec.instance = app->cfg->instance ? app->cfg->instance : (char *)"";
   rec.kind_case = LEDGER__V1__RECORD__KIND_TRANSACTION;
   rec.transaction = &tx;
@@ -541,15 +541,6 @@ static void authorize(purchase_t *p) {
 
 /* ---- Step 4: the policy's decision, item by item */
 
-static const char *call_header(void *ud, const char *name, size_t namelen, size_t *vlen) {
-  tg_http_req_t *req = tg_connect_call_http(ud);
-  const tg_http_header_t *h = req ? tg_http_req_header_n(req, name, namelen) : NULL;
-  if (h == NULL)
-    return NULL;
-  *vlen = h->value_len;
-  return h->value;
-}
-
 static held_t *held_of(purchase_t *p, size_t tenant) {
   for (size_t k = 0; k < p->nheld; k++)
     if (p->held[k].tenant == tenant)
@@ -566,7 +557,7 @@ static int still_offered(purchase_t *p, size_t i) {
   tg_policy_error_t err;
   bool skip = false;
   if (tg_view_connect(&v, "ExecuteTransaction", it->offer.uri, tg_connect_call_http(p->call), t->name,
-                      call_header, p->call, p->req->ai_system) != 0)
+                      tg_view_call_header, p->call, p->req->ai_system) != 0)
     return 0;
   int rc = tg_policy_skip(h->st, &v.req, &skip, &err);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
@@ -650,7 +641,7 @@ static void limit(purchase_t *p) {
     tg_view_t v;
     tg_policy_error_t err;
     tg_policy_rate_t rate;
-    if (tg_view_connect(&v, "ExecuteTransaction", it->offer.uri, tg_connect_call_http(p->call), tn, call_header,
+    if (tg_view_connect(&v, "ExecuteTransaction", it->offer.uri, tg_connect_call_http(p->call), tn, tg_view_call_header,
                         p->call, p->req->ai_system) != 0)
       continue;
     int rc = tg_policy_rate_limit(h->st, &v.req, &rate, &err);

@@ -8,6 +8,7 @@
 
 #include "catalog/rsl.h"
 #include "config/tenants.h"
+#include "rpc/connect.h"
 
 const tg_view_purpose_t tg_view_purposes[TG_VIEW_NPURPOSES] = {
     {COMP__V1__USAGE_PURPOSE__USAGE_PURPOSE_ALL, TG_RSL_USAGE_ALL, "all"},
@@ -172,4 +173,13 @@ int tg_view_connect(tg_view_t *v, const char *rpc, const char *uri, tg_http_req_
     r->country = nonempty(ai->country);
   }
   return 0;
+}
+
+const char *tg_view_call_header(void *ud, const char *name, size_t namelen, size_t *vlen) {
+  tg_http_req_t *req = tg_connect_call_http(ud);
+  const tg_http_header_t *h = req ? tg_http_req_header_n(req, name, namelen) : NULL;
+  if (h == NULL)
+    return NULL;
+  *vlen = h->value_len;
+  return h->value;
 }

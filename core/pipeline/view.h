@@ -82,6 +82,10 @@ int tg_view_http(tg_view_t *v, tg_http_req_t *http, const char *tenant, tg_polic
  * method name. http may be NULL (the call was answered already): the view
  * then has no peer and no headers. ai is the call's AI system, or NULL.
  * 0, or -1 when uri is not such a URL or does not fit. */
+/* req:header() on Connect: the header of the call's HTTP request (ud: the
+ * tg_connect_call_t), or NULL once the call has no request (deadline). */
+const char *tg_view_call_header(void *ud, const char *name, size_t namelen, size_t *vlen);
+
 int tg_view_connect(tg_view_t *v, const char *rpc, const char *uri, tg_http_req_t *http,
                     const char *tenant, tg_policy_header_fn header, void *header_ud,
                     const Comp__V1__AISystem *ai);

@@ -38,17 +38,7 @@ local function redacted(ref)
   return "****" .. ref:sub(-4)
 end
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
-
-local function capture(cmd)
-  local p = assert(io.popen(cmd))
-  local s = p:read("*a")
-  p:close()
-  return s
-end
+local sh, capture = h.sh, h.capture
 
 local function exists(path)
   local f = io.open(path, "rb")

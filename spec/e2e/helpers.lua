@@ -32,6 +32,20 @@ local function sh_quote(s)
 end
 M.sh_quote = sh_quote
 
+-- A shell command: true when it exited 0.
+function M.sh(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+-- A shell command's standard output.
+function M.capture(cmd)
+  local p = assert(io.popen(cmd))
+  local s = p:read("*a")
+  p:close()
+  return s
+end
+
 local function read_file(path)
   local f = io.open(path, "rb")
   if not f then
@@ -229,9 +243,11 @@ function M.wait_ready(gw, seconds)
   return false, last
 end
 
--- SIGTERM, then waits for the process to exit. Returns exited (boolean),
--- the exit status (number, or nil when unknown) and the time taken.
-function M.stop(gw, timeout)
+-- SIGTERM, then waits for the process to exit (SIGKILL after timeout).
+-- Returns exited (boolean), the exit status (number, or nil when unknown)
+-- and the time taken. The folder is removed after a clean exit unless keep
+-- (relaunch() starts a new process on it) or TG_E2E_KEEP.
+function M.stop(gw, timeout, keep)
   timeout = timeout or 10
   local t0 = M.now()
   if gw.stopped then
@@ -263,7 +279,7 @@ function M.stop(gw, timeout)
   end
   local took = M.now() - t0
   gw.stop_result = { exited, rc, took }
-  if exited and rc == 0 and not os.getenv("TG_E2E_KEEP") then
+  if exited and rc == 0 and not keep and not os.getenv("TG_E2E_KEEP") then
     os.execute("rm -rf " .. sh_quote(gw.dir))
   end
   return exited, rc, took
@@ -563,31 +579,7 @@ end
 -- files, data_dir), so relaunch() can start a new process on the same state. Returns exited and
 -- the exit status, as stop().
 function M.stop_keep(gw, timeout)
-  timeout = timeout or 10
-  if gw.stopped then
-    return gw.stop_result[1], gw.stop_result[2]
-  end
-  gw.stopped = true
-  os.execute("kill -TERM " .. gw.pid .. " 2>/dev/null")
-  local t0 = M.now()
-  while M.proc_alive(gw.pid) and M.now() - t0 < timeout do
-    M.sleep(0.02)
-  end
-  local exited = not M.proc_alive(gw.pid)
-  if not exited then
-    os.execute("kill -KILL " .. gw.pid .. " 2>/dev/null")
-  end
-  local rc
-  local t1 = M.now()
-  while M.now() - t1 < 3 do
-    local s = read_file(gw.rc_path)
-    if s and s:match("%d") then
-      rc = tonumber(s:match("%d+"))
-      break
-    end
-    M.sleep(0.02)
-  end
-  gw.stop_result = { exited, rc, M.now() - t0 }
+  local exited, rc = M.stop(gw, timeout, true)
   return exited, rc
 end
 
@@ -725,21 +717,8 @@ end
 -- SIGTERM and waits for the exit like stop(), but keeps the folder (for a
 -- relaunch). Returns exited and the exit status.
 function M.terminate(gw, timeout)
-  local t0 = M.now()
-  os.execute("kill -TERM " .. gw.pid .. " 2>/dev/null")
-  while M.proc_alive(gw.pid) and M.now() - t0 < (timeout or 10) do
-    M.sleep(0.01)
-  end
-  if M.proc_alive(gw.pid) then
-    return false
-  end
-  while not (read_file(gw.rc_path) or ""):match("%d") and M.now() - t0 < (timeout or 10) + 3 do
-    M.sleep(0.01)
-  end
-  local rc = tonumber((read_file(gw.rc_path) or ""):match("%d+"))
-  gw.stopped = true
-  gw.stop_result = { true, rc, M.now() - t0 }
-  return true, rc
+  local exited, rc = M.stop(gw, timeout, true)
+  return exited, rc
 end
 
 -- ---- several instances on shared state (redis_ledger_spec) ----

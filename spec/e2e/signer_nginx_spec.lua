@@ -11,17 +11,7 @@ local SECRET = "e2e-s3cr3t-" .. h.random_hex(8)
 local CUSTOM = "$uri|$secure_link_expires|$secret"
 
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
-
-local function capture(cmd)
-  local p = assert(io.popen(cmd))
-  local s = p:read("*a")
-  p:close()
-  return s
-end
+local sh, capture = h.sh, h.capture
 
 describe("nginx secure_link verifies the nginx signer", function()
   local dir, port, pid, signer
