@@ -8,20 +8,9 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include <hiredis/async.h>
-#include <hiredis/hiredis.h>
-/* Defines static functions, one of them named on_close: no name of ours may clash. */
-#include <hiredis/adapters/libuv.h>
-#include <mbedtls/sha1.h>
-
-#include "base/hex.h"
 #include "base/log.h"
+#include "base/redisconn.h"
 
-#define BACKOFF_MIN_MS 100
-#define BACKOFF_MAX_MS 2000
-#define STALL_MIN_MS 1000 /* no reply for this long (or 10 x timeout) while calls wait: reconnect */
-#define LOG_EVERY_MS 10000
-#define DEFAULT_TIMEOUT_MS 20
 #define DEFAULT_HOLD_TTL_MS 60000
 #define DEFAULT_CAPTURED_TTL_MS (7ull * 24 * 3600 * 1000)
 #define MAX_INSTANCE 128
@@ -115,213 +104,60 @@ static const char balance_script[] =
 
 enum { OP_HOLD, OP_CAPTURE, OP_RELEASE, OP_CREDIT, OP_BALANCE, OP_COUNT };
 
-static const struct {
-  const char *text;
-  size_t len;
-} scripts[OP_COUNT] = {
+/* Registered with the connection in this order: the index is the op's kind. */
+static const tg_redisconn_script_t scripts[OP_COUNT] = {
     {hold_script, sizeof(hold_script) - 1},       {capture_script, sizeof(capture_script) - 1},
     {release_script, sizeof(release_script) - 1}, {credit_script, sizeof(credit_script) - 1},
     {balance_script, sizeof(balance_script) - 1},
 };
 
-#define ALL_LOADED ((1u << OP_COUNT) - 1)
 #define MAX_PARTS 8 /* keys then arguments of one script call */
 
-typedef struct op op_t;
-typedef struct op_list {
-  op_t *head, *tail;
-  size_t count;
-} op_list_t;
-
-struct op {
-  op_t *prev, *next; /* in waiting or decided */
-  op_list_t *list;   /* the list it is on, or NULL */
+/* One call's caller; the connection keeps the command. */
+typedef struct op {
   tg_prepaid_redis_t *r;
-  void *cb; /* typed by kind; NULL for the release sent after a hold that timed out */
+  void *cb; /* typed by kind */
   void *arg;
   int kind;
-  int status;           /* decided without Redis: the status to deliver */
-  uint64_t deadline_ms; /* uv_hrtime in ms */
-  bool in_redis;        /* a hiredis callback for this op is outstanding */
-  bool delivered;
-  bool resent; /* NOSCRIPT answered once and EVAL was sent */
-  int nkeys, nparts;
-  const char *part[MAX_PARTS]; /* into data */
-  size_t part_len[MAX_PARTS];
   char hold_id[TG_PREPAID_REDIS_HOLD_ID_LEN + 1];
-  size_t used, cap;
-  char data[];
-};
+} op_t;
+
+/* The keys and arguments of one call, built on the stack. */
+typedef struct parts {
+  int n, nkeys;
+  const char *argv[MAX_PARTS];
+  size_t lens[MAX_PARTS];
+  size_t used;
+  char buf[3 * (32 + TG_PREPAID_REDIS_MAX_REF + TG_PREPAID_REDIS_MAX_CURRENCY) + 2 * (32 + TG_PREPAID_REDIS_MAX_ID) +
+           3 * 24];
+} parts_t;
 
 struct tg_prepaid_redis {
-  uv_loop_t *loop;
-  char *host;
-  int port;
-  char *password;
-  int db;
-  uint32_t timeout_ms;
+  tg_redisconn_t *conn;
   char hold_ttl[24], captured_ttl[24], limit[24]; /* decimal text for the scripts */
-  char *instance;
-  char sha[OP_COUNT][41]; /* SHA-1 of each script, hex */
-  char addr[300];
   uint64_t id_prefix; /* random, drawn once: the first half of every hold id */
   uint64_t id_counter;
-
-  redisAsyncContext *ac; /* NULL while down */
-  unsigned loaded;       /* bit per script loaded on this connection */
-  bool closing;
-  uv_timer_t deadline_timer; /* the first deadline in waiting */
-  uv_timer_t reconnect_timer;
-  uv_idle_t deliver_idle; /* runs the callbacks of decided on the next loop turn */
-  int open_handles;
-  op_list_t waiting; /* sent to Redis, unanswered, in deadline order */
-  op_list_t decided; /* failed at once (no connection), callback pending */
-
-  uint32_t backoff_ms;
-  uint64_t rng;
-  size_t inflight;
-  uint64_t last_activity_ms;
-  uint64_t last_log_ms;
-  char last_error[160];
 };
 
-static uint64_t mono_ms(void) {
-  return uv_hrtime() / 1000000;
-}
-
-static void list_push(op_list_t *l, op_t *q) {
-  q->prev = l->tail;
-  q->next = NULL;
-  if (l->tail)
-    l->tail->next = q;
-  else
-    l->head = q;
-  l->tail = q;
-  l->count++;
-  q->list = l;
-}
-
-static void list_remove(op_t *q) {
-  op_list_t *l = q->list;
-  if (q->prev)
-    q->prev->next = q->next;
-  else
-    l->head = q->next;
-  if (q->next)
-    q->next->prev = q->prev;
-  else
-    l->tail = q->prev;
-  q->prev = q->next = NULL;
-  l->count--;
-  q->list = NULL;
-}
-
-static void set_error(tg_prepaid_redis_t *r, const char *what, const char *detail) {
-  snprintf(r->last_error, sizeof(r->last_error), "%s%s%s", what, detail && *detail ? ": " : "",
-           detail ? detail : "");
-}
-
-static bool is_ready(const tg_prepaid_redis_t *r) {
-  return r->ac != NULL && r->loaded == ALL_LOADED;
-}
-
-/* Failures repeat for every request while Redis is down: one line per interval. */
-static void log_failure(tg_prepaid_redis_t *r, const char *reason) {
-  uint64_t now = mono_ms();
-  if (r->last_log_ms != 0 && now - r->last_log_ms < LOG_EVERY_MS)
-    return;
-  r->last_log_ms = now ? now : 1;
-  tg_log(TG_LOG_WARN, "prepaid: redis unavailable, refusing holds", "redis", r->addr, "instance", r->instance,
-         "reason", reason, "error", r->last_error[0] ? r->last_error : NULL, NULL);
-}
-
-/* Runs the callback once; the op is freed unless hiredis still holds it. */
+/* Runs the callback once and frees the op. */
 static void deliver(op_t *q, int status, int64_t a, int64_t b) {
-  if (q->list)
-    list_remove(q);
-  q->delivered = true;
   if (status == -ETIMEDOUT || status == -ECONNREFUSED || status == -EIO)
-    log_failure(q->r, status == -ETIMEDOUT ? "timeout" : status == -ECONNREFUSED ? "unavailable" : "error");
+    tg_redisconn_log_down(q->r->conn, status == -ETIMEDOUT      ? "timeout"
+                                      : status == -ECONNREFUSED ? "unavailable"
+                                                                : "error");
   if (status < 0 && status != -ENOSPC)
     a = b = 0;
-  if (q->cb) {
-    switch (q->kind) {
-    case OP_HOLD:
-      ((tg_prepaid_redis_hold_cb)q->cb)(q->arg, status, status == 0 ? q->hold_id : NULL, a);
-      break;
-    case OP_BALANCE:
-      ((tg_prepaid_redis_balance_cb)q->cb)(q->arg, status, a, b);
-      break;
-    default:
-      ((tg_prepaid_redis_done_cb)q->cb)(q->arg, status, a);
-    }
+  switch (q->kind) {
+  case OP_HOLD:
+    ((tg_prepaid_redis_hold_cb)q->cb)(q->arg, status, status == 0 ? q->hold_id : NULL, a);
+    break;
+  case OP_BALANCE:
+    ((tg_prepaid_redis_balance_cb)q->cb)(q->arg, status, a, b);
+    break;
+  default:
+    ((tg_prepaid_redis_done_cb)q->cb)(q->arg, status, a);
   }
-  if (!q->in_redis)
-    free(q);
-}
-
-static void reply_cb(redisAsyncContext *ac, void *reply, void *privdata);
-static void schedule_reconnect(tg_prepaid_redis_t *r);
-
-/* Queues EVALSHA (EVAL after NOSCRIPT) of q's script on the current connection. */
-static int send_op(tg_prepaid_redis_t *r, op_t *q, bool eval) {
-  const char *argv[3 + MAX_PARTS];
-  size_t lens[3 + MAX_PARTS];
-  char nkeys[4];
-  snprintf(nkeys, sizeof(nkeys), "%d", q->nkeys);
-  argv[0] = eval ? "EVAL" : "EVALSHA";
-  lens[0] = strlen(argv[0]);
-  argv[1] = eval ? scripts[q->kind].text : r->sha[q->kind];
-  lens[1] = eval ? scripts[q->kind].len : 40;
-  argv[2] = nkeys;
-  lens[2] = strlen(nkeys);
-  for (int i = 0; i < q->nparts; i++) {
-    argv[3 + i] = q->part[i];
-    lens[3 + i] = q->part_len[i];
-  }
-  if (r->ac == NULL || redisAsyncCommandArgv(r->ac, reply_cb, q, 3 + q->nparts, argv, lens) != REDIS_OK)
-    return -1;
-  q->in_redis = true;
-  if (r->inflight++ == 0)
-    r->last_activity_ms = mono_ms();
-  return 0;
-}
-
-static void detach(tg_prepaid_redis_t *r, const redisAsyncContext *ac, const char *what) {
-  if (r->ac != ac)
-    return;
-  set_error(r, what, ac->c.err ? ac->c.errstr : NULL);
-  r->ac = NULL;
-  r->loaded = 0;
-  r->inflight = 0;
-  schedule_reconnect(r);
-}
-
-/* Closes the current connection now: calls waiting on it get -EIO. */
-static void drop(tg_prepaid_redis_t *r) {
-  redisAsyncContext *ac = r->ac;
-  if (ac == NULL)
-    return;
-  r->ac = NULL;
-  r->loaded = 0;
-  r->inflight = 0;
-  redisAsyncFree(ac); /* inside a hiredis callback, deferred until it returns */
-  schedule_reconnect(r);
-}
-
-/* A hold that succeeded after its caller was told -ETIMEDOUT: nobody will
- * capture it, so give the money back now rather than after hold_ttl_ms. Its
- * first three keys are the account's, as release wants. */
-static void release_late_hold(tg_prepaid_redis_t *r, op_t *q) {
-  q->kind = OP_RELEASE;
-  q->cb = NULL;
-  q->resent = false;
-  q->nkeys = 3;
-  q->part[3] = q->hold_id;
-  q->part_len[3] = TG_PREPAID_REDIS_HOLD_ID_LEN;
-  q->nparts = 4;
-  if (send_op(r, q, false) != 0)
-    free(q);
+  free(q);
 }
 
 static bool two_ints(const redisReply *rep) {
@@ -329,259 +165,48 @@ static bool two_ints(const redisReply *rep) {
          rep->element[1]->type == REDIS_REPLY_INTEGER;
 }
 
-static void handle_reply(op_t *q, const redisReply *rep) {
+/* A hold that succeeded after its caller was told -ETIMEDOUT: nobody will
+ * capture it, so the connection releases it rather than after hold_ttl_ms. */
+static bool late_hold(const redisReply *rep) {
+  return two_ints(rep) && rep->element[0]->integer == 1;
+}
+
+/* The answer of a well-formed reply; false when the reply is not one. */
+static bool handle_two_ints(op_t *q, long long x, long long y) {
+  switch (q->kind) {
+  case OP_HOLD:
+    if (x != 0 && x != 1)
+      return false;
+    deliver(q, x == 1 ? 0 : -ENOSPC, y, 0);
+    return true;
+  case OP_BALANCE:
+    deliver(q, 0, x, y);
+    return true;
+  default:
+    if (x != 0 && x != 1)
+      return false;
+    deliver(q, (int)x, y, 0);
+    return true;
+  }
+}
+
+static void reply_cb(void *arg, int status, const redisReply *rep) {
+  op_t *q = arg;
+  if (status != 0) {
+    deliver(q, status, 0, 0);
+    return;
+  }
   if (q->kind == OP_CREDIT && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "OVERFLOW", 8) == 0) {
     deliver(q, -EOVERFLOW, 0, 0);
     return;
   }
-  if (two_ints(rep)) {
-    long long x = rep->element[0]->integer, y = rep->element[1]->integer;
-    switch (q->kind) {
-    case OP_HOLD:
-      if (x == 0 || x == 1) {
-        deliver(q, x == 1 ? 0 : -ENOSPC, y, 0);
-        return;
-      }
-      break;
-    case OP_BALANCE:
-      deliver(q, 0, x, y);
-      return;
-    default:
-      if (x == 0 || x == 1) {
-        deliver(q, (int)x, y, 0);
-        return;
-      }
-    }
-  }
-  set_error(q->r, "unexpected reply", rep->type == REDIS_REPLY_ERROR ? rep->str : NULL);
-  tg_log(TG_LOG_ERROR, "prepaid: unexpected reply from redis", "redis", q->r->addr, "error", q->r->last_error,
-         NULL);
+  if (two_ints(rep) && handle_two_ints(q, rep->element[0]->integer, rep->element[1]->integer))
+    return;
+  const char *detail = rep->type == REDIS_REPLY_ERROR ? rep->str : NULL;
+  tg_redisconn_set_error(q->r->conn, "unexpected reply", detail);
+  tg_log(TG_LOG_ERROR, "prepaid: unexpected reply from redis", "redis", tg_redisconn_addr(q->r->conn), "error",
+         detail ? detail : "unexpected reply", NULL);
   deliver(q, -EIO, 0, 0);
-}
-
-static void reply_cb(redisAsyncContext *ac, void *reply, void *privdata) {
-  const redisReply *rep = reply;
-  op_t *q = privdata;
-  tg_prepaid_redis_t *r = q->r;
-  q->in_redis = false;
-  if (r->ac == ac && r->inflight > 0)
-    r->inflight--;
-  if (rep == NULL) /* the context is being freed */
-    detach(r, ac, "connection lost");
-  else
-    r->last_activity_ms = mono_ms();
-  if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0 && !q->resent && r->ac == ac &&
-      (!q->delivered || q->kind == OP_RELEASE)) {
-    /* The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL caches it again. */
-    q->resent = true;
-    if (send_op(r, q, true) == 0)
-      return;
-  }
-  if (q->delivered) { /* timed out (or cancelled) before */
-    if (rep && q->kind == OP_HOLD && two_ints(rep) && rep->element[0]->integer == 1 && !r->closing)
-      release_late_hold(r, q);
-    else
-      free(q);
-    return;
-  }
-  if (rep == NULL) {
-    deliver(q, -EIO, 0, 0);
-    return;
-  }
-  handle_reply(q, rep);
-}
-
-/* AUTH and SELECT: a refusal is a configuration error; keep retrying with backoff. */
-static void setup_cb(redisAsyncContext *ac, void *reply, void *privdata) {
-  tg_prepaid_redis_t *r = privdata;
-  const redisReply *rep = reply;
-  if (rep == NULL) {
-    detach(r, ac, "connection lost");
-    return;
-  }
-  if (rep->type == REDIS_REPLY_ERROR && r->ac == ac) {
-    set_error(r, "connection setup refused", rep->str);
-    drop(r);
-  }
-}
-
-static void script_cb(redisAsyncContext *ac, void *reply, void *privdata) {
-  tg_prepaid_redis_t *r = privdata;
-  const redisReply *rep = reply;
-  if (rep == NULL) {
-    detach(r, ac, "connection lost");
-    return;
-  }
-  if (r->ac != ac)
-    return;
-  if (rep->type == REDIS_REPLY_STRING && rep->len == 40) {
-    for (int i = 0; i < OP_COUNT; i++)
-      if (memcmp(rep->str, r->sha[i], 40) == 0)
-        r->loaded |= 1u << i;
-    if (r->loaded == ALL_LOADED) {
-      r->backoff_ms = BACKOFF_MIN_MS;
-      r->last_activity_ms = mono_ms();
-      if (r->last_log_ms != 0)
-        tg_log(TG_LOG_INFO, "prepaid: redis reachable again", "redis", r->addr, NULL);
-      r->last_log_ms = 0;
-      r->last_error[0] = '\0';
-    }
-    return;
-  }
-  set_error(r, "SCRIPT LOAD failed", rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
-  drop(r);
-}
-
-static void connect_cb(const redisAsyncContext *ac, int status) {
-  tg_prepaid_redis_t *r = ac->data;
-  if (status != REDIS_OK) {
-    detach(r, ac, "cannot connect"); /* hiredis frees the context after this returns */
-    return;
-  }
-  r->last_activity_ms = mono_ms();
-}
-
-static void disconnect_cb(const redisAsyncContext *ac, int status) {
-  (void)status;
-  detach(ac->data, ac, "connection lost");
-}
-
-/* hiredis' libuv adapter ignores a poll error (a refused or reset
- * connection) and stops watching, so calls would wait for their timeout on a
- * dead socket: these hooks hand the error to hiredis, which then frees the
- * context (as in idem_redis.c). */
-static void poll_cb(uv_poll_t *handle, int status, int events) {
-  redisLibuvEvents *p = handle->data;
-  if (p->context == NULL)
-    return;
-  if (status == 0) {
-    redisLibuvPoll(handle, status, events);
-    return;
-  }
-  if (p->context->c.flags & REDIS_CONNECTED)
-    redisAsyncHandleRead(p->context); /* the read fails */
-  else
-    redisAsyncHandleWrite(p->context); /* reads SO_ERROR */
-}
-
-static void watch(redisLibuvEvents *p, int add, int del) {
-  p->events = (p->events | add) & ~del;
-  if (p->events)
-    uv_poll_start(&p->handle, p->events, poll_cb);
-  else
-    uv_poll_stop(&p->handle);
-}
-
-static void add_read(void *p) {
-  watch(p, UV_READABLE, 0);
-}
-
-static void del_read(void *p) {
-  watch(p, 0, UV_READABLE);
-}
-
-static void add_write(void *p) {
-  watch(p, UV_WRITABLE, 0);
-}
-
-static void del_write(void *p) {
-  watch(p, 0, UV_WRITABLE);
-}
-
-static void connect_redis(tg_prepaid_redis_t *r) {
-  redisAsyncContext *ac = redisAsyncConnect(r->host, r->port);
-  if (ac == NULL) {
-    set_error(r, "cannot connect", "out of memory");
-    goto fail;
-  }
-  if (ac->err) {
-    set_error(r, "cannot connect", ac->errstr);
-    redisAsyncFree(ac);
-    goto fail;
-  }
-  if (redisLibuvAttach(ac, r->loop) != REDIS_OK) {
-    set_error(r, "cannot connect", "cannot watch the socket");
-    memset(&ac->ev, 0, sizeof(ac->ev)); /* a failed attach leaves hooks set with no data */
-    redisAsyncFree(ac);
-    goto fail;
-  }
-  ac->ev.addRead = add_read;
-  ac->ev.delRead = del_read;
-  ac->ev.addWrite = add_write;
-  ac->ev.delWrite = del_write;
-  ac->data = r;
-  redisAsyncSetConnectCallback(ac, connect_cb);
-  redisAsyncSetDisconnectCallback(ac, disconnect_cb);
-  r->ac = ac;
-  r->loaded = 0;
-  r->last_activity_ms = mono_ms();
-  /* Pipelined: Redis runs them in order, so a call queued right after finds the scripts. */
-  if (r->password != NULL)
-    redisAsyncCommand(ac, setup_cb, r, "AUTH %b", r->password, strlen(r->password));
-  if (r->db != 0)
-    redisAsyncCommand(ac, setup_cb, r, "SELECT %d", r->db);
-  for (int i = 0; i < OP_COUNT; i++)
-    redisAsyncCommand(ac, script_cb, r, "SCRIPT LOAD %b", scripts[i].text, scripts[i].len);
-  return;
-fail:
-  schedule_reconnect(r);
-}
-
-static void reconnect_timer_cb(uv_timer_t *t) {
-  tg_prepaid_redis_t *r = t->data;
-  if (!r->closing && r->ac == NULL)
-    connect_redis(r);
-}
-
-static void schedule_reconnect(tg_prepaid_redis_t *r) {
-  if (r->closing || uv_is_active((uv_handle_t *)&r->reconnect_timer))
-    return;
-  /* Jittered so that the workers of many instances do not come back in step. */
-  r->rng ^= r->rng << 13;
-  r->rng ^= r->rng >> 7;
-  r->rng ^= r->rng << 17;
-  uint32_t half = r->backoff_ms / 2;
-  uv_timer_start(&r->reconnect_timer, reconnect_timer_cb, half + r->rng % (half + 1), 0);
-  r->backoff_ms = r->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : r->backoff_ms * 2;
-}
-
-static void deadline_timer_cb(uv_timer_t *t);
-
-static void arm_deadline(tg_prepaid_redis_t *r) {
-  op_t *q = r->waiting.head;
-  if (q == NULL || r->closing)
-    return;
-  uint64_t now = mono_ms();
-  uv_timer_start(&r->deadline_timer, deadline_timer_cb, q->deadline_ms > now ? q->deadline_ms - now : 0, 0);
-}
-
-static void deadline_timer_cb(uv_timer_t *t) {
-  tg_prepaid_redis_t *r = t->data;
-  uint64_t now = mono_ms();
-  bool timed_out = false;
-  op_t *q;
-  while ((q = r->waiting.head) != NULL && q->deadline_ms <= now) {
-    set_error(r, "no reply in time", NULL);
-    deliver(q, -ETIMEDOUT, 0, 0); /* stays allocated until hiredis answers or drops it */
-    timed_out = true;
-  }
-  uint64_t stall = r->timeout_ms * 10u > STALL_MIN_MS ? r->timeout_ms * 10u : STALL_MIN_MS;
-  if (timed_out && r->ac != NULL && now - r->last_activity_ms >= stall) {
-    set_error(r, "no reply", "connection stalled");
-    drop(r);
-  }
-  arm_deadline(r);
-}
-
-static void deliver_idle_cb(uv_idle_t *h) {
-  tg_prepaid_redis_t *r = h->data;
-  /* Only those decided before this turn: a callback that calls again waits for the next. */
-  size_t n = r->decided.count;
-  op_t *q;
-  while (n-- > 0 && (q = r->decided.head) != NULL)
-    deliver(q, q->status, 0, 0);
-  if (r->decided.head == NULL)
-    uv_idle_stop(&r->deliver_idle);
 }
 
 /* ---- building a call */
@@ -612,75 +237,68 @@ static bool valid_amount(int64_t amount) {
   return amount >= 0 && amount <= TG_PREPAID_REDIS_MAX_AMOUNT;
 }
 
-/* An op with room for the account's three keys, one more key and a few arguments. */
-static op_t *op_new(tg_prepaid_redis_t *r, int kind, void *cb, void *arg, const char *ref, const char *cur,
-                    size_t more) {
-  size_t cap = 3 * (32 + strlen(ref) + strlen(cur)) + 2 * (32 + more) + 3 * 24;
-  op_t *q = calloc(1, sizeof(*q) + cap);
+static op_t *op_new(tg_prepaid_redis_t *r, int kind, void *cb, void *arg) {
+  op_t *q = calloc(1, sizeof(*q));
   if (q == NULL)
     return NULL;
-  q->r = r;
-  q->kind = kind;
-  q->cb = cb;
-  q->arg = arg;
-  q->cap = cap;
+  *q = (op_t){.r = r, .kind = kind, .cb = cb, .arg = arg};
   return q;
 }
 
 /* Appends one key or argument (keys first). */
-__attribute__((format(printf, 2, 3))) static void op_add(op_t *q, const char *fmt, ...) {
+__attribute__((format(printf, 2, 3))) static void add(parts_t *p, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  char *at = q->data + q->used;
-  int n = vsnprintf(at, q->cap - q->used, fmt, ap);
+  char *at = p->buf + p->used;
+  int n = vsnprintf(at, sizeof(p->buf) - p->used, fmt, ap);
   va_end(ap);
-  /* op_new sized the buffer for every call below: running out is a bug. */
-  if (n < 0 || (size_t)n >= q->cap - q->used || q->nparts == MAX_PARTS)
+  /* buf is sized for every call below with arguments in their limits: running out is a bug. */
+  if (n < 0 || (size_t)n >= sizeof(p->buf) - p->used || p->n == MAX_PARTS)
     abort();
-  q->part[q->nparts] = at;
-  q->part_len[q->nparts++] = (size_t)n;
-  q->used += (size_t)n + 1;
+  p->argv[p->n] = at;
+  p->lens[p->n++] = (size_t)n;
+  p->used += (size_t)n + 1;
 }
 
-static void add_account_keys(op_t *q, const char *ref, const char *cur) {
-  op_add(q, "tg:acct:{%s}:%s", ref, cur);
-  op_add(q, "tg:holds:{%s}:%s", ref, cur);
-  op_add(q, "tg:hold:{%s}:%s", ref, cur);
-  q->nkeys = 3;
+static void add_account_keys(parts_t *p, const char *ref, const char *cur) {
+  add(p, "tg:acct:{%s}:%s", ref, cur);
+  add(p, "tg:holds:{%s}:%s", ref, cur);
+  add(p, "tg:hold:{%s}:%s", ref, cur);
+  p->nkeys = 3;
 }
 
-static int submit(tg_prepaid_redis_t *r, op_t *q) {
-  q->deadline_ms = mono_ms() + r->timeout_ms;
-  if (send_op(r, q, false) == 0) {
-    list_push(&r->waiting, q);
-    if (!uv_is_active((uv_handle_t *)&r->deadline_timer))
-      arm_deadline(r);
-    return 0;
-  }
-  if (r->last_error[0] == '\0')
-    set_error(r, "not connected", NULL);
-  q->status = -ECONNREFUSED;
-  list_push(&r->decided, q);
-  uv_idle_start(&r->deliver_idle, deliver_idle_cb);
-  return 0;
+static tg_redisconn_eval_t eval_of(int kind, const parts_t *p) {
+  return (tg_redisconn_eval_t){.script = (unsigned)kind, .nkeys = p->nkeys, .argc = p->n, .argv = p->argv,
+                               .lens = p->lens};
+}
+
+/* Sends q's call (undo: what a late success needs, or NULL); frees q when it cannot. */
+static int submit(op_t *q, const parts_t *p, const tg_redisconn_undo_t *undo) {
+  tg_redisconn_eval_t e = eval_of(q->kind, p);
+  int rc = tg_redisconn_call(q->r->conn, &e, undo, reply_cb, q);
+  if (rc != 0)
+    free(q);
+  return rc;
 }
 
 int tg_prepaid_redis_hold(tg_prepaid_redis_t *r, const char *ref, const char *currency, int64_t amount,
                           tg_prepaid_redis_hold_cb cb, void *arg) {
   if (r == NULL || cb == NULL || !valid_ref(ref) || !valid_currency(currency) || !valid_amount(amount))
     return -EINVAL;
-  if (r->closing)
-    return -ECANCELED;
-  op_t *q = op_new(r, OP_HOLD, (void *)cb, arg, ref, currency, TG_PREPAID_REDIS_HOLD_ID_LEN);
+  op_t *q = op_new(r, OP_HOLD, (void *)cb, arg);
   if (q == NULL)
     return -ENOMEM;
   snprintf(q->hold_id, sizeof(q->hold_id), "%016llx%016llx", (unsigned long long)r->id_prefix,
            (unsigned long long)++r->id_counter);
-  add_account_keys(q, ref, currency);
-  op_add(q, "%lld", (long long)amount);
-  op_add(q, "%s", q->hold_id);
-  op_add(q, "%s", r->hold_ttl);
-  return submit(r, q);
+  parts_t p = {0}, release = {0};
+  add_account_keys(&p, ref, currency);
+  add(&p, "%lld", (long long)amount);
+  add(&p, "%s", q->hold_id);
+  add(&p, "%s", r->hold_ttl);
+  add_account_keys(&release, ref, currency);
+  add(&release, "%s", q->hold_id);
+  tg_redisconn_undo_t undo = {eval_of(OP_RELEASE, &release), late_hold};
+  return submit(q, &p, &undo);
 }
 
 int tg_prepaid_redis_capture(tg_prepaid_redis_t *r, const char *ref, const char *currency, int64_t amount,
@@ -690,32 +308,30 @@ int tg_prepaid_redis_capture(tg_prepaid_redis_t *r, const char *ref, const char 
   if (r == NULL || cb == NULL || !valid_ref(ref) || !valid_currency(currency) || !valid_amount(amount) ||
       !valid_id(txid) || strlen(hold_id) > TG_PREPAID_REDIS_MAX_ID)
     return -EINVAL;
-  if (r->closing)
-    return -ECANCELED;
-  op_t *q = op_new(r, OP_CAPTURE, (void *)cb, arg, ref, currency, strlen(txid) + strlen(hold_id));
+  op_t *q = op_new(r, OP_CAPTURE, (void *)cb, arg);
   if (q == NULL)
     return -ENOMEM;
-  add_account_keys(q, ref, currency);
-  op_add(q, "tg:captured:%s", txid);
-  q->nkeys = 4;
-  op_add(q, "%lld", (long long)amount);
-  op_add(q, "%s", hold_id);
-  op_add(q, "%s", r->captured_ttl);
-  return submit(r, q);
+  parts_t p = {0};
+  add_account_keys(&p, ref, currency);
+  add(&p, "tg:captured:%s", txid);
+  p.nkeys = 4;
+  add(&p, "%lld", (long long)amount);
+  add(&p, "%s", hold_id);
+  add(&p, "%s", r->captured_ttl);
+  return submit(q, &p, NULL);
 }
 
 int tg_prepaid_redis_release(tg_prepaid_redis_t *r, const char *ref, const char *currency, const char *hold_id,
                              tg_prepaid_redis_done_cb cb, void *arg) {
   if (r == NULL || cb == NULL || !valid_ref(ref) || !valid_currency(currency) || !valid_id(hold_id))
     return -EINVAL;
-  if (r->closing)
-    return -ECANCELED;
-  op_t *q = op_new(r, OP_RELEASE, (void *)cb, arg, ref, currency, strlen(hold_id));
+  op_t *q = op_new(r, OP_RELEASE, (void *)cb, arg);
   if (q == NULL)
     return -ENOMEM;
-  add_account_keys(q, ref, currency);
-  op_add(q, "%s", hold_id);
-  return submit(r, q);
+  parts_t p = {0};
+  add_account_keys(&p, ref, currency);
+  add(&p, "%s", hold_id);
+  return submit(q, &p, NULL);
 }
 
 int tg_prepaid_redis_credit(tg_prepaid_redis_t *r, const char *ref, const char *currency, int64_t amount,
@@ -724,60 +340,39 @@ int tg_prepaid_redis_credit(tg_prepaid_redis_t *r, const char *ref, const char *
   if (r == NULL || cb == NULL || !valid_ref(ref) || !valid_currency(currency) || amount <= 0 ||
       !valid_amount(amount) || (keyed && !valid_id(reference)))
     return -EINVAL;
-  if (r->closing)
-    return -ECANCELED;
-  op_t *q = op_new(r, OP_CREDIT, (void *)cb, arg, ref, currency, keyed ? strlen(reference) : 0);
+  op_t *q = op_new(r, OP_CREDIT, (void *)cb, arg);
   if (q == NULL)
     return -ENOMEM;
-  op_add(q, "tg:acct:{%s}:%s", ref, currency);
+  parts_t p = {0};
+  add(&p, "tg:acct:{%s}:%s", ref, currency);
   if (keyed)
-    op_add(q, "tg:credit:%s", reference);
-  q->nkeys = q->nparts;
-  op_add(q, "%lld", (long long)amount);
-  op_add(q, "%s", r->limit);
-  return submit(r, q);
+    add(&p, "tg:credit:%s", reference);
+  p.nkeys = p.n;
+  add(&p, "%lld", (long long)amount);
+  add(&p, "%s", r->limit);
+  return submit(q, &p, NULL);
 }
 
 int tg_prepaid_redis_balance(tg_prepaid_redis_t *r, const char *ref, const char *currency,
                              tg_prepaid_redis_balance_cb cb, void *arg) {
   if (r == NULL || cb == NULL || !valid_ref(ref) || !valid_currency(currency))
     return -EINVAL;
-  if (r->closing)
-    return -ECANCELED;
-  op_t *q = op_new(r, OP_BALANCE, (void *)cb, arg, ref, currency, 0);
+  op_t *q = op_new(r, OP_BALANCE, (void *)cb, arg);
   if (q == NULL)
     return -ENOMEM;
-  add_account_keys(q, ref, currency);
-  return submit(r, q);
+  parts_t p = {0};
+  add_account_keys(&p, ref, currency);
+  return submit(q, &p, NULL);
 }
 
 int tg_prepaid_redis_ready(const tg_prepaid_redis_t *r) {
-  return r != NULL && is_ready(r);
+  return r != NULL && tg_redisconn_ready(r->conn);
 }
 
 /* ---- life */
 
-static void free_strings(tg_prepaid_redis_t *r) {
-  free(r->host);
-  if (r->password) {
-    explicit_bzero(r->password, strlen(r->password));
-    free(r->password);
-  }
-  free(r->instance);
-}
-
-static void handle_closed(uv_handle_t *h) {
-  tg_prepaid_redis_t *r = h->data;
-  if (--r->open_handles > 0)
-    return;
-  free_strings(r);
-  free(r);
-}
-
 int tg_prepaid_redis_new(uv_loop_t *loop, const tg_prepaid_redis_opts_t *o, tg_prepaid_redis_t **out, char *err,
                          size_t errlen) {
-  tg_prepaid_redis_t *r = NULL;
-  int rc = -ENOMEM;
   if (out)
     *out = NULL;
   if (out == NULL || loop == NULL || o == NULL || o->host == NULL || o->host[0] == '\0') {
@@ -789,91 +384,39 @@ int tg_prepaid_redis_new(uv_loop_t *loop, const tg_prepaid_redis_opts_t *o, tg_p
     snprintf(err, errlen, "redis prepaid ledger: instance id longer than %d bytes", MAX_INSTANCE);
     return -EINVAL;
   }
-  if ((r = calloc(1, sizeof(*r))) == NULL)
-    goto fail;
-  r->loop = loop;
-  r->port = o->port;
-  r->db = o->db;
-  r->timeout_ms = o->timeout_ms ? o->timeout_ms : DEFAULT_TIMEOUT_MS;
+  tg_prepaid_redis_t *r = calloc(1, sizeof(*r));
+  if (r == NULL) {
+    snprintf(err, errlen, "redis prepaid ledger: out of memory");
+    return -ENOMEM;
+  }
   snprintf(r->hold_ttl, sizeof(r->hold_ttl), "%llu",
            (unsigned long long)(o->hold_ttl_ms ? o->hold_ttl_ms : DEFAULT_HOLD_TTL_MS));
   snprintf(r->captured_ttl, sizeof(r->captured_ttl), "%llu",
            (unsigned long long)(o->captured_ttl_ms ? o->captured_ttl_ms : DEFAULT_CAPTURED_TTL_MS));
   snprintf(r->limit, sizeof(r->limit), "%lld", (long long)TG_PREPAID_REDIS_MAX_AMOUNT);
-  r->backoff_ms = BACKOFF_MIN_MS;
-  r->rng = (uv_hrtime() ^ (uint64_t)(uintptr_t)r) | 1;
-  r->host = strdup(o->host);
-  r->instance = strdup(instance);
-  if (r->host == NULL || r->instance == NULL || (o->password && (r->password = strdup(o->password)) == NULL))
-    goto fail;
-  snprintf(r->addr, sizeof(r->addr), strchr(r->host, ':') ? "[%s]:%d" : "%s:%d", r->host, r->port);
   /* The hold ids of every client everywhere must differ: a random prefix, not the instance id. */
   if (getrandom(&r->id_prefix, sizeof(r->id_prefix), 0) != (ssize_t)sizeof(r->id_prefix)) {
     snprintf(err, errlen, "redis prepaid ledger: no random source for hold ids");
-    rc = -EIO;
-    goto fail_msg;
+    free(r);
+    return -EIO;
   }
-  for (int i = 0; i < OP_COUNT; i++) {
-    unsigned char digest[20];
-    if (mbedtls_sha1_ret((const unsigned char *)scripts[i].text, scripts[i].len, digest) != 0) {
-      snprintf(err, errlen, "redis prepaid ledger: cannot hash the scripts (mbedTLS SHA-1 failed)");
-      rc = -EIO;
-      goto fail_msg;
-    }
-    tg_hex_encode(digest, 20, r->sha[i]);
-  }
-  r->deadline_timer.data = r->reconnect_timer.data = r->deliver_idle.data = r;
-  /* Counted as each starts: a failure closes those already open. */
-  if ((rc = uv_timer_init(loop, &r->deadline_timer)) != 0)
-    goto fail_handles;
-  r->open_handles++;
-  if ((rc = uv_timer_init(loop, &r->reconnect_timer)) != 0)
-    goto fail_handles;
-  r->open_handles++;
-  if ((rc = uv_idle_init(loop, &r->deliver_idle)) != 0)
-    goto fail_handles;
-  r->open_handles++;
-  connect_redis(r);
-  *out = r;
-  return 0;
-fail_handles:
-  snprintf(err, errlen, "redis prepaid ledger: cannot create its timers: %s", uv_strerror(rc));
-  if (r->open_handles > 0) {
-    r->closing = true; /* handle_closed frees r with the last of them */
-    uv_handle_t *hs[] = {(uv_handle_t *)&r->deadline_timer, (uv_handle_t *)&r->reconnect_timer};
-    for (int i = 0, n = r->open_handles; i < n; i++)
-      uv_close(hs[i], handle_closed);
+  tg_redisconn_opts_t co = {
+      .host = o->host, .port = o->port, .password = o->password, .db = o->db, .timeout_ms = o->timeout_ms,
+      .scripts = scripts, .nscripts = OP_COUNT, .what = "redis prepaid ledger",
+      .down_msg = "prepaid: redis unavailable, refusing holds", .up_msg = "prepaid: redis reachable again",
+      .instance = instance};
+  int rc = tg_redisconn_new(loop, &co, &r->conn, err, errlen);
+  if (rc != 0) {
+    free(r);
     return rc;
   }
-  goto fail_msg;
-fail:
-  snprintf(err, errlen, "redis prepaid ledger: out of memory");
-fail_msg:
-  if (r) {
-    free_strings(r);
-    free(r);
-  }
-  return rc;
+  *out = r;
+  return 0;
 }
 
 void tg_prepaid_redis_free(tg_prepaid_redis_t *r) {
-  if (r == NULL || r->closing)
+  if (r == NULL)
     return;
-  r->closing = true;
-  uv_timer_stop(&r->deadline_timer);
-  uv_timer_stop(&r->reconnect_timer);
-  op_t *q;
-  while ((q = r->waiting.head) != NULL)
-    deliver(q, -ECANCELED, 0, 0);
-  while ((q = r->decided.head) != NULL)
-    deliver(q, -ECANCELED, 0, 0);
-  uv_idle_stop(&r->deliver_idle);
-  if (r->ac != NULL) {
-    redisAsyncContext *ac = r->ac;
-    r->ac = NULL;
-    redisAsyncFree(ac); /* outstanding replies come back NULL and free their (delivered) ops */
-  }
-  uv_close((uv_handle_t *)&r->deadline_timer, handle_closed);
-  uv_close((uv_handle_t *)&r->reconnect_timer, handle_closed);
-  uv_close((uv_handle_t *)&r->deliver_idle, handle_closed);
+  tg_redisconn_free(r->conn); /* the calls still waiting get -ECANCELED now */
+  free(r);
 }
