@@ -1,13 +1,8 @@
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdbool.h>
-#include <sys/socket.h>
-#include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <hiredis/hiredis.h>
@@ -15,6 +10,7 @@
 
 #include "base/log.h"
 #include "ledger/idem.h"
+#include "redis_fixture.h"
 #include "test.h"
 
 /* These tests need a real redis-server (Debian: redis-server). Without it the
@@ -22,130 +18,13 @@
  * SKIP_RETURN_CODE for it, so there it still counts as a failure, as
  * spec/core/test.h wants of a test that cannot run its checks). */
 __attribute__((constructor)) static void need_redis_server(void) {
-  if (system("command -v redis-server >/dev/null 2>&1") != 0) {
-    fprintf(stderr, "idem_redis_test: redis-server is not installed (apt-get install redis-server): skipped\n");
-    printf("0 passed, 1 failed\n");
-    exit(77);
-  }
+  redis_require_server("idem_redis_test");
   tg_log_set_fd(2); /* the warnings these tests provoke go to stderr, the results to stdout */
 }
 
-/* ---- a redis-server of our own ---- */
-
-typedef struct redis_proc {
-  pid_t pid;
-  int port;
-  const char *pass; /* --requirepass, or NULL */
-} redis_proc_t;
-
-static pid_t running[4]; /* killed at exit, so a failed test leaves no server behind */
-
-static void kill_server(pid_t pid) {
-  kill(pid, SIGCONT);
-  kill(pid, SIGKILL);
-  waitpid(pid, NULL, 0);
-}
-
-static void kill_running(void) {
-  for (int i = 0; i < 4; i++)
-    if (running[i] > 0)
-      kill_server(running[i]);
-}
-
-static void remember(pid_t pid, pid_t old) {
-  for (int i = 0; i < 4; i++)
-    if (running[i] == old) {
-      running[i] = pid;
-      return;
-    }
-}
-
-static int free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t len = sizeof(sa);
-  int port = -1;
-  if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
-      getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
-    port = ntohs(sa.sin_port);
-  if (fd >= 0)
-    close(fd);
-  return port;
-}
-
-static redisContext *sync_conn(const redis_proc_t *p) {
-  struct timeval tv = {0, 200000};
-  redisContext *c = redisConnectWithTimeout("127.0.0.1", p->port, tv);
-  if (c == NULL || c->err) {
-    if (c)
-      redisFree(c);
-    return NULL;
-  }
-  if (p->pass) {
-    redisReply *r = redisCommand(c, "AUTH %s", p->pass);
-    if (r)
-      freeReplyObject(r);
-  }
-  return c;
-}
-
-static void stop_server(redis_proc_t *p) {
-  if (p->pid > 0) {
-    kill_server(p->pid);
-    remember(0, p->pid);
-    p->pid = 0;
-  }
-}
-
-/* Starts redis-server on p->port (a free one when 0); 0 once it answers PING. */
-static int start_server(redis_proc_t *p) {
-  static bool at_exit;
-  if (!at_exit) {
-    atexit(kill_running);
-    at_exit = true;
-  }
-  if (p->port == 0)
-    p->port = free_port();
-  char port[16];
-  snprintf(port, sizeof(port), "%d", p->port);
-  pid_t pid = fork();
-  if (pid < 0)
-    return -1;
-  if (pid == 0) {
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 1);
-    dup2(null, 2);
-    if (p->pass)
-      execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--requirepass", p->pass, (char *)NULL);
-    else
-      execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             (char *)NULL);
-    _exit(127);
-  }
-  p->pid = pid;
-  remember(pid, 0);
-  for (int i = 0; i < 250; i++) {
-    redisContext *c = sync_conn(p);
-    if (c) {
-      redisReply *r = redisCommand(c, "PING");
-      bool ok = r && r->type == REDIS_REPLY_STATUS;
-      if (r)
-        freeReplyObject(r);
-      redisFree(c);
-      if (ok)
-        return 0;
-    }
-    usleep(20000);
-  }
-  fprintf(stderr, "  redis-server did not start on port %d\n", p->port);
-  stop_server(p);
-  return -1;
-}
-
 /* GET key into out (NUL-terminated when it fits); its length, or -1 when absent or on error. */
-static long long sync_get(const redis_proc_t *p, const char *key, char *out, size_t cap) {
-  redisContext *c = sync_conn(p);
+static long long sync_get(const redis_server_t *p, const char *key, char *out, size_t cap) {
+  redisContext *c = redis_direct(p);
   if (c == NULL)
     return -1;
   redisReply *r = redisCommand(c, "GET %s", key);
@@ -162,8 +41,8 @@ static long long sync_get(const redis_proc_t *p, const char *key, char *out, siz
   return len;
 }
 
-static int sync_cmd(const redis_proc_t *p, const char *cmd) {
-  redisContext *c = sync_conn(p);
+static int sync_cmd(const redis_server_t *p, const char *cmd) {
+  redisContext *c = redis_direct(p);
   if (c == NULL)
     return -1;
   redisReply *r = redisCommand(c, cmd);
@@ -207,11 +86,7 @@ static void call_cb(void *arg, int state, const void *resp, size_t len) {
     memcpy(c->resp, resp, len);
 }
 
-static void tick_cb(uv_timer_t *t) {
-  (void)t;
-}
-
-static void opts_for(tg_idem_redis_opts_t *o, const redis_proc_t *p, const char *instance) {
+static void opts_for(tg_idem_redis_opts_t *o, const redis_server_t *p, const char *instance) {
   *o = (tg_idem_redis_opts_t){.host = "127.0.0.1",
                               .port = p->port,
                               .password = p->pass,
@@ -224,9 +99,7 @@ static void opts_for(tg_idem_redis_opts_t *o, const redis_proc_t *p, const char 
 static int world_open(world_t *w, const tg_idem_redis_opts_t *oa, const tg_idem_redis_opts_t *ob) {
   memset(w, 0, sizeof(*w));
   char err[200];
-  uv_loop_init(&w->loop);
-  uv_timer_init(&w->loop, &w->tick);
-  uv_timer_start(&w->tick, tick_cb, 5, 5);
+  redis_loop_open(&w->loop, &w->tick);
   int rc = tg_idem_redis_new(&w->loop, oa, &w->a, err, sizeof(err));
   if (rc == 0 && ob)
     rc = tg_idem_redis_new(&w->loop, ob, &w->b, err, sizeof(err));
@@ -239,19 +112,11 @@ static int world_open(world_t *w, const tg_idem_redis_opts_t *oa, const tg_idem_
 static int world_close(world_t *w) {
   tg_idem_redis_free(w->a);
   tg_idem_redis_free(w->b);
-  uv_close((uv_handle_t *)&w->tick, NULL);
-  uv_run(&w->loop, UV_RUN_DEFAULT);
-  return uv_loop_close(&w->loop);
+  return redis_loop_close(&w->loop, &w->tick);
 }
 
 static bool run_for(world_t *w, bool (*cond)(void *), void *arg, int timeout_ms) {
-  uint64_t end = uv_hrtime() + (uint64_t)timeout_ms * 1000000;
-  while (!cond(arg)) {
-    if (uv_hrtime() > end)
-      return false;
-    uv_run(&w->loop, UV_RUN_ONCE);
-  }
-  return true;
+  return redis_run_until(&w->loop, cond, arg, timeout_ms);
 }
 
 static bool both_ready(void *arg) {
@@ -302,8 +167,8 @@ static void key_name(char out[80], const uint8_t scope[32]) {
 }
 
 TEST(race_replay_conflict) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa, ob;
   opts_for(&oa, &p, "gw-a");
   opts_for(&ob, &p, "gw-b");
@@ -357,7 +222,7 @@ TEST(race_replay_conflict) {
   RUN(&w, c, tg_idem_redis_abort(owner, s, h, call_cb, &c));
   CHECK_INT(c.state, -ENOENT);
   /* The DONE value lives ttl_ms. */
-  redisContext *sc = sync_conn(&p);
+  redisContext *sc = redis_direct(&p);
   CHECK(sc != NULL);
   redisReply *rep = redisCommand(sc, "PTTL %s", name);
   CHECK(rep && rep->type == REDIS_REPLY_INTEGER && rep->integer > 50000 && rep->integer <= 60000);
@@ -365,7 +230,7 @@ TEST(race_replay_conflict) {
   redisFree(sc);
   CHECK_INT(callbacks_inside, 0);
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 /* Many keys begun by two instances at once, each on its own loop and thread
@@ -373,7 +238,7 @@ TEST(race_replay_conflict) {
 enum { RACE_KEYS = 300 };
 
 typedef struct racer {
-  const redis_proc_t *p;
+  const redis_server_t *p;
   const char *instance;
   pthread_barrier_t *start;
   call_t calls[RACE_KEYS];
@@ -414,8 +279,8 @@ static void *race_thread(void *arg) {
 }
 
 TEST(race_two_threads) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   static racer_t ra, rb;
   pthread_barrier_t start;
   pthread_barrier_init(&start, NULL, 2);
@@ -438,12 +303,12 @@ TEST(race_two_threads) {
     b_new += b->state == TG_IDEM_NEW;
   }
   printf("  race: instance a won %d keys, b won %d\n", a_new, b_new);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 TEST(abort_frees_the_key) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa, ob;
   opts_for(&oa, &p, "gw-a");
   opts_for(&ob, &p, "gw-b");
@@ -473,12 +338,12 @@ TEST(abort_frees_the_key) {
   RUN(&w, c, tg_idem_redis_begin(w.b, s, h2, call_cb, &c));
   CHECK_INT(c.state, TG_IDEM_NEW);
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 TEST(pending_expires) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa, ob;
   opts_for(&oa, &p, "gw-a");
   opts_for(&ob, &p, "gw-b");
@@ -515,13 +380,13 @@ TEST(pending_expires) {
   CHECK_INT(c.len, sizeof(RESP));
   CHECK(memcmp(c.resp, RESP, sizeof(RESP)) == 0);
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 /* The server forgot the script (restart, SCRIPT FLUSH): EVAL reloads it. */
 TEST(noscript_falls_back_to_eval) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa;
   opts_for(&oa, &p, "gw-a");
   world_t w;
@@ -540,12 +405,12 @@ TEST(noscript_falls_back_to_eval) {
   RUN(&w, c, tg_idem_redis_begin(w.a, s, h, call_cb, &c));
   CHECK_INT(c.state, TG_IDEM_DONE);
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 TEST(password_and_db) {
-  redis_proc_t p = {.pass = "s3cret-pass"};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {.pass = "s3cret-pass"};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa, ob;
   opts_for(&oa, &p, "gw-a");
   oa.db = 3;
@@ -568,13 +433,13 @@ TEST(password_and_db) {
   RUN(&w, c, tg_idem_redis_begin(w.b, s, h, call_cb, &c));
   CHECK(c.state < 0); /* refused AUTH: an error, never NEW */
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 /* Redis down, slow or gone: an error, never NEW (fail closed). */
 TEST(redis_down_fails_closed) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa, ob;
   opts_for(&oa, &p, "gw-a");
   oa.timeout_ms = 100;
@@ -609,7 +474,7 @@ TEST(redis_down_fails_closed) {
   CHECK_INT(tg_idem_redis_begin(w.b, s, h, call_cb, &waiting), 0);
   sleep_loop(&w, 20);
   kill(p.pid, SIGKILL); /* while stopped: it never answers */
-  stop_server(&p);
+  redis_stop(&p);
   CHECK(run_for(&w, call_done, &waiting, 3000));
   CHECK_INT(waiting.calls, 1);
   if (waiting.state >= 0)
@@ -625,17 +490,17 @@ TEST(redis_down_fails_closed) {
   CHECK(!tg_idem_redis_ready(w.a));
 
   /* Back on the same port: the clients reconnect by themselves. */
-  CHECK_INT(start_server(&p), 0);
+  CHECK_INT(redis_start(&p), 0);
   CHECK(run_for(&w, both_ready, &w, 5000));
   RUN(&w, c, tg_idem_redis_begin(w.a, s, h, call_cb, &c));
   CHECK_INT(c.state, TG_IDEM_NEW);
   CHECK_INT(callbacks_inside, 0);
   CHECK_INT(world_close(&w), 0);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 TEST(nothing_listening) {
-  redis_proc_t p = {.port = free_port()};
+  redis_server_t p = {.port = redis_free_port()};
   tg_idem_redis_opts_t oa;
   opts_for(&oa, &p, "gw-a");
   world_t w;
@@ -654,8 +519,8 @@ TEST(nothing_listening) {
 }
 
 TEST(free_cancels_waiting_calls) {
-  redis_proc_t p = {0};
-  CHECK_INT(start_server(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   tg_idem_redis_opts_t oa;
   opts_for(&oa, &p, "gw-a");
   oa.timeout_ms = 5000;
@@ -679,7 +544,7 @@ TEST(free_cancels_waiting_calls) {
   kill(p.pid, SIGCONT);
   CHECK_INT(world_close(&w), 0);
   CHECK(c1.calls == 1 && c2.calls == 1);
-  stop_server(&p);
+  redis_stop(&p);
 }
 
 TEST(bad_arguments) {
@@ -695,7 +560,7 @@ TEST(bad_arguments) {
   o.host = NULL;
   CHECK_INT(tg_idem_redis_new(&loop, &o, &r, err, sizeof(err)), -EINVAL);
   o.host = "127.0.0.1";
-  o.port = free_port();
+  o.port = redis_free_port();
   CHECK_INT(tg_idem_redis_new(&loop, &o, &r, err, sizeof(err)), 0);
   uint8_t s[32] = {0};
   call_t c = {0};

@@ -3,14 +3,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -22,6 +19,7 @@
 #include "base/log.h"
 #include "base/metrics.h"
 #include "limit/ratelimit.h"
+#include "redis_fixture.h"
 
 #define S 1000000ull /* us */
 #define T0 (1000 * S) /* a start time well clear of 0 */
@@ -525,120 +523,8 @@ TEST(benchmark_local_table) {
 
 /* ---- Redis ---- */
 
-typedef struct redis_proc {
-  pid_t pid;
-  int port;
-  char pass[32];
-} redis_proc_t;
-
-/* Every redis-server still running, so that a failed test leaves none behind. */
-static pid_t live[8];
-
-static void track(pid_t pid, pid_t replace) {
-  for (int i = 0; i < 8; i++)
-    if (live[i] == replace) {
-      live[i] = pid;
-      return;
-    }
-}
-
-static void kill_pid(pid_t pid) {
-  kill(pid, SIGCONT);
-  kill(pid, SIGKILL);
-  waitpid(pid, NULL, 0);
-}
-
-static void stop_redis(redis_proc_t *p) {
-  if (p->pid > 0) {
-    kill_pid(p->pid);
-    track(0, p->pid);
-    p->pid = 0;
-  }
-}
-
-static void stop_all(void) {
-  for (int i = 0; i < 8; i++)
-    if (live[i] > 0)
-      kill_pid(live[i]);
-}
-
-static int free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t len = sizeof(sa);
-  if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 ||
-      getsockname(fd, (struct sockaddr *)&sa, &len) != 0) {
-    if (fd >= 0)
-      close(fd);
-    return -1;
-  }
-  close(fd);
-  return ntohs(sa.sin_port);
-}
-
-static redisContext *redis_sync(const redis_proc_t *p) {
-  struct timeval tv = {0, 200000};
-  redisContext *c = redisConnectWithTimeout("127.0.0.1", p->port, tv);
-  if (c == NULL || c->err) {
-    if (c)
-      redisFree(c);
-    return NULL;
-  }
-  if (p->pass[0]) {
-    redisReply *r = redisCommand(c, "AUTH %s", p->pass);
-    if (r)
-      freeReplyObject(r);
-  }
-  return c;
-}
-
-/* Starts redis-server on p->port (a free one when 0) and waits until it answers PING. */
-static int start_redis(redis_proc_t *p) {
-  static bool registered;
-  if (!registered) {
-    atexit(stop_all);
-    registered = true;
-  }
-  if (p->port == 0)
-    p->port = free_port();
-  char port[16];
-  snprintf(port, sizeof(port), "%d", p->port);
-  pid_t pid = fork();
-  if (pid < 0)
-    return -1;
-  if (pid == 0) {
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 1);
-    dup2(null, 2);
-    if (p->pass[0])
-      execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--requirepass", p->pass, (char *)NULL);
-    else
-      execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", (char *)NULL);
-    _exit(127);
-  }
-  p->pid = pid;
-  track(pid, 0);
-  for (int i = 0; i < 250; i++) {
-    redisContext *c = redis_sync(p);
-    if (c) {
-      redisReply *r = redisCommand(c, "PING");
-      bool ok = r && r->type == REDIS_REPLY_STATUS;
-      if (r)
-        freeReplyObject(r);
-      redisFree(c);
-      if (ok)
-        return 0;
-    }
-    usleep(20000);
-  }
-  fprintf(stderr, "  redis-server did not start on port %d\n", p->port);
-  return -1;
-}
-
-static long long redis_int(const redis_proc_t *p, const char *cmd) {
-  redisContext *c = redis_sync(p);
+static long long redis_int(const redis_server_t *p, const char *cmd) {
+  redisContext *c = redis_direct(p);
   if (c == NULL)
     return -1000;
   redisReply *r = redisCommand(c, cmd);
@@ -668,16 +554,10 @@ typedef struct inst {
   uint32_t burst;
 } inst_t;
 
-static void tick_cb(uv_timer_t *t) {
-  (void)t;
-}
-
-static int inst_open(inst_t *in, const redis_proc_t *p, const char *password, int db, uint32_t timeout_ms) {
+static int inst_open(inst_t *in, const redis_server_t *p, const char *password, int db, uint32_t timeout_ms) {
   memset(in, 0, sizeof(*in));
   char err[256];
-  uv_loop_init(&in->loop);
-  uv_timer_init(&in->loop, &in->tick);
-  uv_timer_start(&in->tick, tick_cb, 5, 5);
+  redis_loop_open(&in->loop, &in->tick);
   in->local = tg_ratelimit_new(1024);
   tg_ratelimit_redis_opts_t o = {.host = "127.0.0.1", .port = p->port, .password = (char *)password,
                                  .timeout_ms = timeout_ms, .db = db};
@@ -690,9 +570,7 @@ static int inst_open(inst_t *in, const redis_proc_t *p, const char *password, in
 /* Frees the limiter and runs the loop until every handle closed; 0 when the loop closes clean. */
 static int inst_close(inst_t *in) {
   tg_ratelimit_redis_free(in->r);
-  uv_close((uv_handle_t *)&in->tick, NULL);
-  uv_run(&in->loop, UV_RUN_DEFAULT);
-  int rc = uv_loop_close(&in->loop);
+  int rc = redis_loop_close(&in->loop, &in->tick);
   tg_ratelimit_free(in->local);
   return rc;
 }
@@ -741,8 +619,8 @@ static int take_one(inst_t *in, const char *key, double rate, uint32_t burst, in
   return in->last_source;
 }
 
-static long long redis_int_db(const redis_proc_t *p, int db, const char *cmd) {
-  redisContext *c = redis_sync(p);
+static long long redis_int_db(const redis_server_t *p, int db, const char *cmd) {
+  redisContext *c = redis_direct(p);
   if (c == NULL)
     return -1000;
   redisReply *r = redisCommand(c, "SELECT %d", db);
@@ -810,8 +688,8 @@ static void *drive_thread(void *p) {
 
 TEST(redis_two_instances_share_one_limit) {
   init_metrics();
-  redis_proc_t p = {0};
-  CHECK_INT(start_redis(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   inst_t a, b;
   /* A generous timeout: sanitizer builds on a busy machine must not turn slow answers into local ones. */
   CHECK_INT(inst_open(&a, &p, NULL, 0, 250), 0);
@@ -841,7 +719,7 @@ TEST(redis_two_instances_share_one_limit) {
   CHECK(allowed >= expected - expected / 10 && allowed <= expected + expected / 10);
   CHECK_INT(inst_close(&a), 0);
   CHECK_INT(inst_close(&b), 0);
-  stop_redis(&p);
+  redis_stop(&p);
 }
 
 static int count_in_file(int fd, const char *needle) {
@@ -858,8 +736,8 @@ static int count_in_file(int fd, const char *needle) {
 
 TEST(redis_gcra_fallback_and_recovery) {
   init_metrics();
-  redis_proc_t p = {0};
-  CHECK_INT(start_redis(&p), 0);
+  redis_server_t p = {0};
+  CHECK_INT(redis_start(&p), 0);
   inst_t in;
   CHECK_INT(inst_open(&in, &p, NULL, 0, 100), 0);
   CHECK(run_until(&in, is_ready, 3000));
@@ -888,7 +766,7 @@ TEST(redis_gcra_fallback_and_recovery) {
   CHECK(logfd >= 0);
   unlink(logpath);
   tg_log_set_fd(logfd);
-  stop_redis(&p);
+  redis_stop(&p);
   f0 = all_fallbacks();
   uint64_t u0 = fallbacks("unavailable");
   int before = in.allowed;
@@ -901,7 +779,7 @@ TEST(redis_gcra_fallback_and_recovery) {
   CHECK_INT(count_in_file(logfd, "redis unreachable, using local limits"), 1);
 
   /* Back on the same port: it reconnects by itself and Redis decides again. */
-  CHECK_INT(start_redis(&p), 0);
+  CHECK_INT(redis_start(&p), 0);
   int src = -1;
   for (int i = 0; i < 120 && src != TG_RATELIMIT_REDIS; i++) {
     src = take_one(&in, "back", 1000, 1000, NULL);
@@ -959,13 +837,13 @@ TEST(redis_gcra_fallback_and_recovery) {
   int takes = in.takes;
   CHECK_INT(inst_close(&in), 0);
   CHECK_INT(in.callbacks, takes);
-  stop_redis(&p);
+  redis_stop(&p);
 }
 
 TEST(redis_auth_and_db) {
   init_metrics();
-  redis_proc_t p = {.pass = "pw-4711"};
-  CHECK_INT(start_redis(&p), 0);
+  redis_server_t p = {.pass = "pw-4711"};
+  CHECK_INT(redis_start(&p), 0);
   inst_t in;
   CHECK_INT(inst_open(&in, &p, "pw-4711", 2, 200), 0);
   CHECK(run_until(&in, is_ready, 3000));
@@ -992,12 +870,12 @@ TEST(redis_auth_and_db) {
   CHECK_INT(count_in_file(logfd, "redis refused the connection setup"), 1);
   CHECK_INT(count_in_file(logfd, "WRONGPASS"), 2); /* the refusal, then the fallback line's error */
   close(logfd);
-  stop_redis(&p);
+  redis_stop(&p);
 }
 
 TEST(redis_down_from_the_start) {
   init_metrics();
-  redis_proc_t p = {.port = free_port()}; /* nothing listens there */
+  redis_server_t p = {.port = redis_free_port()}; /* nothing listens there */
   inst_t in;
   CHECK_INT(inst_open(&in, &p, NULL, 0, 250), 0);
   uint64_t f0 = all_fallbacks(), u0 = fallbacks("unavailable");
