@@ -713,6 +713,25 @@ static void queue_push(conn_t *c, req_priv_t *r) {
 
 /* A server-made answer (400, 405, 408, 413, 431, 501, ...) after which the
  * connection ends. */
+/* A body too large for a Connect (or any JSON/protobuf API) request is
+ * answered in the error shape its client reads: {"code","message"} JSON,
+ * where Connect's code for a size limit is resource_exhausted. */
+static void queue_error_json(conn_t *c, int status, const char *msg) {
+  req_priv_t *r = calloc(1, sizeof *r);
+  if (r == NULL) {
+    conn_close(c);
+    return;
+  }
+  r->conn = c;
+  r->pub.http_minor = 1;
+  c->stop_reading = 1;
+  queue_push(c, r);
+  char body[200];
+  int n = snprintf(body, sizeof body, "{\"code\":\"resource_exhausted\",\"message\":\"%s\"}", msg);
+  tg_http_header_t h[1] = {{"Content-Type", 12, "application/json", 16}};
+  tg_http_respond(&r->pub, status, h, 1, body, n > 0 && (size_t)n < sizeof body ? (size_t)n : 0);
+}
+
 static void queue_error(conn_t *c, int status, const char *msg) {
   req_priv_t *r = calloc(1, sizeof *r);
   if (r == NULL) {
@@ -876,6 +895,22 @@ static int hdr_is(const conn_rx_t *rx, uint32_t i, const char *name) {
 
 static const char *hdr_value(const conn_rx_t *rx, uint32_t i) {
   return rx->scratch.data + rx->hoff[2 + 2 * i];
+}
+
+/* The request (headers parsed) declares a JSON or protobuf body: an API
+ * client, which reads errors as JSON. */
+static int wants_json_error(const conn_rx_t *rx) {
+  static const char *const types[] = {"application/json", "application/proto", "application/connect+",
+                                      "application/grpc"};
+  for (uint32_t i = 0; i < rx->nhdr; i++) {
+    if (!hdr_is(rx, i, "content-type"))
+      continue;
+    const char *v = hdr_value(rx, i);
+    for (size_t k = 0; k < sizeof types / sizeof types[0]; k++)
+      if (strncasecmp(v, types[k], strlen(types[k])) == 0)
+        return 1;
+  }
+  return 0;
 }
 
 static int on_message_begin(llhttp_t *p) {
@@ -1411,7 +1446,10 @@ static int conn_parse(conn_t *c, const char *data, size_t len) {
   }
   if (e == HPE_INVALID_VERSION)
     status = 505, msg = "HTTP version not supported";
-  queue_error(c, status, msg);
+  if (status == 413 && rx->in_trailers && wants_json_error(rx))
+    queue_error_json(c, status, msg);
+  else
+    queue_error(c, status, msg);
   return 1;
 }
 

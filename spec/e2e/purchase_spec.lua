@@ -525,8 +525,10 @@ describe("ExecuteTransaction", function()
     local big_res = h.read_response(s, 10)
     s:close()
     assert(big_res, "no answer to a body over the limit")
-    -- The HTTP layer refuses it before Connect sees it (a plain-text 413, not a Connect error).
+    -- The HTTP layer refuses it before Connect sees it, in the error shape a
+    -- Connect client reads: 413 with {"code":"resource_exhausted"}.
     assert.are.equal(413, big_res.status, big_res.body)
+    assert.are.equal("resource_exhausted", h.connect_code(big_res), big_res.body)
     assert.truthy(big_res.body:find("too large", 1, true), big_res.body)
     assert(h.alive(gw.port))
     -- The same offer twice in one call.
