@@ -40,3 +40,41 @@ int tg_b64_encode(const uint8_t *in, size_t n, int url, int pad, char *out, size
   *o = '\0';
   return 0;
 }
+
+/* The value of a base64url character, or -1. */
+static int url_value(unsigned char c) {
+  if (c >= 'A' && c <= 'Z')
+    return c - 'A';
+  if (c >= 'a' && c <= 'z')
+    return c - 'a' + 26;
+  if (c >= '0' && c <= '9')
+    return c - '0' + 52;
+  return c == '-' ? 62 : c == '_' ? 63 : -1;
+}
+
+int tg_b64url_decode(const char *in, size_t len, uint8_t *out, size_t outcap, size_t *outlen) {
+  if (len % 4 == 1)
+    return -EINVAL;
+  size_t n = len / 4 * 3 + (len % 4 ? len % 4 - 1 : 0);
+  if (n > outcap)
+    return -ENOSPC;
+  uint32_t acc = 0;
+  int bits = 0;
+  size_t o = 0;
+  for (size_t i = 0; i < len; i++) {
+    int v = url_value((unsigned char)in[i]);
+    if (v < 0)
+      return -EINVAL;
+    acc = acc << 6 | (uint32_t)v;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out[o++] = (uint8_t)(acc >> bits);
+      acc &= (1u << bits) - 1;
+    }
+  }
+  if (acc != 0) /* bits left over must be zero: one spelling per byte string */
+    return -EINVAL;
+  *outlen = o;
+  return 0;
+}

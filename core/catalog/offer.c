@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <mbedtls/base64.h>
 #include <mbedtls/constant_time.h>
 #include <mbedtls/md.h>
 #include <mbedtls/platform_util.h>
@@ -309,32 +308,11 @@ int tg_offer_encode_uri(const tg_offer_keyring_t *k, const tg_offer_t *o, const 
   return encode(k, o, uri, out, outlen);
 }
 
-/* Strict base64url: only the url alphabet, no padding, and the result must
- * re-encode to the input so that each payload has a single spelling. */
+/* Strict base64url (base/b64.h): one spelling per payload. */
 static int b64url_decode(const char *token, size_t len, uint8_t *out, size_t *outlen) {
-  char tmp[4 * ((MAX_PAYLOAD + 2) / 3) + 1];
-  char again[sizeof(tmp)];
-  if (len == 0 || len % 4 == 1 || len > sizeof(tmp) - 1)
+  if (len == 0)
     return -EINVAL;
-  size_t i;
-  for (i = 0; i < len; i++) {
-    char c = token[i];
-    if (c == '-')
-      c = '+';
-    else if (c == '_')
-      c = '/';
-    else if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')))
-      return -EINVAL;
-    tmp[i] = c;
-  }
-  while (i % 4 != 0)
-    tmp[i++] = '=';
-  if (mbedtls_base64_decode(out, MAX_PAYLOAD, outlen, (const unsigned char *)tmp, i) != 0)
-    return -EINVAL;
-  if (tg_b64_encode(out, *outlen, 1, 0, again, sizeof(again)) != 0 || strlen(again) != len ||
-      memcmp(again, token, len) != 0)
-    return -EINVAL;
-  return 0;
+  return tg_b64url_decode(token, len, out, MAX_PAYLOAD, outlen) == 0 ? 0 : -EINVAL;
 }
 
 /* Parses the authenticated body (everything between the header and the

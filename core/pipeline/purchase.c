@@ -298,29 +298,39 @@ static void answer(purchase_t *p) {
 
 /* ---- Step 7: the record */
 
+/* "tx_" + 10 digits of milliseconds (ids sort by time) + 16 digits of a
+ * per-thread sequence that starts at a random 80-bit value (getrandom once
+ * per thread): unique within the process without a syscall per id, and
+ * across processes and restarts by the random start. */
 static void new_txid(char out[40]) {
   static const char digits[] = "0123456789abcdefghjkmnpqrstvwxyz"; /* Crockford base32, lower case */
-  uint8_t rnd[10] = {0};
+  static _Thread_local uint64_t hi, lo; /* 80 bits: 16 in hi, 64 in lo */
+  static _Thread_local bool seeded;
+  if (!seeded) {
+    uint8_t rnd[10] = {0};
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+      uint64_t t = uv_hrtime() ^ (uint64_t)(uintptr_t)&hi;
+      memcpy(rnd, &t, 8);
+    }
+    hi = (uint64_t)rnd[0] << 8 | rnd[1];
+    memcpy(&lo, rnd + 2, 8);
+    seeded = true;
+  }
+  if (++lo == 0)
+    hi = (hi + 1) & 0xffff;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   uint64_t ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-  if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
-    /* Never a repeat: time, address and a counter. */
-    static _Atomic uint64_t n;
-    uint64_t c = ++n ^ (uint64_t)(uintptr_t)out;
-    memcpy(rnd, &c, 8);
-  }
   char *o = out;
   *o++ = 't', *o++ = 'x', *o++ = '_';
-  for (int i = 9; i >= 0; i--) /* 48 bits of time, 10 digits: ids sort by time */
+  for (int i = 9; i >= 0; i--)
     *o++ = digits[(ms >> (5 * i)) & 31];
-  uint64_t hi = 0, lo = 0;
-  for (int i = 0; i < 5; i++)
-    hi = hi << 8 | rnd[i], lo = lo << 8 | rnd[5 + i];
+  /* 80 bits as 16 digits: the top 16 bits, then the low 64 */
+  uint64_t top = hi << 24 | lo >> 40, bottom = lo & ((UINT64_C(1) << 40) - 1);
   for (int i = 7; i >= 0; i--)
-    *o++ = digits[(hi >> (5 * i)) & 31];
+    *o++ = digits[(top >> (5 * i)) & 31];
   for (int i = 7; i >= 0; i--)
-    *o++ = digits[(lo >> (5 * i)) & 31];
+    *o++ = digits[(bottom >> (5 * i)) & 31];
   *o = '\0';
 }
 
@@ -564,9 +574,7 @@ static int still_offered(purchase_t *p, size_t i) {
     return -1;
   if (skip)
     return 1; /* free now: the offer the agent accepted stands */
-  tg_quote_t *q = malloc(sizeof *q);
-  if (q == NULL)
-    return -1;
+  tg_quote_t quote, *q = &quote;
   rc = tg_quote(t, h->pin.data, h->st, &v, q, &err);
   int found = rc == 0 ? 0 : -1;
   for (size_t k = 0; rc == 0 && k < q->n && !found; k++) {
@@ -574,7 +582,6 @@ static int still_offered(purchase_t *p, size_t i) {
     found = o->content == it->offer.content && o->license == it->offer.license &&
             o->payment == it->offer.payment && (uint32_t)o->type == it->offer.payment_type;
   }
-  free(q);
   return found;
 }
 

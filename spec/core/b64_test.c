@@ -53,3 +53,41 @@ TEST(too_small_writes_nothing) {
   CHECK_INT(tg_b64_encode((const uint8_t *)"fo", 2, 1, 0, out, sizeof out), 0);
   CHECK_STR(out, "Zm8");
 }
+
+/* The decoder undoes the encoder for every length, and refuses every other
+ * spelling: a non-zero unused tail, padding, other alphabets, 1 mod 4. */
+TEST(url_decode_is_strict_and_undoes_encode) {
+  uint8_t in[64], back[64];
+  char text[100];
+  for (int i = 0; i < 64; i++)
+    in[i] = (uint8_t)(i * 37 + 11);
+  for (size_t n = 0; n <= sizeof in; n++) {
+    size_t got = 999;
+    CHECK_INT(tg_b64_encode(in, n, 1, 0, text, sizeof text), 0);
+    size_t len = strlen(text);
+    CHECK_INT(tg_b64url_decode(text, len, back, sizeof back, &got), 0);
+    CHECK_INT(got, n);
+    CHECK(memcmp(back, in, n) == 0);
+    if (len % 4 != 0) { /* the last character carries unused bits: flip the lowest */
+      char bad[100];
+      memcpy(bad, text, len);
+      bad[len - 1] = bad[len - 1] == 'A' ? 'B' : bad[len - 1] == 'B' ? 'A' : bad[len - 1];
+      if (bad[len - 1] != text[len - 1])
+        CHECK_INT(tg_b64url_decode(bad, len, back, sizeof back, &got), -EINVAL);
+    }
+    if (n > 0)
+      CHECK_INT(tg_b64url_decode(text, len, back, n - 1, &got), -ENOSPC);
+  }
+  size_t got;
+  CHECK_INT(tg_b64url_decode("Zg==", 4, back, sizeof back, &got), -EINVAL);
+  CHECK_INT(tg_b64url_decode("Zm+v", 4, back, sizeof back, &got), -EINVAL);
+  CHECK_INT(tg_b64url_decode("Zm/v", 4, back, sizeof back, &got), -EINVAL);
+  CHECK_INT(tg_b64url_decode("Zm 9", 4, back, sizeof back, &got), -EINVAL);
+  CHECK_INT(tg_b64url_decode("Zm9vY", 5, back, sizeof back, &got), -EINVAL);
+  CHECK_INT(tg_b64url_decode("Zh", 2, back, sizeof back, &got), -EINVAL); /* 'h' leaves bits set */
+  CHECK_INT(tg_b64url_decode("Zg", 2, back, sizeof back, &got), 0);
+  CHECK_INT(got, 1);
+  CHECK_INT(back[0], 'f');
+  CHECK_INT(tg_b64url_decode("", 0, back, sizeof back, &got), 0);
+  CHECK_INT(got, 0);
+}
