@@ -11,7 +11,8 @@
 # Environment: BENCH_THREADS (2), BENCH_CONNS (64), BENCH_DURATION (s), BENCH_RUNS,
 #   BENCH_WORKERS ("1 0": the worker settings, in order), BENCH_INTERVALS ("0 200 1000":
 #   ledger.wal.batch_interval_us, one fresh instance each), BENCH_HALF_SECONDS,
-#   BENCH_BUILD_DIR (build-bench), BENCH_TOLLGATE_BIN (use this binary).
+#   BENCH_BUILD_DIR (build-bench), BENCH_TOLLGATE_BIN (use this binary), BENCH_WAL and
+#   BENCH_LEDGER (more keys for ledger.wal and ledger, e.g. BENCH_LEDGER='snapshot_every = 10000,').
 #
 # One tenant (bench.example): an RSL catalog with one content (every path) sold for
 # 1 micro-USD, an nginx_secure_link signer, builtin billing; one prepaid account (acct-bench,
@@ -234,7 +235,7 @@ return {
   log_level = "warn",
   limits = { max_connections = 20000 },
   exchange = { offer_ttl_s = 86400 },
-  ledger = { wal = { batch_interval_us = $2 },
+  ledger = { wal = { batch_interval_us = $2, ${BENCH_WAL:-} }, ${BENCH_LEDGER:-}
              accounts = { { billing_reference = "acct-bench", amount = 9007199254740992 } } },
   tenants = {
     { name = "bench", hosts = { "bench.example" },
