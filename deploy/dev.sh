@@ -350,6 +350,11 @@ tollgate demo: public http://127.0.0.1:$port, admin http://127.0.0.1:$admin_port
   # Discover what is on offer for a URI (Connect, JSON)
   curl -s -H 'Content-Type: application/json' -d '{"resources":[{"uri":"https://news.example/a"}]}' http://127.0.0.1:$port/ramp.v1.ExchangeService/DiscoverResources
 
+  # Buy an offer's id with the demo's prepaid account (README: the whole purchase), see the balance
+  #   POST /ramp.v1.ExchangeService/ExecuteTransaction
+  #   {"aiSystem":{"billingReference":"acct-demo"},"idempotencyKey":"k1","items":[{"offerId":"<id>"}]}
+  curl -s -H 'Authorization: Bearer $token' 'http://127.0.0.1:$admin_port/ledger/balance?account=acct-demo'
+
   # Liveness and readiness
   curl -s http://127.0.0.1:$port/healthz
   curl -s http://127.0.0.1:$port/readyz
