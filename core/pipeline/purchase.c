@@ -162,16 +162,17 @@ static void give_back_key(purchase_t *p) {
     tg_idem_abort(p->aw->app->idem, p->scope);
 }
 
+/* arg: NULL (the purchase may be gone by now: a remote release answers later). */
 static void on_released(void *arg, const tg_billing_result_t *r) {
-  purchase_t *p = arg;
+  (void)arg;
   if (r->status != TG_BILLING_APPROVED)
-    tg_log_req(TG_LOG_WARN, p->request_id, "billing release failed", "detail", r->detail, NULL);
+    tg_log(TG_LOG_WARN, "billing release failed (the hold expires by itself)", "detail", r->detail, NULL);
 }
 
 static void release_hold(purchase_t *p) {
   if (p->has_hold) {
     p->has_hold = false;
-    p->aw->billing->ops->release(p->aw->billing, p->hold, on_released, p);
+    p->aw->billing->ops->release(p->aw->billing, p->hold, on_released, NULL);
   }
 }
 
@@ -262,7 +263,9 @@ static void on_durable(void *arg, int status, uint64_t seq) {
     char msg[160];
     tg_log_req(TG_LOG_ERROR, p->request_id, "transaction log append failed", "transaction", p->txid, "error",
                strerror(-status), NULL);
-    snprintf(msg, sizeof msg, "the transaction log failed (%s): nothing was charged; retry later",
+    /* The log is failed until a restart, which replays whatever of the batch
+     * did reach the disk: a retry with the same key then gets that answer. */
+    snprintf(msg, sizeof msg, "the transaction log failed (%s): retry later with the same idempotency key",
              strerror(-status));
     fail(p, TG_CONNECT_UNAVAILABLE, "error", msg);
     return;
