@@ -17,6 +17,7 @@
 
 #include "base/buf.h"
 #include "base/crc32c.h"
+#include "base/file.h"
 #include "base/hex.h"
 #include "base/utf8.h"
 #include "config/config.h"
@@ -211,36 +212,6 @@ out:
   return r;
 }
 
-static int read_all(const char *path, uint8_t **data, size_t *size) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return -errno;
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    int e = -errno;
-    close(fd);
-    return e;
-  }
-  size_t n = (size_t)st.st_size, got = 0;
-  uint8_t *p = malloc(n ? n : 1);
-  if (p == NULL) {
-    close(fd);
-    return -ENOMEM;
-  }
-  while (got < n) {
-    ssize_t r = read(fd, p + got, n - got);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0)
-      break; /* shorter than it was: what was read is what there is */
-    got += (size_t)r;
-  }
-  close(fd);
-  *data = p;
-  *size = got;
-  return 0;
-}
-
 static uint32_t get32(const uint8_t *p) {
   return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -288,7 +259,7 @@ static bool torn_tail(const char *dir, const char *msg) {
   char path[PATH_MAX];
   uint8_t *d = NULL;
   size_t size = 0;
-  if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path || read_all(path, &d, &size) != 0)
+  if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path || tg_file_read(path, &d, &size, NULL) != 0)
     return false;
   bool tail;
   if (off == 0) /* a header: torn only while the segment is being made, not a sequence gap */

@@ -1,4 +1,6 @@
 #include "ledger/prepaid.h"
+#include "base/file.h"
+#include "ledger/record.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -641,69 +643,11 @@ static int balances_copy(tg_prepaid_t *p, balances_t *bs, uint64_t *seq) {
   return r;
 }
 
-static int write_all(int fd, const uint8_t *b, size_t n) {
-  while (n) {
-    ssize_t w = write(fd, b, n);
-    if (w < 0 && errno == EINTR)
-      continue;
-    if (w < 0)
-      return -errno;
-    b += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
-static int fsync_parent(const char *path) {
-  char dir[4096];
-  const char *slash = strrchr(path, '/');
-  if (slash == NULL)
-    snprintf(dir, sizeof dir, ".");
-  else if (slash == path)
-    snprintf(dir, sizeof dir, "/");
-  else
-    snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0)
-    return -errno;
-  int r = fsync(fd) == 0 ? 0 : -errno;
-  close(fd);
-  return r;
-}
-
-/* path.tmp, fsync, rename over path, fsync of the directory. */
-static int write_atomic(const char *path, const uint8_t *data, size_t len) {
-  char tmp[4096];
-  if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
-    return -ENAMETOOLONG;
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-  if (fd < 0)
-    return -errno;
-  int r = write_all(fd, data, len);
-  if (r == 0 && fsync(fd) != 0)
-    r = -errno;
-  if (close(fd) != 0 && r == 0)
-    r = -errno;
-  if (r == 0 && rename(tmp, path) != 0)
-    r = -errno;
-  if (r != 0) {
-    unlink(tmp);
-    return r;
-  }
-  return fsync_parent(path);
-}
-
-static int64_t now_unix_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Frame: magic | u32 length | u32 CRC32C(payload) | payload. */
 static int snapshot_encode(uint64_t seq, const balances_t *bs, uint8_t **out, size_t *outlen) {
   Ledger__V1__Snapshot snap = LEDGER__V1__SNAPSHOT__INIT;
   snap.wal_seq = seq;
-  snap.at_unix_ms = now_unix_ms();
+  snap.at_unix_ms = tg_record_now_ms();
   snap.n_balances = bs->n;
   snap.balances = bs->v;
   snap.n_credit_references = bs->n_credit;
@@ -740,7 +684,7 @@ int tg_prepaid_snapshot_write_seq(tg_prepaid_t *p, const char *path, uint64_t *w
     r = snapshot_encode(seq, &bs, &buf, &len);
   balances_free(&bs);
   if (r == 0)
-    r = write_atomic(path, buf, len);
+    r = tg_file_write_atomic(path, buf, len, 0640);
   if (r == 0)
     atomic_store_explicit(&p->snap_seq, seq, memory_order_relaxed);
   pthread_mutex_unlock(&p->write_mu);
@@ -752,38 +696,6 @@ int tg_prepaid_snapshot_write_seq(tg_prepaid_t *p, const char *path, uint64_t *w
 
 uint64_t tg_prepaid_snapshot_seq(tg_prepaid_t *p) {
   return atomic_load_explicit(&p->snap_seq, memory_order_relaxed);
-}
-
-static int read_whole(const char *path, uint8_t **out, size_t *outlen) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return -errno;
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    int e = -errno;
-    close(fd);
-    return e;
-  }
-  size_t n = (size_t)st.st_size, got = 0;
-  uint8_t *b = malloc(n ? n : 1);
-  int r = b ? 0 : -ENOMEM;
-  while (r == 0 && got < n) {
-    ssize_t k = read(fd, b + got, n - got);
-    if (k < 0 && errno == EINTR)
-      continue;
-    if (k <= 0)
-      r = k < 0 ? -errno : -EBADMSG; /* shrank while read: not a whole snapshot */
-    else
-      got += (size_t)k;
-  }
-  close(fd);
-  if (r != 0) {
-    free(b);
-    return r;
-  }
-  *out = b;
-  *outlen = n;
-  return 0;
 }
 
 /* The Snapshot inside a verified frame, or NULL. */
@@ -834,7 +746,12 @@ static int load_refs(tg_prepaid_t *p, char kind, char *const *v, size_t n) {
 int tg_prepaid_snapshot_load(tg_prepaid_t *p, const char *path, uint64_t *seq) {
   uint8_t *buf = NULL;
   size_t len = 0;
-  int r = read_whole(path, &buf, &len);
+  int shrank = 0;
+  int r = tg_file_read(path, &buf, &len, &shrank);
+  if (r == 0 && shrank) { /* changed while read: not a whole snapshot */
+    free(buf);
+    r = -EBADMSG;
+  }
   if (r != 0)
     return r;
   Ledger__V1__Snapshot *snap = snapshot_decode(buf, len);

@@ -1,4 +1,5 @@
 #include "ledger/wal.h"
+#include "base/file.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -214,53 +215,17 @@ static int list_segments(const char *dir, seg_t **out, size_t *n, char *err, siz
   return 0;
 }
 
-static int read_file(const char *path, uint8_t **data, size_t *size, char *err, size_t errlen) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    goto fail_errno;
-  struct stat st;
-  if (fstat(fd, &st) != 0)
-    goto fail_close;
-  size_t n = (size_t)st.st_size, got = 0;
-  uint8_t *p = malloc(n ? n : 1);
-  if (p == NULL) {
-    close(fd);
-    set_err(err, errlen, "%s: out of memory", path);
-    return -ENOMEM;
+/* A segment whole; one that shrank while read (another process removed or
+ * truncated it) is an I/O error here, with err naming it. */
+static int read_segment(const char *path, uint8_t **data, size_t *size, char *err, size_t errlen) {
+  int shrank = 0;
+  int r = tg_file_read(path, data, size, &shrank);
+  if (r == 0 && shrank) {
+    free(*data);
+    r = -EIO;
   }
-  while (got < n) {
-    ssize_t r = read(fd, p + got, n - got);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      int e = r < 0 ? -errno : -EIO;
-      free(p);
-      close(fd);
-      set_err(err, errlen, "%s: read: %s", path, strerror(-e));
-      return e;
-    }
-    got += (size_t)r;
-  }
-  close(fd);
-  *data = p;
-  *size = n;
-  return 0;
-fail_close:;
-  int saved = errno;
-  close(fd);
-  errno = saved;
-fail_errno:;
-  int e = -errno;
-  set_err(err, errlen, "%s: %s", path, strerror(errno));
-  return e;
-}
-
-static int fsync_dir(const char *dir) {
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0)
-    return -errno;
-  int r = fsync(fd) == 0 ? 0 : -errno;
-  close(fd);
+  if (r != 0)
+    set_err(err, errlen, "%s: %s", path, r == -EIO ? "read: shorter than its size" : strerror(-r));
   return r;
 }
 
@@ -294,13 +259,13 @@ static int scan(const char *dir, int repair, tg_wal_record_cb cb, void *arg, tg_
     snprintf(path, sizeof path, "%s/%s", dir, segs[i].name);
     uint8_t *data = NULL;
     size_t size = 0;
-    if ((r = read_file(path, &data, &size, err, errlen)) != 0)
+    if ((r = read_segment(path, &data, &size, err, errlen)) != 0)
       goto out;
     uint64_t first = 0;
     if (size < TG_WAL_HEADER_SIZE && last && repair) {
       /* Crashed while the segment was being made: it never held a record. */
       free(data);
-      if (unlink(path) != 0 || fsync_dir(dir) != 0) {
+      if (unlink(path) != 0 || tg_file_fsync_dir(dir) != 0) {
         r = -errno;
         set_err(err, errlen, "%s: cannot remove: %s", path, strerror(errno));
         goto out;
@@ -409,19 +374,6 @@ int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery
 
 /* ---- the writer ---- */
 
-static int write_all(int fd, const uint8_t *p, size_t n) {
-  while (n) {
-    ssize_t r = write(fd, p, n);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0)
-      return -errno;
-    p += r;
-    n -= (size_t)r;
-  }
-  return 0;
-}
-
 static int sync_fd(tg_wal_t *w, int fd) {
   atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
   return fdatasync(fd) == 0 ? 0 : -errno;
@@ -437,12 +389,12 @@ static int segment_create(tg_wal_t *w, uint64_t first_seq) {
     return -errno;
   uint8_t h[TG_WAL_HEADER_SIZE];
   header_encode(h, first_seq);
-  int r = write_all(fd, h, sizeof h);
+  int r = tg_file_write_all(fd, h, sizeof h);
   if (r == 0)
     r = sync_fd(w, fd);
   if (r == 0) {
     atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
-    r = fsync_dir(w->dir);
+    r = tg_file_fsync_dir(w->dir);
   }
   if (r != 0) {
     close(fd);
@@ -455,7 +407,7 @@ static int segment_create(tg_wal_t *w, uint64_t first_seq) {
 }
 
 static int flush_buf(tg_wal_t *w, size_t *used) {
-  int r = *used ? write_all(w->fd, w->buf, *used) : 0;
+  int r = *used ? tg_file_write_all(w->fd, w->buf, *used) : 0;
   *used = 0;
   return r;
 }
@@ -483,7 +435,7 @@ static int write_batch(tg_wal_t *w, entry_t *list) {
     if (used + e->frame_len > w->buf_cap && (r = flush_buf(w, &used)) != 0)
       return r;
     if (e->frame_len > w->buf_cap) {
-      if ((r = write_all(w->fd, e->frame, e->frame_len)) != 0)
+      if ((r = tg_file_write_all(w->fd, e->frame, e->frame_len)) != 0)
         return r;
     } else {
       memcpy(w->buf + used, e->frame, e->frame_len);
@@ -776,7 +728,7 @@ int tg_wal_retain_keep(tg_wal_t *w, uint64_t covered_seq, uint64_t max_bytes, ui
     pthread_mutex_unlock(&w->mu);
     tg_counter_add(m_retained, NULL, st.removed_segments);
     atomic_fetch_add_explicit(&w->st_fsyncs, 1, memory_order_relaxed);
-    int e = fsync_dir(w->dir);
+    int e = tg_file_fsync_dir(w->dir);
     if (r == 0)
       r = e;
   }

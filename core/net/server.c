@@ -711,21 +711,30 @@ static void queue_push(conn_t *c, req_priv_t *r) {
   c->queued++;
 }
 
-/* A server-made answer (400, 405, 408, 413, 431, 501, ...) after which the
- * connection ends. */
-/* A body too large for a Connect (or any JSON/protobuf API) request is
- * answered in the error shape its client reads: {"code","message"} JSON,
- * where Connect's code for a size limit is resource_exhausted. */
-static void queue_error_json(conn_t *c, int status, const char *msg) {
+/* The request a server-made answer (400, 405, 408, 413, 431, 501, ...) is
+ * given as: queued behind those in flight, the last one read on this
+ * connection, which then ends. NULL when out of memory (the connection is
+ * closed). */
+static req_priv_t *error_req(conn_t *c) {
   req_priv_t *r = calloc(1, sizeof *r);
   if (r == NULL) {
     conn_close(c);
-    return;
+    return NULL;
   }
   r->conn = c;
   r->pub.http_minor = 1;
   c->stop_reading = 1;
   queue_push(c, r);
+  return r;
+}
+
+/* A body too large for a Connect (or any JSON/protobuf API) request is
+ * answered in the error shape its client reads: {"code","message"} JSON,
+ * where Connect's code for a size limit is resource_exhausted. */
+static void queue_error_json(conn_t *c, int status, const char *msg) {
+  req_priv_t *r = error_req(c);
+  if (r == NULL)
+    return;
   char body[200];
   int n = snprintf(body, sizeof body, "{\"code\":\"resource_exhausted\",\"message\":\"%s\"}", msg);
   tg_http_header_t h[1] = {{"Content-Type", 12, "application/json", 16}};
@@ -733,15 +742,9 @@ static void queue_error_json(conn_t *c, int status, const char *msg) {
 }
 
 static void queue_error(conn_t *c, int status, const char *msg) {
-  req_priv_t *r = calloc(1, sizeof *r);
-  if (r == NULL) {
-    conn_close(c);
+  req_priv_t *r = error_req(c);
+  if (r == NULL)
     return;
-  }
-  r->conn = c;
-  r->pub.http_minor = 1;
-  c->stop_reading = 1;
-  queue_push(c, r);
   char body[160];
   size_t n = strlen(msg);
   if (n > sizeof body - 1)
