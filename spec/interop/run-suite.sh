@@ -41,7 +41,7 @@ protoc --plugin=protoc-gen-es=node_modules/.bin/protoc-gen-es \
 mkdir -p "$build_dir"
 log="$build_dir/interop.tap"
 rm -rf "$build_dir/interop-logs"
-TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js 2>&1 | tee "$log"
+TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js eip3009.test.js 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 # node's closing counts: "# pass N", "# fail N", "# cancelled N", "# skipped N", "# todo N".
