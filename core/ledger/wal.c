@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <stdbool.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -42,6 +43,7 @@ struct tg_wal_client {
   pthread_mutex_t mu; /* guards done_head/tail, and the writer's uv_async_send */
   entry_t *done_head, *done_tail;
   size_t inflight; /* loop thread only */
+  bool release;    /* loop thread only: free once inflight is back to 0 */
 };
 
 struct tg_wal {
@@ -756,6 +758,8 @@ static void on_async(uv_async_t *a) {
     e->cb(e->arg, e->status, e->seq);
     free(e);
   }
+  if (c->release && c->inflight == 0)
+    tg_wal_client_free(c);
 }
 
 int tg_wal_client_new(tg_wal_t *w, uv_loop_t *loop, tg_wal_client_t **out) {
@@ -791,6 +795,13 @@ int tg_wal_client_free(tg_wal_client_t *c) {
   pthread_mutex_unlock(&c->mu);
   uv_close((uv_handle_t *)&c->async, on_client_closed);
   return 0;
+}
+
+void tg_wal_client_release(tg_wal_client_t *c) {
+  if (c == NULL || c->release)
+    return;
+  if (tg_wal_client_free(c) == -EBUSY)
+    c->release = true; /* on_async frees it after the last completion */
 }
 
 size_t tg_wal_client_inflight(const tg_wal_client_t *c) {

@@ -202,6 +202,12 @@ int tg_wal_client_new(tg_wal_t *w, uv_loop_t *loop, tg_wal_client_t **out);
  * Loop thread only. */
 int tg_wal_client_free(tg_wal_client_t *c);
 
+/* Frees the client now when nothing waits for a callback, else once the
+ * last of them has run: its handle keeps the loop running until then (the
+ * log must stay open meanwhile), then closes, so a loop being wound down
+ * ends by itself. For stopping a worker with appends in flight. Loop thread. */
+void tg_wal_client_release(tg_wal_client_t *c);
+
 /* Appends through c still waiting for their callback. Loop thread. */
 size_t tg_wal_client_inflight(const tg_wal_client_t *c);
 

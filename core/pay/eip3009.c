@@ -81,9 +81,9 @@ int tg_eip3009_recover(const uint8_t digest[32], const uint8_t sig[65], uint8_t 
   secp256k1_pubkey pub;
   uint8_t raw[65], hash[32];
   size_t rawlen = sizeof raw;
-  const uint8_t *r = sig, *s = sig + 32;
   if (digest == NULL || sig == NULL || signer == NULL)
     return -EINVAL;
+  const uint8_t *r = sig, *s = sig + 32; /* after the NULL check: no offset on a null pointer */
   if (sig[64] != 27 && sig[64] != 28)
     return -EBADMSG;
   /* Big-endian byte strings of equal length compare as numbers with memcmp. */

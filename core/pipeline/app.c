@@ -193,11 +193,7 @@ fail:
 
 static void free_handle_data(uv_handle_t *h) { free(h->data); }
 
-void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
-  tg_app_worker_t *aw = app->workers[w->id];
-  if (aw == NULL)
-    return;
-  app->workers[w->id] = NULL;
+static void worker_teardown(tg_app_t *app, tg_app_worker_t *aw) {
   if (aw->httpc)
     tg_httpc_free(aw->httpc);
   if (aw->redis)
@@ -207,8 +203,7 @@ void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
     tg_prepaid_redis_free(aw->prepaid_redis);
   if (aw->idem_redis)
     tg_idem_redis_free(aw->idem_redis);
-  if (aw->wal && tg_wal_client_free(aw->wal) != 0)
-    tg_log(TG_LOG_WARN, "transaction log client still busy at stop (its appends complete unseen)", NULL);
+  tg_wal_client_release(aw->wal);
   if (aw->policy)
     tg_policy_runtime_free(aw->policy);
   if (aw->catalog_readers) {
@@ -224,6 +219,36 @@ void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
   } else {
     free(aw);
   }
+}
+
+#define DRAIN_MS 5000 /* the longest a stopping worker waits for its log appends */
+
+static void on_drain_closed(uv_handle_t *h) {
+  tg_app_worker_t *aw = h->data;
+  worker_teardown(aw->app, aw);
+}
+
+/* A purchase waiting for its record still needs everything the worker holds:
+ * the teardown waits until the log has answered every append. */
+static void on_drain(uv_timer_t *t) {
+  tg_app_worker_t *aw = t->data;
+  if (tg_wal_client_inflight(aw->wal) > 0 && uv_now(t->loop) < aw->drain_until)
+    return;
+  uv_close((uv_handle_t *)t, on_drain_closed);
+}
+
+void tg_app_worker_stop(tg_app_t *app, tg_worker_t *w) {
+  tg_app_worker_t *aw = app->workers[w->id];
+  if (aw == NULL)
+    return;
+  app->workers[w->id] = NULL;
+  if (aw->wal && tg_wal_client_inflight(aw->wal) > 0 && uv_timer_init(w->loop, &aw->drain) == 0) {
+    aw->drain.data = aw;
+    aw->drain_until = uv_now(w->loop) + DRAIN_MS;
+    uv_timer_start(&aw->drain, on_drain, 1, 1);
+    return;
+  }
+  worker_teardown(app, aw);
 }
 
 typedef struct take {
@@ -516,8 +541,8 @@ void tg_app_ledger_main_stop(tg_app_t *app) {
   if (app->main_redis)
     tg_prepaid_redis_free(app->main_redis);
   app->main_redis = NULL;
-  if (app->main_wal && tg_wal_client_free(app->main_wal) == 0)
-    app->main_wal = NULL;
+  tg_wal_client_release(app->main_wal);
+  app->main_wal = NULL;
 }
 
 /* Removes the segments retention lets go: covered by the last snapshot on

@@ -64,6 +64,8 @@ struct tg_app_worker {
   tg_billing_t *billing;                  /* the built-in ledger's adapter */
   tg_idem_redis_t *idem_redis;            /* ledger.mode redis: the shared idempotency keys */
   tg_prepaid_redis_t *prepaid_redis;      /* ledger.mode redis: the shared balances */
+  uv_timer_t drain;                       /* stopping: waits for the log's answers */
+  uint64_t drain_until;
 };
 
 /* Builds the shared parts from cfg: policy registry (version is reported in
