@@ -384,7 +384,7 @@ static void on_topup_durable(void *arg, int status, uint64_t seq) {
   free(t);
 }
 
-static uint8_t *credit_record(const tg_admin_t *a, const topup_t *t, int64_t n, size_t *len);
+static uint8_t *credit_record(const topup_t *t, int64_t n, size_t *len);
 static void on_topup_durable(void *arg, int status, uint64_t seq);
 
 /* Redis mode: the credit is Redis' (once per reference there); the log
@@ -394,7 +394,7 @@ static void on_redis_credit(void *arg, int status, int64_t balance) {
   t->balance_after = balance;
   if (status == 1) {
     size_t len;
-    uint8_t *rec = credit_record(NULL, t, t->amount, &len);
+    uint8_t *rec = credit_record(t, t->amount, &len);
     if (rec == NULL || tg_app_append(t->aw, rec, len, on_topup_durable, t) != 0) {
       tg_log_req(TG_LOG_WARN, t->req->request_id, "credit applied in Redis, its audit record not logged",
                  "reference", t->reference, NULL);
@@ -501,7 +501,7 @@ static void topup(const tg_admin_t *a, tg_http_req_t *req) {
     return;
   }
   size_t len;
-  uint8_t *buf = credit_record(a, t, n, &len);
+  uint8_t *buf = credit_record(t, n, &len);
   if (buf == NULL) {
     free(t);
     error_json(req, 500, "out of memory");
@@ -521,8 +521,7 @@ static void topup(const tg_admin_t *a, tg_http_req_t *req) {
 }
 
 /* The CREDIT record of a top-up, packed (malloc), or NULL. */
-static uint8_t *credit_record(const tg_admin_t *a, const topup_t *t, int64_t n, size_t *len) {
-  (void)a;
+static uint8_t *credit_record(const topup_t *t, int64_t n, size_t *len) {
   return tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CREDIT, t->ref, t->currency, n,
                                  NULL, t->reference, admin_instance, len);
 }

@@ -43,21 +43,6 @@ void tg_idem_count_hit(int state) {
     tg_counter_add(m_hits, (const char *const[]){label}, 1);
 }
 
-const char *tg_idem_state_name(int state) {
-  switch (state) {
-  case TG_IDEM_NEW:
-    return "new";
-  case TG_IDEM_PENDING:
-    return "pending";
-  case TG_IDEM_DONE:
-    return "done";
-  case TG_IDEM_CONFLICT:
-    return "conflict";
-  default:
-    return "error";
-  }
-}
-
 uint64_t tg_idem_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);

@@ -38,9 +38,6 @@ typedef enum {
   TG_IDEM_CONFLICT = 3, /* a live entry (pending or done) with another req_hash */
 } tg_idem_state_t;
 
-/* "new", "pending", "done", "conflict"; "error" for anything else. */
-const char *tg_idem_state_name(int state);
-
 /* Declares the metrics (once at start-up, before workers run):
  *   idempotency_entries                 gauge: entries held by local tables
  *   idempotency_hits_total{result}      result: replay|conflict|pending (both modes)

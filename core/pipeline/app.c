@@ -325,7 +325,6 @@ static void on_seeded(void *arg, int status, uint64_t seq) {
 
 typedef struct rseed {
   int pending;
-  int applied;
   int status;
 } rseed_t;
 
@@ -354,7 +353,7 @@ static void seed_redis(tg_app_t *app) {
       uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(5);
     for (size_t i = 0; i < l->naccounts; i++) {
       const tg_config_account_t *a = &l->accounts[i];
-      rseed_t s = {1, 0, 0};
+      rseed_t s = {1, 0};
       if (tg_prepaid_redis_credit(r, a->billing_reference, a->currency, a->amount, a->reference, on_rseeded, &s) != 0)
         s.pending = 0, s.status = -EIO;
       while (s.pending > 0)

@@ -652,8 +652,10 @@ static void limit(purchase_t *p) {
     tg_policy_error_t err;
     tg_policy_rate_t rate;
     if (tg_view_connect(&v, "ExecuteTransaction", it->offer.uri, tg_connect_call_http(p->call), tn, tg_view_call_header,
-                        p->call, p->req->ai_system) != 0)
-      continue;
+                        p->call, p->req->ai_system) != 0) {
+      p->failed = true; /* no view, no limit decided: refuse rather than sell unlimited */
+      break;
+    }
     int rc = tg_policy_rate_limit(h->st, &v.req, &rate, &err);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
       p->failed = true;
