@@ -1,6 +1,7 @@
 -- The policy of tenants that configure none: nothing is free, no rate limit,
 -- the catalog's price as is (free offers cost 0), and a billing service that
--- does not answer in time means no sale.
+-- does not answer in time means no sale. It defines no settle hook: an
+-- x402/t402 payment settles as the tenant's payments.settle says.
 local P = {}
 
 function P.price(offer)

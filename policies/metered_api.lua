@@ -4,6 +4,10 @@
 -- <amount>, e.g. 0.002 USD = 2000 micro-USD per call), bulk exports cost
 -- ten calls, and each AI system may make 50 calls a second (bursts of 100).
 --
+-- Paid with x402/t402 (HTTP 402): calls up to SERVE_FIRST_UP_TO are served
+-- at once and settled after (async), larger sums (exports) are settled
+-- before the data leaves (sync); see P.settle for why.
+--
 -- Free tier: a caller that sends `X-Tier: free` on an eligible endpoint pays
 -- nothing, within FREE_CALLS calls per FREE_WINDOW_S per AI system (per IP
 -- address for callers that do not identify themselves). Past that allowance
@@ -27,6 +31,7 @@ local PAID_RATE, PAID_BURST = 50, 100
 local ANON_PAID_RATE, ANON_PAID_BURST = 5, 10
 local EXPORT_CALLS = 10          -- an export is priced as this many calls
 local DEFER_UP_TO = 10000        -- micro-USD: 1 cent, about five calls
+local SERVE_FIRST_UP_TO = 10000  -- micro-USD: x402 payments up to this are settled after serving
 
 -- Documentation and liveness never need payment.
 local function is_open(path)
@@ -82,13 +87,32 @@ function P.on_billing_timeout(txn)
   return "reject"
 end
 
+-- Settling on chain takes a facilitator round trip (a second or more) that a
+-- per-call API should not add to every call. Serving first risks a
+-- settlement that fails after the data left (the payer moved the funds in
+-- between; on_settle_failure then says who owes it): at most a cent per
+-- call, and the paid rate limit bounds how many such calls a payer can make.
+-- An export's worth of data is not handed over before the money has moved.
+function P.settle(req, sale)
+  if sale.amount <= SERVE_FIRST_UP_TO then return "async" end
+  return "sync"
+end
+
 function P.on_settle_failure(txn)
-  tollgate.log("warn", "metered call " .. txn.id .. " could not be settled: " .. (txn.reason or "unknown"))
+  local msg = "metered call " .. txn.id .. " could not be settled: " .. (txn.reason or "unknown")
+  if txn.error ~= nil then msg = msg .. ": " .. txn.error end
+  -- An x402/t402 payment names who owes the call (served first: see P.settle).
+  if txn.payer ~= nil then msg = msg .. " (payer " .. txn.payer .. " on " .. (txn.network or "?") .. ")" end
+  tollgate.log("warn", msg)
 end
 
 local CALL = { uri = "https://api.example/v1/quotes/ACME", model = "use", amount = 2000, currency = "USD" }
 local EXPORT = { uri = "https://api.example/v1/export/quotes", model = "use", amount = 2000, currency = "USD" }
 local FREE = { ["X-Tier"] = "free" }
+local function sale(amount)
+  return { amount = amount, currency = "USD", network = "eip155:84532", scheme = "exact",
+           asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e", payer = "0x857b06519E91e3A54538791bDbb0E22373e36b66" }
+end
 
 P.fixtures = {
   { name = "status is open", hook = "skip", req = { path = "/v1/status" }, expect = { true } },
@@ -110,6 +134,12 @@ P.fixtures = {
     txn = { id = "t1", amount = 2000, currency = "USD", ai_id = "bot-1" }, expect = { "deferred" } },
   { name = "exports are not", hook = "on_billing_timeout",
     txn = { id = "t2", amount = 20000, currency = "USD", ai_id = "bot-1" }, expect = { "reject" } },
+  { name = "a call is served, then settled", hook = "settle",
+    req = { path = "/v1/quotes/ACME" }, sale = sale(2000), expect = { "async" } },
+  { name = "one cent still is", hook = "settle",
+    req = { path = "/v1/quotes/ACME" }, sale = sale(SERVE_FIRST_UP_TO), expect = { "async" } },
+  { name = "an export is settled first", hook = "settle",
+    req = { path = "/v1/export/quotes" }, sale = sale(20000), expect = { "sync" } },
 }
 
 return P

@@ -8,7 +8,7 @@
 #include "config/config.h"
 
 /* Per-tenant Lua policies: hooks the request pipeline calls (skip,
- * rate_limit, price, on_billing_timeout, on_settle_failure), run in the
+ * rate_limit, price, on_billing_timeout, on_settle_failure, settle), run in the
  * sandbox of lua/tollgate/sandbox.lua (embedded in the binary), each call
  * bounded in time and each Lua state in memory. The policy API for operators
  * is in policies/README.md; the Lua side of the contract at the top of
@@ -81,6 +81,7 @@ typedef enum {
   TG_POLICY_HOOK_PRICE,
   TG_POLICY_HOOK_ON_BILLING_TIMEOUT,
   TG_POLICY_HOOK_ON_SETTLE_FAILURE,
+  TG_POLICY_HOOK_SETTLE,          /* x402/t402: settle before or after serving */
   TG_POLICY_NHOOKS
 } tg_policy_hook_t;
 
@@ -157,8 +158,23 @@ typedef struct tg_policy_txn {
   const char *billing_ref;        /* raw: the policy only ever sees it redacted ("****1234") */
   uint32_t items, attempts;
   const char *reason;             /* "timeout", "error", ... */
+  /* An x402/t402 settlement (on_settle_failure); NULL (nil) on the Connect
+   * path. network a CAIP-2 chain id ("eip155:84532"), payer the paying
+   * address, transaction the settlement's transaction hash when one was
+   * sent, error the facilitator's or the chain's reason. */
+  const char *network, *payer, *transaction, *error;
   const char *request_id;         /* for logs only */
 } tg_policy_txn_t;
+
+/* What an x402/t402 payment settles, for the settle hook (the sale view). */
+typedef struct tg_policy_sale {
+  int64_t amount;                 /* the price paid, atomic units (micro-USD for USD/USDC) */
+  const char *currency;           /* the price's currency: "USD" */
+  const char *network;            /* CAIP-2 chain id: "eip155:84532" */
+  const char *asset;              /* the token's contract address: "0x036C..." */
+  const char *payer;              /* the paying address: "0x..." */
+  const char *scheme;             /* the payment scheme: "exact" */
+} tg_policy_sale_t;
 
 /* ---- Results */
 
@@ -177,6 +193,9 @@ typedef struct tg_policy_price {
 } tg_policy_price_t;
 
 typedef enum { TG_POLICY_BILLING_REJECT = 0, TG_POLICY_BILLING_DEFERRED } tg_policy_billing_t;
+
+/* SYNC: settle, then serve; ASYNC: serve, then settle. */
+typedef enum { TG_POLICY_SETTLE_SYNC = 0, TG_POLICY_SETTLE_ASYNC } tg_policy_settle_t;
 
 /* ---- Registry (main thread) */
 
@@ -296,7 +315,9 @@ typedef struct tg_policy_comparison {
    *   {"fixture":{"of":"live"|"candidate","index":N,"name":"..."?},"hook":"price",
    *    "live":R,"candidate":R}
    * R the checked results as a list ([15000,"USD"], [] for nil, [true]) or
-   * {"error":"..."} for a failed call. Owned: tg_policy_comparisons_free. */
+   * {"error":"..."} for a failed call; a version without a settle hook
+   * answers ["default"] (the tenant's configured mode, which a comparison
+   * does not know). Owned: tg_policy_comparisons_free. */
   struct json_t *differences;
 } tg_policy_comparison_t;
 
@@ -400,8 +421,9 @@ bool tg_policy_has_hook(const tg_policy_state_t *st, tg_policy_hook_t hook);
  * result filled, TG_POLICY_ERR_NOHOOK with the default policy's result
  * filled (skip: false; rate_limit: not limited; price: the offer's amount and
  * currency, 0 for model "free", not for sale without a currency;
- * on_billing_timeout: reject), or another TG_POLICY_ERR_* with err filled and
- * the result zeroed. err may be NULL. */
+ * on_billing_timeout: reject; settle: the caller's default, see below), or
+ * another TG_POLICY_ERR_* with err filled and the result zeroed. err may be
+ * NULL. */
 int tg_policy_skip(tg_policy_state_t *st, const tg_policy_req_t *req, bool *skip,
                    tg_policy_error_t *err);
 int tg_policy_rate_limit(tg_policy_state_t *st, const tg_policy_req_t *req,
@@ -412,6 +434,17 @@ int tg_policy_on_billing_timeout(tg_policy_state_t *st, const tg_policy_txn_t *t
                                  tg_policy_billing_t *out, tg_policy_error_t *err);
 int tg_policy_on_settle_failure(tg_policy_state_t *st, const tg_policy_txn_t *txn,
                                 tg_policy_error_t *err);
+
+/* Whether an x402/t402 payment is settled before the resource is served
+ * (SYNC) or after it (ASYNC): the policy's settle(req, sale) returns "sync"
+ * or "async". Unlike the hooks above, the answer without the hook is the
+ * caller's: TG_POLICY_ERR_NOHOOK with *out = dflt (the tenant's configured
+ * mode; the default policy defines no settle). Any other failure (a result
+ * that is not "sync" or "async" is TG_POLICY_ERR_TYPE) leaves *out = SYNC:
+ * settling first is the closed side, nothing is served unpaid. */
+int tg_policy_settle(tg_policy_state_t *st, const tg_policy_req_t *req,
+                     const tg_policy_sale_t *sale, tg_policy_settle_t dflt,
+                     tg_policy_settle_t *out, tg_policy_error_t *err);
 
 /* The embedded copy of lua/<name> (e.g. "tollgate/sandbox.lua"), or NULL. */
 const char *tg_policy_embedded(const char *name, size_t *len);

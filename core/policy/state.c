@@ -43,8 +43,8 @@
 #define PREFAULT_STEP (256u << 10)
 
 static const char *const hook_names[TG_POLICY_NHOOKS] = {
-    "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure"};
-static const char *const view_names[TG_NVIEWS] = {"req", "offer", "txn"};
+    "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure", "settle"};
+static const char *const view_names[TG_NVIEWS] = {"req", "offer", "txn", "sale"};
 
 const char *tg_policy_hook_name(tg_policy_hook_t hook) {
   return (unsigned)hook < TG_POLICY_NHOOKS ? hook_names[hook] : "?";
@@ -550,7 +550,10 @@ static const char *const req_fields[] = {"method", "path", "query", "host", "ten
 static const char *const offer_fields[] = {"uri", "model", "amount", "currency", "purposes",
                                            "lastmod", "license_url", NULL};
 static const char *const txn_fields[] = {"id", "tenant", "amount", "currency", "ai_id",
-                                         "billing_ref", "items", "attempts", "reason", NULL};
+                                         "billing_ref", "items", "attempts", "reason",
+                                         "network", "payer", "transaction", "error", NULL};
+static const char *const sale_fields[] = {"amount", "currency", "network", "asset", "payer",
+                                          "scheme", NULL};
 
 static int field_index(const char *const *names, const char *k, size_t len) {
   for (int i = 0; names[i]; i++)
@@ -664,6 +667,23 @@ static int txn_index(lua_State *L, const tg_policy_txn_t *t, int f) {
   case 6: lua_pushnumber(L, t->items); break;
   case 7: lua_pushnumber(L, t->attempts); break;
   case 8: push_str(L, t->reason); break;
+  case 9: push_str(L, t->network); break;
+  case 10: push_str(L, t->payer); break;
+  case 11: push_str(L, t->transaction); break;
+  case 12: push_str(L, t->error); break;
+  default: lua_pushnil(L);
+  }
+  return 1;
+}
+
+static int sale_index(lua_State *L, const tg_policy_sale_t *s, int f) {
+  switch (f) {
+  case 0: lua_pushnumber(L, (lua_Number)s->amount); break;
+  case 1: push_str(L, s->currency); break;
+  case 2: push_str(L, s->network); break;
+  case 3: push_str(L, s->asset); break;
+  case 4: push_str(L, s->payer); break;
+  case 5: push_str(L, s->scheme); break;
   default: lua_pushnil(L);
   }
   return 1;
@@ -690,6 +710,8 @@ static int l_view_index(lua_State *L) {
   }
   case TG_VIEW_OFFER:
     return offer_index(L, v->data, field_index(offer_fields, k, len));
+  case TG_VIEW_SALE:
+    return sale_index(L, v->data, field_index(sale_fields, k, len));
   default:
     return txn_index(L, v->data, field_index(txn_fields, k, len));
   }
@@ -1311,6 +1333,10 @@ static bool result_ok(lua_State *L, int hook) {
     const char *v = lua_type(L, 1) == LUA_TSTRING ? lua_tostring(L, 1) : NULL;
     return v && (strcmp(v, "reject") == 0 || strcmp(v, "deferred") == 0);
   }
+  case TG_POLICY_HOOK_SETTLE: {
+    const char *v = lua_type(L, 1) == LUA_TSTRING ? lua_tostring(L, 1) : NULL;
+    return v && (strcmp(v, "sync") == 0 || strcmp(v, "async") == 0);
+  }
   default:
     return true;
   }
@@ -1483,5 +1509,23 @@ int tg_policy_on_settle_failure(tg_policy_state_t *st, const tg_policy_txn_t *tx
   int rc = finish(st, TG_POLICY_HOOK_ON_SETTLE_FAILURE, 1, txn->request_id, err);
   if (rc == 0)
     lua_settop(st->L, 0);
+  return rc;
+}
+
+int tg_policy_settle(tg_policy_state_t *st, const tg_policy_req_t *req,
+                     const tg_policy_sale_t *sale, tg_policy_settle_t dflt,
+                     tg_policy_settle_t *out, tg_policy_error_t *err) {
+  *out = TG_POLICY_SETTLE_SYNC;
+  if (!begin(st, TG_POLICY_HOOK_SETTLE, req, TG_VIEW_REQ, sale, TG_VIEW_SALE)) {
+    *out = dflt == TG_POLICY_SETTLE_ASYNC ? TG_POLICY_SETTLE_ASYNC : TG_POLICY_SETTLE_SYNC;
+    return nohook(err);
+  }
+  int rc = finish(st, TG_POLICY_HOOK_SETTLE, 2, req->request_id, err);
+  if (rc == 0) {
+    const char *v = lua_tostring(st->L, 2);
+    if (v && strcmp(v, "async") == 0)
+      *out = TG_POLICY_SETTLE_ASYNC;
+    lua_settop(st->L, 0);
+  }
   return rc;
 }

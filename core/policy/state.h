@@ -24,7 +24,7 @@ typedef struct tg_pstate_cfg {
   size_t memory_limit;
 } tg_pstate_cfg_t;
 
-enum { TG_VIEW_REQ = 0, TG_VIEW_OFFER, TG_VIEW_TXN, TG_NVIEWS };
+enum { TG_VIEW_REQ = 0, TG_VIEW_OFFER, TG_VIEW_TXN, TG_VIEW_SALE, TG_NVIEWS };
 
 typedef struct tg_pview {
   int kind;

@@ -14,7 +14,8 @@
 --     hook of both versions with the fixture's views and its `now`, and
 --     compares the checked results. A hook a version does not define answers
 --     as in the gateway: opts.default's hook (the default policy), else the C
---     runtime's answer (skip false, no rate limit, nothing).
+--     runtime's answer (skip false, no rate limit, nothing; settle "default":
+--     the tenant's configured mode, which is not known here).
 --       opts.tenant, opts.version  tollgate.tenant and .version of both
 --       opts.default               { source =, chunkname = } or nil
 --       opts.now()                 the clock for fixtures without `now`: read
@@ -82,7 +83,7 @@ end
 
 local function input_key(f)
   local out = {}
-  canon({ f.hook, f.req, f.offer, f.txn, f.now }, 0, out)
+  canon({ f.hook, f.req, f.offer, f.txn, f.now, f.sale }, 0, out)
   return tconcat(out)
 end
 
@@ -98,6 +99,9 @@ local NO_HOOK = {
   end,
   on_billing_timeout = function() return "reject" end,
   on_settle_failure = function() end,
+  -- The gateway settles as the tenant's configuration says: a decision of
+  -- its own, apart from "sync" and "async".
+  settle = function() return "default" end,
 }
 
 local function pack(...)

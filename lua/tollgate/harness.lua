@@ -39,12 +39,16 @@
 --       fixtures      false: do not run the policy's fixtures on load (the
 --                     gateway always does, and refuses the policy if one fails)
 --       modules       what require() may return (default: tollgate.money)
+--       settle_default  "sync" or "async": what p:settle answers when the policy
+--                     has no settle hook (the gateway: the tenant's configured
+--                     mode; default "sync")
 --
 --   p:skip(req) -> true | false
 --   p:rate_limit(req) -> key, rate, burst | nothing
 --   p:price(offer, req) -> amount, currency | nothing
 --   p:on_billing_timeout(txn) -> "reject" | "deferred"
 --   p:on_settle_failure(txn) -> nothing
+--   p:settle(req, sale) -> "sync" | "async"
 --     Arguments are plain tables (the builders below, or any table of view
 --     fields, checked as sandbox.views checks them) or nil (an empty one).
 --     Results are what the gateway uses. A runtime error, a timeout, a
@@ -54,7 +58,7 @@
 --     "error", "timeout", "memory", "type" (the policy_errors_total kinds).
 --     A hook the policy does not define answers as in the gateway: the
 --     default policy's answer (skip false, no rate limit, the catalog price,
---     billing timeout "reject").
+--     billing timeout "reject"; settle: opts.settle_default).
 --   p:call(hook, ...) -> true, results... | false, message, kind  (no raise)
 --   p:has(hook)       -> true when the policy defines the hook itself
 --   p:fixtures()      -> number of fixtures run; raises on the first failure
@@ -88,8 +92,10 @@
 --     kind inferred as the sandbox does ("connect" when an AI-system field
 --     or rpc is given, else "http"). A given uri replaces the default host
 --     and path; a given User-Agent header, the default user_agent.
---   harness.offer{...} / harness.txn{...} -> plain tables with
---     harness.DEFAULTS filled in, checked against the view's fields.
+--   harness.offer{...} / harness.txn{...} / harness.sale{...} -> plain tables
+--     with harness.DEFAULTS filled in, checked against the view's fields.
+--     harness.sale is an x402/t402 payment of 15000 micro-USD in USDC on
+--     Base Sepolia, scheme "exact".
 --   harness.NONE as a value removes a default (not uri, host, path, method
 --     or rpc of http/connect: the gateway always sets them).
 --
@@ -227,6 +233,9 @@ M.DEFAULTS = {
             currency = "USD" },
   txn = { id = "txn-test-1", amount = 15000, currency = "USD", ai_id = "ai-test",
           billing_ref = "****1234", items = 1, attempts = 1, reason = "timeout" },
+  sale = { amount = 15000, currency = "USD", network = "eip155:84532",
+           asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+           payer = "0x857b06519E91e3A54538791bDbb0E22373e36b66", scheme = "exact" },
 }
 
 local function copy(t)
@@ -397,6 +406,7 @@ end
 
 M.offer = builder("offer")
 M.txn = builder("txn")
+M.sale = builder("sale")
 
 ---------------------------------------------------------------------------
 -- Bounds: time by a count hook, memory by the heap's growth
@@ -576,6 +586,12 @@ compile = function(source, name, opts)
     load_time_limit = positive(opts.load_time_limit, M.LOAD_TIME_LIMIT, "load_time_limit"),
     memory_limit = positive(opts.memory_limit, M.MEMORY_LIMIT, "memory_limit"),
   }, Policy)
+  local settle_default = opts.settle_default
+  if settle_default == nil then settle_default = "sync" end
+  if settle_default ~= "sync" and settle_default ~= "async" then
+    error('harness: settle_default must be "sync" or "async"', 3)
+  end
+  self.settle_default = settle_default
   local now = opts.now
   if type(now) == "number" then
     self.now = now
@@ -670,6 +686,7 @@ local NO_HOOK = {
   end,
   on_billing_timeout = function() return "reject" end,
   on_settle_failure = function() end,
+  settle = function() end, -- stands for the policy's settle_default (Policy:call)
 }
 
 function Policy:has(hook)
@@ -709,6 +726,10 @@ function Policy:call(hook, a, b)
     views[i], expire[i] = expiring_view(kind, v)
   end
   local fn = self.policy[hook] or (self.default and self.default[hook]) or NO_HOOK[hook]
+  if fn == NO_HOOK.settle then
+    local mode = self.settle_default
+    fn = function() return mode end
+  end
 
   -- bounded: (true, invoke's results) or (false, message, kind); invoke:
   -- (true, results...) or (false, reason) for a wrong return type.
@@ -745,6 +766,10 @@ end
 
 function Policy:on_settle_failure(txn)
   raise_or_return(self:call("on_settle_failure", txn))
+end
+
+function Policy:settle(req, sale)
+  return raise_or_return(self:call("settle", req, sale))
 end
 
 function Policy:fixtures()

@@ -29,11 +29,11 @@
 --                                             the allocator refused memory, so a policy
 --                                             cannot swallow its own timeout)
 --     The returned policy is a new plain table: the hook functions found
---     (skip, rate_limit, price, on_billing_timeout, on_settle_failure) and
---     `fixtures` (a list, possibly empty). Later changes the policy makes to
---     its own table do not reach it.
+--     (skip, rate_limit, price, on_billing_timeout, on_settle_failure,
+--     settle) and `fixtures` (a list, possibly empty). Later changes the
+--     policy makes to its own table do not reach it.
 --
---   sandbox.views.req(t, opts) / .offer(t, opts) / .txn(t, opts) -> view
+--   sandbox.views.req(t, opts) / .offer(t, opts) / .txn(t, opts) / .sale(t, opts) -> view
 --     Read-only views over plain tables shaped like the fields the gateway
 --     passes (see VIEW_FIELDS below); writing any field raises. req also takes
 --     `purpose` (shorthand for purposes = { purpose }) and `headers` (a map,
@@ -78,6 +78,8 @@
 --                                                      currency [A-Za-z][A-Za-z0-9]{0,15})
 --       on_billing_timeout -> "reject" | "deferred"
 --       on_settle_failure  -> (nothing; the value is ignored)
+--       settle             -> "sync" | "async"        (nil too is an error: the gateway
+--                                                      then settles first)
 --     Values are returned normalized; an error is (nil, message) and is the
 --     only case where the first value is nil and a second one follows.
 --
@@ -94,7 +96,7 @@
 --     views and calls its hook (the C runtime resets the deadline there, and
 --     names the fixture, e.g. "fixture 2 'slow' (price)", when a limit hits),
 --     guard (as for load). A fixture is
---       { hook = "price", offer = {...}, req = {...}, txn = {...},
+--       { hook = "price", offer = {...}, req = {...}, txn = {...}, sale = {...},
 --         expect = { 15000, "USD" },   -- the normalized results, in order
 --         error = "substring",         -- instead of expect: the call must fail so
 --         now = 1700000000,            -- tollgate.now() during this fixture
@@ -152,7 +154,7 @@ local supper = string.upper
 local tconcat = table.concat
 local os_time, os_clock = os.time, os.clock
 
-M.HOOKS = { "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure" }
+M.HOOKS = { "skip", "rate_limit", "price", "on_billing_timeout", "on_settle_failure", "settle" }
 local IS_HOOK = {}
 for _, h in ipairs(M.HOOKS) do IS_HOOK[h] = true end
 
@@ -163,6 +165,7 @@ local HOOK_ARGS = {
   price = { "offer", "req" },
   on_billing_timeout = { "txn" },
   on_settle_failure = { "txn" },
+  settle = { "req", "sale" },
 }
 M.HOOK_ARGS = HOOK_ARGS
 
@@ -917,7 +920,11 @@ local VIEW_FIELDS = {
             purposes = "list", lastmod = "integer", license_url = "string" },
   txn = { id = "string", tenant = "string", amount = "integer", currency = "string",
           ai_id = "string", billing_ref = "string", items = "integer", attempts = "integer",
-          reason = "string" },
+          reason = "string", network = "string", payer = "string", transaction = "string",
+          error = "string" },
+  -- An x402/t402 payment about to be settled (the settle hook).
+  sale = { amount = "integer", currency = "string", network = "string", asset = "string",
+           payer = "string", scheme = "string" },
 }
 M.VIEW_FIELDS = VIEW_FIELDS
 
@@ -1354,6 +1361,7 @@ M.views = {
   req = function(t, opts) return build_view("req", t, opts) end,
   offer = function(t, opts) return build_view("offer", t, opts) end,
   txn = function(t, opts) return build_view("txn", t, opts) end,
+  sale = function(t, opts) return build_view("sale", t, opts) end,
 }
 
 -- A req as the gateway would hand it over, as a plain table: every field
@@ -1420,6 +1428,11 @@ function FINISH.on_settle_failure()
   return true
 end
 
+function FINISH.settle(v)
+  if v == "sync" or v == "async" then return true, v end
+  return false, 'expected "sync" or "async", got ' .. show(v)
+end
+
 M.finish = FINISH
 
 local function check_hook_name(hook)
@@ -1443,6 +1456,7 @@ M.invokers = {
   price = function(fn, offer, req) return FINISH.price(fn(offer, req)) end,
   on_billing_timeout = function(fn, txn) return FINISH.on_billing_timeout(fn(txn)) end,
   on_settle_failure = function(fn, txn) fn(txn) return true end,
+  settle = function(fn, req, sale) return FINISH.settle(fn(req, sale)) end,
 }
 
 function M.invoke(hook, fn, ...)
@@ -1662,8 +1676,8 @@ local function display_name(chunkname)
   return chunkname
 end
 
-local FIXTURE_KEYS = { hook = true, req = true, offer = true, txn = true, expect = true,
-                       error = true, now = true, name = true }
+local FIXTURE_KEYS = { hook = true, req = true, offer = true, txn = true, sale = true,
+                       expect = true, error = true, now = true, name = true }
 
 local function validate_fixtures(list)
   if list == nil then return {} end
@@ -1684,7 +1698,7 @@ local function validate_fixtures(list)
     if not IS_HOOK[hook] then
       return nil, "fixture " .. i .. ": hook must be one of " .. tconcat(M.HOOKS, ", ") .. ", got " .. show(hook)
     end
-    for _, k in ipairs({ "req", "offer", "txn", "expect" }) do
+    for _, k in ipairs({ "req", "offer", "txn", "sale", "expect" }) do
       local v = rawget(f, k)
       if v ~= nil and type(v) ~= "table" then
         return nil, "fixture " .. i .. ": " .. k .. " must be a table, got " .. type(v)

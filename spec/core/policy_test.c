@@ -128,6 +128,7 @@ static const char *const good_src =
     "  return 'reject'\n"
     "end\n"
     "function P.on_settle_failure(txn) tollgate.log('warn', 'settlement failed for ' .. txn.id) end\n"
+    "function P.settle(req, sale) return sale.amount <= 10000 and 'async' or 'sync' end\n"
     "P.fixtures = {\n"
     "  { hook = 'price', offer = { amount = 15000, currency = 'USD' },\n"
     "    req = { purposes = { 'ai-input', 'search' } }, expect = { 15000, 'USD' } },\n"
@@ -186,6 +187,11 @@ TEST(good_policy_hooks) {
   CHECK_INT(tg_policy_on_billing_timeout(st, &txn, &bill, &e), 0);
   CHECK_INT(bill, TG_POLICY_BILLING_REJECT);
   CHECK_INT(tg_policy_on_settle_failure(st, &txn, &e), 0);
+  tg_policy_sale_t sale = {.amount = 2000, .currency = "USD", .network = "eip155:84532",
+                           .asset = "0xA", .payer = "0xP", .scheme = "exact"};
+  tg_policy_settle_t mode = TG_POLICY_SETTLE_SYNC;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, &e), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
   for (int h = 0; h < TG_POLICY_NHOOKS; h++)
     CHECK(tg_policy_has_hook(st, (tg_policy_hook_t)h));
   tg_policy_release(st);
@@ -512,12 +518,14 @@ static void expect_type_error(int *tg_failed_, tg_policy_hook_t hook, const char
   tg_policy_req_t req = sample_req();
   tg_policy_offer_t offer = sample_offer();
   tg_policy_txn_t txn = {.id = "t", .amount = 1};
+  tg_policy_sale_t sale = {.amount = 1, .currency = "USD", .scheme = "exact"};
   tg_policy_error_t e;
   int rc = 0;
   bool skip;
   tg_policy_rate_t rl;
   tg_policy_price_t pr;
   tg_policy_billing_t bill;
+  tg_policy_settle_t mode = TG_POLICY_SETTLE_ASYNC;
   switch (hook) {
   case TG_POLICY_HOOK_SKIP: rc = tg_policy_skip(st, &req, &skip, &e); break;
   case TG_POLICY_HOOK_RATE_LIMIT: rc = tg_policy_rate_limit(st, &req, &rl, &e); break;
@@ -525,11 +533,16 @@ static void expect_type_error(int *tg_failed_, tg_policy_hook_t hook, const char
   case TG_POLICY_HOOK_ON_BILLING_TIMEOUT:
     rc = tg_policy_on_billing_timeout(st, &txn, &bill, &e);
     break;
+  case TG_POLICY_HOOK_SETTLE:
+    /* The default asked for is ASYNC: a failure must still answer SYNC. */
+    rc = tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e);
+    break;
   default: break;
   }
   tg_policy_release(st);
   fix_close(&f);
   CHECK_INT(rc, TG_POLICY_ERR_TYPE);
+  CHECK_INT(mode, hook == TG_POLICY_HOOK_SETTLE ? TG_POLICY_SETTLE_SYNC : TG_POLICY_SETTLE_ASYNC);
   snprintf(want, sizeof want, "policy news: %s: %s", tg_policy_hook_name(hook), reason);
   CHECK_STR(e.msg, want);
 }
@@ -577,6 +590,12 @@ TEST(garbage_return_types) {
              "expected \"reject\" or \"deferred\", got nil");
   TYPE_ERROR(TG_POLICY_HOOK_ON_BILLING_TIMEOUT, "true",
              "expected \"reject\" or \"deferred\", got true");
+  TYPE_ERROR(TG_POLICY_HOOK_SETTLE, "1", "expected \"sync\" or \"async\", got 1");
+  TYPE_ERROR(TG_POLICY_HOOK_SETTLE, "'later'", "expected \"sync\" or \"async\", got \"later\"");
+  TYPE_ERROR(TG_POLICY_HOOK_SETTLE, "{}", "expected \"sync\" or \"async\", got table");
+  TYPE_ERROR(TG_POLICY_HOOK_SETTLE, "nil", "expected \"sync\" or \"async\", got nil");
+  TYPE_ERROR(TG_POLICY_HOOK_SETTLE, "'SYNC'", "expected \"sync\" or \"async\", got \"SYNC\"");
+  CHECK(metrics_has("policy_errors_total{tenant_id=\"news\",hook=\"settle\",kind=\"type\"}"));
   CHECK(metrics_has("policy_errors_total{tenant_id=\"news\",hook=\"price\",kind=\"type\"}"));
 }
 
@@ -637,6 +656,155 @@ TEST(edge_results_are_accepted) {
   tg_policy_billing_t bill;
   CHECK_INT(tg_policy_on_billing_timeout(st, &txn, &bill, &e), 0);
   CHECK(bill == TG_POLICY_BILLING_DEFERRED);
+  tg_policy_release(st);
+  fix_close(&f);
+}
+
+/* ---- settle: x402/t402 settlement before or after serving */
+
+static const char *const settle_src =
+    "local P = {}\n"
+    "function P.settle(req, sale)\n"
+    "  if req.path == '/nilpayer' then return sale.payer == nil and 'async' or 'sync' end\n"
+    "  assert(tostring(sale) == 'sale' and getmetatable(sale) == nil and sale.nope == nil)\n"
+    "  assert(sale.currency == 'USD' and sale.network == 'eip155:84532' and sale.scheme == 'exact')\n"
+    "  assert(sale.asset == '0xA' and sale.payer == '0xP' and req.tenant == 'news')\n"
+    "  if req.path == '/raise' then error('boom') end\n"
+    "  if req.path == '/loop' then while true do end end\n"
+    "  if req.path == '/write' then sale.amount = 0 end\n"
+    "  if sale.amount <= 10000 then return 'async' end\n"
+    "  return 'sync'\n"
+    "end\n"
+    "return P\n";
+
+static tg_policy_sale_t sample_sale(int64_t amount) {
+  tg_policy_sale_t s = {.amount = amount, .currency = "USD", .network = "eip155:84532",
+                        .asset = "0xA", .payer = "0xP", .scheme = "exact"};
+  return s;
+}
+
+TEST(settle_hook_chooses_when_to_settle) {
+  tg_policy_options_t opt = {.time_limit_ms = 50};
+  fix_t f;
+  CHECK_INT(fix_open(&f, &opt, "stl", write_policy("settle", settle_src), NULL, NULL), 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "stl");
+  CHECK(st != NULL);
+  CHECK(tg_policy_has_hook(st, TG_POLICY_HOOK_SETTLE));
+  CHECK_STR(tg_policy_hook_name(TG_POLICY_HOOK_SETTLE), "settle");
+  tg_policy_req_t req = sample_req();
+  tg_policy_sale_t sale = sample_sale(2000);
+  tg_policy_settle_t mode = TG_POLICY_SETTLE_SYNC;
+  tg_policy_error_t e;
+
+  /* The answer is the policy's, whatever the default. */
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, &e), 0);
+  CHECK_INT(e.code, 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
+  sale.amount = 10000;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, &e), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
+  sale.amount = 10001;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_SYNC);
+  /* NULL fields are nil. */
+  req.path = "/nilpayer";
+  sale.payer = NULL;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, &e), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
+  sale = sample_sale(2000);
+
+  /* Failures answer SYNC (settle first), even with ASYNC as the default. */
+  req.path = "/raise";
+  mode = TG_POLICY_SETTLE_ASYNC;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e),
+            TG_POLICY_ERR_RUNTIME);
+  CHECK_INT(e.code, TG_POLICY_ERR_RUNTIME);
+  CHECK_INT(mode, TG_POLICY_SETTLE_SYNC);
+  char want[700];
+  snprintf(want, sizeof want, "policy stl: settle: %s:7: boom", policy_path_("settle"));
+  CHECK_STR(e.msg, want);
+  req.path = "/write";
+  mode = TG_POLICY_SETTLE_ASYNC;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e),
+            TG_POLICY_ERR_RUNTIME);
+  CHECK(strstr(e.msg, "attempt to modify read-only view 'sale' (field 'amount')") != NULL);
+  CHECK_INT(mode, TG_POLICY_SETTLE_SYNC);
+  req.path = "/loop";
+  mode = TG_POLICY_SETTLE_ASYNC;
+  double t0 = now_s();
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e),
+            TG_POLICY_ERR_TIMEOUT);
+  double took = now_s() - t0;
+  CHECK(took >= 0.045 && took < 0.5);
+  CHECK_STR(e.msg, "policy stl: settle: exceeded its time limit (50 ms)");
+  CHECK_INT(mode, TG_POLICY_SETTLE_SYNC);
+  /* The state answers the next call. */
+  req.path = "/articles/1";
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, &e), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
+  tg_policy_release(st);
+  fix_close(&f);
+
+  /* Every call is timed; failures are counted by kind, under hook "settle". */
+  CHECK(metrics_has("policy_hook_duration_seconds_count{tenant_id=\"stl\",hook=\"settle\"} 8\n"));
+  CHECK(metrics_has("policy_errors_total{tenant_id=\"stl\",hook=\"settle\",kind=\"error\"} 2\n"));
+  CHECK(metrics_has("policy_errors_total{tenant_id=\"stl\",hook=\"settle\",kind=\"timeout\"} 1\n"));
+}
+
+TEST(settle_without_the_hook_answers_the_callers_default) {
+  fix_t f;
+  const char *partial = write_policy("nosettle", "return { skip = function() return true end }");
+  CHECK_INT(fix_open(&f, NULL, "plain", NULL, "nosettle", partial), 0);
+  const char *const tenants[] = {"plain", "nosettle"};
+  for (int i = 0; i < 2; i++) {
+    tg_policy_state_t *st = tg_policy_acquire(f.rt, tenants[i]);
+    CHECK(st != NULL);
+    CHECK(!tg_policy_has_hook(st, TG_POLICY_HOOK_SETTLE)); /* the default policy has none */
+    tg_policy_req_t req = sample_req();
+    tg_policy_sale_t sale = sample_sale(2000);
+    tg_policy_settle_t mode = TG_POLICY_SETTLE_SYNC;
+    tg_policy_error_t e;
+    CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_ASYNC, &mode, &e),
+              TG_POLICY_ERR_NOHOOK);
+    CHECK_INT(e.code, TG_POLICY_ERR_NOHOOK);
+    CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
+    CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, NULL),
+              TG_POLICY_ERR_NOHOOK);
+    CHECK_INT(mode, TG_POLICY_SETTLE_SYNC);
+    tg_policy_release(st);
+  }
+  fix_close(&f);
+  /* No call ran: nothing timed. */
+  CHECK(!metrics_has("policy_hook_duration_seconds_count{tenant_id=\"plain\",hook=\"settle\"}"));
+}
+
+/* on_settle_failure serves an x402 settlement too: its fields are there,
+ * and nil on the Connect path, which does not set them. */
+TEST(on_settle_failure_sees_x402_fields) {
+  fix_t f;
+  const char *p = write_policy(
+      "x402fail", "return { on_settle_failure = function(txn)\n"
+                  "  if txn.id == 'x402' then\n"
+                  "    assert(txn.network == 'eip155:84532' and txn.payer == '0xP')\n"
+                  "    assert(txn.transaction == '0xT' and txn.error == 'insufficient_funds')\n"
+                  "    assert(txn.amount == 2000 and txn.currency == 'USD' and txn.reason == 'error')\n"
+                  "  else\n"
+                  "    assert(txn.network == nil and txn.payer == nil and txn.transaction == nil)\n"
+                  "    assert(txn.error == nil and txn.billing_ref == '****5678')\n"
+                  "  end\n"
+                  "end }\n");
+  CHECK_INT(fix_open(&f, NULL, "news", p, NULL, NULL), 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  tg_policy_error_t e;
+  tg_policy_txn_t x402 = {.id = "x402", .tenant = "news", .amount = 2000, .currency = "USD",
+                          .reason = "error", .network = "eip155:84532", .payer = "0xP",
+                          .transaction = "0xT", .error = "insufficient_funds"};
+  CHECK_INT(tg_policy_on_settle_failure(st, &x402, &e), 0);
+  tg_policy_txn_t connect = {.id = "c1", .tenant = "news", .amount = 1, .currency = "USD",
+                             .billing_ref = "acct-12345678", .reason = "error"};
+  CHECK_INT(tg_policy_on_settle_failure(st, &connect, &e), 0);
+  x402.transaction = "0xOther";
+  CHECK_INT(tg_policy_on_settle_failure(st, &x402, &e), TG_POLICY_ERR_RUNTIME);
   tg_policy_release(st);
   fix_close(&f);
 }
@@ -1431,6 +1599,76 @@ TEST(reload_validates_in_a_child_process) {
   /* Each refusal kept the version validated last. */
   tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
   CHECK_INT(price_of(st), 300);
+  tg_policy_release(st);
+  fix_close(&f);
+}
+
+/* Validation (tollgate check, start-up, a reload in the validator process)
+ * knows the hook, its view and its rules. */
+TEST(validation_knows_the_settle_hook) {
+  char err[TG_POLICY_MSG_LEN], want[700];
+  const char *p = write_policy(
+      "settle_ok", "return { settle = function(req, sale)\n"
+                   "    return sale.amount < 100 and 'async' or 'sync' end,\n"
+                   "  fixtures = {\n"
+                   "    { hook = 'settle', sale = { amount = 1, scheme = 'exact' }, expect = { 'async' } },\n"
+                   "    { hook = 'settle', req = { path = '/a' }, sale = { amount = 100 }, expect = { 'sync' } },\n"
+                   "  } }\n");
+  CHECK_INT(tg_policy_check_file(p, "news", NULL, err, sizeof err), 0);
+  tg_policy_summary_t sum;
+  CHECK_INT(tg_policy_check_file_summary(p, "news", NULL, &sum, err, sizeof err), 0);
+  CHECK(sum.hooks[TG_POLICY_HOOK_SETTLE]);
+  CHECK_INT(sum.fixtures, 2);
+
+  static const struct {
+    const char *src, *error;
+  } bad[] = {
+      {"return { settle = 'sync' }", "hook 'settle' must be a function, got string"},
+      {"return { settle = function() return 'later' end,\n"
+       "  fixtures = { { hook = 'settle', expect = { 'sync' } } } }",
+       "fixture 1 (settle): expected \"sync\" or \"async\", got \"later\""},
+      {"return { settle = function() return 'async' end,\n"
+       "  fixtures = { { hook = 'settle', expect = { 'sync' } } } }",
+       "fixture 1 (settle): expected {\"sync\"}, got {\"async\"}"},
+      {"return { settle = function() return 'sync' end,\n"
+       "  fixtures = { { hook = 'settle', sale = { amt = 1 }, expect = { 'sync' } } } }",
+       "fixture 1 (settle): sale: unknown field 'amt'"},
+      {"return { settle = function() return 'sync' end,\n"
+       "  fixtures = { { hook = 'settle', sale = { amount = 0.5 }, expect = { 'sync' } } } }",
+       "fixture 1 (settle): sale.amount: expected integer, got 0.5"},
+      {"return { settle = function() return 'sync' end, fixtures = { { hook = 'settle', sale = 5 } } }",
+       "fixture 1: sale must be a table, got number"},
+      {NULL, NULL}};
+  for (int i = 0; bad[i].src; i++) {
+    p = write_policy("settle_bad", bad[i].src);
+    int rc = tg_policy_check_file(p, "news", NULL, err, sizeof err);
+    if (rc != -EINVAL || strstr(err, bad[i].error) == NULL)
+      fprintf(stderr, "  bad %d: rc %d: %s\n", i, rc, err);
+    CHECK_INT(rc, -EINVAL);
+    CHECK(strstr(err, bad[i].error) != NULL);
+  }
+
+  /* A reload validated in the child process: refused, then published. */
+  const char *exe = tollgate_exe();
+  CHECK(exe != NULL);
+  p = write_policy("settle_child", "return { settle = function() return 'sync' end }");
+  fix_t f;
+  CHECK_INT(fix_open(&f, NULL, "news", p, NULL, NULL), 0);
+  tg_policy_set_validator(exe, 0);
+  write_policy("settle_child", "return { settle = 5 }");
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_FAILED);
+  snprintf(want, sizeof want, "%s: hook 'settle' must be a function, got number", p);
+  CHECK_STR(err, want);
+  write_policy("settle_child", "return { settle = function() return 'async' end,\n"
+                               "  fixtures = { { hook = 'settle', expect = { 'async' } } } }");
+  CHECK_INT(reload_one_tenant(&f, err, sizeof err), TG_POLICY_RELOAD_UPDATED);
+  tg_policy_set_validator(NULL, 0);
+  tg_policy_state_t *st = tg_policy_acquire(f.rt, "news");
+  tg_policy_req_t req = sample_req();
+  tg_policy_sale_t sale = sample_sale(1);
+  tg_policy_settle_t mode = TG_POLICY_SETTLE_SYNC;
+  CHECK_INT(tg_policy_settle(st, &req, &sale, TG_POLICY_SETTLE_SYNC, &mode, NULL), 0);
+  CHECK_INT(mode, TG_POLICY_SETTLE_ASYNC);
   tg_policy_release(st);
   fix_close(&f);
 }

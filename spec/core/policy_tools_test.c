@@ -444,3 +444,55 @@ TEST(check_file_summary) {
   CHECK_INT(tg_policy_check_file_summary(p, "news", NULL, &sum, err, sizeof err), -EINVAL);
   CHECK(strstr(err, ":4: unexpected symbol") != NULL);
 }
+
+/* settle is compared like the other hooks; a version without it answers
+ * "default" (the tenant's configured mode), so adding the hook shows. */
+TEST(comparison_and_summary_know_settle) {
+  const char *live = tmp_write("settle_live.lua", V1);
+  const char *cand = tmp_write(
+      "settle_cand.lua",
+      "local P = {}\n"
+      "function P.skip(req) return req.path == '/free' end\n"
+      "function P.price(offer, req) return 100, 'USD' end\n"
+      "function P.settle(req, sale) return sale.amount <= 10000 and 'async' or 'sync' end\n"
+      "P.fixtures = {\n"
+      "  { name = 'flat', hook = 'price', offer = { amount = 1, currency = 'USD' },\n"
+      "    expect = { 100, 'USD' } },\n"
+      "  { name = 'small', hook = 'settle', sale = { amount = 2000, currency = 'USD' },\n"
+      "    expect = { 'async' } },\n"
+      "  { name = 'large', hook = 'settle', sale = { amount = 20000, currency = 'USD' },\n"
+      "    expect = { 'sync' } },\n"
+      "}\n"
+      "return P\n");
+  tg_policy_comparison_t c;
+  CHECK_INT(tg_policy_compare_files(live, cand, "news", NULL, &c), 0);
+  CHECK_INT(c.status, TG_POLICY_DRY_VALID);
+  CHECK_STR(c.compare_error, "");
+  CHECK_INT(c.compared, 4); /* price (both), skip (live), the two settle inputs */
+  CHECK_INT(c.differing, 2);
+  json_t *d = difference(c.differences, "settle");
+  CHECK(d != NULL);
+  CHECK(json_is(json_object_get(d, "fixture"), "{\"of\":\"candidate\",\"index\":2,\"name\":\"small\"}"));
+  CHECK(json_is(json_object_get(d, "live"), "[\"default\"]"));
+  CHECK(json_is(json_object_get(d, "candidate"), "[\"async\"]"));
+  tg_policy_comparisons_free(&c, 1, false);
+
+  /* A candidate whose settle fails: an error, as the gateway would fail closed. */
+  const char *bad = tmp_write("settle_bad.lua",
+                              "return { settle = function(req, sale) return sale.amount end }\n");
+  CHECK_INT(tg_policy_compare_files(cand, bad, "news", NULL, &c), 0);
+  CHECK_INT(c.status, TG_POLICY_DRY_VALID); /* no fixture of its own catches it */
+  d = difference(c.differences, "settle");
+  CHECK(d != NULL);
+  CHECK(json_is(json_object_get(d, "live"), "[\"async\"]"));
+  CHECK(json_is(json_object_get(d, "candidate"), "{\"error\":\"expected \\\"sync\\\" or \\\"async\\\", got 2000\"}"));
+  tg_policy_comparisons_free(&c, 1, false);
+
+  tg_policy_summary_t sum;
+  char err[TG_POLICY_MSG_LEN];
+  CHECK_INT(tg_policy_check_file_summary(cand, "news", NULL, &sum, err, sizeof err), 0);
+  CHECK(sum.hooks[TG_POLICY_HOOK_SETTLE]);
+  CHECK_INT(sum.fixtures, 3);
+  CHECK_INT(tg_policy_check_file_summary(NULL, "news", NULL, &sum, err, sizeof err), 0);
+  CHECK(!sum.hooks[TG_POLICY_HOOK_SETTLE]); /* the default policy leaves it to the configuration */
+}

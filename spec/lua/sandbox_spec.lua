@@ -274,6 +274,22 @@ describe("sandbox.views", function()
     assert.has_error(function() sandbox.views.req({ purposes = { 1 } }) end,
       "req.purposes[1]: expected string, got number")
     assert.has_error(function() sandbox.views.txn({ id = 5 }) end, "txn.id: expected string, got 5")
+    assert.has_error(function() sandbox.views.sale({ amount = 0.5 }) end, "sale.amount: expected integer, got 0.5")
+    assert.has_error(function() sandbox.views.sale({ chain = "base" }) end, "sale: unknown field 'chain'")
+  end)
+
+  it("makes a read-only sale view, and txn with the x402 fields", function()
+    local sale = sandbox.views.sale({ amount = 2000, currency = "USD", network = "eip155:84532",
+                                      asset = "0xA", payer = "0xP", scheme = "exact" })
+    assert.are.equal(2000, sale.amount)
+    assert.are.equal("eip155:84532", sale.network)
+    assert.are.equal("sale", tostring(sale))
+    assert.has_error(function() sale.amount = 1 end, "attempt to modify read-only view 'sale' (field 'amount')")
+    local txn = sandbox.views.txn({ id = "t", payer = "0xP", network = "eip155:84532", transaction = "0xT",
+                                    error = "insufficient_funds" })
+    assert.are.equal("0xT", txn.transaction)
+    assert.are.equal("insufficient_funds", txn.error)
+    assert.is_nil(sandbox.views.txn({ id = "t" }).payer)
   end)
 end)
 
@@ -591,6 +607,21 @@ describe("sandbox.views.req, held to what the gateway produces", function()
     end)
   end)
 
+  for _, kind in ipairs({ "offer", "txn", "sale" }) do
+    it("has the fields of the C view (core/policy/state.c " .. kind .. "_fields)", function()
+      local f = assert(io.open("core/policy/state.c", "rb"))
+      local src = f:read("*a")
+      f:close()
+      local list = assert(src:match(kind .. "_fields%[%]%s*=%s*(%b{})"), kind .. "_fields not found")
+      local c, lua = {}, {}
+      for name in list:gmatch('"([%w_]+)"') do c[#c + 1] = name end
+      for k in pairs(sandbox.VIEW_FIELDS[kind]) do lua[#lua + 1] = k end
+      table.sort(c)
+      table.sort(lua)
+      assert.are.same(c, lua)
+    end)
+  end
+
   it("has the fields of the C view (core/policy/state.c req_fields)", function()
     local f = assert(io.open("core/policy/state.c", "rb"))
     local src = f:read("*a")
@@ -620,6 +651,8 @@ describe("sandbox.check_result", function()
     assert.are.equal(0, select("#", cr("price", nil)))
     assert.are.same({ "deferred" }, { cr("on_billing_timeout", "deferred") })
     assert.are.equal(0, select("#", cr("on_settle_failure", "anything")))
+    assert.are.same({ "sync" }, { cr("settle", "sync") })
+    assert.are.same({ "async" }, { cr("settle", "async") })
   end)
 
   it("refuses wrong types with the messages the C runtime reports", function()
@@ -639,6 +672,10 @@ describe("sandbox.check_result", function()
     bad("price", "expected currency code, got nil", 1)
     bad("price", 'expected currency code, got "U-S"', 1, "U-S")
     bad("on_billing_timeout", 'expected "reject" or "deferred", got nil', nil)
+    bad("settle", 'expected "sync" or "async", got nil', nil)
+    bad("settle", 'expected "sync" or "async", got "later"', "later")
+    bad("settle", 'expected "sync" or "async", got 1', 1)
+    bad("settle", 'expected "sync" or "async", got table', {})
     assert.has_error(function() cr("nope", 1) end, "unknown hook 'nope'")
   end)
 end)
@@ -653,6 +690,7 @@ describe("sandbox.run_fixtures", function()
         end,
         on_billing_timeout = function(txn) return txn.amount <= 5 and "deferred" or "reject" end,
         skip = function(req) return tollgate.now() > 100 end,
+        settle = function(req, sale) return sale.amount < 1000 and "async" or "sync" end,
         fixtures = {
           { hook = "price", offer = { amount = 7, currency = "USD" }, req = { purpose = "ai-train" },
             expect = { 70, "USD" } },
@@ -660,6 +698,8 @@ describe("sandbox.run_fixtures", function()
           { hook = "skip", now = 50, expect = { false } },
           { hook = "skip", now = 500, expect = { true } },
           { hook = "price", offer = { amount = 7 }, error = "expected currency code" },
+          { hook = "settle", sale = { amount = 7, scheme = "exact" }, expect = { "async" } },
+          { hook = "settle", req = { path = "/big" }, sale = { amount = 7000 }, expect = { "sync" } },
         },
       }
     ]])

@@ -46,6 +46,13 @@ describe("default policy", function()
     assert.are.equal("reject", p:on_billing_timeout(harness.txn()))
   end)
 
+  it("leaves settlement to the configuration: no settle hook", function()
+    assert.is_false(p:has("settle"))
+    assert.are.equal("sync", p:settle(harness.http(), harness.sale()))
+    local async = harness.load("lua/default_policy.lua", { tenant = "plain", settle_default = "async" })
+    assert.are.equal("async", async:settle(harness.http(), harness.sale()))
+  end)
+
   it("answers like a policy that defines no hooks at all", function()
     local empty = harness.load_string("return {}", "empty.lua")
     local cases = {

@@ -49,6 +49,20 @@ describe("harness builders", function()
     assert.has_error(function() harness.offer({ amount = 0.5 }) end,
       "harness.offer: offer.amount: expected integer, got 0.5")
     assert.has_error(function() harness.txn({ amount = "1" }) end)
+    assert.has_error(function() harness.sale({ amt = 1 }) end, "harness.sale: sale: unknown field 'amt'")
+    assert.has_error(function() harness.sale({ amount = 1.5 }) end,
+      "harness.sale: sale.amount: expected integer, got 1.5")
+  end)
+
+  it("make an x402 sale: 15000 micro-USD in USDC on Base Sepolia, scheme exact", function()
+    local s = harness.sale()
+    assert.are.equal(15000, s.amount)
+    assert.are.equal("USD", s.currency)
+    assert.are.equal("eip155:84532", s.network)
+    assert.are.equal("exact", s.scheme)
+    assert.truthy(s.asset:find("^0x%x+$"))
+    assert.truthy(s.payer:find("^0x%x+$"))
+    assert.is_nil(harness.sale({ payer = harness.NONE }).payer)
   end)
 end)
 
@@ -419,6 +433,54 @@ describe("harness hook calls", function()
     assert.are.same({ { level = "warn", message = "failed t9" } }, p.logs)
     p:clear_logs()
     assert.are.same({}, p.logs)
+  end)
+
+  it("call settle(req, sale) and check its answer", function()
+    local p = policy([[return {
+      settle = function(req, sale)
+        if req.path == "/n" then return 1 end
+        if req.path == "/later" then return "later" end
+        if req.path == "/t" then return {} end
+        if req.path == "/raise" then error("boom") end
+        if req.path == "/loop" then while true do end end
+        if req.path == "/write" then sale.amount = 0 end
+        assert(sale.network == "eip155:84532" and sale.scheme == "exact" and sale.currency == "USD")
+        return sale.amount <= 10000 and "async" or "sync"
+      end,
+    }]], { tenant = "news", name = "s.lua", time_limit = 0.05 })
+    assert.is_true(p:has("settle"))
+    assert.are.equal("async", p:settle(harness.http(), harness.sale({ amount = 2000 })))
+    assert.are.equal("sync", p:settle(harness.http(), harness.sale({ amount = 20000 })))
+    assert.are.equal("async", p:settle(harness.connect(), harness.sale({ amount = 1 })))
+    for path, got in pairs({ ["/n"] = "1", ["/later"] = '"later"', ["/t"] = "table" }) do
+      local ok, msg, kind = p:call("settle", harness.http({ path = path }), harness.sale())
+      assert.is_false(ok)
+      assert.are.equal("type", kind)
+      assert.are.equal('policy news: settle: expected "sync" or "async", got ' .. got, msg)
+    end
+    local ok, msg, kind = p:call("settle", harness.http({ path = "/raise" }), harness.sale())
+    assert.are.same({ false, "error" }, { ok, kind })
+    assert.truthy(msg:find("^policy news: settle: s.lua:6: boom"), msg)
+    ok, msg, kind = p:call("settle", harness.http({ path = "/write" }), harness.sale())
+    assert.are.equal("error", kind)
+    assert.truthy(msg:find("attempt to modify read-only view 'sale' (field 'amount')", 1, true), msg)
+    ok, msg, kind = p:call("settle", harness.http({ path = "/loop" }), harness.sale())
+    assert.are.equal("timeout", kind)
+    assert.are.equal("policy news: settle: exceeded its time limit (50 ms)", msg)
+    assert.has_error(function() p:settle(harness.http({ path = "/later" }), harness.sale()) end,
+      'policy news: settle: expected "sync" or "async", got "later"')
+    assert.are.equal("settle", p.last_error.hook)
+    assert.has_error(function() p:settle(harness.http(), { amt = 1 }) end, "harness: settle: sale: unknown field 'amt'")
+  end)
+
+  it("answer settle without the hook with settle_default, as the gateway with its configuration", function()
+    local p = policy("return {}")
+    assert.is_false(p:has("settle"))
+    assert.are.equal("sync", p:settle(harness.http(), harness.sale()))
+    p = policy("return {}", { settle_default = "async" })
+    assert.are.equal("async", p:settle(harness.http(), harness.sale()))
+    assert.has_error(function() policy("return {}", { settle_default = "later" }) end,
+      'harness: settle_default must be "sync" or "async"')
   end)
 
   it("take plain tables and nil as well as builders", function()

@@ -23,7 +23,7 @@ describe("metered_api policy", function()
   end
 
   it("passes its own fixtures", function()
-    assert.is_true(p:fixtures() >= 8)
+    assert.is_true(p:fixtures() >= 13)
   end)
 
   describe("skip", function()
@@ -132,5 +132,29 @@ describe("metered_api policy", function()
   it("logs settlement failures", function()
     p:on_settle_failure(harness.txn({ id = "t7", reason = "error" }))
     assert.are.same({ { level = "warn", message = "metered call t7 could not be settled: error" } }, p.logs)
+  end)
+
+  it("logs an x402 settlement failure with the payer and the chain's reason", function()
+    p:on_settle_failure(harness.txn({ id = "t8", reason = "error", error = "insufficient_funds",
+                                      payer = "0xabc", network = "eip155:84532", billing_ref = harness.NONE }))
+    assert.are.same({ { level = "warn", message = "metered call t8 could not be settled: error: " ..
+      "insufficient_funds (payer 0xabc on eip155:84532)" } }, p.logs)
+  end)
+
+  describe("settle", function()
+    local function settle(amount, path)
+      return p:settle(harness.http({ path = path or "/v1/quotes/ACME" }), harness.sale({ amount = amount }))
+    end
+
+    it("serves calls up to a cent first and settles after", function()
+      assert.are.equal("async", settle(2000))
+      assert.are.equal("async", settle(10000))
+      assert.are.equal("async", settle(0))
+    end)
+
+    it("settles larger sums, such as exports, before serving", function()
+      assert.are.equal("sync", settle(10001))
+      assert.are.equal("sync", settle(20000, "/v1/export/quotes"))
+    end)
   end)
 end)

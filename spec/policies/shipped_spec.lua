@@ -73,6 +73,8 @@ describe("shipped policies", function()
       end
       local ok, msg = p:call("on_billing_timeout", harness.txn({ ai_id = harness.NONE }))
       assert.is_true(ok, msg)
+      ok, msg = p:call("settle", anon, harness.sale({ payer = harness.NONE }))
+      assert.is_true(ok, msg)
     end)
   end
 end)
