@@ -575,17 +575,35 @@ static json_t *usage_report_json(const Ledger__V1__UsageReport *u, bool *bad) {
   return o;
 }
 
+/* A settlement record (pay/settleq.h). The facilitator body it carries holds
+ * the buyer's signed authorization: its size is shown, never its bytes. */
 static json_t *settlement_json(const Ledger__V1__Settlement *s, bool *bad) {
   json_t *o = json_object();
   if (o == NULL)
     return NULL;
   put(o, "id", str(s->id), bad);
+  put(o, "state", enum_json(&ledger__v1__settlement_state__descriptor, (int)s->state, "SETTLEMENT_STATE_"), bad);
+  put(o, "attempts", json_integer(s->attempts), bad);
   put(o, "tenant", str(s->tenant), bad);
   put(o, "network", str(s->network), bad);
+  put(o, "scheme", str(s->scheme), bad);
+  put(o, "asset", str(s->asset), bad);
   put(o, "payer", str(s->payer), bad);
+  put(o, "amount", str(s->amount), bad); /* atomic units, decimal: a uint256 does not fit a JSON integer */
+  put(o, "nonce", hex_json(&s->nonce), bad);
+  put(o, "valid_before", json_integer(s->valid_before), bad);
+  put(o, "request_id", str(s->request_id), bad);
   put(o, "transaction", str(s->transaction), bad);
-  put(o, "state", json_integer(s->state), bad);
-  put(o, "attempts", json_integer(s->attempts), bad);
+  put(o, "error", str(s->error), bad);
+  put(o, "facilitator", str(s->facilitator), bad);
+  if (s->next_attempt_unix_ms != 0) {
+    char at[96];
+    fmt_time(s->next_attempt_unix_ms, at, sizeof at);
+    put(o, "next_attempt", json_string(at), bad);
+  }
+  json_t *req = json_object();
+  put(req, "bytes", json_integer((json_int_t)s->request.len), bad);
+  put(o, "request", req, bad);
   return o;
 }
 

@@ -876,3 +876,89 @@ TEST(reads_while_retention_removes_segments) {
   CHECK(raced < runs);
   CHECK_INT(run("verify", "-c", s.conf, NULL).status, 0);
 }
+
+/* Settlement records (pay/settleq.h): every field but the signed body, the state by name. */
+static payload_t settlement(int64_t at, const char *id, uint32_t state, const char *tenant) {
+  Ledger__V1__Settlement s = LEDGER__V1__SETTLEMENT__INIT;
+  static uint8_t nonce[32];
+  for (int i = 0; i < 32; i++)
+    nonce[i] = (uint8_t)i;
+  s.id = (char *)id;
+  s.tenant = (char *)tenant;
+  s.network = "eip155:84532";
+  s.scheme = "exact";
+  s.asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+  s.payer = "0x857b06519E91e3A54538791bDbb0E22373e36b66";
+  s.amount = "123456789012345678901234567890"; /* past int64 */
+  s.valid_before = 1796551260;
+  s.request_id = "req-7";
+  s.state = state;
+  s.attempts = state == 1 ? 0 : 1;
+  if (state == 1) {
+    static const char body[] = "{\"paymentPayload\":{\"signature\":\"0xSIGNATURE_SECRET\"}}";
+    s.request.data = (uint8_t *)body;
+    s.request.len = sizeof body - 1;
+    s.nonce.data = nonce;
+    s.nonce.len = 32;
+  }
+  if (state == 5) {
+    s.error = "facilitator timed out";
+    s.next_attempt_unix_ms = at + 2000;
+  }
+  if (state == 3) {
+    s.transaction = "0xabcdef";
+    s.facilitator = "http://127.0.0.1:4021";
+  }
+  Ledger__V1__Record r = LEDGER__V1__RECORD__INIT;
+  r.at_unix_ms = at;
+  r.instance = "gw-1";
+  r.kind_case = LEDGER__V1__RECORD__KIND_SETTLEMENT;
+  r.settlement = &s;
+  return pack(&r);
+}
+
+TEST(cat_prints_settlements) {
+  site_t s;
+  site_init(&s, "settle");
+  const char *id = "st_00112233445566778899aabbccddeeff";
+  payload_t p[] = {
+      settlement(T0_MS, id, 1, "news"),        settlement(T0_MS + 1, id, 2, "news"),
+      settlement(T0_MS + 2, id, 5, "news"),    settlement(T0_MS + 3, id, 3, "news"),
+      settlement(T0_MS + 4, "st_x", 99, "blog"), /* a state a newer gateway wrote */
+  };
+  CHECK_INT(write_log(&s, 0, p, 5), 0);
+  result_t r = run("cat", "-c", s.conf, NULL);
+  CHECK_INT(r.status, 0);
+  CHECK_STR(r.err, "");
+  json_t *a = lines_of(r.out);
+  CHECK(a != NULL);
+  CHECK_INT(json_array_size(a), 5);
+  const char *states[] = {"pending", "attempt", "retry", "settled"};
+  for (size_t i = 0; i < 4; i++) {
+    json_t *j = json_array_get(a, i);
+    CHECK_STR(jstr(j, "kind"), "settlement");
+    CHECK_STR(jstr(j, "settlement.id"), id);
+    CHECK_STR(jstr(j, "settlement.state"), states[i]);
+    CHECK_STR(jstr(j, "settlement.tenant"), "news");
+    CHECK_STR(jstr(j, "settlement.amount"), "123456789012345678901234567890");
+  }
+  json_t *pending = json_object_get(json_array_get(a, 0), "settlement");
+  CHECK_STR(jstr(pending, "nonce"), "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f");
+  CHECK_STR(jstr(pending, "scheme"), "exact");
+  CHECK_STR(jstr(pending, "request_id"), "req-7");
+  CHECK_INT(json_integer_value(json_object_get(pending, "valid_before")), 1796551260);
+  CHECK_INT(json_integer_value(json_object_get(json_object_get(pending, "request"), "bytes")), 53);
+  CHECK_INT(json_integer_value(json_object_get(pending, "attempts")), 0);
+  json_t *retry = json_object_get(json_array_get(a, 2), "settlement");
+  CHECK_STR(jstr(retry, "error"), "facilitator timed out");
+  CHECK_STR(jstr(retry, "next_attempt"), "2026-12-06T10:00:02.002Z");
+  CHECK_STR(jstr(json_array_get(a, 3), "settlement.transaction"), "0xabcdef");
+  CHECK_STR(jstr(json_array_get(a, 3), "settlement.facilitator"), "http://127.0.0.1:4021");
+  json_t *future = json_object_get(json_array_get(a, 4), "settlement");
+  CHECK(json_is_integer(json_object_get(future, "state")));
+  CHECK_INT(json_integer_value(json_object_get(future, "state")), 99);
+  json_decref(a);
+  CHECK(strstr(r.out, "SIGNATURE_SECRET") == NULL); /* the signed body stays in the log */
+  CHECK_STR(seqs_of(run("cat", "-c", s.conf, "--tenant", "blog", NULL).out), "5");
+  CHECK_INT(run("verify", "-c", s.conf, NULL).status, 0);
+}
