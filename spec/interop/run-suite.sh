@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Interop suite: the real tollgate binary against Node Connect clients.
+# Interop suite: the real tollgate binary against Node Connect clients, the CDN signers'
+# reference implementations, and the x402/t402 clients and facilitators on a local chain.
 # Usage: run-suite.sh <tollgate-binary> <build-dir>
 # Prints node's TAP output, then one line "N passed, N failed, N skipped". Exits non-zero on failure.
 set -uo pipefail
@@ -22,6 +23,8 @@ command -v protoc >/dev/null || fail_setup "protoc is not installed (Debian pack
 command -v openssl >/dev/null || fail_setup "openssl is not installed (Debian package openssl)"
 # The metrics test runs promtool: without it that test fails, so say why up front.
 command -v promtool >/dev/null || fail_setup "promtool is not installed (Debian package prometheus)"
+# The x402 test shares a Redis between two gateway instances (its own, on a free port).
+command -v redis-server >/dev/null || fail_setup "redis-server is not installed (Debian package redis-server)"
 
 cd "$here" || fail_setup "cannot enter $here"
 # npm ci only when the installed tree is missing or older than the lock file; a package
@@ -41,7 +44,7 @@ protoc --plugin=protoc-gen-es=node_modules/.bin/protoc-gen-es \
 mkdir -p "$build_dir"
 log="$build_dir/interop.tap"
 rm -rf "$build_dir/interop-logs"
-TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js eip3009.test.js 2>&1 | tee "$log"
+TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js eip3009.test.js x402.test.js 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 # node's closing counts: "# pass N", "# fail N", "# cancelled N", "# skipped N", "# todo N".
