@@ -41,6 +41,12 @@ typedef struct conn conn_t;
  * client that never reads would hold its slot forever. */
 enum conn_phase { PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_WAIT, PHASE_SEND };
 
+/* A streamed answer may hold this much output (taken, not yet written to
+ * the socket) before tg_http_stream_write asks its producer to pause, and is
+ * told to go on once its output is down to the low mark. */
+#define STREAM_HIGH_WATER (256 * 1024)
+#define STREAM_LOW_WATER (64 * 1024)
+
 typedef struct req_priv {
   tg_http_req_t pub;      /* first: handlers see only this part */
   conn_t *conn;           /* NULL once the connection is gone (answer dropped) */
@@ -49,6 +55,21 @@ typedef struct req_priv {
   unsigned done : 1;      /* answer serialized */
   unsigned keep_alive : 1;
   unsigned head_method : 1;
+  /* A streamed answer (tg_http_stream_start): its head and the body so far
+   * go to out while earlier answers are pending, to the connection's write
+   * buffer once it is the oldest. */
+  unsigned streaming : 1;
+  unsigned chunked : 1;     /* body framed as chunks */
+  unsigned close_delim : 1; /* body ends with the connection (HTTP/1.0, length unknown) */
+  unsigned no_body : 1;     /* HEAD, 204, 304: body bytes are dropped */
+  unsigned want_drain : 1;  /* a write answered 1: tell the producer when output is low */
+  unsigned in_notify : 1;   /* on the worker's notify list */
+  int64_t cl_left;          /* body bytes still owed under Content-Length; -1 when not framed so */
+  void (*on_drain)(void *ud);
+  void *drain_ud;
+  void (*on_abort)(void *ud);
+  void *abort_ud;
+  struct req_priv *nprev, *nnext; /* worker's notify list */
 } req_priv_t;
 
 typedef struct listener {
@@ -120,6 +141,7 @@ struct conn {
   unsigned in_execute : 1;
   unsigned resuming : 1;        /* inside conn_resume */
   unsigned resume_again : 1;    /* the output drained meanwhile: resume once more */
+  unsigned reset_on_close : 1;  /* a close-delimited stream was cut: RST, not a clean FIN */
   /* The client's address, formatted into each request (req->peer). */
   uint8_t peer_family;    /* AF_INET, AF_INET6, or 0 when unknown */
   uint16_t peer_port;
@@ -159,6 +181,11 @@ struct worker_priv {
   uint32_t heap_len, heap_cap;
   uv_timer_t conn_timer;
   uint64_t timer_due;         /* loop time conn_timer is armed for; 0 when not armed */
+  /* Streams whose producer is to be told something (output drained, client
+   * gone): told from notify_idle, never inside a call of theirs. */
+  uv_idle_t notify_idle;
+  req_priv_t *notify_head, *notify_tail;
+  uint64_t stream_peak;       /* largest output a stream held (mirrors server->stream_peak) */
   conn_rx_t *rx_spare;
   uint32_t nrx_spare;
   uint32_t nbuf_spare;
@@ -177,6 +204,7 @@ struct tg_server {
   uv_sem_t started;
   uint32_t grace_ms;
   _Atomic uint64_t connections;
+  _Atomic uint64_t stream_peak;
   uint32_t id_salt;
 };
 
@@ -190,6 +218,9 @@ static void worker_finish(worker_priv_t *w);
 static void conn_resume(conn_t *c);
 static void queue_error(conn_t *c, int status, const char *msg);
 static void on_write(uv_write_t *wr, int status);
+static void notify_remove(worker_priv_t *w, req_priv_t *r);
+static void notify_add(worker_priv_t *w, req_priv_t *r);
+static void stream_check(conn_t *c);
 
 /* ---- helpers ---- */
 
@@ -613,8 +644,24 @@ static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
 }
 
 static void req_free(req_priv_t *r) {
+  if (r->in_notify)
+    notify_remove((worker_priv_t *)r->pub.worker, r);
   tg_buf_free(&r->out);
   free(r);
+}
+
+/* r's connection is going away, or r is cut from its queue: an answer
+ * already serialized is dropped; a request still with its producer is
+ * orphaned, and a producer that asked (tg_http_stream_on_abort) is told. */
+static void req_orphan(req_priv_t *r) {
+  r->next = NULL;
+  if (r->done) {
+    req_free(r);
+    return;
+  }
+  r->conn = NULL;
+  if (r->on_abort)
+    notify_add((worker_priv_t *)r->pub.worker, r);
 }
 
 /* Moves finished answers at the head of the queue into the write buffer. */
@@ -635,6 +682,17 @@ static void drain_queue(conn_t *c) {
     c->queued--;
     c->unsent++;
     req_free(r);
+  }
+  /* A stream now the oldest: what it produced meanwhile goes out, and the
+   * rest of it is written straight to wbuf. */
+  req_priv_t *r = c->qhead;
+  if (r && r->streaming && r->out.len) {
+    buf_take(c->worker, &c->wbuf);
+    if (tg_buf_append(&c->wbuf, r->out.data, r->out.len) != 0) {
+      conn_close(c);
+      return;
+    }
+    tg_buf_free(&r->out);
   }
 }
 
@@ -699,6 +757,338 @@ void tg_http_respond_json(tg_http_req_t *req, int status, json_t *body) {
   }
   tg_http_respond_simple(req, status, "application/json", text, strlen(text));
   free(text);
+}
+
+/* ---- streamed answers ---- */
+
+static void on_notify(uv_idle_t *h);
+
+static void notify_add(worker_priv_t *w, req_priv_t *r) {
+  if (r->in_notify)
+    return;
+  r->in_notify = 1;
+  r->nnext = NULL;
+  r->nprev = w->notify_tail;
+  if (w->notify_tail)
+    w->notify_tail->nnext = r;
+  else
+    w->notify_head = r;
+  w->notify_tail = r;
+  if (!w->finished)
+    uv_idle_start(&w->notify_idle, on_notify);
+}
+
+static void notify_remove(worker_priv_t *w, req_priv_t *r) {
+  if (!r->in_notify)
+    return;
+  r->in_notify = 0;
+  if (r->nprev)
+    r->nprev->nnext = r->nnext;
+  else
+    w->notify_head = r->nnext;
+  if (r->nnext)
+    r->nnext->nprev = r->nprev;
+  else
+    w->notify_tail = r->nprev;
+  r->nprev = r->nnext = NULL;
+}
+
+/* Output a stream holds in our buffers: its own while earlier answers are
+ * pending, the connection's once it is the oldest. */
+static size_t stream_held(const conn_t *c, const req_priv_t *r) {
+  return c->qhead == r ? c->wbuf.len + c->inflight.len : r->out.len;
+}
+
+/* Tells the producers on the list at entry (not those added meanwhile: a
+ * callback may add more, which wait for the next loop turn). */
+static void notify_run(worker_priv_t *w) {
+  size_t n = 0;
+  for (req_priv_t *r = w->notify_head; r; r = r->nnext)
+    n++;
+  while (n-- > 0 && w->notify_head) {
+    req_priv_t *r = w->notify_head;
+    notify_remove(w, r);
+    if (r->conn == NULL) {
+      /* The client went away: the request goes, then its producer hears. */
+      void (*cb)(void *) = r->on_abort;
+      void *ud = r->abort_ud;
+      req_free(r);
+      if (cb)
+        cb(ud);
+      continue;
+    }
+    conn_t *c = r->conn;
+    if (!r->want_drain || r->done || c->closing || stream_held(c, r) > STREAM_LOW_WATER)
+      continue;
+    r->want_drain = 0;
+    if (r->on_drain)
+      r->on_drain(r->drain_ud);
+  }
+  if (w->notify_head == NULL)
+    uv_idle_stop(&w->notify_idle);
+}
+
+static void on_notify(uv_idle_t *h) { notify_run(h->data); }
+
+/* After output moved: the oldest answer, when a paused stream, may go on. */
+static void stream_check(conn_t *c) {
+  req_priv_t *r = c->qhead;
+  if (c->closing || r == NULL || !r->streaming || !r->want_drain || r->done)
+    return;
+  if (stream_held(c, r) <= STREAM_LOW_WATER)
+    notify_add(c->worker, r);
+}
+
+/* Where r's next bytes go. NULL when out of memory. */
+static tg_buf_t *stream_dest(conn_t *c, req_priv_t *r) {
+  if (c->qhead != r)
+    return &r->out;
+  buf_take(c->worker, &c->wbuf);
+  return &c->wbuf;
+}
+
+static void stream_flush(conn_t *c) {
+  if (!c->in_execute)
+    conn_flush(c);
+}
+
+/* Removes r (not done) from its connection's queue together with every
+ * request after it, which are orphaned: nothing more may follow a cut or a
+ * close-delimited body on this connection. */
+static void queue_cut_after(conn_t *c, req_priv_t *r) {
+  req_priv_t *q = r->next;
+  r->next = NULL;
+  c->qtail = r;
+  while (q) {
+    req_priv_t *next = q->next;
+    c->queued--;
+    req_orphan(q);
+    q = next;
+  }
+}
+
+int tg_http_stream_start(tg_http_req_t *req, int status, const tg_http_header_t *headers,
+                         size_t nheaders, int64_t content_length) {
+  req_priv_t *r = (req_priv_t *)req;
+  conn_t *c = r->conn;
+  if (c == NULL) {
+    req_free(r);
+    return -ECONNRESET;
+  }
+  if (r->streaming || r->done)
+    return -EINVAL;
+  int bad = status < 200 || status > 599;
+  for (size_t i = 0; !bad && i < nheaders; i++)
+    bad = !header_ok(&headers[i]);
+  if (bad) {
+    r->on_abort = NULL;
+    static const char oops[] = "internal error: invalid response\n";
+    tg_http_respond_simple(req, 500, "text/plain; charset=utf-8", oops, sizeof oops - 1);
+    return -EINVAL;
+  }
+  worker_priv_t *w = c->worker;
+  r->no_body = r->head_method || status == 204 || status == 304;
+  r->cl_left = -1;
+  int announce_length = 0;
+  if (status != 204 && status != 304 && content_length >= 0) {
+    announce_length = 1;
+    if (!r->head_method)
+      r->cl_left = content_length;
+  } else if (!r->no_body) {
+    if (r->pub.http_minor >= 1)
+      r->chunked = 1;
+    else
+      r->close_delim = 1;
+  }
+  int close = !r->keep_alive || w->draining || c->stop_reading || r->close_delim;
+  const char *reason = tg_http_reason(status);
+  size_t reason_len = strlen(reason);
+  size_t need = 16 + reason_len + w->date_len + 96;
+  bool wrap = false;
+  for (size_t i = 0; i < nheaders && !wrap; i++)
+    wrap = __builtin_add_overflow(need, headers[i].name_len, &need) ||
+           __builtin_add_overflow(need, headers[i].value_len, &need) ||
+           __builtin_add_overflow(need, (size_t)4, &need);
+  tg_buf_t *out = stream_dest(c, r);
+  if (wrap || tg_buf_reserve(out, need) != 0) {
+    conn_close(c); /* no answer would shift every later one onto the wrong request */
+    req_free(r);   /* orphaned by the close; the caller hears it here, not from on_abort */
+    return -ENOMEM;
+  }
+  char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
+                  (char)('0' + status % 10), ' '};
+  tg_buf_append(out, "HTTP/1.1 ", 9);
+  tg_buf_append(out, code, 4);
+  tg_buf_append(out, reason, reason_len);
+  tg_buf_append(out, "\r\n", 2);
+  tg_buf_append(out, w->date_hdr, w->date_len);
+  tg_buf_append(out, "Server: tollgate\r\n", 18);
+  for (size_t i = 0; i < nheaders; i++) {
+    tg_buf_append(out, headers[i].name, headers[i].name_len);
+    tg_buf_append(out, ": ", 2);
+    tg_buf_append(out, headers[i].value, headers[i].value_len);
+    tg_buf_append(out, "\r\n", 2);
+  }
+  if (announce_length) {
+    char cl[48] = "Content-Length: ";
+    size_t k = 16 + u64_to_dec((uint64_t)content_length, cl + 16);
+    memcpy(cl + k, "\r\n", 2);
+    tg_buf_append(out, cl, k + 2);
+  } else if (r->chunked) {
+    tg_buf_append(out, "Transfer-Encoding: chunked\r\n", 28);
+  }
+  if (close) {
+    tg_buf_append(out, "Connection: close\r\n\r\n", 21);
+    c->stop_reading = 1;
+    c->close_when_done = 1;
+    if (r->close_delim)
+      queue_cut_after(c, r);
+  } else if (r->pub.http_minor == 0) {
+    tg_buf_append(out, "Connection: keep-alive\r\n\r\n", 26);
+  } else {
+    tg_buf_append(out, "\r\n", 2);
+  }
+  r->streaming = 1;
+  stream_flush(c);
+  return 0;
+}
+
+int tg_http_stream_write(tg_http_req_t *req, const void *data, size_t len) {
+  req_priv_t *r = (req_priv_t *)req;
+  conn_t *c = r->conn;
+  if (c == NULL || c->closing)
+    return -ECONNRESET;
+  if (!r->streaming || r->done)
+    return -EINVAL;
+  if (len == 0 || r->no_body)
+    return 0;
+  if (r->cl_left >= 0) {
+    if ((uint64_t)len > (uint64_t)r->cl_left)
+      return -E2BIG;
+    r->cl_left -= (int64_t)len;
+  }
+  tg_buf_t *out = stream_dest(c, r);
+  int rc = 0;
+  if (r->chunked) {
+    static const char hex[] = "0123456789abcdef";
+    char size[24];
+    size_t k = sizeof size;
+    size[--k] = '\n';
+    size[--k] = '\r';
+    for (size_t v = len; v; v >>= 4)
+      size[--k] = hex[v & 15];
+    rc = tg_buf_reserve(out, sizeof size - k + len + 2);
+    if (rc == 0) {
+      tg_buf_append(out, size + k, sizeof size - k);
+      tg_buf_append(out, data, len);
+      tg_buf_append(out, "\r\n", 2);
+    }
+  } else {
+    rc = tg_buf_append(out, data, len);
+  }
+  if (rc != 0) {
+    /* Skipping bytes would corrupt the body: the client gets a cut. */
+    conn_close(c);
+    return -ENOMEM;
+  }
+  stream_flush(c);
+  if (c->closing)
+    return -ECONNRESET;
+  size_t held = stream_held(c, r);
+  worker_priv_t *w = c->worker;
+  if (held > w->stream_peak) {
+    w->stream_peak = held;
+    uint64_t cur = atomic_load_explicit(&w->server->stream_peak, memory_order_relaxed);
+    while (cur < held && !atomic_compare_exchange_weak_explicit(&w->server->stream_peak, &cur, held,
+                                                                memory_order_relaxed,
+                                                                memory_order_relaxed))
+      ;
+  }
+  if (held >= STREAM_HIGH_WATER) {
+    r->want_drain = 1;
+    return 1;
+  }
+  return 0;
+}
+
+void tg_http_stream_on_drain(tg_http_req_t *req, void (*cb)(void *ud), void *ud) {
+  req_priv_t *r = (req_priv_t *)req;
+  r->on_drain = cb;
+  r->drain_ud = ud;
+}
+
+void tg_http_stream_on_abort(tg_http_req_t *req, void (*cb)(void *ud), void *ud) {
+  req_priv_t *r = (req_priv_t *)req;
+  r->on_abort = cb;
+  r->abort_ud = ud;
+  if (r->conn == NULL && cb) /* already gone: told on the next loop turn */
+    notify_add((worker_priv_t *)r->pub.worker, r);
+  else if (cb == NULL && r->in_notify && r->conn == NULL)
+    notify_remove((worker_priv_t *)r->pub.worker, r);
+}
+
+/* The stream ends without a clean end: whatever of it went out is followed
+ * by nothing but the end of the connection (an RST where that end would
+ * otherwise read as the end of the body). */
+static void stream_abort(conn_t *c, req_priv_t *r) {
+  c->stop_reading = 1;
+  c->close_when_done = 1;
+  queue_cut_after(c, r);
+  if (c->qhead == r) {
+    c->qhead = c->qtail = NULL;
+    if (r->close_delim)
+      c->reset_on_close = 1;
+  } else {
+    req_priv_t *p = c->qhead;
+    while (p->next != r)
+      p = p->next;
+    p->next = NULL;
+    c->qtail = p;
+  }
+  c->queued--;
+  req_free(r);
+  stream_flush(c);
+}
+
+int tg_http_stream_end(tg_http_req_t *req, bool ok) {
+  req_priv_t *r = (req_priv_t *)req;
+  conn_t *c = r->conn;
+  if (c == NULL) {
+    req_free(r);
+    return -ECONNRESET;
+  }
+  if (!r->streaming || r->done)
+    return -EINVAL;
+  if (r->cl_left > 0)
+    ok = false; /* fewer bytes than announced */
+  if (!ok) {
+    stream_abort(c, r);
+    return 0;
+  }
+  if (r->chunked) {
+    tg_buf_t *out = stream_dest(c, r);
+    if (tg_buf_append(out, "0\r\n\r\n", 5) != 0) {
+      conn_close(c);
+      return -ENOMEM;
+    }
+  }
+  r->done = 1;
+  r->want_drain = 0;
+  if (r->in_notify)
+    notify_remove(c->worker, r);
+  if (c->qhead == r) {
+    c->qhead = r->next;
+    if (c->qhead == NULL)
+      c->qtail = NULL;
+    c->queued--;
+    c->unsent++;
+    req_free(r);
+  }
+  drain_queue(c);
+  if (c->closing)
+    return 0;
+  stream_flush(c);
+  return 0;
 }
 
 /* Appends r to the connection's answer queue (answers leave in this order). */
@@ -838,7 +1228,14 @@ static void conn_after_flush(conn_t *c) {
     conn_close(c);
 }
 
+static void conn_flush_out(conn_t *c);
+
 static void conn_flush(conn_t *c) {
+  conn_flush_out(c);
+  stream_check(c);
+}
+
+static void conn_flush_out(conn_t *c) {
   if (c->closing)
     return;
   if (c->writing) /* on_write flushes again */
@@ -1577,11 +1974,7 @@ static void conn_close(conn_t *c) {
   req_priv_t *r = c->qhead;
   while (r) {
     req_priv_t *next = r->next;
-    r->next = NULL;
-    if (r->done)
-      req_free(r);
-    else
-      r->conn = NULL;
+    req_orphan(r);
     r = next;
   }
   c->qhead = c->qtail = NULL;
@@ -1595,7 +1988,9 @@ static void conn_close(conn_t *c) {
   w->nconns--;
   atomic_fetch_sub_explicit(&w->server->connections, 1, memory_order_relaxed);
   heap_remove(w, c);
-  uv_close((uv_handle_t *)&c->handle, conn_handle_closed);
+  /* A close-delimited body that was cut must not end like a whole one. */
+  if (!c->reset_on_close || uv_tcp_close_reset(&c->handle, conn_handle_closed) != 0)
+    uv_close((uv_handle_t *)&c->handle, conn_handle_closed);
 }
 
 /* The parse state may be in use until here: conn_close can run inside a
@@ -1720,12 +2115,17 @@ static void worker_finish(worker_priv_t *w) {
     return;
   w->finished = 1;
   tg_server_t *s = w->server;
+  /* Producers of streams cut by the stop hear of it before the application
+   * frees what they use. */
+  while (w->notify_head)
+    notify_run(w);
   if (s->cfg.on_worker_stop && w->start_rc == 0)
     s->cfg.on_worker_stop(&w->pub, s->cfg.ud);
   uv_close((uv_handle_t *)&w->grace_timer, NULL);
   uv_close((uv_handle_t *)&w->date_timer, NULL);
   uv_close((uv_handle_t *)&w->conn_timer, NULL);
   uv_close((uv_handle_t *)&w->stop_async, NULL);
+  uv_close((uv_handle_t *)&w->notify_idle, NULL);
   worker_free_spares(w);
 }
 
@@ -1983,6 +2383,8 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
     uv_timer_init(&w->loop, &w->conn_timer);
     w->conn_timer.data = w;
     uv_unref((uv_handle_t *)&w->conn_timer); /* connections keep the loop alive, not their deadlines */
+    uv_idle_init(&w->loop, &w->notify_idle);
+    w->notify_idle.data = w;
     update_date(w);
     uv_timer_start(&w->date_timer, on_date_timer, 1000, 1000);
     uv_unref((uv_handle_t *)&w->date_timer);
@@ -2038,6 +2440,7 @@ fail_threads:
     uv_close((uv_handle_t *)&w->grace_timer, NULL);
     uv_close((uv_handle_t *)&w->date_timer, NULL);
     uv_close((uv_handle_t *)&w->conn_timer, NULL);
+    uv_close((uv_handle_t *)&w->notify_idle, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     for (size_t li = 0; li < nl; li++)
       if (w->listeners && w->listeners[li].fd >= 0)
@@ -2060,6 +2463,10 @@ int tg_server_port(const tg_server_t *s, size_t i) {
 
 uint64_t tg_server_connections(const tg_server_t *s) {
   return atomic_load_explicit(&s->connections, memory_order_relaxed);
+}
+
+uint64_t tg_server_stream_peak(const tg_server_t *s) {
+  return atomic_load_explicit(&s->stream_peak, memory_order_relaxed);
 }
 
 void tg_server_stop(tg_server_t *s, uint32_t grace_ms) {

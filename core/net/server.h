@@ -1,6 +1,7 @@
 #ifndef TG_HTTP_SERVER_H
 #define TG_HTTP_SERVER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -105,6 +106,60 @@ void tg_http_respond_simple(tg_http_req_t *req, int status, const char *content_
  * reference to body (NULL answers 500: a json_* constructor failed). */
 void tg_http_respond_json(tg_http_req_t *req, int status, json_t *body);
 
+/* Streamed answers: the head now, the body as it is produced, for bodies
+ * that are not held whole (net/proxy.h). The request itself was read whole
+ * (max_body_bytes) before the handler ran; only the answer streams.
+ *
+ *   tg_http_stream_start   the status and headers, under the same rules as
+ *                          tg_http_respond (Date and Server are added;
+ *                          Content-Length, Transfer-Encoding and Connection
+ *                          must not be passed). content_length >= 0 is
+ *                          announced and must then be written exactly; -1
+ *                          (unknown) frames the body as chunks for HTTP/1.1
+ *                          and by the end of the connection for HTTP/1.0 (the
+ *                          connection then closes, and nothing pipelined
+ *                          after the request is answered). A HEAD request,
+ *                          a 204 and a 304 carry no body: writes are dropped
+ *                          (HEAD still announces content_length when >= 0).
+ *   tg_http_stream_write   copies len bytes. Returns 0; 1 when the stream now
+ *                          holds 256 KiB or more of unwritten output (the
+ *                          bytes were taken: pause the source until on_drain);
+ *                          -E2BIG when more than content_length would be
+ *                          written (nothing taken); -ECONNRESET or -ENOMEM
+ *                          when the client is gone (nothing taken; on_abort
+ *                          follows unless tg_http_stream_end comes first).
+ *   tg_http_stream_on_drain  cb runs once the output held is down to 64 KiB
+ *                          after a write answered 1.
+ *   tg_http_stream_on_abort  cb runs when the client goes away before the
+ *                          answer is ended (also before it started: a
+ *                          handler may register it while it waits for its
+ *                          source). req is freed before cb runs: the
+ *                          producer stops and never touches req again.
+ *   tg_http_stream_end     ok: the body is complete (a short Content-Length
+ *                          body counts as not ok). Not ok: the answer was
+ *                          cut; answers before it are still written, then the
+ *                          connection closes (reset for a close-delimited
+ *                          body, so the client never reads a cut as whole).
+ *                          After it req is not used again. Returns 0, or
+ *                          negative when the client was already gone.
+ *
+ * Answers keep request order: a stream behind pending answers holds its
+ * output (and answers 1 at the high mark) until those are written. Every
+ * callback runs on the worker thread from the loop, never inside a
+ * tg_http_* call, and never after tg_http_stream_end or after the request
+ * was freed. A stream's output counts towards the connection's send
+ * deadline (idle_timeout_ms without write progress closes it). The handler
+ * uses either tg_http_respond or the stream calls for a request; a
+ * negative tg_http_stream_start (-ECONNRESET: the client is gone; -EINVAL:
+ * bad status or header, a 500 was sent instead; -ENOMEM) has finished the
+ * request. Worker thread only. */
+int tg_http_stream_start(tg_http_req_t *req, int status, const tg_http_header_t *headers,
+                         size_t nheaders, int64_t content_length);
+int tg_http_stream_write(tg_http_req_t *req, const void *data, size_t len);
+void tg_http_stream_on_drain(tg_http_req_t *req, void (*cb)(void *ud), void *ud);
+void tg_http_stream_on_abort(tg_http_req_t *req, void (*cb)(void *ud), void *ud);
+int tg_http_stream_end(tg_http_req_t *req, bool ok);
+
 /* Reason phrase for a status code ("OK", "Not Found", ...). */
 const char *tg_http_reason(int status);
 
@@ -150,6 +205,11 @@ int tg_server_port(const tg_server_t *s, size_t i);
 
 /* Number of open connections across workers (approximate while running). */
 uint64_t tg_server_connections(const tg_server_t *s);
+
+/* The most output any streamed answer held at once (bytes taken by
+ * tg_http_stream_write, not yet written to the socket), across workers since
+ * start: what a slow client costs a stream. */
+uint64_t tg_server_stream_peak(const tg_server_t *s);
 
 /* Graceful stop: closes listeners, lets in-flight requests finish for up to
  * grace_ms, then closes every connection, joins the workers and frees s.
