@@ -10,6 +10,7 @@
 #include "config/config.h"
 #include "gateway/gateway.h"
 #include "gateway/walcli.h"
+#include "pipeline/paywall.h"
 #include "base/log.h"
 #include "base/secret.h"
 #include "policy/policy.h"
@@ -119,6 +120,12 @@ int main(int argc, char **argv) {
       if (key_file && tg_secret_exposed(key_file))
         fprintf(stderr, "tollgate: warning: %s is readable by group or others; chmod 600 it\n", key_file);
       tg_signer_free(&s);
+    }
+    /* Each tenant's payments section, as the gateway reads it at start. */
+    if (tg_paywall_check_config(&cfg, err, sizeof err) != 0) {
+      fprintf(stderr, "tollgate: %s: %s\n", cfg.path, err);
+      tg_config_free(&cfg);
+      return 1;
     }
     /* The same warning `run` logs, where the operator checking will see it. */
     const char *secrets[] = {cfg.admin_token_file, cfg.redis.password_file};

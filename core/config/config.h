@@ -43,7 +43,9 @@
  *         signer = { type = "nginx_secure_link", base_url = "https://cdn.news.example",
  *                    key_file = "keys/news.key", ttl_s = 300 },
  *         billing = { type = "builtin" },
- *         payments = { x402 = { pay_to = "0x...", asset = "0x...", network = "eip155:84532" } } },
+ *         payments = { accepts = { { network = "eip155:84532", asset = "0x...", name = "USDC",
+ *                                    version = "2", pay_to = "0x..." } },
+ *                      facilitators = { "https://facilitator.example" } } },
  *     },
  *   }
  *
@@ -108,6 +110,9 @@
  *     and integers above 2^53 must be written as strings) or booleans; list
  *     items become "key.1", "key.2"; items are sorted by key. A key ending in
  *     "_file" is a path: resolved and checked like the others.
+ *     The payments section's keys are read by pay/payconf.h (HTTP 402:
+ *     accepted assets, facilitators, verification, settlement, serving) at
+ *     start and by `tollgate check`.
  *   - payments.x402.price is refused: prices come from the tenant's catalog
  *     (the RSL <amount>, atomic units) and its price hook, on HTTP exactly as
  *     on DiscoverResources (pipeline/quote.h).

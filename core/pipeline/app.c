@@ -11,6 +11,7 @@
 #include "catalog/offerkey.h"
 #include "ledger/record.h"
 #include "pipeline/owed.h"
+#include "pipeline/paywall.h"
 #include "pipeline/purchase.h"
 
 #include <string.h>
@@ -42,7 +43,7 @@ _Static_assert(TG_CONFIG_DEFAULT_POLICY_MEMORY_LIMIT == TG_POLICY_DEFAULT_MEMORY
 static tg_metric_t *m_decisions;
 
 void tg_app_decision(const char *tenant, bool connect, tg_decision_t d) {
-  static const char *const outcomes[TG_DECISION_N] = {"402", "429", "skip", "free", "403", "error"};
+  static const char *const outcomes[TG_DECISION_N] = {"402", "429", "skip", "free", "403", "error", "paid"};
   const char *labels[] = {tenant, connect ? "connect" : "http", outcomes[d]};
   tg_counter_add(m_decisions, labels, 1);
 }
@@ -89,6 +90,8 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
       return -ENOMEM;
     }
   app->offer_ttl_s = cfg->offer_ttl_s ? cfg->offer_ttl_s : TG_CONFIG_DEFAULT_OFFER_TTL_S;
+  if ((rc = tg_paywall_new(app, &app->pay, err, errlen)) != 0)
+    return rc;
   return tg_offerkey_load(&app->offer_keys, cfg->data_dir, err, errlen);
 }
 
@@ -101,6 +104,7 @@ void tg_app_clear(tg_app_t *app) {
   tg_prepaid_free(app->prepaid);
   tg_idem_free(app->idem);
   tg_owed_free(app->owed);
+  tg_paywall_free(app->pay);
   tg_ratelimit_redis_opts_clear(&app->ledger_redis);
   free(app->snapshot_path);
   if (app->signers) {
@@ -185,6 +189,8 @@ int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
     goto fail;
   }
   aw->policy_sync.data = aw;
+  if ((rc = tg_paywall_worker_start(aw, err, sizeof err)) != 0)
+    goto fail;
   return 0;
 fail:
   tg_log(TG_LOG_ERROR, "worker start failed", "reason", err, NULL);
@@ -194,6 +200,7 @@ fail:
 static void free_handle_data(uv_handle_t *h) { free(h->data); }
 
 static void worker_teardown(tg_app_t *app, tg_app_worker_t *aw) {
+  tg_paywall_worker_stop(aw); /* before the client its pools use */
   if (aw->httpc)
     tg_httpc_free(aw->httpc);
   if (aw->redis)
@@ -308,6 +315,8 @@ static int on_replay(void *arg, uint64_t seq, const void *payload, size_t len) {
   int rc = tg_prepaid_apply(app->prepaid, seq, payload, len);
   if (rc == 0)
     rc = tg_purchase_replay(app, seq, payload, len);
+  if (rc == 0)
+    rc = tg_paywall_replay(app->pay, seq, payload, len);
   return rc;
 }
 
@@ -554,9 +563,17 @@ static void ledger_retain(tg_app_t *app) {
     return;
   if (app->owed && tg_owed_count(app->owed) > 0)
     return;
+  /* Read the snapshot's sequence first: a settlement enters its book before
+   * its record can be durable, so one covered by it is in the book by then.
+   * The segments from the oldest settlement still owed stay (the queue is
+   * rebuilt from them). */
+  uint64_t covered = tg_prepaid_snapshot_seq(app->prepaid);
+  uint64_t oldest = tg_paywall_oldest_seq(app->pay);
+  if (oldest != 0 && oldest - 1 < covered)
+    covered = oldest - 1;
   uint32_t keep = l->idem_ttl_s ? l->idem_ttl_s : 86400;
   tg_wal_retain_stats_t st;
-  int rc = tg_wal_retain_keep(app->wal, tg_prepaid_snapshot_seq(app->prepaid), l->wal_retention_bytes,
+  int rc = tg_wal_retain_keep(app->wal, covered, l->wal_retention_bytes,
                               l->wal_retention_age_s, keep, &st);
   if (rc == 0 && st.removed_segments == 0)
     return;

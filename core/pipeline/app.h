@@ -50,6 +50,7 @@ typedef struct tg_app {
   struct tg_owed *owed;                   /* ledger.mode redis: captures not yet confirmed */
   tg_prepaid_redis_t *main_redis;         /* the main loop's, paying owed captures */
   tg_wal_client_t *main_wal;
+  struct tg_paywall *pay;                 /* HTTP 402 payments (pipeline/paywall.h); NULL: none */
 } tg_app_t;
 
 struct tg_app_worker {
@@ -66,6 +67,7 @@ struct tg_app_worker {
   tg_prepaid_redis_t *prepaid_redis;      /* ledger.mode redis: the shared balances */
   uv_timer_t drain;                       /* stopping: waits for the log's answers */
   uint64_t drain_until;
+  struct tg_paywall_worker *pay;          /* NULL when no tenant takes payments */
 };
 
 /* Builds the shared parts from cfg: policy registry (version is reported in
@@ -140,6 +142,7 @@ typedef enum {
   TG_DECISION_FREE,       /* "free": every offer priced at 0 */
   TG_DECISION_NOT_FOR_SALE, /* "403": no offer (not in catalog, prohibited, declined, ...) */
   TG_DECISION_ERROR,      /* "error": a policy failed, the request failed closed */
+  TG_DECISION_PAID,       /* "paid": an HTTP 402 payment was accepted and the resource served */
   TG_DECISION_N
 } tg_decision_t;
 

@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "base/money.h"
 #include "base/utf8.h"
+#include "pipeline/paywall.h"
 #include "pipeline/quote.h"
 #include "pipeline/view.h"
 
@@ -36,6 +37,15 @@ static const char *header_cb(void *ud, const char *name, size_t namelen, size_t 
 /* Answers with body as JSON (its reference is taken; NULL, a failed json_*
  * call, answers 500) plus at most one extra header, and ends the pass. Every
  * body is built with jansson: paths and ids come from the client. */
+/* Ends the pass without answering (someone else answers). */
+static void release(pass_t *p) {
+  if (p->st)
+    tg_policy_release(p->st);
+  if (p->catalog.handle)
+    tg_snapshot_release(p->aw->catalog_readers[p->ti], p->catalog);
+  free(p);
+}
+
 static void finish(pass_t *p, int status, const tg_http_header_t *extra, json_t *body) {
   if (extra == NULL) {
     tg_http_respond_json(p->http, status, body);
@@ -50,11 +60,7 @@ static void finish(pass_t *p, int status, const tg_http_header_t *extra, json_t 
       free(text);
     }
   }
-  if (p->st)
-    tg_policy_release(p->st);
-  if (p->catalog.handle)
-    tg_snapshot_release(p->aw->catalog_readers[p->ti], p->catalog);
-  free(p);
+  release(p);
 }
 
 static void fail_policy(pass_t *p, const tg_policy_error_t *err) {
@@ -123,6 +129,11 @@ static void priced(pass_t *p) {
       first = &q.offers[i];
   if (first == NULL) { /* every offer at nothing (a free license, or the hook's 0) */
     answer_free(p, TG_DECISION_FREE);
+    return;
+  }
+  if (tg_paywall_enabled(p->aw->app->pay, p->ti)) {
+    tg_paywall_priced(p->aw, p->tenant, p->http, p->st, &p->view, first);
+    release(p);
     return;
   }
   json_t *offers = json_array();

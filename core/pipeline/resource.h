@@ -7,11 +7,12 @@
 /* The HTTP path for a tenant's own resources (a request whose Host is one of
  * the tenant's hosts): skip -> rate_limit -> the quote (pipeline/quote.h: the
  * tenant's catalog and price hook, exactly as DiscoverResources quotes the
- * same URI), then the answer. Until the payment flow lands (the x402/t402
- * issue) a priced resource answers 402 with its offers in a JSON body, and
- * there is no origin to proxy to yet. An HTTP request names no usage
+ * same URI), then the answer. A tenant with a payments section hands a
+ * priced resource to the paywall (pipeline/paywall.h: the x402/t402
+ * challenge, payment, settlement and serving); a tenant without one answers
+ * 402 with its offers in a JSON body. An HTTP request names no usage
  * purpose, so it is served free only when every offer for it is priced at 0.
- *   402 {"error":"payment required","resource":PATH,"uri":URI,
+ *   402 {"error":"payment required","resource":PATH,"uri":URI,   (no payments section)
  *        "price":{"amount":"N","currency":C},            the first offer not free
  *        "offers":[{"model":M,"price":{...},"terms":{"permitted_purposes":[...],
  *                   "license_url":U}}],                  every offer, as Discover lists them

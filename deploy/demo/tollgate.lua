@@ -4,6 +4,25 @@
 -- Paths are relative to this folder. Try it with a Host header:
 --   curl -H 'Host: news.example' http://127.0.0.1:8080/healthz
 
+-- HTTP 402 payments (x402 v1/v2, t402) for both tenants: a test token on a
+-- local chain. `node spec/interop/lib/chain.js --demo` starts that chain
+-- (anvil, chain id 84532 = Base Sepolia's, so version 1 clients know it as
+-- "base-sepolia"), deploys the EIP-3009 test token at the address below and
+-- runs the real x402 facilitator on 127.0.0.1:4021; `node spec/interop/pay.js`
+-- pays with the real clients. Prices come from each tenant's catalog and
+-- policy (micro-USD); at 6 decimals one micro-USD is one atomic unit.
+local DEMO_PAYMENTS = {
+  accepts = {
+    { network = "eip155:84532", network_v1 = "base-sepolia",
+      asset = "0x5FbDB2315678afecb367f032d93F642f64180aa3", -- the test token (anvil's first deployment)
+      name = "USDC", version = "2",                         -- its EIP-712 domain
+      pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906", -- demo: put your wallet here
+      decimals = 6, max_timeout_s = 60 },
+  },
+  facilitators = { "http://127.0.0.1:4021" },
+  description = "Licensed content, paid per request",
+}
+
 return {
   listen = { { host = "127.0.0.1", port = 8080 } },
 
@@ -33,9 +52,10 @@ return {
       policy = "../../policies/news_publisher.lua",
       signer = { type = "nginx_secure_link", base_url = "http://127.0.0.1:8081",
                  key_file = "keys/news.key", ttl_s = 300 },
-      billing = { type = "builtin" } },
+      billing = { type = "builtin" },
+      payments = DEMO_PAYMENTS },
 
-    -- A metered API paid per call over x402 (Base Sepolia, test USDC), or
+    -- A metered API paid per call over x402 or t402 (the test token), or
     -- bought through the exchange and fetched from its Akamai-style edge.
     { name = "api",
       hosts = { "api.example" },
@@ -44,16 +64,7 @@ return {
       signer = { type = "akamai_edgeauth", base_url = "https://edge.api.example",
                  key_file = "keys/api.key", ttl_s = 120 },
       billing = { type = "builtin" },
-      payments = {
-        x402 = {
-          network = "eip155:84532",
-          asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e", -- USDC on Base Sepolia
-          extra = { name = "USDC", version = "2" },            -- its EIP-712 domain
-          pay_to = "0x000000000000000000000000000000000000dEaD", -- demo: put your wallet here
-          -- Prices come from rsl/api.xml and the policy's price hook, the
-          -- same for HTTP requests and DiscoverResources.
-          max_timeout_s = 60,
-        },
-      } },
+      payments = DEMO_PAYMENTS },
   },
 }
+

@@ -140,7 +140,9 @@ TEST(demo_config_loads) {
   CHECK_STR(tg_config_get(&news->signer, "type"), "nginx_secure_link");
   CHECK_STR(tg_config_get(&news->signer, "key_file"), TG_SOURCE_DIR "/deploy/demo/keys/news.key");
   CHECK_STR(tg_config_get(&news->billing, "type"), "builtin");
-  CHECK_INT(news->payments.nitems, 0);
+  /* Both demo tenants take HTTP 402 payments in the test token (flattened; pay/payconf.h reads it). */
+  CHECK_STR(tg_config_get(&news->payments, "accepts.1.network"), "eip155:84532");
+  CHECK_STR(tg_config_get(&news->payments, "facilitators.1"), "http://127.0.0.1:4021");
   CHECK_INT(cfg.ledger.naccounts, 1);
   if (cfg.ledger.naccounts == 1)
     CHECK_STR(cfg.ledger.accounts[0].billing_reference, "acct-demo");
@@ -150,14 +152,13 @@ TEST(demo_config_loads) {
   CHECK_STR(api->catalog_source, TG_SOURCE_DIR "/deploy/demo/rsl/api.xml");
   CHECK_STR(tg_config_get(&api->signer, "type"), "akamai_edgeauth");
   CHECK_STR(tg_config_get(&api->billing, "type"), "builtin");
-  CHECK_STR(tg_config_get(&api->payments, "x402.network"), "eip155:84532");
-  CHECK(tg_config_get(&api->payments, "x402.price") == NULL);
-  CHECK_STR(tg_config_get(&api->payments, "x402.extra.name"), "USDC");
-  const char *pay_to = tg_config_get(&api->payments, "x402.pay_to");
-  const char *asset = tg_config_get(&api->payments, "x402.asset");
+  CHECK_STR(tg_config_get(&api->payments, "accepts.1.network"), "eip155:84532");
+  CHECK_STR(tg_config_get(&api->payments, "accepts.1.name"), "USDC");
+  const char *pay_to = tg_config_get(&api->payments, "accepts.1.pay_to");
+  const char *asset = tg_config_get(&api->payments, "accepts.1.asset");
   CHECK(pay_to && strlen(pay_to) == 42 && strncmp(pay_to, "0x", 2) == 0);
   CHECK(asset && strlen(asset) == 42 && strncmp(asset, "0x", 2) == 0);
-  CHECK(tg_config_get(&api->payments, "x402") == NULL);
+  CHECK(tg_config_get(&api->payments, "accepts") == NULL);
 
   /* The demo token reads back as a clean string. */
   char *token = tg_config_read_token(&cfg, err, sizeof(err));
