@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <mbedtls/base64.h>
 #include <mbedtls/sha256.h>
 #include <mbedtls/version.h>
 
@@ -168,41 +167,22 @@ const char *tg_x402_challenge_amount(const tg_x402_challenge_t *c, size_t index)
 
 /* ---- payment ---- */
 
-static int b64_value(char c) {
-  if (c >= 'A' && c <= 'Z')
-    return c - 'A';
-  if (c >= 'a' && c <= 'z')
-    return c - 'a' + 26;
-  if (c >= '0' && c <= '9')
-    return c - '0' + 52;
-  if (c == '+')
-    return 62;
-  if (c == '/')
-    return 63;
-  return -1;
-}
-
 /* Standard base64, padded, one spelling; decoded into a malloc'd buffer. */
 static int unb64(const char *s, size_t n, unsigned char **out, size_t *olen, char *err, size_t errlen) {
-  if (n % 4 != 0)
-    return say(err, errlen, -EINVAL, "not base64: %zu characters is not a multiple of 4 (padding is required)", n);
-  size_t pad = s[n - 1] == '=' ? (s[n - 2] == '=' ? 2 : 1) : 0;
-  for (size_t i = 0; i < n - pad; i++)
-    if (b64_value(s[i]) < 0)
-      return say(err, errlen, -EINVAL, "not base64: byte 0x%02x at %zu (standard alphabet, no white space)",
-                 (unsigned char)s[i], i);
-  int last = b64_value(s[n - pad - 1]);
-  if ((pad == 1 && (last & 3) != 0) || (pad == 2 && (last & 15) != 0))
-    return say(err, errlen, -EINVAL, "not base64: the unused bits of the last character are not zero");
-  *out = malloc(n / 4 * 3 + 1);
-  if (*out == NULL)
+  size_t bad = 0;
+  if ((*out = malloc(n / 4 * 3 + 1)) == NULL)
     return say(err, errlen, -ENOMEM, "out of memory");
-  if (mbedtls_base64_decode(*out, n / 4 * 3 + 1, olen, (const unsigned char *)s, n) != 0) {
-    free(*out);
-    *out = NULL;
-    return say(err, errlen, -EINVAL, "not base64");
-  }
-  return 0;
+  int rc = tg_b64_decode(s, n, 0, 1, *out, n / 4 * 3 + 1, olen, &bad);
+  if (rc == 0)
+    return 0;
+  free(*out);
+  *out = NULL;
+  if (rc == -EDOM)
+    return say(err, errlen, -EINVAL, "not base64: %zu characters is not a multiple of 4 (padding is required)", n);
+  if (rc == -EBADMSG)
+    return say(err, errlen, -EINVAL, "not base64: the unused bits of the last character are not zero");
+  return say(err, errlen, -EINVAL, "not base64: byte 0x%02x at %zu (standard alphabet, no white space)",
+             (unsigned char)s[bad], bad);
 }
 
 /* An integer member k of o: 1 when present and an integer (value in *v), 0

@@ -91,3 +91,41 @@ TEST(url_decode_is_strict_and_undoes_encode) {
   CHECK_INT(tg_b64url_decode("", 0, back, sizeof back, &got), 0);
   CHECK_INT(got, 0);
 }
+
+/* The padded standard form (payment headers): undoes the encoder for every
+ * length; padding exactly where it goes, the standard alphabet only, unused
+ * bits zero; each refusal says which. */
+TEST(std_decode_is_strict_and_undoes_encode) {
+  uint8_t in[64], back[64];
+  char text[100];
+  for (int i = 0; i < 64; i++)
+    in[i] = (uint8_t)(i * 53 + 7);
+  for (size_t n = 0; n <= sizeof in; n++) {
+    size_t got = 999;
+    CHECK_INT(tg_b64_encode(in, n, 0, 1, text, sizeof text), 0);
+    size_t len = strlen(text);
+    CHECK_INT(tg_b64_decode(text, len, 0, 1, back, sizeof back, &got, NULL), 0);
+    CHECK_INT(got, n);
+    CHECK(memcmp(back, in, n) == 0);
+    if (n % 3 != 0) /* unpadded: refused */
+      CHECK_INT(tg_b64_decode(text, len - (3 - n % 3), 0, 1, back, sizeof back, &got, NULL), -EDOM);
+    if (n > 0)
+      CHECK_INT(tg_b64_decode(text, len, 0, 1, back, n - 1, &got, NULL), -ENOSPC);
+  }
+  size_t got, bad = 99;
+  CHECK_INT(tg_b64_decode("Zm9v", 4, 0, 1, back, sizeof back, &got, NULL), 0);
+  CHECK_INT(tg_b64_decode("Zg==", 4, 0, 1, back, sizeof back, &got, NULL), 0);
+  CHECK_INT(got, 1);
+  CHECK_INT(tg_b64_decode("Zh==", 4, 0, 1, back, sizeof back, &got, NULL), -EBADMSG);
+  CHECK_INT(tg_b64_decode("Zm-v", 4, 0, 1, back, sizeof back, &got, &bad), -EINVAL);
+  CHECK_INT(bad, 2);
+  CHECK_INT(tg_b64_decode("Zm+v", 4, 0, 1, back, sizeof back, &got, NULL), 0);
+  CHECK_INT(tg_b64_decode("Z=g=", 4, 0, 1, back, sizeof back, &got, &bad), -EINVAL);
+  CHECK_INT(tg_b64_decode("Z===", 4, 0, 1, back, sizeof back, &got, NULL), -EINVAL); /* a third = is misplaced */
+  CHECK_INT(tg_b64_decode("====", 4, 0, 1, back, sizeof back, &got, NULL), -EINVAL);
+  CHECK_INT(tg_b64_decode("Zm9v\n", 5, 0, 1, back, sizeof back, &got, NULL), -EDOM);
+  CHECK_INT(tg_b64_decode("Zm 9", 4, 0, 1, back, sizeof back, &got, &bad), -EINVAL);
+  CHECK_INT(bad, 2);
+  CHECK_INT(tg_b64_decode("", 0, 0, 1, back, sizeof back, &got, NULL), 0);
+  CHECK_INT(got, 0);
+}
