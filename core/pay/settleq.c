@@ -568,6 +568,17 @@ static int64_t backoff_ms(tg_settleq_runner_t *r, uint32_t attempts) {
   return (int64_t)(d / 2 + r->rnd % (d / 2 + 1)); /* half to all of it: retries spread out */
 }
 
+/* A job's slot is free again: a runner that left due items for want of
+ * room takes them now rather than at its next tick. */
+static void slot_freed(tg_settleq_runner_t *r) {
+  r->busy--;
+  if (r->saturated && !r->closing) {
+    r->saturated = false;
+    uv_async_send(&r->wake);
+  }
+  maybe_free_runner(r);
+}
+
 /* The job ends; the item is taken again at a pass at or after next_at (0: keep). */
 static void job_end(job_t *j, int64_t next_at_ms) {
   tg_settleq_runner_t *r = j->r;
@@ -578,12 +589,7 @@ static void job_end(job_t *j, int64_t next_at_ms) {
     j->it->next_at_ms = next_at_ms;
   pthread_mutex_unlock(&q->mu);
   free(j);
-  r->busy--;
-  if (r->saturated && !r->closing) {
-    r->saturated = false;
-    uv_async_send(&r->wake);
-  }
-  maybe_free_runner(r);
+  slot_freed(r);
 }
 
 static void append_record(job_t *j, uint32_t state, const char *tx, const char *err, int64_t next_at_unix_ms,
@@ -615,8 +621,7 @@ static void on_terminal(void *arg, int status, uint64_t seq) {
     r->h.on_failure(r->h.ud, &j->v, j->err);
   item_free(it);
   free(j);
-  r->busy--;
-  maybe_free_runner(r);
+  slot_freed(r);
 }
 
 static void terminal(job_t *j, uint32_t state, const char *tx, const char *err) {

@@ -66,7 +66,8 @@ int tg_app_init(tg_app_t *app, const tg_config_t *cfg, const char *version, char
   static const char *const dlabels[] = {"tenant_id", "front", "outcome", NULL};
   m_decisions = tg_metric_new(TG_METRIC_COUNTER, "policy_decisions_total",
                               "What the pipeline decided per resource: 402 (priced), 429 (rate limited), "
-                              "skip, free, 403 (not for sale) or error (failed closed).",
+                              "skip, free, 403 (not for sale), error (failed closed) or paid (an HTTP 402 "
+                              "payment accepted and the resource served).",
                               dlabels, NULL, 0);
   if (m_decisions == NULL || tg_ratelimit_metrics_init() != 0) {
     snprintf(err, errlen, "cannot declare the rate-limit metrics");

@@ -293,6 +293,7 @@ static void nonce_release(pay_t *p);
 static void refuse(pay_t *p, int status, int code, const char *msg, const char *detail, bool release) {
   if (release)
     nonce_release(p);
+  tg_app_decision(p->tenant->name, false, TG_DECISION_PRICED); /* not served: still priced */
   /* A malformed payment (1xxx) is the client's mistake or a probe: debug, so
    * a flood of them does not flood the log. */
   tg_log_req(code < 2000 ? TG_LOG_DEBUG : TG_LOG_INFO, p->http->request_id, "payment refused", "tenant",
@@ -709,7 +710,6 @@ void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg
   p->t0 = uv_hrtime();
   p->price = offer->amount;
   snprintf(p->currency, sizeof p->currency, "%s", offer->currency);
-  tg_app_decision(tenant->name, false, TG_DECISION_PRICED);
   char why[256] = "";
   int code = tg_x402_payment_decode(ph->value, ph->value_len, v1, &p->pay, why, sizeof why);
   if (code != 0) {
@@ -842,13 +842,10 @@ static void runner_probe(void *ud, const tg_settle_item_t *item, tg_settle_probe
   }
 }
 
-/* A settlement failed for good: counted by the queue, logged here, and
- * the tenant's on_settle_failure hook told (it cannot change the outcome). */
+/* A settlement failed for good (logged and counted by the queue): the
+ * tenant's on_settle_failure hook is told; it cannot change the outcome. */
 static void runner_failed(void *ud, const tg_settle_item_t *item, const char *reason) {
-  tg_app_worker_t *aw = ud;
-  tg_log(TG_LOG_WARN, "settlement failed", "tenant", item->tenant, "settlement", item->id ? item->id : "",
-         "payer", item->payer, "amount", item->amount, "network", item->network, "reason", reason ? reason : "",
-         NULL);
+  tg_app_worker_t *aw = ud; /* the queue has logged and counted it */
   tg_policy_state_t *st = tg_policy_acquire(aw->policy, item->tenant);
   if (st == NULL)
     return;
