@@ -20,7 +20,9 @@
  *     },
  *     facilitators = { "http://127.0.0.1:4021" },  -- 1..8 http(s) base URLs
  *     verify = "facilitator",     -- or "local" (needs rpc)
- *     rpc = { "http://127.0.0.1:8545" },           -- 0..8 JSON-RPC URLs
+ *     rpc = { "http://127.0.0.1:8545" },           -- 0..8 JSON-RPC URLs; also used by the settlement
+ *                                                 -- queue to ask whether a settle whose answer was
+ *                                                 -- lost went through: configure one in every mode
  *     settle = "sync",            -- or "async"
  *     serve = "redirect",         -- or "proxy" (needs origin, an http(s) URL)
  *     origin = "http://127.0.0.1:8081",

@@ -43,7 +43,12 @@ struct tg_paywall {
 typedef struct challenge {
   unsigned refs;              /* the cache's and each request's that uses it */
   uint64_t hash;
-  char *key;                  /* tenant index, policy version, price, URL */
+  /* The key: tenant index, policy version, price, resource URL. */
+  size_t ti;
+  int64_t amount;
+  char version[TG_POLICY_VERSION_LEN];
+  char currency[TG_POLICY_CURRENCY_MAX + 1];
+  char *uri;
   tg_x402_offer_t offers[TG_PAY_MAX_ACCEPTS];
   tg_x402_challenge_t c;
 } challenge_t;
@@ -69,12 +74,11 @@ static void challenge_unref(challenge_t *c) {
   if (c == NULL || --c->refs > 0)
     return;
   tg_x402_challenge_free(&c->c);
-  free(c->key);
+  free(c->uri);
   free(c);
 }
 
-static uint64_t fnv1a(const char *s, size_t n) {
-  uint64_t h = 1469598103934665603ull;
+static uint64_t fnv1a(uint64_t h, const char *s, size_t n) {
   for (size_t i = 0; i < n; i++) {
     h ^= (unsigned char)s[i];
     h *= 1099511628211ull;
@@ -177,6 +181,12 @@ int tg_paywall_new(tg_app_t *app, tg_paywall_t **out, char *err, size_t errlen) 
     tg_paywall_free(pw);
     return -EINVAL;
   }
+  for (size_t i = 0; i < cfg->ntenants; i++)
+    if (pw->conf[i].enabled && pw->conf[i].nrpc == 0)
+      tg_log(TG_LOG_WARN,
+             "payments without rpc: a queued settlement whose answer was lost cannot be checked on chain, so "
+             "one the facilitator then refuses is recorded failed even if the earlier attempt paid (add rpc)",
+             "tenant", cfg->tenants[i].name, NULL);
   for (size_t i = 0; i < cfg->ntenants; i++)
     if (pw->conf[i].enabled && pw->conf[i].settle == TG_PAY_SETTLE_ASYNC && cfg->data_dir == NULL) {
       snprintf(err, errlen,
@@ -586,14 +596,16 @@ static challenge_t *challenge_get(tg_paywall_worker_t *pww, size_t ti, const tg_
                                   const char *version, const tg_quote_offer_t *offer, const char *uri,
                                   bool *none) {
   *none = false;
-  tg_buf_t key = {0};
-  if (tg_buf_printf(&key, "%zu|%s|%" PRId64 "|%s|%s", ti, version, offer->amount, offer->currency, uri) != 0)
-    return NULL;
-  uint64_t h = fnv1a(key.data, key.len);
+  /* Found without allocating: the unpaid 402 is the hottest path. */
+  uint64_t h = fnv1a(1469598103934665603ull, uri, strlen(uri));
+  h = fnv1a(h, version, strlen(version));
+  h = fnv1a(h, offer->currency, strlen(offer->currency));
+  h ^= (uint64_t)offer->amount * 0x9e3779b97f4a7c15ull ^ (uint64_t)ti;
   challenge_t **slot = pww->cache[h % CACHE_SLOTS];
   for (unsigned w = 0; w < CACHE_WAYS; w++)
-    if (slot[w] && slot[w]->hash == h && strcmp(slot[w]->key, key.data) == 0) {
-      tg_buf_free(&key);
+    if (slot[w] && slot[w]->hash == h && slot[w]->ti == ti && slot[w]->amount == offer->amount &&
+        strcmp(slot[w]->uri, uri) == 0 && strcmp(slot[w]->version, version) == 0 &&
+        strcmp(slot[w]->currency, offer->currency) == 0) {
       static const char *const hit[] = {"hit"};
       tg_counter_add(m_cache, hit, 1);
       slot[w]->refs++;
@@ -602,8 +614,8 @@ static challenge_t *challenge_get(tg_paywall_worker_t *pww, size_t ti, const tg_
   static const char *const miss[] = {"miss"};
   tg_counter_add(m_cache, miss, 1);
   challenge_t *c = calloc(1, sizeof *c);
-  if (c == NULL) {
-    tg_buf_free(&key);
+  if (c == NULL || (c->uri = strdup(uri)) == NULL) {
+    free(c);
     return NULL;
   }
   size_t n = 0;
@@ -614,18 +626,21 @@ static challenge_t *challenge_get(tg_paywall_worker_t *pww, size_t ti, const tg_
   }
   if (n == 0) {
     *none = true;
-    tg_buf_free(&key);
+    free(c->uri);
     free(c);
     return NULL;
   }
   tg_x402_resource_t res = {uri, conf->description, conf->mime_type};
   if (tg_x402_challenge_build(&res, c->offers, n, "payment required", &c->c) != 0) {
-    tg_buf_free(&key);
+    free(c->uri);
     free(c);
     return NULL;
   }
-  c->key = key.data;
   c->hash = h;
+  c->ti = ti;
+  c->amount = offer->amount;
+  snprintf(c->version, sizeof c->version, "%s", version);
+  snprintf(c->currency, sizeof c->currency, "%s", offer->currency);
   c->refs = 2; /* the cache's and the caller's */
   unsigned w = 0;
   while (w < CACHE_WAYS && slot[w] != NULL)

@@ -20,6 +20,7 @@ local DEMO_PAYMENTS = {
       decimals = 6, max_timeout_s = 60 },
   },
   facilitators = { "http://127.0.0.1:4021" },
+  rpc = { "http://127.0.0.1:8545" },  -- the chain, asked by the settlement queue (and verify = "local")
   description = "Licensed content, paid per request",
 }
 
