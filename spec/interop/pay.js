@@ -17,7 +17,9 @@
 // reads (the exact EIP-3009 flow signs offline and needs none). --local-chain runs the test
 // kit's chain, token and facilitator (lib/chain.js startDemo: anvil on 8545, facilitator on
 // 4021, fixed token and payTo addresses) for the length of the run, so a gateway configured
-// with those pays in one command. Exit 0 when paid and served.
+// with those pays in one command; it stays up until the payee's balance moved (a tenant that
+// settles after serving settles a moment later) or --linger seconds passed (15), and prints
+// the payee's balance before and after. Exit 0 when paid and served.
 //
 // Importable: payX402v2, payX402v1, payT402 resolve
 //   { status, headers, body, paymentResponse, paymentHeader, requests }
@@ -168,20 +170,36 @@ async function main(argv) {
   const url = argv.find((a, i) => !a.startsWith("--") && !valued.has(argv[i - 1]));
   const which = opt("--client") ?? "x402v2";
   if (!url || !CLIENTS[which]) {
-    console.error("usage: node spec/interop/pay.js <url> [--client x402v2|x402v1|t402] [--host H] [--rpc URL] [--key 0x..] [--asset 0x..] [--max N] [--follow] [--local-chain]");
+    console.error("usage: node spec/interop/pay.js <url> [--client x402v2|x402v1|t402] [--host H] [--rpc URL] [--key 0x..] [--asset 0x..] [--max N] [--follow] [--local-chain [--linger S]]");
     process.exit(2);
   }
   const host = opt("--host");
   // --local-chain: the test kit's chain, token and facilitator for the length of this run,
   // at the fixed ports and addresses a demo configuration names (lib/chain.js DEMO).
   let demo = null;
+  let payee = null;
   if (argv.includes("--local-chain")) {
     const { startDemo, DEMO } = await import("./lib/chain.js");
+    payee = DEMO.payTo;
     demo = await startDemo();
     console.log(`local chain ${demo.chain.rpc}, token ${DEMO.asset}, facilitator ${demo.facilitator.url}\n`);
   }
   try {
+    const before = demo ? await demo.chain.balanceOf(payee) : 0n;
     await run(url, which, host, opt, argv, demo);
+    if (demo) {
+      // A tenant that settles after serving (settle = "async") settles from its queue a moment
+      // later: keep the chain and the facilitator up until the payee's balance moves (or
+      // --linger seconds, 15 by default, pass), and say what moved.
+      const until = Date.now() + Number(opt("--linger") ?? 15) * 1000;
+      let after = await demo.chain.balanceOf(payee);
+      while (after === before && Date.now() < until) {
+        await new Promise((r) => setTimeout(r, 250));
+        after = await demo.chain.balanceOf(payee);
+      }
+      console.log(`\npayee ${payee} on chain: ${before} -> ${after} atomic units` +
+        (after === before ? " (not settled yet: the gateway's queue retries when the chain is back)" : ""));
+    }
   } finally {
     await demo?.stop();
   }
