@@ -7,6 +7,7 @@
 #include <uv.h>
 
 #include "ledger/prepaid.h"
+#include "net/client.h"
 
 /* Billing adapters: who is asked whether an AI system may spend, and told
  * when it did. The pipeline speaks to every adapter through tg_billing_ops_t:
@@ -51,6 +52,7 @@ typedef struct tg_billing_auth {
   const char *ai_system_id;    /* may be "" */
   const char *request_id;      /* for logs */
   uint64_t deadline_ms;        /* uv_now() of the caller's loop */
+  const char *traceparent;     /* W3C trace context passed along by remote adapters; NULL: none */
 } tg_billing_auth_t;
 
 typedef struct tg_billing_result {
@@ -100,5 +102,48 @@ void tg_billing_redact(const char *ref, char out[16]);
  * on the same loop: free the adapter before it. NULL on out of memory. */
 struct tg_prepaid_redis;
 tg_billing_t *tg_billing_redis_new(uv_loop_t *loop, struct tg_prepaid_redis *ledger);
+
+/* A billing service of the publisher's, reached over Connect (unary,
+ * binary protobuf, HTTP/1.1 via the pooled client) as proto/billing/v1
+ * describes; name "connect". One adapter per tenant per worker loop.
+ *
+ * authorize: POST base_url/billing.v1.BillingService/Authorize with
+ * Connect-Timeout-Ms from the deadline (a->deadline_ms, or now + deadline_ms
+ * when 0) and the bearer token. 200 and a message: APPROVED or DECLINED
+ * (available from the answer); a Connect error or a bad body: UNAVAILABLE;
+ * no answer by the deadline: TIMEOUT, and an approval that comes later (up
+ * to 2 s later; after that, or once the adapter was freed, the service must
+ * expire the hold) is released at once. capture and release send the hold id and the
+ * transaction id (billing_id, the service's idempotency key); the adapter
+ * does not dedupe them: a capture sent twice reaches the service twice, and
+ * the service charges once. Capture and release go to the adapter that
+ * authorized (it keeps the transaction id and amount of its holds).
+ *
+ * Circuit breaker: after breaker_failures consecutive failures (UNAVAILABLE
+ * or TIMEOUT) calls fail fast with UNAVAILABLE "circuit open" for
+ * breaker_cooldown_ms; then one call goes through (half-open): its success
+ * closes the circuit, its failure opens it again. health() is 0 unless the
+ * circuit is open (-EAGAIN).
+ *
+ * Metrics: billing_authorize_total{tenant_id,result},
+ * billing_authorize_duration_seconds{tenant_id,approved},
+ * billing_timeout_total{tenant_id}, billing_circuit_state{tenant_id}
+ * (0 closed, 1 open, 2 half-open).
+ *
+ * http is borrowed (same loop; free the adapter first, then the client).
+ * Everything in o is copied. The token is never logged; billing references
+ * reach logs redacted only. NULL on a missing tenant, base_url or token, or
+ * out of memory. */
+typedef struct tg_billing_connect_opts {
+  const char *tenant;            /* label of the metrics and the tenant field of Authorize */
+  const char *base_url;          /* "https://billing.example:8443" (a path prefix is kept) */
+  const char *bearer_token;      /* sent as Authorization: Bearer <token> */
+  uint32_t deadline_ms;          /* authorize deadline when the caller gives none; default 30 */
+  uint32_t call_timeout_ms;      /* capture, release and late-hold release; default 5000 */
+  uint32_t breaker_failures;     /* consecutive failures that open the circuit; default 5 */
+  uint32_t breaker_cooldown_ms;  /* how long it stays open before a probe; default 5000 */
+} tg_billing_connect_opts_t;
+
+tg_billing_t *tg_billing_connect_new(uv_loop_t *loop, tg_httpc_t *http, const tg_billing_connect_opts_t *o);
 
 #endif
