@@ -374,6 +374,130 @@ int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery
   return scan(dir, 0, cb, arg, rec ? rec : &tmp, NULL, err, errlen);
 }
 
+/* One segment from its header on, handing records >= from_seq to cb; a bad
+ * frame ends the read quietly in the last segment (tail), else -EBADMSG. */
+static int read_from_segment(const char *path, uint64_t first, int last, uint64_t from_seq, tg_wal_record_cb cb,
+                             void *arg, uint64_t *seq, char *err, size_t errlen) {
+  FILE *f = fopen(path, "rbe");
+  if (f == NULL) {
+    int e = -errno;
+    set_err(err, errlen, "%s: %s", path, strerror(errno));
+    return e;
+  }
+  uint8_t h[TG_WAL_HEADER_SIZE], fr[TG_WAL_RECORD_OVERHEAD];
+  uint8_t *buf = NULL;
+  size_t cap = 0, off = TG_WAL_HEADER_SIZE;
+  uint64_t hfirst = 0;
+  int r = 0;
+  if (fread(h, 1, sizeof h, f) != sizeof h || header_decode(h, &hfirst) != 0 || hfirst != first) {
+    if (!last) {
+      set_err(err, errlen, "%s: offset 0: bad segment header", path);
+      r = -EBADMSG;
+    }
+    goto out;
+  }
+  *seq = first;
+  for (;;) {
+    size_t got = fread(fr, 1, sizeof fr, f);
+    if (got == 0 && feof(f))
+      break;
+    const char *why = NULL;
+    uint32_t len = got == sizeof fr ? get32(fr) : 0;
+    if (got != sizeof fr)
+      why = "torn record header";
+    else if (len == 0 || len > TG_WAL_MAX_RECORD)
+      why = "bad record length";
+    if (why == NULL && *seq < from_seq) {
+      if (fseeko(f, (off_t)len, SEEK_CUR) != 0) {
+        r = -errno;
+        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        goto out;
+      }
+    } else if (why == NULL) {
+      if (len > cap) {
+        uint8_t *nb = realloc(buf, len);
+        if (nb == NULL) {
+          set_err(err, errlen, "out of memory");
+          r = -ENOMEM;
+          goto out;
+        }
+        buf = nb;
+        cap = len;
+      }
+      if (fread(buf, 1, len, f) != len)
+        why = "torn record";
+      else if (frame_crc(fr, buf, len) != get32(fr + 4))
+        why = "CRC mismatch";
+    }
+    if (why != NULL) {
+      if (!last) {
+        set_err(err, errlen, "%s: offset %zu: %s (record %" PRIu64 ")", path, off, why, *seq);
+        r = -EBADMSG;
+      }
+      goto out;
+    }
+    if (*seq >= from_seq && (r = cb(arg, *seq, buf, len)) != 0) {
+      (*seq)++;
+      goto out;
+    }
+    (*seq)++;
+    off += TG_WAL_RECORD_OVERHEAD + (size_t)len;
+  }
+  if (ferror(f)) {
+    r = -EIO;
+    set_err(err, errlen, "%s: read error", path);
+  }
+out:
+  free(buf);
+  fclose(f);
+  return r;
+}
+
+int tg_wal_read_from(const char *dir, uint64_t from_seq, tg_wal_record_cb cb, void *arg, uint64_t *next_seq,
+                     char *err, size_t errlen) {
+  if (dir == NULL || cb == NULL || from_seq == 0) {
+    set_err(err, errlen, "missing dir or callback, or sequence 0");
+    return -EINVAL;
+  }
+  seg_t *segs = NULL;
+  size_t nseg = 0;
+  uint64_t seq = from_seq;
+  int r = list_segments(dir, &segs, &nseg, err, errlen);
+  if (r != 0)
+    return r;
+  if (nseg > 0 && segs[0].first_seq > from_seq) {
+    set_err(err, errlen, "%s: sequence %" PRIu64 " is no longer in the log (it starts at %" PRIu64 ")", dir,
+            from_seq, segs[0].first_seq);
+    r = -ENOENT;
+    goto out;
+  }
+  size_t i = 0;
+  while (i + 1 < nseg && segs[i + 1].first_seq <= from_seq)
+    i++;
+  char path[4096];
+  for (; i < nseg; i++) {
+    uint64_t s = seq;
+    snprintf(path, sizeof path, "%s/%s", dir, segs[i].name);
+    r = read_from_segment(path, segs[i].first_seq, i + 1 == nseg, from_seq, cb, arg, &s, err, errlen);
+    if (s > seq)
+      seq = s;
+    if (r != 0)
+      break;
+    /* A segment that ended short of the next one's first sequence is damaged. */
+    if (i + 1 < nseg && s != segs[i + 1].first_seq && segs[i + 1].first_seq > from_seq) {
+      set_err(err, errlen, "%s: ends at sequence %" PRIu64 ", the next segment starts at %" PRIu64, path, s,
+              segs[i + 1].first_seq);
+      r = -EBADMSG;
+      break;
+    }
+  }
+out:
+  if (next_seq)
+    *next_seq = seq;
+  free(segs);
+  return r;
+}
+
 /* ---- the writer ---- */
 
 static int sync_fd(tg_wal_t *w, int fd) {

@@ -132,6 +132,19 @@ int tg_wal_open(const tg_wal_opts_t *o, tg_wal_t **out, tg_wal_recovery_t *rec, 
 int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery_t *rec, char *err,
                 size_t errlen);
 
+/* Reads the records of the log in dir from sequence from_seq on, in order,
+ * calling cb for each (cb may stop the read: its nonzero value is returned).
+ * For a reader beside a running log (the shipper): segments before the one
+ * holding from_seq are not read, nothing is modified, and a torn or
+ * unverified frame at the end of the last segment (a write in progress, or a
+ * tail recovery will cut) ends the read without error. *next_seq (when not
+ * NULL) gets the sequence after the last record handed to cb. Returns 0, the
+ * value of cb, -ENOENT when from_seq is below the log's first record
+ * (retention removed it), -EBADMSG (err: segment and offset) for damage
+ * before the end, or an I/O error. Blocking; any thread. */
+int tg_wal_read_from(const char *dir, uint64_t from_seq, tg_wal_record_cb cb, void *arg, uint64_t *next_seq,
+                     char *err, size_t errlen);
+
 /* Stops accepting appends, makes everything queued durable (or fails it),
  * posts every completion, joins the writer and frees the log. Completions
  * are delivered later by each client's loop: clients outlive this. Any
