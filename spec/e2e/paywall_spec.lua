@@ -184,7 +184,10 @@ end
 
 local DIR, gw
 local stubs = {}
-local closed_port -- nobody listens there: a facilitator that is down
+-- A facilitator that is down: a port held bound but never listening for the
+-- whole spec, so connecting is refused and no stub started later can be
+-- given the same port (a port only probed free could be).
+local closed_port, closed_sock
 
 -- This process's id (busted's LuaJIT): the stubs exit when it is gone.
 local SELF_PID = ((h.read_file("/proc/self/stat") or ""):match("^(%d+)"))
@@ -504,7 +507,10 @@ describe("x402/t402 paywall", function()
     assert(DIR and DIR ~= "", "mktemp -d failed")
     h.write_file(DIR .. "/signer.key", SECRET .. "\n", "600")
     assert(h.sh("command -v openssl >/dev/null 2>&1"), "openssl is needed to check the nginx secure_link hashes")
-    closed_port = h.free_port()
+    closed_sock = assert(socket.tcp4())
+    assert(closed_sock:bind(h.HOST, 0))
+    local _, port = closed_sock:getsockname()
+    closed_port = tonumber(port)
     stub_start("valid", "valid")
     stub_start("second", "valid")
     stub_start("invalid", "invalid")
@@ -534,6 +540,9 @@ describe("x402/t402 paywall", function()
     end
     for _, st in pairs(stubs) do
       stub_stop(st)
+    end
+    if closed_sock then
+      closed_sock:close()
     end
     if DIR and DIR:match("^/tmp/tollgate%-e2e%-paywall%-") and not os.getenv("TG_E2E_KEEP") then
       os.execute("rm -rf " .. sh_quote(DIR))

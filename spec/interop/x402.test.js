@@ -672,7 +672,9 @@ describe("x402 gateway: the real binary with the real clients", () => {
 
     before(async () => {
       flaky = await startFacilitator({ rpc: chain.rpc, chainId: chain.chainId, key: chain.keys.facilitator2 });
-      deadUrl = `http://127.0.0.1:${await freePort()}`; // nothing listens there
+      // Nothing listens on port 1 (tcpmux), and no test binds it: a port only probed free
+      // could be handed to the next server a test starts.
+      deadUrl = "http://127.0.0.1:1";
       dir = mkdtempSync(join(tmpdir(), "tollgate-x402-c-"));
       gw = await startTollgate({ dir, chain, facilitators: [flaky.url], origin: origin.url });
     });
