@@ -1,4 +1,5 @@
 #include "net/client.h"
+#include "net/url.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -902,88 +903,6 @@ static origin_t *origin_get(tg_httpc_t *c, int tls, const char *host, size_t hos
   return o;
 }
 
-typedef struct url {
-  int tls;
-  const char *host; /* without brackets */
-  size_t host_len;
-  int bracketed; /* an IPv6 literal */
-  uint16_t port;
-  const char *target; /* path and query, without the fragment */
-  size_t target_len;
-} url_t;
-
-static int is_host_char(char ch) {
-  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-         ch == '-' || ch == '.' || ch == '_';
-}
-
-static int parse_url(const char *s, url_t *u) {
-  memset(u, 0, sizeof *u);
-  for (const char *p = s; *p; p++)
-    if ((unsigned char)*p <= 0x20 || *p == 0x7f)
-      return -EINVAL;
-  const char *p;
-  if (strncasecmp(s, "http://", 7) == 0) {
-    p = s + 7;
-  } else if (strncasecmp(s, "https://", 8) == 0) {
-    p = s + 8;
-    u->tls = 1;
-  } else {
-    return -EINVAL;
-  }
-  const char *auth_end = p + strcspn(p, "/?#");
-  const char *port_start = NULL;
-  if (memchr(p, '@', (size_t)(auth_end - p)))
-    return -EINVAL; /* credentials in URLs are not supported */
-  if (*p == '[') {
-    const char *close = memchr(p, ']', (size_t)(auth_end - p));
-    if (close == NULL)
-      return -EINVAL;
-    u->host = p + 1;
-    u->host_len = (size_t)(close - u->host);
-    u->bracketed = 1;
-    char tmp[INET6_ADDRSTRLEN];
-    unsigned char addr[16];
-    if (u->host_len == 0 || u->host_len >= sizeof tmp)
-      return -EINVAL;
-    memcpy(tmp, u->host, u->host_len);
-    tmp[u->host_len] = '\0';
-    if (inet_pton(AF_INET6, tmp, addr) != 1)
-      return -EINVAL;
-    if (close + 1 < auth_end) {
-      if (close[1] != ':')
-        return -EINVAL;
-      port_start = close + 2;
-    }
-  } else {
-    const char *colon = memchr(p, ':', (size_t)(auth_end - p));
-    u->host = p;
-    u->host_len = (size_t)((colon ? colon : auth_end) - p);
-    if (u->host_len == 0 || u->host_len > 253)
-      return -EINVAL;
-    for (size_t i = 0; i < u->host_len; i++)
-      if (!is_host_char(u->host[i]))
-        return -EINVAL;
-    if (colon)
-      port_start = colon + 1;
-  }
-  unsigned long port = u->tls ? 443 : 80;
-  if (port_start && port_start < auth_end) {
-    port = 0;
-    for (const char *q = port_start; q < auth_end; q++) {
-      if (*q < '0' || *q > '9' || port > 65535)
-        return -EINVAL;
-      port = port * 10 + (unsigned long)(*q - '0');
-    }
-    if (port == 0 || port > 65535)
-      return -EINVAL;
-  }
-  u->port = (uint16_t)port;
-  u->target = auth_end;
-  u->target_len = strcspn(auth_end, "#");
-  return 0;
-}
-
 static int is_token(const char *s, size_t len) {
   if (len == 0)
     return 0;
@@ -1006,7 +925,7 @@ static int name_is(const tg_http_header_t *h, const char *name) {
   return h->name_len == strlen(name) && strncasecmp(h->name, name, h->name_len) == 0;
 }
 
-static int build_request(tg_buf_t *b, const tg_httpc_request_t *req, const url_t *u) {
+static int build_request(tg_buf_t *b, const tg_httpc_request_t *req, const tg_url_t *u) {
   int rc = tg_buf_printf(b, "%s ", req->method);
   if (rc == 0 && (u->target_len == 0 || u->target[0] == '?'))
     rc = tg_buf_puts(b, "/");
@@ -1063,8 +982,8 @@ int tg_httpc_send(tg_httpc_t *c, const tg_httpc_request_t *req, tg_httpc_cb cb, 
     if (!is_token(h->name, h->name_len) || !is_field_value(h->value, h->value_len))
       return -EINVAL;
   }
-  url_t u;
-  int rc = parse_url(req->url, &u);
+  tg_url_t u;
+  int rc = tg_url_parse(req->url, &u);
   if (rc != 0)
     return rc;
   origin_t *o = origin_get(c, u.tls, u.host, u.host_len, u.port);

@@ -1,4 +1,5 @@
 #include "net/proxy.h"
+#include "net/url.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -180,59 +181,15 @@ static void origin_free(origin_t *o) {
   free(o);
 }
 
-static int is_host_char(char ch) {
-  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-         ch == '-' || ch == '.' || ch == '_';
-}
-
 /* "http://host[:port][/base]": no user info, query or fragment. */
 static origin_t *origin_parse(const char *url) {
-  if (strncasecmp(url, "http://", 7) != 0)
+  tg_url_t u;
+  if (tg_url_parse(url, &u) != 0 || u.tls || strpbrk(url, "?#") != NULL)
     return NULL;
-  for (const char *q = url; *q; q++)
-    if ((unsigned char)*q <= 0x20 || *q == 0x7f || *q == '?' || *q == '#' || *q == '@')
-      return NULL;
-  const char *h = url + 7;
-  const char *auth_end = h + strcspn(h, "/");
-  const char *host = h, *host_end, *port_start = NULL;
-  int bracketed = 0;
-  if (*h == '[') {
-    const char *close = memchr(h, ']', (size_t)(auth_end - h));
-    if (close == NULL)
-      return NULL;
-    host = h + 1;
-    host_end = close;
-    bracketed = 1;
-    if (close + 1 < auth_end) {
-      if (close[1] != ':')
-        return NULL;
-      port_start = close + 2;
-    }
-  } else {
-    const char *colon = memchr(h, ':', (size_t)(auth_end - h));
-    host_end = colon ? colon : auth_end;
-    for (const char *q = host; q < host_end; q++)
-      if (!is_host_char(*q))
-        return NULL;
-    if (colon)
-      port_start = colon + 1;
-  }
-  size_t host_len = (size_t)(host_end - host);
-  if (host_len == 0 || host_len > 253)
-    return NULL;
-  unsigned long port = 80;
-  if (port_start) {
-    if (port_start == auth_end)
-      return NULL;
-    port = 0;
-    for (const char *q = port_start; q < auth_end; q++) {
-      if (*q < '0' || *q > '9' || port > 65535)
-        return NULL;
-      port = port * 10 + (unsigned long)(*q - '0');
-    }
-    if (port == 0 || port > 65535)
-      return NULL;
-  }
+  const char *host = u.host, *auth_end = u.target;
+  size_t host_len = u.host_len;
+  int bracketed = u.bracketed;
+  unsigned long port = u.port;
   origin_t *o = calloc(1, sizeof *o);
   if (o == NULL)
     return NULL;

@@ -590,25 +590,24 @@ static int header_ok(const tg_http_header_t *h) {
          !name_is(h, "connection");
 }
 
-/* Appends the answer to out. 0, or -ENOMEM with out unchanged. */
-static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
-                     const tg_http_header_t *headers, size_t nheaders, const void *body,
-                     size_t body_len) {
-  worker_priv_t *w = c->worker;
-  int close = !r->keep_alive || w->draining || c->stop_reading;
+/* The head of an answer up to its framing: reserves room for it and extra
+ * bytes more (framing, body), then appends the status line, Date, Server
+ * and headers. 0, or -ENOMEM with out unchanged. status is 200..599 (the
+ * callers check): three digits. */
+static int put_head(worker_priv_t *w, tg_buf_t *out, int status, const tg_http_header_t *headers,
+                    size_t nheaders, size_t extra) {
   const char *reason = tg_http_reason(status);
   size_t reason_len = strlen(reason);
   /* Sized with checked sums: a wrapped size would reserve too little, and an
    * append that then fails would leave a head without its body. */
-  size_t need = 16 + reason_len + w->date_len + 64;
-  bool wrap = __builtin_add_overflow(need, body_len, &need);
+  size_t need = 16 + reason_len + w->date_len + 96;
+  bool wrap = __builtin_add_overflow(need, extra, &need);
   for (size_t i = 0; i < nheaders && !wrap; i++)
     wrap = __builtin_add_overflow(need, headers[i].name_len, &need) ||
            __builtin_add_overflow(need, headers[i].value_len, &need) ||
            __builtin_add_overflow(need, (size_t)4, &need);
   if (wrap || tg_buf_reserve(out, need) != 0)
     return -ENOMEM;
-  /* status is 200..599 here (tg_http_respond checks): three digits. */
   char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
                   (char)('0' + status % 10), ' '};
   tg_buf_append(out, "HTTP/1.1 ", 9);
@@ -623,12 +622,19 @@ static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
     tg_buf_append(out, headers[i].value, headers[i].value_len);
     tg_buf_append(out, "\r\n", 2);
   }
-  if (status >= 200 && status != 204 && status != 304) {
-    char cl[48] = "Content-Length: ";
-    size_t k = 16 + u64_to_dec(body_len, cl + 16);
-    memcpy(cl + k, "\r\n", 2);
-    tg_buf_append(out, cl, k + 2);
-  }
+  return 0;
+}
+
+static void put_content_length(tg_buf_t *out, uint64_t n) {
+  char cl[48] = "Content-Length: ";
+  size_t k = 16 + u64_to_dec(n, cl + 16);
+  memcpy(cl + k, "\r\n", 2);
+  tg_buf_append(out, cl, k + 2);
+}
+
+/* The Connection header the answer needs and the blank line that ends the
+ * head; a closing answer stops the connection reading. */
+static void put_end_of_head(conn_t *c, req_priv_t *r, tg_buf_t *out, int close) {
   if (close) {
     tg_buf_append(out, "Connection: close\r\n\r\n", 21);
     c->stop_reading = 1;
@@ -638,6 +644,19 @@ static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
   } else {
     tg_buf_append(out, "\r\n", 2);
   }
+}
+
+/* Appends the answer to out. 0, or -ENOMEM with out unchanged. */
+static int serialize(conn_t *c, tg_buf_t *out, req_priv_t *r, int status,
+                     const tg_http_header_t *headers, size_t nheaders, const void *body,
+                     size_t body_len) {
+  worker_priv_t *w = c->worker;
+  int close = !r->keep_alive || w->draining || c->stop_reading;
+  if (put_head(w, out, status, headers, nheaders, body_len) != 0)
+    return -ENOMEM;
+  if (status >= 200 && status != 204 && status != 304)
+    put_content_length(out, body_len);
+  put_end_of_head(c, r, out, close);
   if (!r->head_method && body_len)
     tg_buf_append(out, body, body_len);
   return 0;
@@ -901,53 +920,19 @@ int tg_http_stream_start(tg_http_req_t *req, int status, const tg_http_header_t 
       r->close_delim = 1;
   }
   int close = !r->keep_alive || w->draining || c->stop_reading || r->close_delim;
-  const char *reason = tg_http_reason(status);
-  size_t reason_len = strlen(reason);
-  size_t need = 16 + reason_len + w->date_len + 96;
-  bool wrap = false;
-  for (size_t i = 0; i < nheaders && !wrap; i++)
-    wrap = __builtin_add_overflow(need, headers[i].name_len, &need) ||
-           __builtin_add_overflow(need, headers[i].value_len, &need) ||
-           __builtin_add_overflow(need, (size_t)4, &need);
   tg_buf_t *out = stream_dest(c, r);
-  if (wrap || tg_buf_reserve(out, need) != 0) {
+  if (put_head(w, out, status, headers, nheaders, 0) != 0) {
     conn_close(c); /* no answer would shift every later one onto the wrong request */
     req_free(r);   /* orphaned by the close; the caller hears it here, not from on_abort */
     return -ENOMEM;
   }
-  char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
-                  (char)('0' + status % 10), ' '};
-  tg_buf_append(out, "HTTP/1.1 ", 9);
-  tg_buf_append(out, code, 4);
-  tg_buf_append(out, reason, reason_len);
-  tg_buf_append(out, "\r\n", 2);
-  tg_buf_append(out, w->date_hdr, w->date_len);
-  tg_buf_append(out, "Server: tollgate\r\n", 18);
-  for (size_t i = 0; i < nheaders; i++) {
-    tg_buf_append(out, headers[i].name, headers[i].name_len);
-    tg_buf_append(out, ": ", 2);
-    tg_buf_append(out, headers[i].value, headers[i].value_len);
-    tg_buf_append(out, "\r\n", 2);
-  }
-  if (announce_length) {
-    char cl[48] = "Content-Length: ";
-    size_t k = 16 + u64_to_dec((uint64_t)content_length, cl + 16);
-    memcpy(cl + k, "\r\n", 2);
-    tg_buf_append(out, cl, k + 2);
-  } else if (r->chunked) {
+  if (announce_length)
+    put_content_length(out, (uint64_t)content_length);
+  else if (r->chunked)
     tg_buf_append(out, "Transfer-Encoding: chunked\r\n", 28);
-  }
-  if (close) {
-    tg_buf_append(out, "Connection: close\r\n\r\n", 21);
-    c->stop_reading = 1;
-    c->close_when_done = 1;
-    if (r->close_delim)
-      queue_cut_after(c, r);
-  } else if (r->pub.http_minor == 0) {
-    tg_buf_append(out, "Connection: keep-alive\r\n\r\n", 26);
-  } else {
-    tg_buf_append(out, "\r\n", 2);
-  }
+  put_end_of_head(c, r, out, close);
+  if (close && r->close_delim)
+    queue_cut_after(c, r);
   r->streaming = 1;
   stream_flush(c);
   return 0;

@@ -1,4 +1,5 @@
 #include "pay/payconf.h"
+#include "net/url.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -68,18 +69,14 @@ static const struct {
     {"iotex", 4689},  {"ethereum", 1},         {"sepolia", 11155111},
 };
 
+/* A base URL as the HTTP client will take it (net/url.h), without query,
+ * fragment or user info. */
 static int check_url(const char *key, const char *v, char *err, size_t errlen) {
-  size_t n = strlen(v), skip;
-  if (strncmp(v, "http://", 7) == 0)
-    skip = 7;
-  else if (strncmp(v, "https://", 8) == 0)
-    skip = 8;
-  else
+  size_t n = strlen(v);
+  if (strncmp(v, "http://", 7) != 0 && strncmp(v, "https://", 8) != 0)
     return fail(err, errlen, "payments.%s: '%.64s' is not an http:// or https:// URL", key, v);
   if (n > TG_PAY_MAX_URL)
     return fail(err, errlen, "payments.%s: longer than %d bytes", key, TG_PAY_MAX_URL);
-  if (v[skip] == '\0' || v[skip] == '/' || v[skip] == '?' || v[skip] == '#' || v[skip] == ':')
-    return fail(err, errlen, "payments.%s: '%.64s' has no host", key, v);
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)v[i];
     if (c <= 0x20 || c >= 0x7f)
@@ -87,6 +84,10 @@ static int check_url(const char *key, const char *v, char *err, size_t errlen) {
     if (c == '?' || c == '#' || c == '@')
       return fail(err, errlen, "payments.%s: a base URL takes no '%c' (query, fragment or user info)", key, c);
   }
+  tg_url_t u;
+  if (tg_url_parse(v, &u) != 0)
+    return fail(err, errlen, "payments.%s: '%.64s' has no valid host and port (a name, an IPv4 address or "
+                             "[IPv6], port 1..65535)", key, v);
   return 0;
 }
 

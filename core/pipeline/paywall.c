@@ -399,9 +399,13 @@ static void on_enqueued(void *ud, int status, const char *id) {
  * then serves. tx: a transaction already submitted (pending), or NULL. */
 static void enqueue(pay_t *p, const char *tx) {
   if (p->aw->wal == NULL) {
-    refuse_with(p->http, p->ch, 500, 2002, "asynchronous settlement needs the transaction log (data_dir)", NULL,
-                NULL);
-    pay_free(p);
+    /* Only a settle the facilitator answered pending gets here (async
+     * falls back to sync without a log): the payment was submitted, so the
+     * buyer gets what it paid for; nothing will ask the facilitator again. */
+    tg_log_req(TG_LOG_WARN, p->http->request_id,
+               "settlement pending and no transaction log to follow it up (no data_dir): served", "tenant",
+               p->tenant->name, "transaction", tx ? tx : "", NULL);
+    serve(p);
     return;
   }
   char payer[43];
@@ -764,6 +768,10 @@ void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg
   tg_policy_settle_t dflt = conf->settle == TG_PAY_SETTLE_ASYNC ? TG_POLICY_SETTLE_ASYNC : TG_POLICY_SETTLE_SYNC;
   int rc = tg_policy_settle(st, &view->req, &sale, dflt, &p->mode, &perr);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
+    p->mode = TG_POLICY_SETTLE_SYNC;
+  /* "async" needs the log as its queue: without a data_dir the hook's choice
+   * becomes sync (start-up refuses payments.settle = "async" without one). */
+  if (p->mode == TG_POLICY_SETTLE_ASYNC && aw->wal == NULL)
     p->mode = TG_POLICY_SETTLE_SYNC;
   claim(p);
 }

@@ -13,10 +13,12 @@
 #include "billing/v1/billing.pb-c.h"
 #include "net/client.h"
 
+#include "http_stub.h"
+
 /* The billing service here stands for the publisher's own system: a real
- * HTTP/1.1 server on the test's loop that speaks the Connect protobuf wire of
- * billing.v1.BillingService (requests decoded with the generated protobuf-c
- * code), answering from a script. The adapter under test reaches it through
+ * HTTP/1.1 server on the test's loop (http_stub.h) that speaks the Connect
+ * protobuf wire of billing.v1.BillingService (requests decoded with the
+ * generated protobuf-c code), answering from a script. The adapter under test reaches it through
  * the real pooled client. */
 
 typedef struct action {
@@ -40,125 +42,34 @@ typedef struct route {
   int64_t last_amount;
 } route_t;
 
-typedef struct sconn sconn_t;
 typedef struct bsrv {
-  uv_loop_t *loop;
-  uv_tcp_t listener;
+  http_stub_t stub;
   char url[64];
   route_t authorize, capture, release;
   char authz[128], ctype[64], cpv[16], ctimeout[16], traceparent[80];
-  sconn_t *conns;
 } bsrv_t;
-
-struct sconn {
-  uv_tcp_t tcp;
-  uv_timer_t timer;
-  bsrv_t *s;
-  sconn_t *next;
-  int handles;
-  bool busy, closing;
-  uint8_t *out;
-  size_t out_len;
-  int out_status;
-  bool out_json;
-  char buf[16384];
-  size_t len;
-};
-
-static void conn_closed(uv_handle_t *h) {
-  sconn_t *c = h->data;
-  if (--c->handles > 0)
-    return;
-  for (sconn_t **q = &c->s->conns; *q; q = &(*q)->next)
-    if (*q == c) {
-      *q = c->next;
-      break;
-    }
-  free(c->out);
-  free(c);
-}
-
-static void conn_close(sconn_t *c) {
-  if (c->closing)
-    return;
-  c->closing = true;
-  uv_close((uv_handle_t *)&c->tcp, conn_closed);
-  uv_close((uv_handle_t *)&c->timer, conn_closed);
-}
-
-static void on_written(uv_write_t *w, int status) {
-  (void)status;
-  free(w->data);
-  free(w);
-}
-
-static void try_parse(sconn_t *c);
-
-static void respond(sconn_t *c) {
-  c->busy = false;
-  char head[256];
-  int n = snprintf(head, sizeof head, "HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %zu\r\n\r\n",
-                   c->out_status, c->out_json ? "application/json" : "application/proto", c->out_len);
-  char *all = malloc((size_t)n + c->out_len + 1);
-  memcpy(all, head, (size_t)n);
-  if (c->out_len)
-    memcpy(all + n, c->out, c->out_len);
-  free(c->out);
-  c->out = NULL;
-  uv_write_t *w = malloc(sizeof *w);
-  w->data = all;
-  uv_buf_t b = uv_buf_init(all, (unsigned)((size_t)n + c->out_len));
-  uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, on_written);
-  try_parse(c);
-}
-
-static void on_delay(uv_timer_t *t) { respond(t->data); }
-
-static void header(const char *buf, const char *end, const char *name, char *dst, size_t n) {
-  size_t nl = strlen(name);
-  dst[0] = '\0';
-  for (const char *l = memchr(buf, '\n', (size_t)(end - buf)); l && l < end;
-       l = memchr(l + 1, '\n', (size_t)(end - l - 1)))
-    if (strncasecmp(l + 1, name, nl) == 0 && l[1 + nl] == ':') {
-      const char *v = l + 2 + nl;
-      while (*v == ' ')
-        v++;
-      size_t k = 0;
-      while (v[k] && v[k] != '\r' && k + 1 < n)
-        k++;
-      memcpy(dst, v, k);
-      dst[k] = '\0';
-      return;
-    }
-}
 
 #define COPY(dst, src) snprintf(dst, sizeof dst, "%s", src)
 
-static void try_parse(sconn_t *c) {
-  if (c->busy || c->closing)
-    return;
-  char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
-  if (end == NULL)
-    return;
-  size_t headlen = (size_t)(end - c->buf) + 4;
-  char cl[16];
-  header(c->buf, end, "content-length", cl, sizeof cl);
-  size_t clen = strtoul(cl, NULL, 10);
-  if (c->len < headlen + clen)
-    return;
-  bsrv_t *s = c->s;
-  header(c->buf, end, "authorization", s->authz, sizeof s->authz);
-  header(c->buf, end, "content-type", s->ctype, sizeof s->ctype);
-  header(c->buf, end, "connect-protocol-version", s->cpv, sizeof s->cpv);
-  header(c->buf, end, "connect-timeout-ms", s->ctimeout, sizeof s->ctimeout);
-  header(c->buf, end, "traceparent", s->traceparent, sizeof s->traceparent);
-  char path[256] = "";
-  sscanf(c->buf, "%*s %255s", path);
-  const uint8_t *body = (const uint8_t *)c->buf + headlen;
+/* A request header's value, "" when absent. */
+static const char *header(const http_stub_req_t *q, const char *name) {
+  const char *v = http_stub_header(q, name);
+  return v ? v : "";
+}
+
+static void bsrv_handle(void *ud, const http_stub_req_t *q, http_stub_reply_t *rep) {
+  bsrv_t *s = ud;
+  COPY(s->authz, header(q, "authorization"));
+  COPY(s->ctype, header(q, "content-type"));
+  COPY(s->cpv, header(q, "connect-protocol-version"));
+  COPY(s->ctimeout, header(q, "connect-timeout-ms"));
+  COPY(s->traceparent, header(q, "traceparent"));
+  const uint8_t *body = (const uint8_t *)q->body;
+  size_t clen = q->body_len;
   route_t *r = NULL;
   action_t a = {.status = 404, .error_code = "unimplemented"};
   int kind = 0;
-  if (strcmp(path, "/billing.v1.BillingService/Authorize") == 0) {
+  if (strcmp(q->path, "/billing.v1.BillingService/Authorize") == 0) {
     r = &s->authorize;
     kind = 1;
     Billing__V1__AuthorizeRequest *m = billing__v1__authorize_request__unpack(NULL, clen, body);
@@ -170,7 +81,7 @@ static void try_parse(sconn_t *c) {
       r->last_amount = m->amount;
       billing__v1__authorize_request__free_unpacked(m, NULL);
     }
-  } else if (strcmp(path, "/billing.v1.BillingService/Capture") == 0) {
+  } else if (strcmp(q->path, "/billing.v1.BillingService/Capture") == 0) {
     r = &s->capture;
     kind = 2;
     Billing__V1__CaptureRequest *m = billing__v1__capture_request__unpack(NULL, clen, body);
@@ -180,7 +91,7 @@ static void try_parse(sconn_t *c) {
       r->last_amount = m->amount;
       billing__v1__capture_request__free_unpacked(m, NULL);
     }
-  } else if (strcmp(path, "/billing.v1.BillingService/Release") == 0) {
+  } else if (strcmp(q->path, "/billing.v1.BillingService/Release") == 0) {
     r = &s->release;
     kind = 3;
     Billing__V1__ReleaseRequest *m = billing__v1__release_request__unpack(NULL, clen, body);
@@ -195,108 +106,56 @@ static void try_parse(sconn_t *c) {
     r->hits++;
     a = r->next < r->nscript ? r->script[r->next++] : r->dflt;
   }
-  memmove(c->buf, c->buf + headlen + clen, c->len - headlen - clen);
-  c->len -= headlen + clen;
-  c->busy = true;
-  c->out_status = a.status ? a.status : 200;
-  c->out_json = false;
-  if (c->out_status != 200) {
+  rep->status = a.status ? a.status : 200;
+  rep->delay_ms = a.delay_ms > 0 ? (uint32_t)a.delay_ms : 0;
+  if (rep->status != 200) {
     char j[160];
     snprintf(j, sizeof j, "{\"code\":\"%s\",\"message\":\"scripted failure\"}", a.error_code);
-    c->out = (uint8_t *)strdup(j);
-    c->out_len = strlen(j);
-    c->out_json = true;
-  } else if (a.garbage) {
-    c->out = (uint8_t *)strdup("\xff\xff\xff");
-    c->out_len = 3;
+    http_stub_reply_header(rep, "Content-Type", "application/json");
+    http_stub_reply_text(rep, j);
+    return;
+  }
+  http_stub_reply_header(rep, "Content-Type", "application/proto");
+  if (a.garbage) {
+    http_stub_reply_text(rep, "\xff\xff\xff");
+    return;
+  }
+  ProtobufCMessage *msg;
+  Billing__V1__AuthorizeResponse ar = BILLING__V1__AUTHORIZE_RESPONSE__INIT;
+  Billing__V1__CaptureResponse cr = BILLING__V1__CAPTURE_RESPONSE__INIT;
+  Billing__V1__ReleaseResponse rr = BILLING__V1__RELEASE_RESPONSE__INIT;
+  if (kind == 1) {
+    ar.approved = a.approved;
+    ar.hold_id = (char *)(a.hold ? a.hold : "");
+    ar.available = a.available;
+    ar.decline_reason = (char *)(a.reason ? a.reason : "");
+    msg = &ar.base;
+  } else if (kind == 2) {
+    cr.ok = a.ok, cr.already_done = a.already_done;
+    msg = &cr.base;
   } else {
-    ProtobufCMessage *msg;
-    Billing__V1__AuthorizeResponse ar = BILLING__V1__AUTHORIZE_RESPONSE__INIT;
-    Billing__V1__CaptureResponse cr = BILLING__V1__CAPTURE_RESPONSE__INIT;
-    Billing__V1__ReleaseResponse rr = BILLING__V1__RELEASE_RESPONSE__INIT;
-    if (kind == 1) {
-      ar.approved = a.approved;
-      ar.hold_id = (char *)(a.hold ? a.hold : "");
-      ar.available = a.available;
-      ar.decline_reason = (char *)(a.reason ? a.reason : "");
-      msg = &ar.base;
-    } else if (kind == 2) {
-      cr.ok = a.ok, cr.already_done = a.already_done;
-      msg = &cr.base;
-    } else {
-      rr.ok = a.ok, rr.already_done = a.already_done;
-      msg = &rr.base;
-    }
-    c->out_len = protobuf_c_message_get_packed_size(msg);
-    c->out = malloc(c->out_len + 1);
-    protobuf_c_message_pack(msg, c->out);
+    rr.ok = a.ok, rr.already_done = a.already_done;
+    msg = &rr.base;
   }
-  if (a.delay_ms)
-    uv_timer_start(&c->timer, on_delay, (uint64_t)a.delay_ms, 0);
-  else
-    respond(c);
-}
-
-static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
-  sconn_t *c = h->data;
-  (void)hint;
-  *b = uv_buf_init(c->buf + c->len, (unsigned)(sizeof c->buf - c->len));
-}
-
-static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b) {
-  sconn_t *c = st->data;
-  (void)b;
-  if (n < 0 || c->len + (size_t)n >= sizeof c->buf) {
-    conn_close(c);
-    return;
-  }
-  c->len += (size_t)n;
-  try_parse(c);
-}
-
-static void on_conn(uv_stream_t *l, int status) {
-  bsrv_t *s = l->data;
-  if (status != 0)
-    return;
-  sconn_t *c = calloc(1, sizeof *c);
-  c->s = s;
-  uv_tcp_init(s->loop, &c->tcp);
-  uv_timer_init(s->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->handles = 2;
-  c->next = s->conns;
-  s->conns = c;
-  if (uv_accept(l, (uv_stream_t *)&c->tcp) != 0) {
-    conn_close(c);
-    return;
-  }
-  uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  size_t n = protobuf_c_message_get_packed_size(msg);
+  uint8_t *out = malloc(n + 1);
+  protobuf_c_message_pack(msg, out);
+  http_stub_reply_body(rep, out, n);
+  free(out);
 }
 
 static int bsrv_start(bsrv_t *s, uv_loop_t *loop) {
   memset(s, 0, sizeof *s);
-  s->loop = loop;
   s->authorize.dflt = (action_t){.approved = true, .hold = "hold-1", .available = -1};
   s->capture.dflt = (action_t){.ok = true};
   s->release.dflt = (action_t){.ok = true};
-  struct sockaddr_in sin;
-  uv_ip4_addr("127.0.0.1", 0, &sin);
-  if (uv_tcp_init(loop, &s->listener) != 0 || uv_tcp_bind(&s->listener, (struct sockaddr *)&sin, 0) != 0)
+  if (http_stub_start(&s->stub, loop, bsrv_handle, s) != 0)
     return -1;
-  s->listener.data = s;
-  if (uv_listen((uv_stream_t *)&s->listener, 64, on_conn) != 0)
-    return -1;
-  int sl = sizeof sin;
-  uv_tcp_getsockname(&s->listener, (struct sockaddr *)&sin, &sl);
-  snprintf(s->url, sizeof s->url, "http://127.0.0.1:%d/", ntohs(sin.sin_port));
+  snprintf(s->url, sizeof s->url, "http://127.0.0.1:%d/", s->stub.port);
   return 0;
 }
 
-static void bsrv_close(bsrv_t *s) {
-  uv_close((uv_handle_t *)&s->listener, NULL);
-  for (sconn_t *c = s->conns; c; c = c->next)
-    conn_close(c);
-}
+static void bsrv_close(bsrv_t *s) { http_stub_stop(&s->stub); }
 
 static void on_noop(uv_timer_t *t) { (void)t; }
 

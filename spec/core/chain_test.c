@@ -12,7 +12,9 @@
 #include "net/client.h"
 #include "pay/chain.h"
 
-/* JSON-RPC providers played by a small HTTP/1.1 server on the test's own
+#include "http_stub.h"
+
+/* JSON-RPC providers played by the HTTP stub (http_stub.h) on the test's own
  * loop: it checks each request is the batch a check must send, and answers
  * as its mode says. */
 
@@ -53,75 +55,12 @@ typedef enum {
   M_DEAD,        /* nobody listens on its port */
 } pmode_t;
 
-typedef struct srv srv_t;
-
-typedef struct conn {
-  uv_tcp_t h;
-  uv_timer_t delay;
-  srv_t *s;
-  struct conn *next;
-  char buf[8192];
-  size_t len;
-  char *pending; /* a delayed answer */
-  size_t pending_len;
-  int closing; /* handles still to close */
-} conn_t;
-
-struct srv {
-  uv_tcp_t tcp;
-  int port;
+typedef struct srv {
+  http_stub_t stub; /* stub.port, stub.hits */
   pmode_t mode;
-  int hits;
   int bad_requests; /* requests that were not the batch expected */
   uint8_t balance[32];
-  conn_t *conns;
-};
-
-static void on_written(uv_write_t *w, int status) {
-  (void)status;
-  free(w->data);
-  free(w);
-}
-
-static void send_raw(conn_t *c, char *data, size_t len) {
-  uv_write_t *w = malloc(sizeof *w);
-  w->data = data;
-  uv_buf_t b = uv_buf_init(data, (unsigned)len);
-  if (uv_write(w, (uv_stream_t *)&c->h, &b, 1, on_written) != 0) {
-    free(data);
-    free(w);
-  }
-}
-
-static void on_conn_closed(uv_handle_t *h) {
-  conn_t *c = h->data;
-  if (--c->closing == 0) {
-    free(c->pending);
-    free(c);
-  }
-}
-
-static void conn_close(conn_t *c) {
-  if (c->closing)
-    return;
-  srv_t *s = c->s;
-  for (conn_t **pp = &s->conns; *pp; pp = &(*pp)->next)
-    if (*pp == c) {
-      *pp = c->next;
-      break;
-    }
-  c->closing = 2;
-  uv_close((uv_handle_t *)&c->h, on_conn_closed);
-  uv_close((uv_handle_t *)&c->delay, on_conn_closed);
-}
-
-static void on_delay(uv_timer_t *t) {
-  conn_t *c = t->data;
-  if (c->pending) {
-    send_raw(c, c->pending, c->pending_len);
-    c->pending = NULL;
-  }
-}
+} srv_t;
 
 /* Checks one request of the batch; its answer (a JSON object) or NULL. */
 static json_t *answer_one(srv_t *s, json_t *q) {
@@ -193,104 +132,34 @@ static char *answer(srv_t *s, const char *body, size_t len, int *status) {
   return text;
 }
 
-static void handle(conn_t *c, const char *body, size_t len) {
-  srv_t *s = c->s;
-  s->hits++;
-  if (s->mode == M_HANG)
+static void handle(void *ud, const http_stub_req_t *q, http_stub_reply_t *rep) {
+  srv_t *s = ud;
+  if (s->mode == M_HANG) {
+    rep->action = HTTP_STUB_HANG;
     return;
+  }
   if (s->mode == M_CLOSE) {
-    conn_close(c);
+    rep->action = HTTP_STUB_CLOSE;
     return;
   }
   int status;
-  char *text = answer(s, body, len, &status);
-  size_t blen = text ? strlen(text) : 0;
-  char *resp = malloc(blen + 200);
-  int n =
-      snprintf(resp, 200, "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
-               status, blen);
-  memcpy(resp + n, text ? text : "", blen);
+  char *text = answer(s, q->body, q->body_len, &status);
+  rep->status = status;
+  http_stub_reply_header(rep, "Content-Type", "application/json");
+  http_stub_reply_text(rep, text);
   free(text);
-  if (s->mode == M_SLOW) {
-    free(c->pending);
-    c->pending = resp;
-    c->pending_len = (size_t)n + blen;
-    uv_timer_start(&c->delay, on_delay, 40, 0);
-    return;
-  }
-  send_raw(c, resp, (size_t)n + blen);
-}
-
-static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
-  (void)hint;
-  conn_t *c = h->data;
-  *b = uv_buf_init(c->buf + c->len, (unsigned)(sizeof c->buf - c->len));
-}
-
-static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *b) {
-  (void)b;
-  conn_t *c = st->data;
-  if (nread < 0 || c->len + (size_t)nread >= sizeof c->buf) {
-    conn_close(c);
-    return;
-  }
-  c->len += (size_t)nread;
-  for (;;) {
-    c->buf[c->len] = '\0';
-    char *end = strstr(c->buf, "\r\n\r\n");
-    if (end == NULL)
-      return;
-    size_t head = (size_t)(end + 4 - c->buf), clen = 0;
-    for (char *p = c->buf; p < end; p++)
-      if (strncasecmp(p, "\r\ncontent-length:", 17) == 0)
-        clen = strtoul(p + 17, NULL, 10);
-    if (c->len < head + clen)
-      return;
-    handle(c, c->buf + head, clen);
-    if (c->closing)
-      return;
-    memmove(c->buf, c->buf + head + clen, c->len - head - clen);
-    c->len -= head + clen;
-  }
-}
-
-static void on_accept(uv_stream_t *l, int status) {
-  srv_t *s = l->data;
-  if (status != 0)
-    return;
-  conn_t *c = calloc(1, sizeof *c);
-  c->s = s;
-  uv_tcp_init(l->loop, &c->h);
-  uv_timer_init(l->loop, &c->delay);
-  c->h.data = c->delay.data = c;
-  c->next = s->conns;
-  s->conns = c;
-  if (uv_accept(l, (uv_stream_t *)&c->h) != 0 || uv_read_start((uv_stream_t *)&c->h, on_alloc, on_read) != 0)
-    conn_close(c);
+  if (s->mode == M_SLOW)
+    rep->delay_ms = 40;
 }
 
 static int srv_start(uv_loop_t *loop, srv_t *s, pmode_t mode) {
   memset(s, 0, sizeof *s);
   s->mode = mode;
   s->balance[30] = 0x27, s->balance[31] = 0x10; /* 10000 */
-  struct sockaddr_in sa;
-  uv_ip4_addr("127.0.0.1", 0, &sa);
-  uv_tcp_init(loop, &s->tcp);
-  s->tcp.data = s;
-  if (uv_tcp_bind(&s->tcp, (struct sockaddr *)&sa, 0) != 0 ||
-      uv_listen((uv_stream_t *)&s->tcp, 64, on_accept) != 0)
-    return -1;
-  int len = sizeof sa;
-  uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&sa, &len);
-  s->port = ntohs(sa.sin_port);
-  return 0;
+  return http_stub_start(&s->stub, loop, handle, s) != 0 ? -1 : 0;
 }
 
-static void srv_stop(srv_t *s) {
-  while (s->conns)
-    conn_close(s->conns);
-  uv_close((uv_handle_t *)&s->tcp, NULL);
-}
+static void srv_stop(srv_t *s) { http_stub_stop(&s->stub); }
 
 /* A loopback port with nobody listening. */
 static int dead_port(uv_loop_t *loop) {
@@ -299,7 +168,7 @@ static int dead_port(uv_loop_t *loop) {
     return -1;
   srv_stop(&s);
   uv_run(loop, UV_RUN_NOWAIT);
-  return s.port;
+  return s.stub.port;
 }
 
 /* ---- checks ---- */
@@ -375,19 +244,22 @@ static int env_open(env_t *e, int ns, const pmode_t *modes) {
   if (uv_loop_init(&e->loop) != 0 || (e->http = tg_httpc_new(&e->loop, NULL)) == NULL)
     return -1;
   e->ns = ns;
-  for (int i = 0; i < ns; i++) {
-    int port;
-    if (modes[i] == M_DEAD) {
-      port = dead_port(&e->loop);
-      e->s[i].port = -1;
-    } else {
-      if (srv_start(&e->loop, &e->s[i], modes[i]) != 0)
-        return -1;
-      port = e->s[i].port;
+  /* The live ones first: a dead one's port, taken after, cannot be theirs. */
+  for (int pass = 0; pass < 2; pass++)
+    for (int i = 0; i < ns; i++) {
+      int port;
+      if ((modes[i] == M_DEAD) != (pass == 1))
+        continue;
+      if (modes[i] == M_DEAD) {
+        port = dead_port(&e->loop); /* e->s[i] stays a stub never started */
+      } else {
+        if (srv_start(&e->loop, &e->s[i], modes[i]) != 0)
+          return -1;
+        port = e->s[i].stub.port;
+      }
+      snprintf(e->urls[i], sizeof e->urls[i], "http://127.0.0.1:%d/v3/secret-key-%d", port, i);
+      e->u[i] = e->urls[i];
     }
-    snprintf(e->urls[i], sizeof e->urls[i], "http://127.0.0.1:%d/v3/secret-key-%d", port, i);
-    e->u[i] = e->urls[i];
-  }
   return 0;
 }
 
@@ -395,8 +267,7 @@ static int env_close(env_t *e, tg_chain_pool_t *p) {
   tg_chain_pool_free(p);
   tg_httpc_free(e->http);
   for (int i = 0; i < e->ns; i++)
-    if (e->s[i].port > 0)
-      srv_stop(&e->s[i]);
+    srv_stop(&e->s[i]); /* a no-op on a dead one's */
   uv_run(&e->loop, UV_RUN_DEFAULT);
   return uv_loop_close(&e->loop);
 }
@@ -590,13 +461,13 @@ TEST(check_answers_and_cache) {
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
   CHECK(r.had_state && !r.st.nonce_used && r.st.balance[30] == 0x27 && r.st.balance[31] == 0x10);
-  CHECK_INT(e.s[0].hits, 1);
+  CHECK_INT(e.s[0].stub.hits, 1);
   CHECK_INT(e.s[0].bad_requests, 0);
   /* The same key again: from the cache, still never synchronous. */
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
   CHECK(r.st.balance[31] == 0x10);
-  CHECK_INT(e.s[0].hits, 1);
+  CHECK_INT(e.s[0].stub.hits, 1);
   /* Fresh: asked, whatever the cache holds; the answer refreshes it. */
   e.s[0].mode = M_USED;
   uint8_t n1[32];
@@ -608,16 +479,16 @@ TEST(check_answers_and_cache) {
   CHECK_INT(run_until(&e.loop, &r.calls, 1, 5000), 0);
   CHECK_INT(r.err, 0);
   CHECK(r.st.nonce_used);
-  CHECK_INT(e.s[0].hits, 2);
+  CHECK_INT(e.s[0].stub.hits, 2);
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK(r.st.nonce_used);
-  CHECK_INT(e.s[0].hits, 2);
+  CHECK_INT(e.s[0].stub.hits, 2);
   /* Another nonce: asked. */
   e.s[0].mode = M_USED;
   CHECK_INT(check(&e.loop, p, 2, &r), 0);
   CHECK_INT(r.err, 0);
   CHECK(r.st.nonce_used);
-  CHECK_INT(e.s[0].hits, 3);
+  CHECK_INT(e.s[0].stub.hits, 3);
   /* Another chain id or asset is another key. */
   uint8_t n[32];
   nonce_of(n, 1);
@@ -625,13 +496,13 @@ TEST(check_answers_and_cache) {
   CHECK_INT(tg_chain_check(p, CHAIN + 1, ASSET, FROM, n, on_result, &r), 0);
   CHECK_INT(run_until(&e.loop, &r.calls, 1, 5000), 0);
   CHECK_INT(r.err, -EXDEV);
-  CHECK_INT(e.s[0].hits, 4);
+  CHECK_INT(e.s[0].stub.hits, 4);
   /* After the TTL: asked again. */
   run_for(&e.loop, 200);
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
   CHECK(r.st.nonce_used);
-  CHECK_INT(e.s[0].hits, 5);
+  CHECK_INT(e.s[0].stub.hits, 5);
   tg_chain_stats_t stats;
   tg_chain_pool_stats(p, &stats);
   CHECK_INT(stats.checks, 7);
@@ -663,7 +534,7 @@ static int one_provider(pmode_t m, uint32_t timeout_ms, int *hits) {
   if (rc == 0 && e.s[0].bad_requests != 0)
     rc = -2003;
   if (hits)
-    *hits = e.s[0].hits;
+    *hits = e.s[0].stub.hits;
   if (env_close(&e, p) != 0)
     rc = -2004;
   if (rc == 0 && r.err != 0) {
@@ -702,7 +573,7 @@ TEST(failover_and_ranking) {
   result_t r;
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
-  CHECK_INT(e.s[1].hits, 1);
+  CHECK_INT(e.s[1].stub.hits, 1);
   tg_chain_stats_t st;
   tg_chain_pool_stats(p, &st);
   CHECK_INT(st.attempts, 2);
@@ -723,7 +594,7 @@ TEST(failover_and_ranking) {
   CHECK(p != NULL);
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
-  CHECK(e.s[0].hits == 1 && e.s[1].hits == 1 && e.s[2].hits == 1);
+  CHECK(e.s[0].stub.hits == 1 && e.s[1].stub.hits == 1 && e.s[2].stub.hits == 1);
   CHECK_INT(env_close(&e, p), 0);
 
   /* All failing the same way: that code; in different ways: -EHOSTUNREACH. */
@@ -732,12 +603,12 @@ TEST(failover_and_ranking) {
   p = tg_chain_pool_new(&e.loop, e.http, e.u, 2, NULL);
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, -EXDEV);
-  CHECK(e.s[0].hits == 1 && e.s[1].hits == 1);
+  CHECK(e.s[0].stub.hits == 1 && e.s[1].stub.hits == 1);
   e.s[1].mode = M_BAD_HEX;
   CHECK_INT(check(&e.loop, p, 2, &r), 0);
   CHECK_INT(r.err, -EHOSTUNREACH);
   CHECK(!r.had_state);
-  CHECK(e.s[0].hits == 2 && e.s[1].hits == 2);
+  CHECK(e.s[0].stub.hits == 2 && e.s[1].stub.hits == 2);
   CHECK_INT(env_close(&e, p), 0);
 }
 
@@ -753,8 +624,8 @@ TEST(ranked_by_latency) {
     CHECK_INT(r.err, 0);
   }
   /* The first goes to the first configured; once both are measured the fast one takes the rest. */
-  CHECK_INT(e.s[0].hits, 1);
-  CHECK_INT(e.s[1].hits, 5);
+  CHECK_INT(e.s[0].stub.hits, 1);
+  CHECK_INT(e.s[1].stub.hits, 5);
   CHECK_INT(env_close(&e, p), 0);
 }
 
@@ -796,7 +667,7 @@ TEST(metrics_label_hides_the_url_path) {
   result_t r;
   CHECK_INT(check(&e.loop, p, 1, &r), 0);
   CHECK_INT(r.err, 0);
-  int dead = atoi(strrchr(e.urls[0], ':') + 1), good = e.s[1].port;
+  int dead = atoi(strrchr(e.urls[0], ':') + 1), good = e.s[1].stub.port;
   CHECK_INT(env_close(&e, p), 0);
   tg_buf_t out = {0};
   CHECK_INT(tg_metrics_render(&out), 0);

@@ -14,9 +14,11 @@
 #include "net/client.h"
 #include "pay/facil.h"
 
-/* A facilitator on the test's own loop: a small HTTP/1.1 server (keep-alive,
- * Content-Length bodies) answering /verify, /settle and /supported from a
- * per-route script (then a default), counting hits. */
+#include "http_stub.h"
+
+/* A facilitator on the test's own loop: the HTTP stub (http_stub.h) answering
+ * /verify, /settle and /supported from a per-route script (then a default),
+ * counting hits. */
 
 typedef struct action {
   int status; /* 0: 200 */
@@ -35,27 +37,11 @@ typedef struct route {
   char last_ctype[64];
 } route_t;
 
-typedef struct sconn sconn_t;
 typedef struct fsrv {
-  uv_loop_t *loop;
-  uv_tcp_t listener;
-  int port;
+  http_stub_t stub;
   char url[64];
   route_t verify, settle, supported;
-  sconn_t *conns;
 } fsrv_t;
-
-struct sconn {
-  uv_tcp_t tcp;
-  uv_timer_t timer;
-  fsrv_t *s;
-  sconn_t *next;
-  int handles;
-  bool busy, closing;
-  action_t pending;
-  char buf[16384];
-  size_t len;
-};
 
 static const char *VALID =
     "{\"isValid\":true,\"payer\":\"0x857b06519E91e3A54538791bDbb0E22373e36b66\"}";
@@ -74,169 +60,45 @@ static const char *BODY =
     "\"paymentRequirements\":{\"scheme\":\"exact\",\"network\":\"eip155:84532\","
     "\"amount\":\"1000\"}}";
 
-static void conn_closed(uv_handle_t *h) {
-  sconn_t *c = h->data;
-  if (--c->handles > 0)
-    return;
-  for (sconn_t **q = &c->s->conns; *q; q = &(*q)->next)
-    if (*q == c) {
-      *q = c->next;
-      break;
-    }
-  free(c);
-}
-
-static void conn_close(sconn_t *c) {
-  if (c->closing)
-    return;
-  c->closing = true;
-  uv_close((uv_handle_t *)&c->tcp, conn_closed);
-  uv_close((uv_handle_t *)&c->timer, conn_closed);
-}
-
-static void on_written(uv_write_t *w, int status) {
-  (void)status;
-  free(w->data);
-  free(w);
-}
-
-static void try_parse(sconn_t *c);
-
-static void respond(sconn_t *c, const action_t *a) {
-  c->busy = false;
-  if (a->drop) {
-    conn_close(c);
-    return;
-  }
-  const char *body = a->body ? a->body : "";
-  int status = a->status ? a->status : 200;
-  size_t cap = strlen(body) + 512;
-  char *out = malloc(cap);
-  int n = snprintf(
-      out, cap,
-      "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s%s%s\r\n%s",
-      status, strlen(body), a->location ? "Location: " : "", a->location ? a->location : "",
-      a->location ? "\r\n" : "", body);
-  uv_write_t *w = malloc(sizeof *w);
-  w->data = out;
-  uv_buf_t b = uv_buf_init(out, (unsigned)n);
-  uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, on_written);
-  try_parse(c);
-}
-
-static void on_delay(uv_timer_t *t) {
-  sconn_t *c = t->data;
-  respond(c, &c->pending);
-}
-
-static void try_parse(sconn_t *c) {
-  if (c->busy || c->closing)
-    return;
-  char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
-  if (end == NULL)
-    return;
-  size_t head = (size_t)(end - c->buf) + 4;
-  size_t clen = 0;
-  char ctype[64] = "";
-  for (char *l = memchr(c->buf, '\n', head); l && l < end;
-       l = memchr(l + 1, '\n', (size_t)(end - l))) {
-    if (strncasecmp(l + 1, "content-length:", 15) == 0)
-      clen = strtoul(l + 16, NULL, 10);
-    if (strncasecmp(l + 1, "content-type:", 13) == 0)
-      sscanf(l + 14, " %63[^\r]", ctype);
-  }
-  if (c->len < head + clen)
-    return;
-  char path[256] = "";
-  sscanf(c->buf, "%*s %255s", path);
+static void fsrv_handle(void *ud, const http_stub_req_t *q, http_stub_reply_t *rep) {
+  fsrv_t *s = ud;
   route_t *r = NULL;
-  size_t pl = strlen(path);
-  if (pl >= 7 && strcmp(path + pl - 7, "/verify") == 0)
-    r = &c->s->verify;
-  else if (pl >= 7 && strcmp(path + pl - 7, "/settle") == 0)
-    r = &c->s->settle;
-  else if (pl >= 10 && strcmp(path + pl - 10, "/supported") == 0)
-    r = &c->s->supported;
+  size_t pl = strlen(q->path);
+  if (pl >= 7 && strcmp(q->path + pl - 7, "/verify") == 0)
+    r = &s->verify;
+  else if (pl >= 7 && strcmp(q->path + pl - 7, "/settle") == 0)
+    r = &s->settle;
+  else if (pl >= 10 && strcmp(q->path + pl - 10, "/supported") == 0)
+    r = &s->supported;
   action_t a = {.status = 404, .body = "{}"};
   if (r) {
+    const char *ctype = http_stub_header(q, "content-type");
     r->hits++;
-    snprintf(r->last_body, sizeof r->last_body, "%.*s", (int)clen, c->buf + head);
-    snprintf(r->last_ctype, sizeof r->last_ctype, "%s", ctype);
+    snprintf(r->last_body, sizeof r->last_body, "%.*s", (int)q->body_len, q->body);
+    snprintf(r->last_ctype, sizeof r->last_ctype, "%s", ctype ? ctype : "");
     a = r->next < r->nscript ? r->script[r->next++] : r->dflt;
   }
-  memmove(c->buf, c->buf + head + clen, c->len - head - clen);
-  c->len -= head + clen;
-  c->busy = true;
-  if (a.delay_ms) {
-    c->pending = a;
-    uv_timer_start(&c->timer, on_delay, a.delay_ms, 0);
-  } else {
-    respond(c, &a);
-  }
-}
-
-static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
-  sconn_t *c = h->data;
-  (void)hint;
-  *b = uv_buf_init(c->buf + c->len, (unsigned)(sizeof c->buf - c->len));
-}
-
-static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b) {
-  sconn_t *c = st->data;
-  (void)b;
-  if (n < 0 || c->len + (size_t)n >= sizeof c->buf) {
-    conn_close(c);
-    return;
-  }
-  c->len += (size_t)n;
-  try_parse(c);
-}
-
-static void on_conn(uv_stream_t *l, int status) {
-  fsrv_t *s = l->data;
-  if (status != 0)
-    return;
-  sconn_t *c = calloc(1, sizeof *c);
-  c->s = s;
-  uv_tcp_init(s->loop, &c->tcp);
-  uv_timer_init(s->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->handles = 2;
-  c->next = s->conns;
-  s->conns = c;
-  if (uv_accept(l, (uv_stream_t *)&c->tcp) != 0) {
-    conn_close(c);
-    return;
-  }
-  uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+  rep->status = a.status ? a.status : 200;
+  rep->delay_ms = a.delay_ms;
+  rep->action = a.drop ? HTTP_STUB_CLOSE : HTTP_STUB_ANSWER;
+  http_stub_reply_header(rep, "Content-Type", "application/json");
+  if (a.location)
+    http_stub_reply_header(rep, "Location", a.location);
+  http_stub_reply_text(rep, a.body ? a.body : "");
 }
 
 static int fsrv_start(fsrv_t *s, uv_loop_t *loop) {
   memset(s, 0, sizeof *s);
-  s->loop = loop;
   s->verify.dflt = (action_t){.body = VALID};
   s->settle.dflt = (action_t){.body = SETTLED};
   s->supported.dflt = (action_t){.body = SUPPORTED};
-  struct sockaddr_in sin;
-  uv_ip4_addr("127.0.0.1", 0, &sin);
-  if (uv_tcp_init(loop, &s->listener) != 0 ||
-      uv_tcp_bind(&s->listener, (struct sockaddr *)&sin, 0) != 0)
+  if (http_stub_start(&s->stub, loop, fsrv_handle, s) != 0)
     return -1;
-  s->listener.data = s;
-  if (uv_listen((uv_stream_t *)&s->listener, 64, on_conn) != 0)
-    return -1;
-  int sl = sizeof sin;
-  uv_tcp_getsockname(&s->listener, (struct sockaddr *)&sin, &sl);
-  s->port = ntohs(sin.sin_port);
-  snprintf(s->url, sizeof s->url, "http://127.0.0.1:%d", s->port);
+  snprintf(s->url, sizeof s->url, "http://127.0.0.1:%d", s->stub.port);
   return 0;
 }
 
-static void fsrv_close(fsrv_t *s) {
-  uv_close((uv_handle_t *)&s->listener, NULL);
-  for (sconn_t *c = s->conns; c; c = c->next)
-    conn_close(c);
-}
+static void fsrv_close(fsrv_t *s) { http_stub_stop(&s->stub); }
 
 static void script(route_t *r, action_t a) { r->script[r->nscript++] = a; }
 
