@@ -171,6 +171,7 @@ struct worker_priv {
   int draining;
   int finished;
   int start_rc;
+  int app_started; /* on_worker_start ran (its stop is owed, whatever it returned) */
   char start_err[256];
   char date_hdr[64];          /* "Date: ...\r\n" */
   size_t date_len;
@@ -2104,7 +2105,7 @@ static void worker_finish(worker_priv_t *w) {
    * frees what they use. */
   while (w->notify_head)
     notify_run(w);
-  if (s->cfg.on_worker_stop && w->start_rc == 0)
+  if (s->cfg.on_worker_stop && w->app_started)
     s->cfg.on_worker_stop(&w->pub, s->cfg.ud);
   uv_close((uv_handle_t *)&w->grace_timer, NULL);
   uv_close((uv_handle_t *)&w->date_timer, NULL);
@@ -2168,6 +2169,7 @@ static void *worker_main(void *arg) {
       goto started;
     }
   }
+  w->app_started = s->cfg.on_worker_start != NULL;
   if (s->cfg.on_worker_start && (w->start_rc = s->cfg.on_worker_start(&w->pub, s->cfg.ud)) != 0)
     snprintf(w->start_err, sizeof w->start_err, "worker %d failed to start", w->pub.id);
 started:

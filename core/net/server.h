@@ -188,7 +188,9 @@ typedef struct tg_server_config {
   size_t nlisteners;
   int nworkers;                /* <= 0: number of cores */
   tg_http_limits_t limits;     /* zero fields take the defaults */
-  /* Called on each worker thread before it accepts, and after it stops. */
+  /* Called on each worker thread before it accepts, and after it stops.
+   * on_worker_stop follows every on_worker_start, also one that failed
+   * (it undoes a partial start, or the worker's loop could not end). */
   int (*on_worker_start)(tg_worker_t *w, void *ud);
   void (*on_worker_stop)(tg_worker_t *w, void *ud);
   void *ud;

@@ -248,6 +248,46 @@ TEST(a_taken_port_fails_start) {
   tg_server_stop(b, 1000);
 }
 
+/* A worker whose application start fails half way (a handle already open on
+ * its loop) is stopped through on_worker_stop, so its loop ends and the
+ * start fails instead of hanging. */
+static _Atomic int stops_called;
+
+static uv_timer_t half_timers[2];
+
+static void half_never(uv_timer_t *t) { (void)t; }
+
+static int half_start(tg_worker_t *w, void *ud) {
+  (void)ud;
+  if (uv_timer_init(w->loop, &half_timers[w->id]) != 0)
+    return -ENOMEM;
+  uv_timer_start(&half_timers[w->id], half_never, 3600000, 0); /* it only holds the loop */
+  return w->id == 1 ? -EIO : 0;
+}
+
+static void half_stop(tg_worker_t *w, void *ud) {
+  (void)ud;
+  atomic_fetch_add(&stops_called, 1);
+  uv_close((uv_handle_t *)&half_timers[w->id], NULL);
+}
+
+TEST(a_worker_that_fails_to_start_is_stopped_and_start_fails) {
+  tg_listener_config_t l = {"127.0.0.1", 0, NULL, NULL, 0, handler, NULL};
+  tg_server_config_t cfg = {0};
+  cfg.listeners = &l;
+  cfg.nlisteners = 1;
+  cfg.nworkers = 2;
+  cfg.on_worker_start = half_start;
+  cfg.on_worker_stop = half_stop;
+  tg_server_t *s = NULL;
+  char err[256] = "";
+  atomic_store(&stops_called, 0);
+  CHECK_INT(tg_server_start(&s, &cfg, err, sizeof err), -EIO);
+  CHECK(s == NULL);
+  CHECK(strstr(err, "worker 1 failed to start") != NULL);
+  CHECK_INT(atomic_load(&stops_called), 2); /* the failed one too */
+}
+
 TEST(get_and_keepalive) {
   tg_server_t *s = start(small_limits(), 1);
   CHECK(s != NULL);
