@@ -1,4 +1,5 @@
 #include "rpc/connect.h"
+#include "base/b64.h"
 #include "base/hex.h"
 
 #include <errno.h>
@@ -505,8 +506,32 @@ int tg_connect_call_add_header(tg_connect_call_t *call, const char *name, const 
   return 0;
 }
 
+/* One Connect error detail: {"type": full message name, "value": its binary
+ * encoding in unpadded standard base64}. NULL on out of memory. */
+static json_t *error_detail(const ProtobufCMessage *m) {
+  size_t n = protobuf_c_message_get_packed_size(m);
+  uint8_t *bin = malloc(n ? n : 1);
+  size_t el = tg_b64_len(n, 0) + 1;
+  char *enc = malloc(el);
+  json_t *d = NULL;
+  if (bin && enc) {
+    protobuf_c_message_pack(m, bin);
+    if (tg_b64_encode(bin, n, 0, 0, enc, el) >= 0) {
+      d = json_object();
+      if (d) {
+        json_object_set_new(d, "type", json_string(m->descriptor->name));
+        json_object_set_new(d, "value", json_string(enc));
+      }
+    }
+  }
+  free(bin);
+  free(enc);
+  return d;
+}
+
 /* Connect error bodies are JSON and never compressed (as connect-go). */
-static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const char *msg) {
+static void answer_error_detail(tg_connect_call_t *call, tg_connect_code_t code, const char *msg,
+                                const ProtobufCMessage *detail) {
   json_t *o = json_object();
   char *text = NULL;
   if (o) {
@@ -515,6 +540,9 @@ static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const 
      * formatting buffer: repaired, never dropped or mangled to ASCII. */
     if (msg && *msg)
       json_object_set_new(o, "message", tg_utf8_json_string(msg));
+    json_t *d = detail ? error_detail(detail) : NULL;
+    if (d)
+      json_object_set_new(o, "details", json_pack("[o]", d));
     text = json_dumps(o, JSON_COMPACT);
     json_decref(o);
   }
@@ -531,6 +559,10 @@ static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const 
   call->req = NULL;
   call->answered = 1;
   record(call, code);
+}
+
+static void answer_error(tg_connect_call_t *call, tg_connect_code_t code, const char *msg) {
+  answer_error_detail(call, code, msg, NULL);
 }
 
 static void answer_errorf(tg_connect_call_t *call, tg_connect_code_t code, const char *fmt, ...)
@@ -646,6 +678,15 @@ void tg_connect_fail(tg_connect_call_t *call, tg_connect_code_t code, const char
     /* ok is not an error: a handler that fails with it meant unknown. */
     answer_error(call, code == TG_CONNECT_OK ? TG_CONNECT_UNKNOWN : code, msg);
   }
+  finish(call);
+}
+
+void tg_connect_fail_detail(tg_connect_call_t *call, tg_connect_code_t code, const ProtobufCMessage *detail,
+                           const char *msg) {
+  if (call->finished)
+    return;
+  if (!call->answered)
+    answer_error_detail(call, code == TG_CONNECT_OK ? TG_CONNECT_UNKNOWN : code, msg, detail);
   finish(call);
 }
 

@@ -91,6 +91,13 @@ tg_http_req_t *tg_connect_call_http(tg_connect_call_t *call);
 /* 1 once the client's Connect-Timeout-Ms has passed (the call was already
  * answered deadline_exceeded; the handler still must finish it, and its
  * answer is dropped). */
+/* tg_connect_fail with one error detail: the message detail in the error
+ * body's "details" ({"type": its full name, "value": unpadded base64 of its
+ * binary encoding}), as Connect clients decode them (connect-es
+ * ConnectError.findDetails). msg is used as is. */
+void tg_connect_fail_detail(tg_connect_call_t *call, tg_connect_code_t code, const ProtobufCMessage *detail,
+                           const char *msg);
+
 int tg_connect_call_expired(const tg_connect_call_t *call);
 /* Milliseconds left before the deadline; UINT32_MAX when there is none. */
 uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call);

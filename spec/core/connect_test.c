@@ -111,6 +111,14 @@ static void report(tg_connect_call_t *call, const ProtobufCMessage *in, void *ud
     for (size_t i = 0; i < 8; i++)
       atomic_store(&header_rcs[i], tg_connect_call_add_header(call, h[i][0], h[i][1]));
   }
+  if (strstr(rq->transaction_id, "+detail")) {
+    Ramp__V1__ExecuteTransactionResponse d = RAMP__V1__EXECUTE_TRANSACTION_RESPONSE__INIT;
+    d.status = RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_DENIED;
+    d.denial_reason = RAMP__V1__DENIAL_REASON__DENIAL_REASON_BILLING_UNAVAILABLE;
+    d.denial_detail = "billing is down";
+    tg_connect_fail_detail(call, (tg_connect_code_t)atoi(rq->transaction_id), &d.base, "failed with a detail");
+    return;
+  }
   tg_connect_fail(call, (tg_connect_code_t)atoi(rq->transaction_id), "failed on purpose: %s",
                   rq->transaction_id);
 }
@@ -945,6 +953,45 @@ TEST(handler_errors_map_to_http_status) {
     CHECK(strncmp(error_message(&r, msg, sizeof msg), "failed on purpose", 17) == 0);
     resp_free(&r);
   }
+}
+
+/* A detail as Connect clients decode it: {"type": full message name, "value":
+ * unpadded standard base64 of the binary message}. */
+TEST(error_details_carry_a_message) {
+  size_t len;
+  uint8_t *body = small_report("14+detail", &len);
+  resp_t r;
+  char code[64], msg[256];
+  int rc = exchange("POST", REPORT, "Content-Type: application/proto\r\n", body, len, &r);
+  free(body);
+  CHECK_INT(rc, 0);
+  CHECK_INT(r.status, 503);
+  CHECK_STR(error_code(&r, code, sizeof code), "unavailable");
+  CHECK_STR(error_message(&r, msg, sizeof msg), "failed with a detail");
+  json_t *j = json_loadb(r.body, r.body_len, 0, NULL);
+  json_t *d = json_array_get(json_object_get(j, "details"), 0);
+  const char *type = json_string_value(json_object_get(d, "type"));
+  const char *value = json_string_value(json_object_get(d, "value"));
+  int ok = type && value && strcmp(type, "ramp.v1.ExecuteTransactionResponse") == 0 &&
+           json_array_size(json_object_get(j, "details")) == 1 && strchr(value, '=') == NULL;
+  uint8_t bin[256];
+  size_t blen = 0;
+  char padded[256];
+  if (ok) {
+    /* mbedTLS wants the padding back */
+    snprintf(padded, sizeof padded, "%s%s", value, strlen(value) % 4 == 2 ? "==" : strlen(value) % 4 == 3 ? "=" : "");
+    ok = mbedtls_base64_decode(bin, sizeof bin, &blen, (const uint8_t *)padded, strlen(padded)) == 0;
+  }
+  json_decref(j);
+  resp_free(&r);
+  CHECK(ok);
+  Ramp__V1__ExecuteTransactionResponse *m = ramp__v1__execute_transaction_response__unpack(NULL, blen, bin);
+  CHECK(m != NULL);
+  int good = m->status == RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_DENIED &&
+             m->denial_reason == RAMP__V1__DENIAL_REASON__DENIAL_REASON_BILLING_UNAVAILABLE &&
+             strcmp(m->denial_detail, "billing is down") == 0;
+  ramp__v1__execute_transaction_response__free_unpacked(m, NULL);
+  CHECK(good);
 }
 
 TEST(handler_headers_go_with_the_error) {
