@@ -6,6 +6,7 @@
 
 #include <uv.h>
 
+#include "billing/billconf.h"
 #include "base/buf.h"
 #include "config/config.h"
 #include "gateway/gateway.h"
@@ -120,6 +121,19 @@ int main(int argc, char **argv) {
       if (key_file && tg_secret_exposed(key_file))
         fprintf(stderr, "tollgate: warning: %s is readable by group or others; chmod 600 it\n", key_file);
       tg_signer_free(&s);
+    }
+    /* Each tenant's billing section, as the gateway reads it at start (token included). */
+    for (size_t i = 0; i < cfg.ntenants; i++) {
+      tg_billconf_t bc;
+      if (tg_billconf_parse(&cfg.tenants[i].billing, &bc, err, sizeof err) != 0) {
+        fprintf(stderr, "tollgate: %s: tenant %s: %s\n", cfg.path, cfg.tenants[i].name, err);
+        tg_config_free(&cfg);
+        return 1;
+      }
+      const char *tf = tg_config_get(&cfg.tenants[i].billing, "token_file");
+      if (tf && tg_secret_exposed(tf))
+        fprintf(stderr, "tollgate: warning: %s is readable by group or others; chmod 600 it\n", tf);
+      tg_billconf_free(&bc);
     }
     /* Each tenant's payments section, as the gateway reads it at start. */
     if (tg_paywall_check_config(&cfg, err, sizeof err) != 0) {

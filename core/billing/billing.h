@@ -88,6 +88,12 @@ tg_billing_t *tg_billing_builtin_new(uv_loop_t *loop, tg_prepaid_t *ledger);
 
 void tg_billing_free(tg_billing_t *b);
 
+/* The buckets of billing_authorize_duration_seconds (10 us .. 1 s), one
+ * declaration for the pipeline (built-in and Redis ledgers) and the remote
+ * adapter, which count in the same family. */
+extern const double tg_billing_auth_buckets[];
+extern const size_t tg_billing_auth_nbuckets;
+
 /* "****" and the last 4 bytes of ref (just "****" for 4 bytes or fewer):
  * the only form in which a billing reference reaches a log or an answer. */
 void tg_billing_redact(const char *ref, char out[16]);
@@ -145,5 +151,19 @@ typedef struct tg_billing_connect_opts {
 } tg_billing_connect_opts_t;
 
 tg_billing_t *tg_billing_connect_new(uv_loop_t *loop, tg_httpc_t *http, const tg_billing_connect_opts_t *o);
+
+/* Capture by transaction (the reconciler's: after a restart the adapter
+ * knows no hold): Capture{hold_id = hold or "", billing_id = txid, amount}
+ * through the breaker. The service resolves an empty hold_id by billing_id
+ * (the transaction id its Authorize was keyed by). APPROVED: charged (now or
+ * before); DECLINED: the service knows no such hold (expired: authorize
+ * again); UNAVAILABLE: failed. b must be a connect adapter. */
+void tg_billing_connect_capture(tg_billing_t *b, const char *txid, const char *hold, int64_t amount,
+                                tg_billing_cb cb, void *arg);
+
+/* One Health call (outside the breaker: it is how the gateway learns the
+ * service is back): APPROVED serving, DECLINED not serving, UNAVAILABLE no
+ * usable answer within call_timeout_ms. b must be a connect adapter. */
+void tg_billing_connect_health(tg_billing_t *b, tg_billing_cb cb, void *arg);
 
 #endif

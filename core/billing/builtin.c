@@ -77,6 +77,10 @@ tg_billing_t *tg_billing_builtin_new(uv_loop_t *loop, tg_prepaid_t *ledger) {
   return &bi->base;
 }
 
+const double tg_billing_auth_buckets[] = {0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005,
+                                           0.01,    0.03,    0.1,    0.5,    1};
+const size_t tg_billing_auth_nbuckets = sizeof tg_billing_auth_buckets / sizeof tg_billing_auth_buckets[0];
+
 void tg_billing_free(tg_billing_t *b) {
   if (b)
     b->ops->free(b);

@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "base/hash.h"
 #include "base/log.h"
 #include "base/metrics.h"
 #include "billing/v1/billing.pb-c.h"
@@ -25,7 +26,7 @@
 #define KEEP_CAPTURED 4096
 #define LATE_GRACE_MS 2000 /* how long past the deadline a late answer is still awaited (to release it) */
 
-enum { CALL_AUTHORIZE, CALL_CAPTURE, CALL_RELEASE, CALL_LATE_RELEASE };
+enum { CALL_AUTHORIZE, CALL_CAPTURE, CALL_RELEASE, CALL_LATE_RELEASE, CALL_HEALTH };
 enum { CIRCUIT_CLOSED = 0, CIRCUIT_OPEN = 1, CIRCUIT_HALF_OPEN = 2 };
 
 typedef struct entry entry_t;
@@ -77,12 +78,7 @@ struct connect_billing {
   tg_metric_t *m_total, *m_duration, *m_timeout, *m_circuit;
 };
 
-static size_t bucket(const char *hold) {
-  uint32_t h = 2166136261u;
-  for (; *hold; hold++)
-    h = (h ^ (uint8_t)*hold) * 16777619u;
-  return h % BUCKETS;
-}
+static size_t bucket(const char *hold) { return (size_t)(tg_fnv1a_str(hold) % BUCKETS); }
 
 static entry_t *map_find(connect_billing_t *b, const char *hold) {
   if (hold == NULL)
@@ -277,6 +273,8 @@ static const char *method_of(int kind) {
     return "Authorize";
   case CALL_CAPTURE:
     return "Capture";
+  case CALL_HEALTH:
+    return "Health";
   default:
     return "Release";
   }
@@ -406,7 +404,14 @@ static void on_finish(connect_billing_t *b, call_t *c, int err, const tg_httpc_r
     snprintf(r.detail, sizeof r.detail, "the billing service failed (%s)", tg_httpc_strerror(err));
   else if (resp->status != 200)
     connect_error(resp, r.detail, sizeof r.detail);
-  else if (c->kind == CALL_CAPTURE) {
+  else if (c->kind == CALL_HEALTH) {
+    Billing__V1__HealthResponse *m =
+        billing__v1__health_response__unpack(NULL, resp->body_len, (const uint8_t *)resp->body);
+    if (m) {
+      known = true, ok = m->serving;
+      billing__v1__health_response__free_unpacked(m, NULL);
+    }
+  } else if (c->kind == CALL_CAPTURE) {
     Billing__V1__CaptureResponse *m =
         billing__v1__capture_response__unpack(NULL, resp->body_len, (const uint8_t *)resp->body);
     if (m) {
@@ -427,12 +432,13 @@ static void on_finish(connect_billing_t *b, call_t *c, int err, const tg_httpc_r
   if (known) {
     r.status = ok ? TG_BILLING_APPROVED : TG_BILLING_DECLINED;
     snprintf(r.detail, sizeof r.detail, "%s",
-             !ok ? "the billing service does not know the hold"
+             c->kind == CALL_HEALTH ? (ok ? "" : "the billing service says it is not serving")
+             : !ok ? "the billing service does not know the hold"
              : done_before ? (c->kind == CALL_CAPTURE ? "already captured (a retry)" : "already released")
                            : "");
   }
   if (b != NULL) {
-    if (c->kind != CALL_LATE_RELEASE)
+    if (c->kind != CALL_LATE_RELEASE && c->kind != CALL_HEALTH)
       breaker_record(b, c->probe, known);
     entry_t *e = map_find(b, c->hold);
     if (e && known && ok && c->kind == CALL_CAPTURE)
@@ -545,13 +551,9 @@ static void authorize(tg_billing_t *base, const tg_billing_auth_t *a, tg_billing
   arm_deadline(b);
 }
 
-static void finish(tg_billing_t *base, const char *hold, int kind, tg_billing_cb cb, void *arg) {
-  connect_billing_t *b = (connect_billing_t *)base;
-  entry_t *e = map_find(b, hold);
-  if (e == NULL) {
-    answer_now(b, kind, cb, arg, TG_BILLING_DECLINED, "no such hold (already released?)");
-    return;
-  }
+/* Sends Capture or Release of (hold, txid, amount) through the breaker. */
+static void finish_send(connect_billing_t *b, const char *hold, const char *txid, int64_t amount, int kind,
+                        tg_billing_cb cb, void *arg) {
   bool probe;
   if (!breaker_admit(b, &probe)) {
     answer_now(b, kind, cb, arg, TG_BILLING_UNAVAILABLE, "circuit open");
@@ -564,20 +566,20 @@ static void finish(tg_billing_t *base, const char *hold, int kind, tg_billing_cb
     return;
   }
   c->probe = probe;
-  snprintf(c->hold, sizeof c->hold, "%s", e->hold);
-  snprintf(c->txid, sizeof c->txid, "%s", e->txid);
+  snprintf(c->hold, sizeof c->hold, "%s", hold);
+  snprintf(c->txid, sizeof c->txid, "%s", txid);
   int rc;
   if (kind == CALL_CAPTURE) {
     Billing__V1__CaptureRequest m = BILLING__V1__CAPTURE_REQUEST__INIT;
     m.hold_id = c->hold;
     m.billing_id = c->txid;
-    m.amount = e->amount;
+    m.amount = amount;
     rc = post(b, c, &m.base, b->call_timeout_ms, b->call_timeout_ms, NULL);
   } else {
     Billing__V1__ReleaseRequest m = BILLING__V1__RELEASE_REQUEST__INIT;
     m.hold_id = c->hold;
     m.billing_id = c->txid;
-    m.amount = e->amount;
+    m.amount = amount;
     rc = post(b, c, &m.base, b->call_timeout_ms, b->call_timeout_ms, NULL);
   }
   if (rc != 0) {
@@ -585,6 +587,43 @@ static void finish(tg_billing_t *base, const char *hold, int kind, tg_billing_cb
     free(c);
     breaker_record(b, probe, false);
     answer_now(b, kind, cb, arg, TG_BILLING_UNAVAILABLE, "the billing service could not be called");
+  }
+}
+
+static void finish(tg_billing_t *base, const char *hold, int kind, tg_billing_cb cb, void *arg) {
+  connect_billing_t *b = (connect_billing_t *)base;
+  entry_t *e = map_find(b, hold);
+  if (e == NULL) {
+    answer_now(b, kind, cb, arg, TG_BILLING_DECLINED, "no such hold (already released?)");
+    return;
+  }
+  finish_send(b, e->hold, e->txid, e->amount, kind, cb, arg);
+}
+
+void tg_billing_connect_capture(tg_billing_t *base, const char *txid, const char *hold, int64_t amount,
+                                tg_billing_cb cb, void *arg) {
+  connect_billing_t *b = (connect_billing_t *)base;
+  if (txid == NULL || txid[0] == '\0' || strlen(txid) >= sizeof((call_t *)0)->txid ||
+      (hold && strlen(hold) >= TG_BILLING_HOLD_MAX)) {
+    answer_now(b, CALL_CAPTURE, cb, arg, TG_BILLING_UNAVAILABLE, "no transaction id, or one too long");
+    return;
+  }
+  finish_send(b, hold ? hold : "", txid, amount, CALL_CAPTURE, cb, arg);
+}
+
+void tg_billing_connect_health(tg_billing_t *base, tg_billing_cb cb, void *arg) {
+  connect_billing_t *b = (connect_billing_t *)base;
+  call_t *c = call_new(b, CALL_HEALTH, cb, arg);
+  if (c == NULL) {
+    answer_now(b, CALL_HEALTH, cb, arg, TG_BILLING_UNAVAILABLE, "out of memory");
+    return;
+  }
+  Billing__V1__HealthRequest m = BILLING__V1__HEALTH_REQUEST__INIT;
+  m.tenant = b->tenant;
+  if (post(b, c, &m.base, b->call_timeout_ms, b->call_timeout_ms, NULL) != 0) {
+    call_unlink(c);
+    free(c);
+    answer_now(b, CALL_HEALTH, cb, arg, TG_BILLING_UNAVAILABLE, "the billing service could not be called");
   }
 }
 
@@ -669,8 +708,9 @@ tg_billing_t *tg_billing_connect_new(uv_loop_t *loop, tg_httpc_t *http, const tg
   b->m_total = tg_metric_new(TG_METRIC_COUNTER, "billing_authorize_total",
                              "Authorize calls to a remote billing service, by result", tr, NULL, 0);
   b->m_duration = tg_metric_new(TG_METRIC_HISTOGRAM, "billing_authorize_duration_seconds",
-                                "Time until a remote billing service answered Authorize (or the deadline)", ta, NULL,
-                                0);
+                                "Time the billing adapter took to authorize a purchase (hold), by tenant and "
+                                "whether it approved.",
+                                ta, tg_billing_auth_buckets, tg_billing_auth_nbuckets);
   b->m_timeout = tg_metric_new(TG_METRIC_COUNTER, "billing_timeout_total",
                                "Authorize calls that got no answer by the deadline", t, NULL, 0);
   b->m_circuit = tg_metric_new(TG_METRIC_GAUGE, "billing_circuit_state",

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/hash.h"
 #include "base/log.h"
 #include "ledger/prepaid_redis.h"
 
@@ -59,12 +60,7 @@ struct redis_billing {
   entry_t *map[BUCKETS];
 };
 
-static size_t bucket(const char *hold) {
-  uint32_t h = 2166136261u; /* FNV-1a: hold ids are random already */
-  for (; *hold; hold++)
-    h = (h ^ (uint8_t)*hold) * 16777619u;
-  return h % BUCKETS;
-}
+static size_t bucket(const char *hold) { return (size_t)(tg_fnv1a_str(hold) % BUCKETS); }
 
 static void map_put(redis_billing_t *rb, entry_t *e) {
   size_t b = bucket(e->hold);

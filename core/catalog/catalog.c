@@ -30,6 +30,7 @@ typedef struct {
   uint16_t npay;             /* 0: free */
   uint8_t user_allowed;      /* TG_RSL_USER_* permitted and not prohibited */
   uint8_t has_permit_geo;
+  uint8_t reporting;         /* the license asks for usage reports (<reporting>) */
 } lic_t;
 
 typedef struct {
@@ -133,7 +134,7 @@ static uint64_t set_hash(const builder_t *b, uint32_t first, uint32_t n) {
   for (uint32_t i = first; i < first + n; i++) {
     const lic_t *l = &lics[i];
     h = mix(h, (uint64_t)l->usage_allowed << 32 | l->usage_prohibited);
-    h = mix(h, (uint64_t)l->user_allowed << 40 | (uint64_t)l->has_permit_geo << 32 |
+    h = mix(h, (uint64_t)l->reporting << 48 | (uint64_t)l->user_allowed << 40 | (uint64_t)l->has_permit_geo << 32 |
                    (uint64_t)l->npermit_geo << 16 | l->nprohibit_geo);
     for (uint32_t g = 0; g < (uint32_t)l->npermit_geo + l->nprohibit_geo; g++)
       h = mix(h, geos[l->geo_first + g]);
@@ -154,7 +155,7 @@ static bool lic_equal(const builder_t *b, const lic_t *x, const lic_t *y) {
   if (x->usage_allowed != y->usage_allowed || x->usage_prohibited != y->usage_prohibited ||
       x->user_allowed != y->user_allowed || x->has_permit_geo != y->has_permit_geo ||
       x->npermit_geo != y->npermit_geo || x->nprohibit_geo != y->nprohibit_geo ||
-      x->npay != y->npay)
+      x->npay != y->npay || x->reporting != y->reporting)
     return false;
   size_t ngeo = (size_t)x->npermit_geo + x->nprohibit_geo;
   if (ngeo && memcmp(geos + x->geo_first, geos + y->geo_first, ngeo * sizeof *geos) != 0)
@@ -214,6 +215,7 @@ static int add_set(builder_t *b, const tg_rsl_content_t *ct, uint32_t *set_out, 
       return -E2BIG;
     }
     lic_t l = {0};
+    l.reporting = rl->nreporting > 0;
     uint32_t permitted =
         rl->has_permit_usage ? concrete_usage(rl->permit_usage) : TG_CATALOG_USAGE_CONCRETE;
     l.usage_prohibited = concrete_usage(rl->prohibit_usage);
@@ -582,6 +584,7 @@ static void add_offers(const tg_catalog_t *c, uint32_t content, uint32_t li, con
     o->lastmod = c->lastmod[content];
     o->license_url = c->license_url[content] == NO_URL ? NULL : c->urls + c->license_url[content];
     o->usage = l->usage_allowed;
+    o->reporting = l->reporting != 0;
     if (l->npay) {
       const pay_t *p = &c->pays[l->pay_first + k];
       o->type = (tg_rsl_pay_type_t)p->type;

@@ -1,6 +1,7 @@
 #ifndef TG_CATALOG_H
 #define TG_CATALOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -76,6 +77,7 @@ typedef struct {
   uint32_t usage;          /* purposes the license allows, concrete bits (prohibits removed) */
   tg_rsl_pay_type_t type;  /* TG_RSL_PAY_FREE for a license without payment */
   char currency[8];        /* as written, "" when absent */
+  bool reporting;          /* the license has a <reporting> element: usage reports are owed */
 } tg_catalog_offer_t;
 
 typedef struct {

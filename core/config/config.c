@@ -5,6 +5,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
@@ -1111,8 +1112,12 @@ static const kind_t signer_kinds[] = {{"nginx_secure_link", nginx_secure_link_ke
                                       {"cloudfront", cloudfront_keys, true},
                                       {"gcdn", gcdn_keys, true},
                                       {NULL, NULL, false}};
+static const char *const connect_billing_keys[] = {
+    "type",          "url",         "token_file",         "deadline_ms",          "call_timeout_ms",
+    "breaker_failures", "breaker_cooldown_ms", "health_interval_ms", "deferred_cap", "reconcile_backoff_ms",
+    "reconcile_max_backoff_ms", NULL};
 static const kind_t billing_kinds[] = {
-    {"builtin", builtin_billing_keys, true}, {"connect", NULL, false}, {NULL, NULL, false}};
+    {"builtin", builtin_billing_keys, true}, {"connect", connect_billing_keys, true}, {NULL, NULL, false}};
 
 /* The section at sec names one of kinds in its 'type', has only that kind's
  * keys, and the kind is implemented. */
@@ -1206,11 +1211,13 @@ static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "
                                          "body_timeout_ms", "idle_timeout_ms", "max_connections",
                                          "shutdown_grace_ms", NULL};
 static const char *const tenant_keys[] = {"name", "hosts", "catalog", "policy", "signer", "billing",
-                                          "payments", NULL};
+                                          "payments", "usage", NULL};
+static const char *const usage_keys[] = {"report_within_s", "overdue_limit", "token_pricing", NULL};
 static const char *const catalog_keys[] = {"source", "refresh_s", "strict", NULL};
 static const char *const redis_keys[] = {"host", "port", "password_file", "timeout_ms", "db", NULL};
 static const char *const rate_limit_keys[] = {"mode", "table_size", NULL};
-static const char *const ledger_keys[] = {"mode", "wal", "snapshot_every", "idempotency", "accounts", NULL};
+static const char *const ledger_keys[] = {"mode", "wal", "snapshot_every", "idempotency", "ship", "accounts", NULL};
+static const char *const ship_keys[] = {"store", "batch", "timeout_ms", NULL};
 static const char *const account_keys[] = {"billing_reference", "currency", "amount", "reference", NULL};
 
 /* The table on top of the stack as a listener (or the admin listener). */
@@ -1500,6 +1507,35 @@ static int load_account(ctx_t *c, tg_config_account_t *a) {
   return 0;
 }
 
+/* ledger.ship, in the ledger table t (after load_redis: store "redis" needs its section). */
+static int load_ship(ctx_t *c, int t, tg_config_ledger_t *l) {
+  long long batch = 512, timeout = 1000;
+  char *store = NULL;
+  int rc = 0;
+  if (field(c, t, "ship") != LUA_TNIL) {
+    int st = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table { store = ... }") != 0 || check_keys(c, st, ship_keys) != 0 ||
+        opt_string(c, st, "store", &store) != 0 || opt_integer(c, st, "batch", 1, 65536, &batch) != 0 ||
+        opt_integer(c, st, "timeout_ms", 1, 60000, &timeout) != 0)
+      rc = -1;
+    if (rc == 0 && store != NULL && strcmp(store, "none") != 0) {
+      field(c, st, "store");
+      if (strcmp(store, "redis") != 0)
+        rc = fail_here(c, "'%s' is not one of none, redis", store);
+      else if (c->cfg->redis.host == NULL)
+        rc = fail_here(c, "'redis' needs a top-level redis = { host = ..., port = ... } section");
+      else
+        l->ship_store = TG_CONFIG_SHIP_REDIS;
+      leave(c);
+    }
+  }
+  leave(c);
+  free(store);
+  l->ship_batch = (uint32_t)batch;
+  l->ship_timeout_ms = (uint32_t)timeout;
+  return rc;
+}
+
 /* After load_redis: mode "redis" needs its section. The ranges are in config.h. */
 static int load_ledger(ctx_t *c, int root) {
   tg_config_ledger_t *l = &c->cfg->ledger;
@@ -1525,7 +1561,7 @@ static int load_ledger(ctx_t *c, int root) {
     if (want_type(c, LUA_TTABLE, "a table") != 0 || check_keys(c, t, ledger_keys) != 0 ||
         opt_string(c, t, "mode", &mode) != 0 || load_ints(c, t, "wal", wal, w) != 0 ||
         load_ints(c, t, "idempotency", idem, id) != 0 ||
-        opt_integer(c, t, "snapshot_every", 1000, 1LL << 31, &every) != 0)
+        opt_integer(c, t, "snapshot_every", 1000, 1LL << 31, &every) != 0 || load_ship(c, t, l) != 0)
       rc = -1;
     if (rc == 0 && mode != NULL) {
       if (strcmp(mode, "redis") == 0) {
@@ -1655,6 +1691,33 @@ done:
   return rc;
 }
 
+/* The tenant's usage section (absent: zero, flat). */
+static int load_usage(ctx_t *c, int t, tg_config_tenant_t *tn) {
+  int rc = 0;
+  long long within = 0, limit = 0;
+  char *pricing = NULL;
+  if (field(c, t, "usage") != LUA_TNIL) {
+    int ut = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table { report_within_s = ..., overdue_limit = ..., token_pricing = ... }") != 0 ||
+        check_keys(c, ut, usage_keys) != 0 || opt_integer(c, ut, "report_within_s", 0, 31536000, &within) != 0 ||
+        opt_integer(c, ut, "overdue_limit", 0, 1000000, &limit) != 0 ||
+        opt_string(c, ut, "token_pricing", &pricing) != 0) {
+      rc = -1;
+    } else if (pricing != NULL && strcmp(pricing, "flat") != 0 && strcmp(pricing, "per_1k") != 0) {
+      field(c, ut, "token_pricing");
+      rc = fail_here(c, "'%s' is not a token pricing: \"flat\" or \"per_1k\"", pricing);
+      leave(c);
+    }
+  }
+  leave(c);
+  tn->usage.report_within_s = (uint32_t)within;
+  tn->usage.overdue_limit = (uint32_t)limit;
+  tn->usage.token_pricing =
+      pricing && strcmp(pricing, "per_1k") == 0 ? TG_CONFIG_TOKEN_PRICING_PER_1K : TG_CONFIG_TOKEN_PRICING_FLAT;
+  free(pricing);
+  return rc;
+}
+
 static int load_tenant(ctx_t *c, tg_config_tenant_t *tn) {
   int t = lua_gettop(c->L);
   if (want_type(c, LUA_TTABLE, "a table { name = ..., hosts = {...} }") != 0 ||
@@ -1669,7 +1732,8 @@ static int load_tenant(ctx_t *c, tg_config_tenant_t *tn) {
   if (load_hosts(c, t, tn) != 0 || load_catalog(c, t, tn) != 0 || opt_file(c, t, "policy", &tn->policy_file) != 0 ||
       load_section(c, t, "signer", signer_kinds, &tn->signer) != 0 ||
       load_section(c, t, "billing", billing_kinds, &tn->billing) != 0 ||
-      refuse_x402_price(c, t) != 0 || load_section(c, t, "payments", NULL, &tn->payments) != 0)
+      refuse_x402_price(c, t) != 0 || load_section(c, t, "payments", NULL, &tn->payments) != 0 ||
+      load_usage(c, t, tn) != 0)
     return -1;
   return 0;
 }
@@ -2041,6 +2105,28 @@ const char *tg_config_get(const tg_config_section_t *s, const char *key) {
     if (strcmp(s->items[i].key, key) == 0)
       return s->items[i].value;
   return NULL;
+}
+
+int tg_config_get_uint(const tg_config_section_t *s, const char *section, const char *key, uint64_t lo, uint64_t hi,
+                       uint64_t def, uint64_t *out, char *err, size_t errlen) {
+  const char *v = tg_config_get(s, key);
+  if (v == NULL) {
+    *out = def;
+    return 0;
+  }
+  uint64_t x = 0;
+  bool ok = v[0] != '\0' && !(v[0] == '0' && v[1] != '\0');
+  for (const char *p = v; ok && *p; p++) {
+    unsigned d = (unsigned)(*p - '0');
+    ok = *p >= '0' && *p <= '9' && x <= (hi - d) / 10;
+    x = x * 10 + d;
+  }
+  if (!ok || x < lo || x > hi) {
+    snprintf(err, errlen, "%s.%s: '%.32s' is not an integer in %" PRIu64 "..%" PRIu64, section, key, v, lo, hi);
+    return -EINVAL;
+  }
+  *out = x;
+  return 0;
 }
 
 

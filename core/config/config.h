@@ -34,6 +34,7 @@
  *                snapshot_every = 100000,
  *                idempotency = { ttl_s = 86400, max_entries = 1000000, pending_ttl_ms = 30000,
  *                                wait_ms = 2000 },
+ *                ship = { store = "none", batch = 512, timeout_ms = 1000 },  -- "redis" needs redis
  *                accounts = { { billing_reference = "acct-demo", currency = "USD", amount = 100000000,
  *                               reference = "demo-opening" } } },
  *     tenants = {
@@ -45,7 +46,8 @@
  *         billing = { type = "builtin" },
  *         payments = { accepts = { { network = "eip155:84532", asset = "0x...", name = "USDC",
  *                                    version = "2", pay_to = "0x..." } },
- *                      facilitators = { "https://facilitator.example" } } },
+ *                      facilitators = { "https://facilitator.example" } },
+ *         usage = { report_within_s = 86400, overdue_limit = 3, token_pricing = "flat" } },
  *     },
  *   }
  *
@@ -92,8 +94,11 @@
  *     algorithm, acl, url_form, escape_early; gcdn key_name, url_prefix;
  *     cloudfront key_pair_id. Their values are checked by signer/signer.h
  *     (tg_signer_from_config) at start and by `tollgate check`. billing:
- *     builtin (no other key); connect is not implemented yet, an error that
- *     says so. An unknown type or key is an error too.
+ *     builtin (no other key) or connect (url, token_file, deadline_ms,
+ *     call_timeout_ms, breaker_failures, breaker_cooldown_ms,
+ *     health_interval_ms, deferred_cap, reconcile_backoff_ms,
+ *     reconcile_max_backoff_ms: their values are read and checked by
+ *     billing/billconf.h). An unknown type or key is an error too.
  *   - ledger: mode local or redis (needs the redis section); wal
  *     capacity_bytes 2^20..2^40, segment_bytes 2^16..2^30 (at most the
  *     capacity), batch_bytes 512..2^26, batch_interval_us 0..10^6,
@@ -101,6 +106,11 @@
  *     older or beyond it is removed once a balance snapshot covers it;
  *     snapshot_every 1000..2^31 records; idempotency ttl_s 1..30 days,
  *     max_entries 1024..2^26, pending_ttl_ms 100..3600000, wait_ms 0..60000;
+ *     ship (log shipping, ledger/ship.h): store "none" (default) or "redis"
+ *     (a Redis Stream tg:txlog:<instance> on the top-level redis section's
+ *     server, an error without it; nothing without data_dir), batch 1..65536
+ *     records per round, timeout_ms 1..60000 per call; a segment is then
+ *     recycled only once shipped;
  *     accounts: billing_reference (1..256 bytes), amount 1..2^53, currency
  *     (default USD), reference (default "config:<ref>:<currency>"): each
  *     an opening credit applied once per reference, so a restart does not
@@ -113,6 +123,16 @@
  *     The payments section's keys are read by pay/payconf.h (HTTP 402:
  *     accepted assets, facilitators, verification, settlement, serving) at
  *     start and by `tollgate check`.
+ *   - usage (usage reports, pipeline/usage.h): report_within_s 0..31536000,
+ *     the time an AI system has to call ReportUsage after a purchase (0: no
+ *     report is owed, unless the offer's RSL license has a <reporting>
+ *     element: then 86400); overdue_limit 0..1000000, new purchases of an AI
+ *     system with more overdue reports than this are denied
+ *     (DENIAL_REASON_USAGE_REPORT_OVERDUE; 0: never); token_pricing "flat"
+ *     (default: the offer's amount is the price) or "per_1k" (for offers of
+ *     RSL payment type "use" the amount is per 1,000 tokens: a purchase
+ *     charges ceil(amount * estimated_tokens / 1000), a report adjusts it to
+ *     the tokens consumed). Absent: 0, 0, flat.
  *   - payments.x402.price is refused: prices come from the tenant's catalog
  *     (the RSL <amount>, atomic units) and its price hook, on HTTP exactly as
  *     on DiscoverResources (pipeline/quote.h).
@@ -181,6 +201,9 @@ typedef struct tg_config_account {
 
 typedef enum { TG_CONFIG_LEDGER_LOCAL = 0, TG_CONFIG_LEDGER_REDIS } tg_config_ledger_mode_t;
 
+/* ledger.ship.store: none, or a Redis Stream through the top-level redis section (ledger/ship.h). */
+typedef enum { TG_CONFIG_SHIP_NONE = 0, TG_CONFIG_SHIP_REDIS } tg_config_ship_store_t;
+
 /* The ledger section: the write-ahead log, prepaid balances, idempotency. */
 typedef struct tg_config_ledger {
   tg_config_ledger_mode_t mode;   /* local (default) or redis: balances and idempotency keys in Redis */
@@ -195,9 +218,21 @@ typedef struct tg_config_ledger {
   uint32_t idem_max_entries;      /* 1000000 */
   uint32_t idem_pending_ttl_ms;   /* redis mode: how long a crashed owner's claim blocks the key; 30000 */
   uint32_t idem_wait_ms;          /* how long a duplicate waits for the first call's answer; 2000 */
+  tg_config_ship_store_t ship_store; /* ledger.ship.store: where the log is shipped; none (default) */
+  uint32_t ship_batch;            /* ledger.ship.batch: records per round; 512 */
+  uint32_t ship_timeout_ms;       /* ledger.ship.timeout_ms: per call to the store; 1000 */
   tg_config_account_t *accounts;
   size_t naccounts;
 } tg_config_ledger_t;
+
+/* A tenant's usage section: usage reports owed after a purchase (ReportUsage). */
+typedef enum { TG_CONFIG_TOKEN_PRICING_FLAT = 0, TG_CONFIG_TOKEN_PRICING_PER_1K } tg_config_token_pricing_t;
+
+typedef struct tg_config_usage {
+  uint32_t report_within_s;   /* 0: no report owed unless the offer's license asks for one */
+  uint32_t overdue_limit;     /* purchases denied above this many overdue reports per AI system; 0: never */
+  tg_config_token_pricing_t token_pricing; /* flat (default) or per_1k */
+} tg_config_usage_t;
 
 typedef struct tg_config_tenant {
   char *name;                 /* [a-z0-9_-]{1,64}, unique */
@@ -210,6 +245,7 @@ typedef struct tg_config_tenant {
   tg_config_section_t signer;  /* empty: no signer (signer/signer.h reads it) */
   tg_config_section_t billing; /* empty: billing builtin */
   tg_config_section_t payments;
+  tg_config_usage_t usage;     /* usage reports (pipeline/usage.h); absent: all zero (flat, nothing owed) */
 } tg_config_tenant_t;
 
 typedef struct tg_config {
@@ -261,6 +297,12 @@ void tg_config_free(tg_config_t *cfg);
 
 /* Value of key in a section, or NULL. */
 const char *tg_config_get(const tg_config_section_t *s, const char *key);
+
+/* The integer at key of s (its decimal text: digits, no sign or leading
+ * zero) into *out, def when the key is absent. -EINVAL with err
+ * "<section>.<key>: '<value>' is not an integer in lo..hi" otherwise. */
+int tg_config_get_uint(const tg_config_section_t *s, const char *section, const char *key, uint64_t lo, uint64_t hi,
+                       uint64_t def, uint64_t *out, char *err, size_t errlen);
 
 /* Reads the admin token (trimmed) from cfg->admin_token_file into a new
  * string the caller frees; NULL with err on failure (no token_file, missing

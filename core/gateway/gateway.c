@@ -1,6 +1,7 @@
 #include "gateway/gateway.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,11 +14,27 @@
 #include "gateway/readiness.h"
 #include "gateway/reload.h"
 #include "gateway/watch.h"
+#include "ledger/ship.h"
 #include "net/server.h"
 #include "pipeline/app.h"
 #include "pipeline/exchange.h"
 #include "pipeline/resource.h"
+#include "pipeline/usage.h"
 #include "rpc/connect.h"
+
+/* Log shipping (ledger.ship): the shipper reads segment files on its loop,
+ * so it gets a loop and a thread of its own. Stopped after the log closed:
+ * it ships what the last appends made durable, for up to SHIP_DRAIN_MS. */
+#define SHIP_DRAIN_MS 3000
+typedef struct shipper {
+  uv_loop_t loop;
+  uv_thread_t thread;
+  uv_async_t stop;            /* main thread -> ship thread: drain, then free */
+  uv_timer_t drain;
+  uint64_t drain_until;       /* uv_now of the ship loop */
+  _Atomic uint64_t target;    /* ship at least this far before stopping */
+  tg_ship_t *ship;
+} shipper_t;
 
 struct tg_gateway {
   const tg_config_t *cfg;
@@ -33,7 +50,115 @@ struct tg_gateway {
   uv_timer_t maintain;      /* balance snapshots (main loop) */
   bool maintaining;
   size_t nlisten;           /* public listeners; the admin one comes after them */
+  shipper_t *shipper;       /* NULL: no log shipping */
 };
+
+static void ship_thread(void *arg) {
+  shipper_t *sh = arg;
+  uv_run(&sh->loop, UV_RUN_DEFAULT); /* until on_ship_drain closed every handle */
+}
+
+static void on_ship_drain(uv_timer_t *t) {
+  shipper_t *sh = t->data;
+  if (tg_ship_shipped_seq(sh->ship) < atomic_load(&sh->target) && uv_now(t->loop) < sh->drain_until)
+    return;
+  if (tg_ship_shipped_seq(sh->ship) < atomic_load(&sh->target))
+    tg_log(TG_LOG_WARN, "log shipping: stopped with records not shipped (shipped at the next start)", NULL);
+  tg_ship_free(sh->ship);
+  sh->ship = NULL;
+  uv_close((uv_handle_t *)&sh->drain, NULL);
+  uv_close((uv_handle_t *)&sh->stop, NULL);
+}
+
+static void on_ship_stop(uv_async_t *a) {
+  shipper_t *sh = a->data;
+  if (uv_is_active((uv_handle_t *)&sh->drain))
+    return;
+  sh->drain_until = uv_now(&sh->loop) + SHIP_DRAIN_MS;
+  uv_timer_start(&sh->drain, on_ship_drain, 0, 10);
+}
+
+/* After tg_app_open_ledger, before the workers: the shipper, on its thread,
+ * kicked by app.c's on_durable from now on. Nothing without ledger.ship or a log. */
+static int ship_start(tg_gateway_t *g, char *err, size_t errlen) {
+  const tg_config_t *cfg = g->cfg;
+  if (cfg->ledger.ship_store != TG_CONFIG_SHIP_REDIS || g->app.wal == NULL)
+    return 0;
+  tg_ratelimit_redis_opts_t ro = {0};
+  char waldir[4096];
+  shipper_t *sh = NULL;
+  int rc = -ENOMEM;
+  if (tg_ship_metrics_init() != 0) {
+    snprintf(err, errlen, "cannot declare the log shipping metrics");
+    goto fail;
+  }
+  if (tg_ratelimit_redis_opts_init(&ro, &cfg->redis, err, errlen) != 0) {
+    rc = -EINVAL;
+    goto fail;
+  }
+  snprintf(waldir, sizeof waldir, "%s/wal", cfg->data_dir);
+  if ((sh = calloc(1, sizeof *sh)) == NULL || (rc = uv_loop_init(&sh->loop)) != 0) {
+    snprintf(err, errlen, "log shipping: %s", sh ? uv_strerror(rc) : "out of memory");
+    free(sh);
+    sh = NULL;
+    goto fail;
+  }
+  /* Every record so far is durable: those recovery found, and the opening credits appended since. */
+  tg_wal_stats_t st;
+  tg_wal_stats(g->app.wal, &st);
+  tg_ship_opts_t so = {.wal_dir = waldir,
+                       .data_dir = cfg->data_dir,
+                       .instance = cfg->instance,
+                       .host = ro.host,
+                       .port = ro.port,
+                       .password = ro.password,
+                       .db = ro.db,
+                       .timeout_ms = cfg->ledger.ship_timeout_ms,
+                       .batch = cfg->ledger.ship_batch,
+                       .durable_seq = g->app.wal_recovered_seq + st.records};
+  /* The loop is not running yet: this thread is its thread until uv_thread_create. */
+  if ((rc = tg_ship_new(&sh->loop, &so, &sh->ship, err, errlen)) != 0)
+    goto fail_loop;
+  sh->stop.data = sh->drain.data = sh;
+  uv_timer_init(&sh->loop, &sh->drain);
+  if ((rc = uv_async_init(&sh->loop, &sh->stop, on_ship_stop)) != 0) {
+    snprintf(err, errlen, "log shipping: %s", uv_strerror(rc));
+    uv_close((uv_handle_t *)&sh->drain, NULL);
+    tg_ship_free(sh->ship);
+    goto fail_loop;
+  }
+  if ((rc = uv_thread_create(&sh->thread, ship_thread, sh)) != 0) {
+    snprintf(err, errlen, "log shipping: cannot start its thread: %s", uv_strerror(rc));
+    uv_close((uv_handle_t *)&sh->drain, NULL);
+    uv_close((uv_handle_t *)&sh->stop, NULL);
+    tg_ship_free(sh->ship);
+    goto fail_loop;
+  }
+  g->shipper = sh;
+  g->app.ship = sh->ship;
+  tg_ratelimit_redis_opts_clear(&ro);
+  return 0;
+fail_loop:
+  uv_run(&sh->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&sh->loop);
+  free(sh);
+fail:
+  tg_ratelimit_redis_opts_clear(&ro);
+  return rc;
+}
+
+/* After the log closed (its last records kicked): ship them, then stop. */
+static void ship_stop(tg_gateway_t *g) {
+  shipper_t *sh = g->shipper;
+  if (sh == NULL)
+    return;
+  g->shipper = NULL;
+  atomic_store(&sh->target, tg_ship_durable_seq(sh->ship));
+  uv_async_send(&sh->stop);
+  uv_thread_join(&sh->thread);
+  uv_loop_close(&sh->loop);
+  free(sh);
+}
 
 static void public_handler(tg_http_req_t *req, void *ud) {
   tg_gateway_t *g = ud;
@@ -68,7 +193,8 @@ static void worker_stop(tg_worker_t *w, void *ud) {
 
 static void gateway_free(tg_gateway_t *g) {
   tg_connect_router_free(g->router);
-  tg_app_clear(&g->app);
+  tg_app_clear(&g->app); /* closes the log: its last records are kicked to the shipper */
+  ship_stop(g);
   tg_secret_free(g->admin_token);
   free(g);
 }
@@ -123,7 +249,7 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
     }
   }
   if ((rc = tg_app_init(&g->app, cfg, TG_VERSION, err, errlen)) != 0 ||
-      (rc = tg_app_open_ledger(&g->app, err, errlen)) != 0)
+      (rc = tg_app_open_ledger(&g->app, err, errlen)) != 0 || (rc = ship_start(g, err, errlen)) != 0)
     goto fail;
   rc = -ENOMEM;
   if ((g->router = tg_connect_router_new()) == NULL) {
@@ -145,6 +271,7 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   }
   g->readiness.cfg = cfg;
   g->readiness.ingest = g->ingest;
+  g->readiness.app = &g->app;
   g->admin = (tg_admin_t){g->admin_token, g->admin_token ? strlen(g->admin_token) : 0, TG_VERSION,
                           time(NULL), &g->app, g->ingest, &g->readiness};
   if ((rc = start_listeners(g, err, errlen)) != 0) {
@@ -175,6 +302,7 @@ static void on_maintain(uv_timer_t *t) {
   tg_gateway_t *g = t->data;
   tg_app_ledger_maintain(&g->app, false);
   tg_app_ledger_tick(&g->app, t->loop);
+  tg_usage_tick(g->app.usage, (int64_t)time(NULL)); /* overdue usage reports, and their gauges */
 }
 
 int tg_gateway_watch(tg_gateway_t *g, uv_loop_t *loop) {

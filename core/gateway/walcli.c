@@ -42,7 +42,9 @@ static void usage(FILE *f) {
              "         changes and usage reports; --since (inclusive), --until (exclusive): TIME is\n"
              "         2026-12-06T10:00:00Z (UTC, fraction allowed), 2026-12-06 or unix seconds\n"
              "The log is data_dir/wal of CONFIG. It is only read, never modified: safe while the\n"
-             "gateway runs. Exit 0: fine; 1: damage or an error; 2: bad usage.\n");
+             "gateway runs. With log shipping (ledger.ship) or a data_dir/ship.ckpt, ls and verify\n"
+             "end with \"shipped through seq N, M records pending\" and cat marks each record \"shipped\".\n"
+             "Exit 0: fine; 1: damage or an error; 2: bad usage.\n");
 }
 
 static int bad_usage(FILE *err, const char *why, const char *arg) {
@@ -548,6 +550,7 @@ static json_t *transaction_json(const Ledger__V1__Transaction *t, bool *bad) {
   put(o, "response", response_json(&t->response, bad), bad);
   put(o, "detail", str(t->detail), bad);
   put(o, "request_id", str(t->request_id), bad);
+  put(o, "report_due_at_unix", json_integer(t->report_due_at_unix), bad);
   return o;
 }
 
@@ -569,9 +572,40 @@ static json_t *usage_report_json(const Ledger__V1__UsageReport *u, bool *bad) {
   if (o == NULL)
     return NULL;
   put(o, "transaction_id", str(u->transaction_id), bad);
-  put(o, "offer_id", str(u->offer_id), bad);
-  put(o, "consumed_tokens", json_integer(u->consumed_tokens), bad);
-  put(o, "estimated_tokens", json_integer(u->estimated_tokens), bad);
+  if (u->offer_id[0] != '\0' || u->consumed_tokens || u->estimated_tokens) { /* the first layout's fields */
+    put(o, "offer_id", str(u->offer_id), bad);
+    put(o, "consumed_tokens", json_integer(u->consumed_tokens), bad);
+    put(o, "estimated_tokens", json_integer(u->estimated_tokens), bad);
+  }
+  put(o, "ai_system_id", str(u->ai_system_id), bad);
+  put(o, "billing_reference", redacted(u->billing_reference), bad);
+  put(o, "tenant", str(u->tenant), bad);
+  put(o, "reported_at_unix", json_integer(u->reported_at_unix), bad);
+  put(o, "due_at_unix", json_integer(u->due_at_unix), bad);
+  put(o, "late", json_boolean(u->late), bad);
+  json_t *items = json_array();
+  for (size_t i = 0; items != NULL && i < u->n_items; i++) {
+    const Ledger__V1__UsageItem *it = u->items[i];
+    json_t *j = json_object();
+    if (j == NULL || json_array_append_new(items, j) != 0) {
+      *bad = true;
+      break;
+    }
+    put(j, "offer_id", str(it->offer_id), bad);
+    put(j, "consumed_tokens", json_integer(it->consumed_tokens), bad);
+    put(j, "estimated_tokens", json_integer(it->estimated_tokens), bad);
+    put(j, "adjustment", json_integer(it->adjustment), bad);
+  }
+  put(o, "items", items, bad);
+  if (u->adjustment) {
+    json_t *a = json_object();
+    put(a, "currency", str(u->adjustment->currency), bad);
+    put(a, "amount", json_integer(u->adjustment->amount), bad);
+    put(o, "adjustment", a, bad);
+  }
+  put(o, "adjustment_billing", str(u->adjustment_billing), bad);
+  put(o, "adjustment_detail", str(u->adjustment_detail), bad);
+  put(o, "request_id", str(u->request_id), bad);
   return o;
 }
 
@@ -657,7 +691,18 @@ typedef struct opts {
   const char *tx;
   bool has_since, has_until;
   int64_t since_ms, until_ms;
+  bool ship;        /* log shipping configured, or a checkpoint found: say what is shipped */
+  uint64_t shipped; /* data_dir/ship.ckpt: every record up to it is in the store */
 } opts_t;
+
+/* "shipped through seq N, M records pending" for a log whose last record is last. */
+static void print_shipped(const opts_t *o, uint64_t last, FILE *out) {
+  if (!o->ship)
+    return;
+  uint64_t pending = last > o->shipped ? last - o->shipped : 0;
+  fprintf(out, "shipped through seq %" PRIu64 ", %" PRIu64 " record%s pending\n", o->shipped, pending,
+          pending == 1 ? "" : "s");
+}
 
 static bool matches(const opts_t *o, const Ledger__V1__Record *r) {
   if (o->has_since && r->at_unix_ms < o->since_ms)
@@ -700,6 +745,10 @@ static int cat_record(walk_t *w, uint64_t seq, const Ledger__V1__Record *r) {
   if (!matches(c->o, r))
     return 0;
   json_t *j = record_json(seq, r);
+  if (j != NULL && c->o->ship && json_object_set_new(j, "shipped", json_boolean(seq <= c->o->shipped)) != 0) {
+    json_decref(j);
+    j = NULL;
+  }
   char *line = j ? json_dumps(j, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_PRESERVE_ORDER) : NULL;
   json_decref(j);
   if (line == NULL) {
@@ -749,7 +798,7 @@ static int report_end(const walk_t *w, int r, const char *msg, FILE *err) {
   return status;
 }
 
-static int cmd_ls(walk_t *w, FILE *out, FILE *err) {
+static int cmd_ls(walk_t *w, const opts_t *o, FILE *out, FILE *err) {
   tg_wal_recovery_t rec;
   char msg[1024] = "";
   int r = walk_log(w, &rec, msg, sizeof msg);
@@ -775,10 +824,11 @@ static int cmd_ls(walk_t *w, FILE *out, FILE *err) {
   }
   fprintf(out, "total: %zu segment%s, %" PRIu64 " record%s, %" PRIu64 " bytes\n", shown,
           shown == 1 ? "" : "s", records, records == 1 ? "" : "s", bytes);
+  print_shipped(o, rec.next_seq ? rec.next_seq - 1 : 0, out);
   return report_end(w, r, msg, err);
 }
 
-static int cmd_verify(walk_t *w, FILE *out, FILE *err) {
+static int cmd_verify(walk_t *w, const opts_t *o, FILE *out, FILE *err) {
   tg_wal_recovery_t rec;
   char msg[1024] = "";
   int r = walk_log(w, &rec, msg, sizeof msg);
@@ -789,6 +839,7 @@ static int cmd_verify(walk_t *w, FILE *out, FILE *err) {
   if (r == 0 && w->undecodable == 0) {
     fprintf(out, "ok: %" PRIu64 " segments, %" PRIu64 " records, %" PRIu64 " bytes\n", rec.segments,
             rec.records, rec.bytes);
+    print_shipped(o, rec.next_seq ? rec.next_seq - 1 : 0, out);
     if (w->unknown > 0)
       fprintf(out,
               "note: %" PRIu64
@@ -864,6 +915,41 @@ static int parse_opts(int argc, char **argv, opts_t *o, FILE *out, FILE *err) {
   return 0;
 }
 
+/* data_dir/ship.ckpt (ledger/ship.h: decimal text and a newline) into o:
+ * shown when shipping is configured or a checkpoint exists; one that does
+ * not read is a warning, and nothing is said of shipping. */
+static void read_checkpoint(const char *data_dir, bool shipping, opts_t *o, FILE *err) {
+  char path[PATH_MAX];
+  if (snprintf(path, sizeof path, "%s/ship.ckpt", data_dir) >= (int)sizeof path)
+    return;
+  uint8_t *data = NULL;
+  size_t size = 0, len;
+  int shrank = 0, r = tg_file_read(path, &data, &size, &shrank);
+  if (r == -ENOENT) {
+    o->ship = shipping; /* nothing shipped yet */
+    return;
+  }
+  if (r != 0) {
+    fprintf(err, "tollgate wal: warning: %s: %s\n", path, strerror(-r));
+    return;
+  }
+  for (len = size; len > 0 && (data[len - 1] == '\n' || data[len - 1] == '\r');)
+    len--;
+  uint64_t v = 0;
+  bool ok = len > 0 && len < 21;
+  for (size_t i = 0; ok && i < len; i++) {
+    ok = data[i] >= '0' && data[i] <= '9' && v <= (UINT64_MAX - 9) / 10;
+    v = v * 10 + (uint64_t)(data[i] - '0');
+  }
+  free(data);
+  if (!ok) {
+    fprintf(err, "tollgate wal: warning: %s: not a sequence number\n", path);
+    return;
+  }
+  o->ship = true;
+  o->shipped = v;
+}
+
 int tg_walcli_main(int argc, char **argv, FILE *out, FILE *err) {
   if (argc < 2)
     return bad_usage(err, NULL, NULL);
@@ -887,11 +973,14 @@ int tg_walcli_main(int argc, char **argv, FILE *out, FILE *err) {
   }
   char dir[PATH_MAX];
   int n = snprintf(dir, sizeof dir, "%s/wal", cfg.data_dir);
-  tg_config_free(&cfg);
+  bool shipping = cfg.ledger.ship_store != TG_CONFIG_SHIP_NONE;
   if (n < 0 || (size_t)n >= sizeof dir) {
+    tg_config_free(&cfg);
     fprintf(err, "tollgate wal: data_dir is too long\n");
     return 1;
   }
+  read_checkpoint(cfg.data_dir, shipping, &o, err);
+  tg_config_free(&cfg);
   struct stat st;
   if (stat(dir, &st) != 0) {
     if (errno == ENOENT) {
@@ -910,9 +999,9 @@ int tg_walcli_main(int argc, char **argv, FILE *out, FILE *err) {
   walk_t w = {.dir = dir, .err = err};
   int status;
   if (strcmp(cmd, "ls") == 0)
-    status = cmd_ls(&w, out, err);
+    status = cmd_ls(&w, &o, out, err);
   else if (strcmp(cmd, "verify") == 0)
-    status = cmd_verify(&w, out, err);
+    status = cmd_verify(&w, &o, out, err);
   else
     status = cmd_cat(&w, &o, out, err);
   free(w.segs.v);

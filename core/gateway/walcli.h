@@ -30,6 +30,13 @@
  *     (exclusive) the record time, as 2026-12-06T10:00:00Z (fraction
  *     allowed), 2026-12-06, or unix seconds.
  *
+ * Log shipping (ledger.ship, ledger/ship.h): when it is configured, or
+ * data_dir/ship.ckpt exists, ls and verify end with "shipped through seq N,
+ * M records pending" (N: the checkpoint, 0 when none; M: records of the log
+ * after it), and each cat line has "shipped":true|false. The checkpoint is
+ * written at most once a second by a running gateway: it may trail the
+ * store by that much. A checkpoint that does not read is a warning.
+ *
  * A log directory that does not exist is "no log yet": exit 0. A torn tail
  * of the last segment (a gateway writing it, or killed mid-write) is a
  * warning for ls and cat, which show the records before it, and an error

@@ -1,4 +1,5 @@
 #include "ledger/prepaid.h"
+#include "base/hash.h"
 #include "base/file.h"
 #include "ledger/record.h"
 
@@ -89,12 +90,7 @@ static uint64_t mix(uint64_t h) {
   return h ^ (h >> 33);
 }
 
-static uint64_t fnv(uint64_t h, const void *data, size_t len) {
-  const uint8_t *p = data;
-  for (size_t i = 0; i < len; i++)
-    h = (h ^ p[i]) * UINT64_C(0x100000001b3);
-  return h;
-}
+static uint64_t fnv(uint64_t h, const void *data, size_t len) { return tg_fnv1a(h, data, len); }
 
 #define FNV_SEED UINT64_C(0xcbf29ce484222325)
 

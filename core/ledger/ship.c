@@ -109,6 +109,7 @@ struct tg_ship {
   uint32_t backoff_ms;
   mark_t marks[NMARKS];
   size_t nmarks;
+  _Atomic uint64_t oldest_ns; /* marks[0].t_ns, 0 when none: the lag for other threads */
   uv_async_t async;
   uv_timer_t poll, retry;
   int handles; /* still open, the memory goes with the last */
@@ -196,6 +197,8 @@ static void mark(tg_ship_t *s, uint64_t seq) {
     s->marks[NMARKS - 1].seq = seq;
   else
     s->marks[s->nmarks++] = (mark_t){seq, uv_hrtime()};
+  if (s->nmarks == 1)
+    atomic_store(&s->oldest_ns, s->marks[0].t_ns);
 }
 
 static void lag_update(tg_ship_t *s) {
@@ -207,6 +210,7 @@ static void lag_update(tg_ship_t *s) {
     memmove(s->marks, s->marks + i, (s->nmarks - i) * sizeof s->marks[0]);
     s->nmarks -= i;
   }
+  atomic_store(&s->oldest_ns, s->nmarks ? s->marks[0].t_ns : 0);
   double lag = s->nmarks ? (double)(uv_hrtime() - s->marks[0].t_ns) / 1e9 : 0;
   tg_gauge_set(m_lag, NULL, lag);
 }
@@ -544,6 +548,16 @@ void tg_ship_kick(tg_ship_t *s, uint64_t durable_seq) {
 
 uint64_t tg_ship_shipped_seq(const tg_ship_t *s) {
   return atomic_load(&((tg_ship_t *)s)->shipped);
+}
+
+uint64_t tg_ship_durable_seq(const tg_ship_t *s) {
+  uint64_t k = atomic_load(&((tg_ship_t *)s)->kicked);
+  return k > s->durable0 ? k : s->durable0;
+}
+
+double tg_ship_lag_seconds(const tg_ship_t *s) {
+  uint64_t t = atomic_load(&((tg_ship_t *)s)->oldest_ns), now = uv_hrtime();
+  return t != 0 && now > t ? (double)(now - t) / 1e9 : 0;
 }
 
 void tg_ship_free(tg_ship_t *s) {

@@ -75,6 +75,14 @@ void tg_ship_kick(tg_ship_t *s, uint64_t durable_seq);
  * shipped): segments at or below it may be recycled. Any thread. */
 uint64_t tg_ship_shipped_seq(const tg_ship_t *s);
 
+/* The highest sequence known durable (opts.durable_seq or the last kick):
+ * minus tg_ship_shipped_seq, what is pending. Any thread. */
+uint64_t tg_ship_durable_seq(const tg_ship_t *s);
+
+/* txlog_ship_lag_seconds as of now (the oldest record known durable and not
+ * shipped, 0 when none), for /readyz. Any thread. */
+double tg_ship_lag_seconds(const tg_ship_t *s);
+
 /* Writes the checkpoint, cancels what is in flight and frees s: its memory
  * goes in close callbacks, run the loop before uv_loop_close. No kick may
  * run concurrently or after. Loop thread. */

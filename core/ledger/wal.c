@@ -374,6 +374,18 @@ int tg_wal_scan(const char *dir, tg_wal_record_cb cb, void *arg, tg_wal_recovery
   return scan(dir, 0, cb, arg, rec ? rec : &tmp, NULL, err, errlen);
 }
 
+/* Where the last read of this thread stopped: a record boundary verified in
+ * that file (same device and inode), so a reader that comes back for the next
+ * records (the shipper, round after round) starts there instead of skipping
+ * from the header, which made each round cost its offset in the segment. */
+typedef struct read_pos {
+  dev_t dev;
+  ino_t ino;
+  uint64_t seq; /* the record at off */
+  size_t off;
+} read_pos_t;
+static _Thread_local read_pos_t last_pos;
+
 /* One segment from its header on, handing records >= from_seq to cb; a bad
  * frame ends the read quietly in the last segment (tail), else -EBADMSG. */
 static int read_from_segment(const char *path, uint64_t first, int last, uint64_t from_seq, tg_wal_record_cb cb,
@@ -384,6 +396,8 @@ static int read_from_segment(const char *path, uint64_t first, int last, uint64_
     set_err(err, errlen, "%s: %s", path, strerror(errno));
     return e;
   }
+  struct stat fst;
+  bool known = fstat(fileno(f), &fst) == 0;
   uint8_t h[TG_WAL_HEADER_SIZE], fr[TG_WAL_RECORD_OVERHEAD];
   uint8_t *buf = NULL;
   size_t cap = 0, off = TG_WAL_HEADER_SIZE;
@@ -397,7 +411,14 @@ static int read_from_segment(const char *path, uint64_t first, int last, uint64_
     goto out;
   }
   *seq = first;
+  if (known && last_pos.dev == fst.st_dev && last_pos.ino == fst.st_ino && last_pos.seq > first &&
+      last_pos.seq <= from_seq && fseeko(f, (off_t)last_pos.off, SEEK_SET) == 0) {
+    *seq = last_pos.seq;
+    off = last_pos.off;
+  }
   for (;;) {
+    if (known)
+      last_pos = (read_pos_t){fst.st_dev, fst.st_ino, *seq, off};
     size_t got = fread(fr, 1, sizeof fr, f);
     if (got == 0 && feof(f))
       break;
@@ -438,6 +459,9 @@ static int read_from_segment(const char *path, uint64_t first, int last, uint64_
     }
     if (*seq >= from_seq && (r = cb(arg, *seq, buf, len)) != 0) {
       (*seq)++;
+      off += TG_WAL_RECORD_OVERHEAD + (size_t)len;
+      if (known)
+        last_pos = (read_pos_t){fst.st_dev, fst.st_ino, *seq, off};
       goto out;
     }
     (*seq)++;

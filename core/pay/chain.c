@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 
+#include "base/hash.h"
 #include "base/hex.h"
 #include "base/metrics.h"
 #include "pay/eip3009.h"
@@ -221,9 +222,7 @@ int tg_chain_balance_ge(const uint8_t balance[32], const char *amount_decimal) {
 /* ---- the cache ---- */
 
 static size_t cache_set(const tg_chain_pool_t *p, const uint8_t key[KEY_LEN]) {
-  uint64_t h = 1469598103934665603ull; /* FNV-1a: an attacker steering keys only evicts entries */
-  for (size_t i = 0; i < KEY_LEN; i++)
-    h = (h ^ key[i]) * 1099511628211ull;
+  uint64_t h = tg_fnv1a(TG_FNV1A_INIT, key, KEY_LEN); /* an attacker steering keys only evicts entries */
   return (size_t)(h ^ h >> 29) & (p->nsets - 1);
 }
 

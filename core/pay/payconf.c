@@ -94,16 +94,11 @@ static int check_url(const char *key, const char *v, char *err, size_t errlen) {
 /* Numbers arrive as their decimal text (config.c), strings as written. */
 static int get_u32(const tg_config_section_t *s, const char *key, uint32_t lo, uint32_t hi, uint32_t def, uint32_t *out,
                    char *err, size_t errlen) {
-  const char *v = tg_config_get(s, key);
   uint64_t x;
-  if (v == NULL) {
-    *out = def;
-    return 0;
-  }
-  if (parse_uint(v, hi, &x) != 0 || x < lo)
-    return fail(err, errlen, "payments.%s: '%.32s' is not an integer in %u..%u", key, v, lo, hi);
-  *out = (uint32_t)x;
-  return 0;
+  int rc = tg_config_get_uint(s, "payments", key, lo, hi, def, &x, err, errlen);
+  if (rc == 0)
+    *out = (uint32_t)x;
+  return rc;
 }
 
 static int copy_str(char *dst, size_t cap, const char *v) {

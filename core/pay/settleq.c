@@ -8,6 +8,7 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "base/hash.h"
 #include "base/hex.h"
 #include "base/log.h"
 #include "base/metrics.h"
@@ -77,12 +78,7 @@ void tg_settle_count(const char *network, const char *scheme, const char *status
   tg_counter_add(m_settlements, labels, 1);
 }
 
-static size_t bucket(const char *id) {
-  uint64_t h = 1469598103934665603ULL;
-  for (const char *p = id; *p; p++)
-    h = (h ^ (uint8_t)*p) * 1099511628211ULL;
-  return (size_t)(h % BUCKETS);
-}
+static size_t bucket(const char *id) { return (size_t)(tg_fnv1a_str(id) % BUCKETS); }
 
 static int64_t now_unix_s(void) { return (int64_t)time(NULL); }
 

@@ -1,5 +1,8 @@
 #include "pipeline/app.h"
 
+#include "billing/billconf.h"
+#include "billing/reconcile.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <inttypes.h>
@@ -10,9 +13,11 @@
 #include "catalog/catalog.h"
 #include "catalog/offerkey.h"
 #include "ledger/record.h"
+#include "ledger/ship.h"
 #include "pipeline/owed.h"
 #include "pipeline/paywall.h"
 #include "pipeline/purchase.h"
+#include "pipeline/usage.h"
 
 #include <string.h>
 #include <sys/stat.h>
@@ -105,6 +110,13 @@ void tg_app_clear(tg_app_t *app) {
   tg_prepaid_free(app->prepaid);
   tg_idem_free(app->idem);
   tg_owed_free(app->owed);
+  tg_billing_book_free(app->billing_book);
+  if (app->billconf) {
+    for (size_t i = 0; i < app->cfg->ntenants; i++)
+      tg_billconf_free(&app->billconf[i]);
+    free(app->billconf);
+  }
+  tg_usage_free(app->usage);
   tg_paywall_free(app->pay);
   tg_ratelimit_redis_opts_clear(&app->ledger_redis);
   free(app->snapshot_path);
@@ -128,6 +140,106 @@ void tg_app_clear(tg_app_t *app) {
   tg_offer_keyring_clear(&app->offer_keys);
   free(app->workers);
   *app = (tg_app_t){0};
+}
+
+static tg_billing_t *runner_adapter(void *ud, size_t ti) {
+  tg_app_worker_t *aw = ud;
+  return aw->remote ? aw->remote[ti] : NULL;
+}
+
+/* Billing refused a deferred charge: the tenant's policy is told
+ * (on_settle_failure, reason "billing_refused"); it cannot change it. */
+static void runner_refused(void *ud, const tg_billing_owed_t *o, const char *why) {
+  tg_app_worker_t *aw = ud;
+  const char *tenant = aw->app->cfg->tenants[o->tenant].name;
+  tg_policy_state_t *st = tg_policy_acquire(aw->policy, tenant);
+  if (st == NULL)
+    return;
+  tg_policy_txn_t txn = {0};
+  txn.id = o->txid;
+  txn.tenant = tenant;
+  txn.amount = o->amount;
+  txn.currency = o->currency;
+  txn.ai_id = o->ai_system_id;
+  txn.billing_ref = o->ref;
+  txn.attempts = o->attempts + 1;
+  txn.reason = "billing_refused";
+  txn.error = why;
+  txn.request_id = "";
+  tg_policy_error_t perr;
+  (void)tg_policy_on_settle_failure(st, &txn, &perr);
+  tg_policy_release(st);
+}
+
+/* Readiness asks before the first purchase does: would the tenant's policy
+ * reject on a billing failure? A transaction of nothing, reason "error"; a
+ * policy that fails rejects. */
+static bool runner_rejects(void *ud, size_t ti) {
+  tg_app_worker_t *aw = ud;
+  const char *tenant = aw->app->cfg->tenants[ti].name;
+  tg_policy_state_t *st = tg_policy_acquire(aw->policy, tenant);
+  if (st == NULL)
+    return true;
+  tg_policy_txn_t txn = {0};
+  txn.id = "";
+  txn.tenant = tenant;
+  txn.currency = "";
+  txn.reason = "error";
+  txn.request_id = "";
+  tg_policy_billing_t d = TG_POLICY_BILLING_REJECT;
+  tg_policy_error_t perr;
+  int rc = tg_policy_on_billing_timeout(st, &txn, &d, &perr);
+  tg_policy_release(st);
+  return (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) || d == TG_POLICY_BILLING_REJECT;
+}
+
+/* Each remote-billed tenant's adapter on this worker; worker 0 also runs the
+ * reconciler and the health probes. */
+static int remote_billing_start(tg_app_t *app, tg_app_worker_t *aw, char *err, size_t errlen) {
+  size_t n = app->cfg->ntenants;
+  if ((aw->remote = calloc(n ? n : 1, sizeof *aw->remote)) == NULL)
+    goto nomem;
+  for (size_t i = 0; i < n; i++) {
+    const tg_billconf_t *bc = &app->billconf[i];
+    if (!bc->remote)
+      continue;
+    tg_billing_connect_opts_t o = {app->cfg->tenants[i].name, bc->url, bc->token, bc->deadline_ms,
+                                   bc->call_timeout_ms, bc->breaker_failures, bc->breaker_cooldown_ms};
+    if ((aw->remote[i] = tg_billing_connect_new(aw->worker->loop, aw->httpc, &o)) == NULL)
+      goto nomem;
+  }
+  if (aw->worker->id != 0 || aw->wal == NULL)
+    return 0;
+  uint32_t *backoff = calloc(n ? n : 1, sizeof *backoff), *maxb = calloc(n ? n : 1, sizeof *maxb),
+           *health = calloc(n ? n : 1, sizeof *health);
+  uint32_t call_timeout = 0;
+  int rc = -ENOMEM;
+  if (backoff && maxb && health) {
+    for (size_t i = 0; i < n; i++) {
+      const tg_billconf_t *bc = &app->billconf[i];
+      backoff[i] = bc->remote ? bc->reconcile_backoff_ms : 200;
+      maxb[i] = bc->remote ? bc->reconcile_max_backoff_ms : 60000;
+      health[i] = bc->remote ? bc->health_interval_ms : 0;
+      if (bc->remote && bc->call_timeout_ms > call_timeout)
+        call_timeout = bc->call_timeout_ms;
+    }
+    tg_billing_runner_hooks_t h = {runner_adapter, runner_refused, runner_rejects, aw};
+    tg_billing_runner_opts_t ro = {0};
+    ro.backoff_ms = backoff;
+    ro.max_backoff_ms = maxb;
+    ro.health_ms = health;
+    ro.call_timeout_ms = call_timeout;
+    rc = tg_billing_runner_new(app->billing_book, aw->worker->loop, aw->wal, &h, &ro, n, &aw->reconciler);
+  }
+  free(backoff);
+  free(maxb);
+  free(health);
+  if (rc != 0)
+    snprintf(err, errlen, "cannot start the billing reconciler (%s)", strerror(-rc));
+  return rc;
+nomem:
+  snprintf(err, errlen, "cannot create the billing adapters (out of memory)");
+  return -ENOMEM;
 }
 
 int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
@@ -192,6 +304,8 @@ int tg_app_worker_start(tg_app_t *app, tg_worker_t *w) {
   aw->policy_sync.data = aw;
   if ((rc = tg_paywall_worker_start(aw, err, sizeof err)) != 0)
     goto fail;
+  if (app->billing_book && (rc = remote_billing_start(app, aw, err, sizeof err)) != 0)
+    goto fail;
   return 0;
 fail:
   tg_log(TG_LOG_ERROR, "worker start failed", "reason", err, NULL);
@@ -201,6 +315,12 @@ fail:
 static void free_handle_data(uv_handle_t *h) { free(h->data); }
 
 static void worker_teardown(tg_app_t *app, tg_app_worker_t *aw) {
+  tg_billing_runner_free(aw->reconciler); /* then the adapters answer what it has in flight */
+  if (aw->remote) {
+    for (size_t i = 0; i < app->cfg->ntenants; i++)
+      tg_billing_free(aw->remote[i]); /* before the client they borrow */
+    free(aw->remote);
+  }
   tg_paywall_worker_stop(aw); /* before the client its pools use */
   if (aw->httpc)
     tg_httpc_free(aw->httpc);
@@ -308,6 +428,10 @@ static int on_durable(void *arg, uint64_t seq, const void *payload, size_t len) 
   int rc = tg_prepaid_apply(app->prepaid, seq, payload, len);
   if (rc != 0)
     tg_log(TG_LOG_ERROR, "ledger: a durable record does not decode", NULL);
+  if (app->usage)
+    tg_usage_apply(app->usage, seq, payload, len);
+  if (app->ship)
+    tg_ship_kick(app->ship, seq);
   return 0;
 }
 
@@ -318,6 +442,10 @@ static int on_replay(void *arg, uint64_t seq, const void *payload, size_t len) {
     rc = tg_purchase_replay(app, seq, payload, len);
   if (rc == 0)
     rc = tg_paywall_replay(app->pay, seq, payload, len);
+  if (rc == 0 && app->billing_book)
+    rc = tg_billing_book_replay(app->billing_book, seq, payload, len);
+  if (rc == 0 && app->usage)
+    rc = tg_usage_apply(app->usage, seq, payload, len);
   return rc;
 }
 
@@ -434,6 +562,47 @@ done:
   return rc;
 }
 
+/* Each tenant's billing section; the book when a tenant bills remotely. */
+static int open_billing(tg_app_t *app, char *err, size_t errlen) {
+  const tg_config_t *cfg = app->cfg;
+  size_t n = cfg->ntenants;
+  bool any = false;
+  if ((app->billconf = calloc(n ? n : 1, sizeof *app->billconf)) == NULL)
+    return -ENOMEM;
+  for (size_t i = 0; i < n; i++) {
+    char why[400];
+    int rc = tg_billconf_parse(&cfg->tenants[i].billing, &app->billconf[i], why, sizeof why);
+    if (rc != 0) {
+      snprintf(err, errlen, "tenant %s: %s", cfg->tenants[i].name, why);
+      return rc;
+    }
+    any = any || app->billconf[i].remote;
+  }
+  if (!any || cfg->data_dir == NULL)
+    return 0;
+  if (cfg->ledger.mode == TG_CONFIG_LEDGER_REDIS) {
+    snprintf(err, errlen, "billing type connect works with ledger.mode \"local\" only (the charges a remote "
+                          "service owes are kept in this instance's log)");
+    return -EINVAL;
+  }
+  const char **names = calloc(n, sizeof *names);
+  bool *remote = calloc(n, sizeof *remote);
+  if (names && remote) {
+    for (size_t i = 0; i < n; i++) {
+      names[i] = cfg->tenants[i].name;
+      remote[i] = app->billconf[i].remote;
+    }
+    app->billing_book = tg_billing_book_new(n, names, remote, cfg->instance);
+  }
+  free(names);
+  free(remote);
+  if (app->billing_book == NULL || tg_billing_book_metrics_init() != 0) {
+    snprintf(err, errlen, "out of memory");
+    return -ENOMEM;
+  }
+  return 0;
+}
+
 int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
   const tg_config_t *cfg = app->cfg;
   const tg_config_ledger_t *l = &cfg->ledger;
@@ -448,6 +617,8 @@ int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
       return rc;
     }
   }
+  if ((rc = open_billing(app, err, errlen)) != 0)
+    return rc;
   if (cfg->data_dir == NULL)
     return 0;
   if (cfg->ledger.mode == TG_CONFIG_LEDGER_REDIS &&
@@ -464,8 +635,9 @@ int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
   app->idem = tg_idem_new(l->idem_max_entries ? l->idem_max_entries : 1000000,
                           (uint64_t)(l->idem_ttl_s ? l->idem_ttl_s : 86400) * 1000);
   app->owed = tg_owed_new();
+  app->usage = tg_usage_new(cfg, 0);
   if (waldir == NULL || app->snapshot_path == NULL || app->prepaid == NULL || app->idem == NULL ||
-      app->owed == NULL) {
+      app->owed == NULL || app->usage == NULL || tg_usage_metrics_init() != 0) {
     free(waldir);
     snprintf(err, errlen, "out of memory");
     return -ENOMEM;
@@ -505,6 +677,7 @@ int tg_app_open_ledger(tg_app_t *app, char *err, size_t errlen) {
     snprintf(err, errlen, "transaction log: %s", why[0] ? why : strerror(-rc));
     return rc;
   }
+  app->wal_recovered_seq = rec.next_seq - 1;
   if (rec.first_seq > snap_seq + 1 || rec.next_seq <= snap_seq) {
     snprintf(err, errlen,
              "transaction log: it holds records %" PRIu64 "..%" PRIu64 " but the balance snapshot %s covers "
@@ -572,6 +745,17 @@ static void ledger_retain(tg_app_t *app) {
   uint64_t oldest = tg_paywall_oldest_seq(app->pay);
   if (oldest != 0 && oldest - 1 < covered)
     covered = oldest - 1;
+  /* Charges a billing service still owes are rebuilt from their records too. */
+  oldest = app->billing_book ? tg_billing_book_oldest_seq(app->billing_book) : 0;
+  if (oldest != 0 && oldest - 1 < covered)
+    covered = oldest - 1;
+  /* Usage obligations still open are rebuilt from their Transaction records. */
+  oldest = tg_usage_oldest_seq(app->usage);
+  if (oldest != 0 && oldest - 1 < covered)
+    covered = oldest - 1;
+  /* Log shipping: a segment goes only once the store holds all of it. */
+  if (app->ship && tg_ship_shipped_seq(app->ship) < covered)
+    covered = tg_ship_shipped_seq(app->ship);
   uint32_t keep = l->idem_ttl_s ? l->idem_ttl_s : 86400;
   tg_wal_retain_stats_t st;
   int rc = tg_wal_retain_keep(app->wal, covered, l->wal_retention_bytes,
@@ -603,4 +787,19 @@ void tg_app_ledger_maintain(tg_app_t *app, bool force) {
              NULL);
   }
   ledger_retain(app); /* app->wal is NULL at shutdown: nothing then */
+}
+
+void tg_app_billing_health(const tg_app_t *app, size_t ti, tg_app_billing_health_t *out) {
+  tg_billing_book_health_t h;
+  tg_billing_book_health_get(app->billing_book, ti, &h);
+  *out = (tg_app_billing_health_t){.configured = h.remote,
+                                   .serving = h.serving,
+                                   .consecutive_failures = h.consecutive_failures,
+                                   .rejects = h.rejects};
+}
+
+tg_billing_t *tg_app_billing(tg_app_worker_t *aw, size_t ti) {
+  if (aw->remote && ti < aw->app->cfg->ntenants && aw->remote[ti])
+    return aw->remote[ti];
+  return aw->billing;
 }

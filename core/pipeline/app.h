@@ -51,6 +51,12 @@ typedef struct tg_app {
   tg_prepaid_redis_t *main_redis;         /* the main loop's, paying owed captures */
   tg_wal_client_t *main_wal;
   struct tg_paywall *pay;                 /* HTTP 402 payments (pipeline/paywall.h); NULL: none */
+  struct tg_billconf *billconf;           /* per tenant (config order): its billing section, read */
+  struct tg_billing_book *billing_book;   /* remote billing: charges owed, health (billing/reconcile.h); NULL: none */
+  struct tg_usage *usage;                 /* usage reports owed and made (pipeline/usage.h); NULL without a ledger */
+  struct tg_ship *ship;                   /* ledger.ship: the shipper (gateway.c runs it), kicked from on_durable,
+                                           * bounds retention; set before workers start; NULL: none */
+  uint64_t wal_recovered_seq;             /* tg_app_open_ledger: the last record recovery found (next_seq - 1) */
 } tg_app_t;
 
 struct tg_app_worker {
@@ -63,6 +69,8 @@ struct tg_app_worker {
   tg_snapshot_reader_t **catalog_readers; /* one per tenant */
   tg_wal_client_t *wal;                   /* appends complete on this worker's loop */
   tg_billing_t *billing;                  /* the built-in ledger's adapter */
+  tg_billing_t **remote;                  /* per tenant: its billing service's adapter, or NULL */
+  struct tg_billing_runner *reconciler;   /* worker 0: pays what the billing book owes */
   tg_idem_redis_t *idem_redis;            /* ledger.mode redis: the shared idempotency keys */
   tg_prepaid_redis_t *prepaid_redis;      /* ledger.mode redis: the shared balances */
   uv_timer_t drain;                       /* stopping: waits for the log's answers */
@@ -119,6 +127,25 @@ static inline tg_app_worker_t *tg_app_worker(const tg_app_t *app, const tg_worke
 static inline size_t tg_app_tenant_index(const tg_app_t *app, const tg_config_tenant_t *t) {
   return (size_t)(t - app->cfg->tenants);
 }
+
+/* Billing reachability of tenant ti, for /readyz: configured false for a
+ * tenant billed by the built-in ledger (always reachable). serving: the last
+ * health probe answered serving; consecutive_failures: health probes failed
+ * in a row; rejects: the tenant's policy rejects on a billing timeout (its
+ * last on_billing_timeout decision, reject until one was made). Any thread. */
+typedef struct tg_app_billing_health {
+  bool configured;
+  bool serving;
+  uint32_t consecutive_failures;
+  bool rejects;
+} tg_app_billing_health_t;
+
+void tg_app_billing_health(const tg_app_t *app, size_t ti, tg_app_billing_health_t *out);
+
+/* The billing adapter that bills tenant ti's purchases on worker aw: the
+ * tenant's remote service (billing type "connect"), else the ledger's
+ * (aw->billing). NULL without a ledger. Worker thread. */
+tg_billing_t *tg_app_billing(tg_app_worker_t *aw, size_t ti);
 
 /* A rate-limit decision: allowed 1/0 and, when limited, the wait in ms. */
 typedef void (*tg_app_take_cb)(void *ud, int allowed, uint32_t retry_after_ms);

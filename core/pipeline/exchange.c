@@ -10,6 +10,7 @@
 #include "pipeline/app.h"
 #include "pipeline/purchase.h"
 #include "pipeline/quote.h"
+#include "pipeline/usage.h"
 #include "pipeline/view.h"
 #include "catalog/catalog.h"
 #include "catalog/offer.h"
@@ -418,13 +419,9 @@ static void execute(tg_connect_call_t *call, const ProtobufCMessage *msg, void *
 }
 
 static void report(tg_connect_call_t *call, const ProtobufCMessage *msg, void *ud) {
-  (void)ud;
-  const Ramp__V1__ReportUsageRequest *req = (const Ramp__V1__ReportUsageRequest *)msg;
-  if (req->transaction_id[0] == '\0') {
-    tg_connect_fail(call, TG_CONNECT_INVALID_ARGUMENT, "transaction_id: required");
-    return;
-  }
-  tg_connect_fail(call, TG_CONNECT_UNIMPLEMENTED, "ReportUsage is not available yet");
+  const tg_exchange_t *ex = ud;
+  tg_usage_report(tg_app_worker(ex->app, tg_connect_call_http(call)->worker), call,
+                  (const Ramp__V1__ReportUsageRequest *)msg);
 }
 
 int tg_exchange_register(tg_exchange_t *ex, tg_connect_router_t *r) {

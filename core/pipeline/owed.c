@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/hash.h"
 #include "base/log.h"
 #include "ledger/record.h"
 
@@ -27,12 +28,7 @@ struct tg_owed {
   int settling; /* captures of the current round still out */
 };
 
-static size_t bucket(const char *txid) {
-  uint64_t h = 1469598103934665603ULL;
-  for (const char *p = txid; *p; p++)
-    h = (h ^ (uint8_t)*p) * 1099511628211ULL;
-  return (size_t)(h % BUCKETS);
-}
+static size_t bucket(const char *txid) { return (size_t)(tg_fnv1a_str(txid) % BUCKETS); }
 
 tg_owed_t *tg_owed_new(void) {
   tg_owed_t *o = calloc(1, sizeof *o);

@@ -15,7 +15,9 @@
 #include "base/log.h"
 #include "base/metrics.h"
 #include "base/utf8.h"
+#include "billing/billconf.h"
 #include "billing/billing.h"
+#include "billing/reconcile.h"
 #include "catalog/offer.h"
 #include "catalog/rsl.h"
 #include "ledger/idem.h"
@@ -25,6 +27,7 @@
 #include "net/target.h"
 #include "pipeline/owed.h"
 #include "pipeline/quote.h"
+#include "pipeline/usage.h"
 #include "pipeline/view.h"
 #include "signer/signer.h"
 
@@ -36,6 +39,8 @@ typedef struct item {
   size_t tenant;           /* index in the configuration */
   int64_t estimated_tokens;
   const char *offer_id;    /* the request's, valid until the call finishes */
+  int64_t charge;          /* what it costs: the offer's amount, or per 1,000 estimated tokens */
+  bool reporting;          /* its license asks for usage reports */
   char *url;               /* signed retrieval URL (malloc) */
   int64_t url_expires;
 } item_t;
@@ -67,6 +72,11 @@ typedef struct purchase {
   int64_t total;
   char hold[TG_BILLING_HOLD_MAX];
   bool has_hold;
+  tg_billing_t *billing;   /* the adapter that bills this call (the tenants' own) */
+  bool remote;             /* billing is the tenant's service (billing/reconcile.h book) */
+  bool deferred;           /* billing failed and the policy said serve now, bill later */
+  bool booked;             /* the charge is in the billing book */
+  int64_t report_due;      /* unix seconds a usage report is due by; 0: none owed */
   uint64_t auth_started;
   char txid[40];
   char req_ref[257];       /* the billing reference */
@@ -79,15 +89,15 @@ static tg_metric_t *m_tx, *m_auth;
 int tg_purchase_metrics_init(void) {
   static const char *const tl[] = {"tenant_id", "status", NULL};
   static const char *const al[] = {"tenant_id", "approved", NULL};
-  static const double buckets[] = {0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.03, 0.1, 0.5, 1};
   m_tx = tg_metric_new(TG_METRIC_COUNTER, "exchange_transaction_total",
-                       "ExecuteTransaction outcomes per tenant of the call: approved, denied (with a "
-                       "DenialReason), replayed (an idempotent retry), or error (unavailable, internal).",
+                       "ExecuteTransaction outcomes per tenant of the call: approved, deferred (served, billed "
+                       "later), denied (with a DenialReason, or billing unavailable), replayed (an idempotent "
+                       "retry), or error (unavailable, internal).",
                        tl, NULL, 0);
   m_auth = tg_metric_new(TG_METRIC_HISTOGRAM, "billing_authorize_duration_seconds",
                          "Time the billing adapter took to authorize a purchase (hold), by tenant and "
                          "whether it approved.",
-                         al, buckets, sizeof buckets / sizeof buckets[0]);
+                         al, tg_billing_auth_buckets, tg_billing_auth_nbuckets);
   return m_tx && m_auth ? 0 : -ENOMEM;
 }
 
@@ -172,12 +182,21 @@ static void on_released(void *arg, const tg_billing_result_t *r) {
 static void release_hold(purchase_t *p) {
   if (p->has_hold) {
     p->has_hold = false;
-    p->aw->billing->ops->release(p->aw->billing, p->hold, on_released, NULL);
+    p->billing->ops->release(p->billing, p->hold, on_released, NULL);
+  }
+}
+
+/* The charge is out of the billing book (the purchase was not logged). */
+static void unbook(purchase_t *p) {
+  if (p->booked) {
+    p->booked = false;
+    tg_billing_book_done(p->aw->app->billing_book, p->txid);
   }
 }
 
 /* Refuses the call with a Connect error; nothing was charged. Frees p. */
 static void fail(purchase_t *p, tg_connect_code_t code, const char *status, const char *msg) {
+  unbook(p);
   release_hold(p);
   give_back_key(p);
   count(p, status);
@@ -213,34 +232,55 @@ static void reply_packed(tg_connect_call_t *call, const uint8_t *data, size_t le
 
 /* ---- Step 8: durable, answered, captured */
 
-static bool shared_ledger(const purchase_t *p) { return strcmp(p->aw->billing->ops->name, "builtin") != 0; }
+/* Redis mode: the charge is owed to Redis until captured (pipeline/owed.h). */
+static bool shared_ledger(const purchase_t *p) { return strcmp(p->billing->ops->name, "redis") == 0; }
+
+typedef struct logged {
+  tg_billing_book_t *book; /* remote billing: the charge leaves the book once its CAPTURE record is durable */
+  char txid[];
+} logged_t;
 
 static void on_capture_logged(void *arg, int status, uint64_t seq) {
-  char *txid = arg;
+  logged_t *l = arg;
   (void)seq;
   if (status != 0)
-    tg_log(TG_LOG_WARN, "capture record not logged (the capture is repeated at the next start, charging once)",
-           "transaction", txid, NULL);
-  free(txid);
+    tg_log(TG_LOG_WARN, "capture record not logged (the capture is repeated, charging once)", "transaction",
+           l->txid, NULL);
+  if (l->book && status != 0)
+    tg_billing_book_retry(l->book, l->txid, 1000);
+  else if (l->book)
+    tg_billing_book_done(l->book, l->txid);
+  free(l);
 }
 
 static void on_captured(void *arg, const tg_billing_result_t *r) {
   purchase_t *p = arg;
+  tg_billing_book_t *book = p->remote ? p->aw->app->billing_book : NULL;
   if (r->status != TG_BILLING_APPROVED) {
-    /* Owed: the main loop captures it again (once per transaction id). */
+    /* Owed: captured again later (once per transaction id): by the main
+     * loop in Redis mode, by the reconciler for a billing service. */
     tg_log_req(TG_LOG_ERROR, p->request_id, "billing capture failed (retried)", "transaction", p->txid, "detail",
                r->detail, NULL);
-  } else if (shared_ledger(p)) {
+    if (book)
+      tg_billing_book_retry(book, p->txid, 1000);
+  } else if (shared_ledger(p) || book) {
     /* The charge went through: the log says so, and it is owed no more. */
-    size_t len;
+    size_t len, tl = strlen(p->txid);
     uint8_t *rec = tg_record_ledger_change(LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE, p->req_ref,
                                            p->currency, p->total, p->txid, NULL, p->aw->app->cfg->instance, &len);
-    char *txid = strdup(p->txid);
-    if (rec && txid && tg_wal_append(p->aw->wal, rec, len, on_capture_logged, txid, NULL) == 0)
-      txid = NULL;
-    free(txid);
+    logged_t *l = malloc(sizeof *l + tl + 1);
+    if (l) {
+      l->book = book;
+      memcpy(l->txid, p->txid, tl + 1);
+    }
+    if (rec && l && tg_wal_append(p->aw->wal, rec, len, on_capture_logged, l, NULL) == 0)
+      l = NULL;
+    else if (book)
+      tg_billing_book_retry(book, p->txid, 1000); /* captured again (already done), then recorded */
+    free(l);
     free(rec);
-    tg_owed_remove(p->aw->app->owed, p->txid);
+    if (shared_ledger(p))
+      tg_owed_remove(p->aw->app->owed, p->txid);
   }
   purchase_free(p);
 }
@@ -258,7 +298,6 @@ static void on_shared(void *arg, int st, const void *resp, size_t len) {
 
 static void on_durable(void *arg, int status, uint64_t seq) {
   purchase_t *p = arg;
-  (void)seq;
   if (status != 0) {
     char msg[160];
     tg_log_req(TG_LOG_ERROR, p->request_id, "transaction log append failed", "transaction", p->txid, "error",
@@ -269,6 +308,12 @@ static void on_durable(void *arg, int status, uint64_t seq) {
              strerror(-status));
     fail(p, TG_CONNECT_UNAVAILABLE, "error", msg);
     return;
+  }
+  if (p->booked) {
+    tg_billing_book_t *book = p->aw->app->billing_book;
+    tg_billing_book_set_seq(book, p->txid, seq);
+    if (p->deferred) /* the reconciler's from now on */
+      tg_billing_book_retry(book, p->txid, p->aw->app->billconf[p->held[0].tenant].reconcile_backoff_ms);
   }
   /* On disk: the answer is now the key's, whatever happens to this call. In
    * Redis mode the answer waits for the shared store to hold it, so that a
@@ -287,13 +332,13 @@ static void on_durable(void *arg, int status, uint64_t seq) {
 
 /* The answer of a durable purchase, then the capture. */
 static void answer(purchase_t *p) {
-  count(p, "approved");
+  count(p, p->deferred ? "deferred" : "approved");
   reply_packed(p->call, p->resp, p->resp_len);
   if (p->has_hold) {
     p->has_hold = false;
     if (shared_ledger(p))
       tg_owed_add(p->aw->app->owed, p->txid, p->req_ref, p->currency, p->total, p->hold);
-    p->aw->billing->ops->capture(p->aw->billing, p->hold, on_captured, p);
+    p->billing->ops->capture(p->billing, p->hold, on_captured, p);
     return;
   }
   purchase_free(p);
@@ -348,7 +393,8 @@ static int pack_answer(purchase_t *p) {
   if (items == NULL || ptrs == NULL || costs == NULL)
     goto done;
   resp.transaction_id = p->txid;
-  resp.status = RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_APPROVED;
+  resp.status = p->deferred ? RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_DEFERRED
+                            : RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_APPROVED;
   total.currency = p->currency;
   total.amount = p->total;
   resp.total_cost = &total;
@@ -357,7 +403,7 @@ static int pack_answer(purchase_t *p) {
     ramp__v1__signed_item__init(&items[i]);
     ramp__v1__money__init(&costs[i]);
     costs[i].currency = it->offer.currency;
-    costs[i].amount = it->offer.amount;
+    costs[i].amount = it->charge;
     items[i].offer_id = (char *)it->offer_id;
     items[i].uri = it->offer.uri;
     items[i].retrieval_url = it->url;
@@ -367,6 +413,13 @@ static int pack_answer(purchase_t *p) {
   }
   resp.n_items = p->nitems;
   resp.items = ptrs;
+  Ramp__V1__ReportingObligation ob = RAMP__V1__REPORTING_OBLIGATION__INIT;
+  if (p->report_due > 0) {
+    ob.required = true;
+    ob.due_at_unix = p->report_due;
+    ob.endpoint = ""; /* ReportUsage on this exchange */
+    resp.reporting = &ob;
+  }
   p->resp_len = ramp__v1__execute_transaction_response__get_packed_size(&resp);
   if ((p->resp = malloc(p->resp_len ? p->resp_len : 1)) == NULL)
     goto done;
@@ -402,10 +455,11 @@ static uint8_t *pack_record(purchase_t *p, Ledger__V1__TransactionOutcome outcom
   tx.request_hash.data = p->req_hash;
   tx.request_hash.len = sizeof p->req_hash;
   tx.billing_reference = p->req->ai_system->billing_reference;
-  tx.billing_type = (char *)p->aw->billing->ops->name;
+  tx.billing_type = (char *)p->billing->ops->name;
   tx.ai_system_id = p->req->ai_system->id;
   tx.request_id = p->request_id;
   tx.detail = (char *)(detail ? detail : "");
+  tx.report_due_at_unix = p->report_due;
   total.currency = p->currency;
   total.amount = p->total;
   tx.n_totals = 1;
@@ -425,7 +479,8 @@ static uint8_t *pack_record(purchase_t *p, Ledger__V1__TransactionOutcome outcom
   }
   tx.n_items = p->nitems;
   tx.items = ptrs;
-  if (outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED) {
+  if (outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED ||
+      outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_DEFERRED) {
     tx.response.data = p->resp;
     tx.response.len = p->resp_len;
   }
@@ -481,13 +536,35 @@ static void sign_and_log(purchase_t *p) {
       return;
     }
     it->url = url.data; /* the buffer's memory is the string */
+    int64_t due;
+    if (tg_usage_due(&app->cfg->tenants[it->tenant], it->reporting, now, &due) == 1 &&
+        (p->report_due == 0 || due < p->report_due))
+      p->report_due = due;
   }
   size_t len;
   uint8_t *rec = NULL;
+  Ledger__V1__TransactionOutcome outcome = p->deferred ? LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_DEFERRED
+                                                       : LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED;
   if (pack_answer(p) != 0 ||
-      (rec = pack_record(p, LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED, NULL, &len)) == NULL) {
+      (rec = pack_record(p, outcome, p->deferred ? "billing deferred: served now, billed by reconciliation" : NULL,
+                         &len)) == NULL) {
     fail(p, TG_CONNECT_RESOURCE_EXHAUSTED, "error", "out of memory");
     return;
+  }
+  /* A billing service's charge is in the book before its record can be
+   * durable: a crash from here on leaves the record for replay to find, and
+   * retention sees the charge (billing/reconcile.h). A deferred one is there
+   * already (the cap was taken). */
+  if (p->remote && !p->deferred) {
+    const char *ai = p->req->ai_system->id;
+    int brc = tg_billing_book_owe_capture(p->aw->app->billing_book, p->held[0].tenant, p->txid, p->req_ref,
+                                          p->currency, p->total, ai, p->hold);
+    if (brc != 0) {
+      free(rec);
+      fail(p, TG_CONNECT_RESOURCE_EXHAUSTED, "error", "out of memory");
+      return;
+    }
+    p->booked = true;
   }
   int rc = tg_wal_append(p->aw->wal, rec, len, on_durable, p, NULL);
   free(rec);
@@ -514,13 +591,98 @@ static void sign_and_log(purchase_t *p) {
 
 /* ---- Step 5: authorize */
 
+/* Billing failed and the policy rejects: `unavailable`, with the DENIED
+ * answer as the error's detail (DENIAL_REASON_BILLING_UNAVAILABLE); nothing
+ * charged, nothing remembered. Frees p. */
+static void reject_billing(purchase_t *p, const char *why) {
+  char msg[400];
+  snprintf(msg, sizeof msg,
+           "DENIAL_REASON_BILLING_UNAVAILABLE: billing is unavailable (%s): nothing was charged; retry later "
+           "(request %s)",
+           why, p->request_id);
+  unbook(p);
+  release_hold(p);
+  give_back_key(p);
+  count(p, "denied");
+  Ramp__V1__ExecuteTransactionResponse resp = RAMP__V1__EXECUTE_TRANSACTION_RESPONSE__INIT;
+  resp.status = RAMP__V1__TRANSACTION_STATUS__TRANSACTION_STATUS_DENIED;
+  resp.denial_reason = RAMP__V1__DENIAL_REASON__DENIAL_REASON_BILLING_UNAVAILABLE;
+  resp.denial_detail = msg;
+  tg_connect_call_add_header(p->call, "Retry-After", "1");
+  tg_connect_fail_detail(p->call, TG_CONNECT_UNAVAILABLE, &resp.base, msg);
+  purchase_free(p);
+}
+
+/* Billing timed out, failed or its circuit is open: the tenant's
+ * on_billing_timeout hook decides, for this transaction, between reject and
+ * deferred (served now, billed by the reconciler; only for a billing
+ * service, within the tenant's cap). A hook that fails rejects. */
+static void billing_failed(purchase_t *p, const tg_billing_result_t *r) {
+  size_t ti = p->held[0].tenant;
+  tg_app_t *app = p->aw->app;
+  tg_billing_book_t *book = app->billing_book;
+  const char *reason = r->status == TG_BILLING_TIMEOUT                 ? "timeout"
+                       : strcmp(r->detail, "circuit open") == 0 ? "circuit_open"
+                                                                       : "error";
+  uint64_t failing = book ? tg_billing_book_failed(book, ti, uv_hrtime() / 1000000u) : 0;
+  tg_policy_txn_t txn = {0};
+  txn.id = p->txid;
+  txn.tenant = tenant_name(p, ti);
+  txn.amount = p->total;
+  txn.currency = p->currency;
+  txn.ai_id = p->req->ai_system->id;
+  txn.billing_ref = p->req_ref;
+  txn.items = (uint32_t)p->nitems;
+  txn.reason = reason;
+  txn.failing_ms = failing;
+  txn.request_id = p->request_id;
+  tg_policy_billing_t decision = TG_POLICY_BILLING_REJECT;
+  tg_policy_error_t err;
+  int rc = tg_policy_on_billing_timeout(p->held[0].st, &txn, &decision, &err);
+  if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
+    decision = TG_POLICY_BILLING_REJECT; /* logged by the policy module */
+  if (book)
+    tg_billing_book_decided(book, ti, decision == TG_POLICY_BILLING_REJECT);
+  if (decision == TG_POLICY_BILLING_REJECT) {
+    reject_billing(p, r->detail);
+    return;
+  }
+  if (!p->remote) {
+    char why[320];
+    snprintf(why, sizeof why, "%s; the policy said deferred, which needs billing type \"connect\"", r->detail);
+    reject_billing(p, why);
+    return;
+  }
+  int64_t cap = app->billconf[ti].deferred_cap;
+  int brc = tg_billing_book_defer(book, ti, p->txid, p->req_ref, p->currency, p->total, p->req->ai_system->id, cap);
+  if (brc != 0) {
+    char why[320];
+    if (brc == -ENOSPC)
+      snprintf(why, sizeof why, "%s; deferred billing is at the tenant's cap of %" PRId64 " %s outstanding",
+               r->detail, cap, p->currency);
+    else
+      snprintf(why, sizeof why, "%s; the deferred charge could not be kept (%s)", r->detail, strerror(-brc));
+    reject_billing(p, why);
+    return;
+  }
+  p->booked = true;
+  p->deferred = true;
+  tg_log_req(TG_LOG_WARN, p->request_id, "billing deferred: served now, billed by reconciliation", "tenant",
+             tenant_name(p, ti), "transaction", p->txid, "reason", reason, NULL);
+  sign_and_log(p);
+}
+
 static void on_authorized(void *arg, const tg_billing_result_t *r) {
   purchase_t *p = arg;
   uint64_t took = uv_hrtime() - p->auth_started;
-  for (size_t k = 0; k < p->nheld; k++) {
-    const char *labels[] = {tenant_name(p, p->held[k].tenant), r->status == TG_BILLING_APPROVED ? "true" : "false"};
-    tg_histogram_observe(m_auth, labels, (double)took / 1e9);
-  }
+  if (!p->remote) /* a billing service's adapter counts its own */
+    for (size_t k = 0; k < p->nheld; k++) {
+      const char *labels[] = {tenant_name(p, p->held[k].tenant),
+                              r->status == TG_BILLING_APPROVED ? "true" : "false"};
+      tg_histogram_observe(m_auth, labels, (double)took / 1e9);
+    }
+  if ((r->status == TG_BILLING_APPROVED || r->status == TG_BILLING_DECLINED) && p->aw->app->billing_book)
+    tg_billing_book_ok(p->aw->app->billing_book, p->held[0].tenant);
   switch (r->status) {
   case TG_BILLING_APPROVED:
     memcpy(p->hold, r->hold, sizeof p->hold);
@@ -530,11 +692,8 @@ static void on_authorized(void *arg, const tg_billing_result_t *r) {
   case TG_BILLING_DECLINED:
     deny(p, RAMP__V1__DENIAL_REASON__DENIAL_REASON_INSUFFICIENT_FUNDS, r->detail);
     return;
-  default: {
-    char msg[320];
-    snprintf(msg, sizeof msg, "billing is unavailable (%s): nothing was charged; retry later", r->detail);
-    deny(p, RAMP__V1__DENIAL_REASON__DENIAL_REASON_BILLING_UNAVAILABLE, msg);
-  }
+  default:
+    billing_failed(p, r);
   }
 }
 
@@ -547,9 +706,18 @@ static void authorize(purchase_t *p) {
   a.transaction_id = p->txid;
   a.ai_system_id = p->req->ai_system->id;
   a.request_id = p->request_id;
-  a.deadline_ms = uv_now(p->aw->worker->loop) + 30;
+  /* A billing service has its tenant's deadline; the ledgers 30 ms. */
+  a.deadline_ms = p->remote ? 0 : uv_now(p->aw->worker->loop) + 30;
+  size_t tl;
+  const char *tp = tg_view_call_header(p->call, "traceparent", 11, &tl);
+  char trace[64];
+  if (tp && tl == 55) { /* version-traceid-parentid-flags, as W3C Trace Context sizes it */
+    memcpy(trace, tp, tl);
+    trace[tl] = '\0';
+    a.traceparent = trace;
+  }
   p->auth_started = uv_hrtime();
-  p->aw->billing->ops->authorize(p->aw->billing, &a, on_authorized, p);
+  p->billing->ops->authorize(p->billing, &a, on_authorized, p);
 }
 
 /* ---- Step 4: the policy's decision, item by item */
@@ -584,6 +752,8 @@ static int still_offered(purchase_t *p, size_t i) {
     const tg_quote_offer_t *o = &q->offers[k];
     found = o->content == it->offer.content && o->license == it->offer.license &&
             o->payment == it->offer.payment && (uint32_t)o->type == it->offer.payment_type;
+    if (found)
+      it->reporting = o->reporting;
   }
   return found;
 }
@@ -810,11 +980,12 @@ static int verify_item(purchase_t *p, size_t i, Ramp__V1__DenialReason *reason, 
              it->offer.currency, p->currency);
     return -1;
   }
-  if (it->offer.amount > INT64_MAX / 2 - p->total) {
-    snprintf(detail, dlen, "items[%zu]: the total overflows", i);
+  if (tg_usage_item_charge(t, it->offer.amount, it->offer.payment_type, it->estimated_tokens, &it->charge) != 0 ||
+      it->charge > INT64_MAX / 2 - p->total) {
+    snprintf(detail, dlen, "items[%zu]: the total overflows (price times estimated_tokens)", i);
     return -1;
   }
-  p->total += it->offer.amount;
+  p->total += it->charge;
   return 0;
 }
 
@@ -908,6 +1079,29 @@ static void start(purchase_t *p) {
     fail(p, TG_CONNECT_INTERNAL, "error", "policy error, see the gateway log");
     return;
   }
+  /* One bill per call: tenants billed by their own services are bought
+   * one tenant per call. */
+  p->billing = tg_app_billing(p->aw, p->held[0].tenant);
+  for (size_t k = 1; k < p->nheld; k++)
+    if (tg_app_billing(p->aw, p->held[k].tenant) != p->billing) {
+      char msg[256];
+      snprintf(msg, sizeof msg, "items: tenants %s and %s bill separately: buy each tenant's offers in its own call",
+               tenant_name(p, p->held[0].tenant), tenant_name(p, p->held[k].tenant));
+      fail(p, TG_CONNECT_INVALID_ARGUMENT, "error", msg);
+      return;
+    }
+  p->remote = p->billing != p->aw->billing;
+  /* An AI system with too many usage reports overdue buys nothing more. */
+  for (size_t k = 0; k < p->nheld; k++) {
+    const tg_config_tenant_t *t = &p->aw->app->cfg->tenants[p->held[k].tenant];
+    char detail[256];
+    if (t->usage.overdue_limit > 0 &&
+        tg_usage_overdue(p->aw->app->usage, p->req->ai_system->id, p->req_ref, t->usage.overdue_limit, detail,
+                         sizeof detail) == 1) {
+      deny(p, RAMP__V1__DENIAL_REASON__DENIAL_REASON_USAGE_REPORT_OVERDUE, detail);
+      return;
+    }
+  }
   limit(p);
 }
 
@@ -928,7 +1122,8 @@ int tg_purchase_replay(tg_app_t *app, uint64_t seq, const void *payload, size_t 
       rec->ledger_change->kind == LEDGER__V1__LEDGER_CHANGE_KIND__LEDGER_CHANGE_KIND_CAPTURE)
     tg_owed_remove(app->owed, rec->ledger_change->transaction_id);
   if (rec->kind_case == LEDGER__V1__RECORD__KIND_TRANSACTION && tx->response.len > 0 &&
-      tx->outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED &&
+      (tx->outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_APPROVED ||
+       tx->outcome == LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_DEFERRED) &&
       tx->request_hash.len == 32 && app->idem) {
     uint8_t scope[32];
     mbedtls_sha256_context c;

@@ -83,6 +83,7 @@ static int price_one(tg_policy_state_t *st, const tg_view_t *v, const tg_catalog
   out->type = o->type;
   out->usage = o->usage;
   out->license_url = o->license_url;
+  out->reporting = o->reporting;
   out->content = o->content;
   out->license = (uint32_t)((o->key >> 16) & 0xffff);
   out->payment = (uint32_t)(o->key & 0xffff);

@@ -41,6 +41,7 @@ typedef struct tg_quote_offer {
   uint32_t usage;                 /* concrete purposes the license permits (TG_RSL_USAGE_*) */
   const char *license_url;        /* in the catalog (pinned), or NULL */
   uint32_t content, license, payment; /* indices in the RSL document; 0 for implicit offers */
+  bool reporting;                 /* the license asks for usage reports */
 } tg_quote_offer_t;
 
 typedef struct tg_quote {

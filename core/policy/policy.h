@@ -157,7 +157,9 @@ typedef struct tg_policy_txn {
   const char *ai_id;
   const char *billing_ref;        /* raw: the policy only ever sees it redacted ("****1234") */
   uint32_t items, attempts;
-  const char *reason;             /* "timeout", "error", ... */
+  const char *reason;             /* "timeout", "error", "circuit_open", "billing_refused", ... */
+  uint64_t failing_ms;            /* on_billing_timeout: how long billing has been failing (0: this
+                                   * is the first failure since it last answered) */
   /* An x402/t402 settlement (on_settle_failure); NULL (nil) on the Connect
    * path. network a CAIP-2 chain id ("eip155:84532"), payer the paying
    * address, transaction the settlement's transaction hash when one was

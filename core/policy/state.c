@@ -551,7 +551,7 @@ static const char *const offer_fields[] = {"uri", "model", "amount", "currency",
                                            "lastmod", "license_url", NULL};
 static const char *const txn_fields[] = {"id", "tenant", "amount", "currency", "ai_id",
                                          "billing_ref", "items", "attempts", "reason",
-                                         "network", "payer", "transaction", "error", NULL};
+                                         "network", "payer", "transaction", "error", "failing_ms", NULL};
 static const char *const sale_fields[] = {"amount", "currency", "network", "asset", "payer",
                                           "scheme", NULL};
 
@@ -671,6 +671,7 @@ static int txn_index(lua_State *L, const tg_policy_txn_t *t, int f) {
   case 10: push_str(L, t->payer); break;
   case 11: push_str(L, t->transaction); break;
   case 12: push_str(L, t->error); break;
+  case 13: lua_pushnumber(L, (lua_Number)t->failing_ms); break;
   default: lua_pushnil(L);
   }
   return 1;

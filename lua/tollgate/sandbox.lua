@@ -921,7 +921,7 @@ local VIEW_FIELDS = {
   txn = { id = "string", tenant = "string", amount = "integer", currency = "string",
           ai_id = "string", billing_ref = "string", items = "integer", attempts = "integer",
           reason = "string", network = "string", payer = "string", transaction = "string",
-          error = "string" },
+          error = "string", failing_ms = "integer" },
   -- An x402/t402 payment about to be settled (the settle hook).
   sale = { amount = "integer", currency = "string", network = "string", asset = "string",
            payer = "string", scheme = "string" },

@@ -663,9 +663,11 @@ TEST(signer_and_billing_are_checked_by_kind) {
     CHECK_INT(load_kind(kinds[i][0], a, "expression = '$uri'"), -1);
     CHECK(err_is(5, "unknown key 'expression'"));
   }
-  /* A kind not implemented yet is refused, saying so. */
+  /* The connect kind takes its own keys only (billing/billconf.h reads the values). */
   CHECK_INT(load_kind("billing", "type = 'connect'", "x = 1"), -1);
-  CHECK(err_is(4, "billing type connect is not implemented yet"));
+  CHECK(err_is(5, "unknown key 'x' in tenants[1].billing"));
+  CHECK_INT(load_kind("billing", "type = 'connect'", "url = 'http://127.0.0.1:1/b'"), 0);
+  CHECK_STR(tg_config_get(&cfg.tenants[0].billing, "url"), "http://127.0.0.1:1/b");
   /* A key the kind does not take: FILE:LINE of the key, with a hint. */
   CHECK_INT(load_kind("signer", "type = 'nginx_secure_link'", "base_ur = 'https://cdn.example'"), -1);
   CHECK(err_is(5, "unknown key 'base_ur' in tenants[1].signer (did you mean 'base_url'?)"));

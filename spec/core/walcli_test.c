@@ -962,3 +962,102 @@ TEST(cat_prints_settlements) {
   CHECK_STR(seqs_of(run("cat", "-c", s.conf, "--tenant", "blog", NULL).out), "5");
   CHECK_INT(run("verify", "-c", s.conf, NULL).status, 0);
 }
+
+/* ---- log shipping: what is shipped and what is pending */
+
+/* The fixture's configuration with ledger.ship on (a Redis that is never asked). */
+static void ship_config(site_t *s, const char *name) {
+  char file[64], src[512];
+  snprintf(file, sizeof file, "%s-ship.conf", name);
+  snprintf(src, sizeof src,
+           "return {\n  listen = { { host = \"127.0.0.1\", port = 8080 } },\n  data_dir = \"%s\",\n"
+           "  redis = { host = \"127.0.0.1\", port = 1 },\n  ledger = { ship = { store = \"redis\" } },\n}\n",
+           name);
+  snprintf(s->conf, sizeof s->conf, "%s", tmp_write(file, src));
+}
+
+static void write_ckpt(const site_t *s, const char *text) {
+  char path[1200];
+  snprintf(path, sizeof path, "%s/ship.ckpt", s->data_dir);
+  FILE *f = fopen(path, "w");
+  if (f) {
+    fputs(text, f);
+    fclose(f);
+  }
+}
+
+TEST(shipping_without_a_checkpoint_is_all_pending) {
+  site_t s;
+  tg_wal_recovery_t rec;
+  int bad = 0;
+  write_fixture(&s, "ship0", &rec, &bad);
+  CHECK(!bad);
+  /* Not configured, no checkpoint: nothing said of shipping. */
+  CHECK(strstr(run("ls", "-c", s.conf, NULL).out, "shipped") == NULL);
+  CHECK(strstr(run("cat", "-c", s.conf, NULL).out, "\"shipped\"") == NULL);
+  ship_config(&s, "ship0");
+  result_t r = run("ls", "-c", s.conf, NULL);
+  CHECK_INT(r.status, 0);
+  CHECK_STR(r.err, "");
+  CHECK(strstr(r.out, "bytes\nshipped through seq 0, 5 records pending\n") != NULL);
+  r = run("verify", "-c", s.conf, NULL);
+  CHECK_INT(r.status, 0);
+  CHECK(strstr(r.out, "shipped through seq 0, 5 records pending\n") != NULL);
+  json_t *a = lines_of(run("cat", "-c", s.conf, NULL).out);
+  CHECK(a != NULL);
+  CHECK_INT(json_array_size(a), 5);
+  for (size_t i = 0; i < json_array_size(a); i++)
+    CHECK(json_is_false(json_object_get(json_array_get(a, i), "shipped")));
+  json_decref(a);
+}
+
+TEST(shipping_checkpoint_splits_shipped_from_pending) {
+  site_t s;
+  tg_wal_recovery_t rec;
+  int bad = 0;
+  write_fixture(&s, "ship3", &rec, &bad);
+  CHECK(!bad);
+  write_ckpt(&s, "3\n");
+  /* A checkpoint is shown even when shipping is no longer configured. */
+  result_t r = run("ls", "-c", s.conf, NULL);
+  CHECK_INT(r.status, 0);
+  CHECK(strstr(r.out, "shipped through seq 3, 2 records pending\n") != NULL);
+  ship_config(&s, "ship3");
+  r = run("verify", "-c", s.conf, NULL);
+  CHECK_INT(r.status, 0);
+  CHECK(strstr(r.out, "shipped through seq 3, 2 records pending\n") != NULL);
+  json_t *a = lines_of(run("cat", "-c", s.conf, NULL).out);
+  CHECK(a != NULL);
+  CHECK_INT(json_array_size(a), 5);
+  for (size_t i = 0; i < json_array_size(a); i++) {
+    json_t *j = json_array_get(a, i);
+    json_int_t seq = json_integer_value(json_object_get(j, "seq"));
+    CHECK(json_is_boolean(json_object_get(j, "shipped")));
+    CHECK(json_is_true(json_object_get(j, "shipped")) == (seq <= 3));
+  }
+  json_decref(a);
+  /* Filters keep the field. */
+  CHECK(strstr(run("cat", "-c", s.conf, "--tx", "tx_2", NULL).out, "\"shipped\":false") != NULL);
+  write_ckpt(&s, "5\n");
+  CHECK(strstr(run("ls", "-c", s.conf, NULL).out, "shipped through seq 5, 0 records pending\n") != NULL);
+  write_ckpt(&s, "4");
+  CHECK(strstr(run("ls", "-c", s.conf, NULL).out, "shipped through seq 4, 1 record pending\n") != NULL);
+}
+
+TEST(shipping_checkpoint_that_does_not_read_is_a_warning) {
+  site_t s;
+  tg_wal_recovery_t rec;
+  int bad = 0;
+  write_fixture(&s, "shipbad", &rec, &bad);
+  CHECK(!bad);
+  ship_config(&s, "shipbad");
+  const char *bad_ckpts[] = {"abc\n", "", "12x\n", "99999999999999999999999\n"};
+  for (size_t i = 0; i < sizeof bad_ckpts / sizeof bad_ckpts[0]; i++) {
+    write_ckpt(&s, bad_ckpts[i]);
+    result_t r = run("ls", "-c", s.conf, NULL);
+    CHECK_INT(r.status, 0);
+    CHECK(strstr(r.out, "shipped") == NULL);
+    CHECK(strstr(r.err, "ship.ckpt: not a sequence number") != NULL);
+    CHECK(strstr(r.out, "total: ") != NULL); /* the rest as usual */
+  }
+}

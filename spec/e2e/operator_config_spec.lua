@@ -234,7 +234,24 @@ describe("signer and billing", function()
     rc, out = check([[
     { name = "news", hosts = { "news.example" }, billing = { type = "connect" } },]])
     assert.are.equal(1, rc, out)
-    assert.truthy(out:find("billing type connect is not implemented yet", 1, true), out)
+    assert.truthy(out:find("tenant news: billing.url: required for type connect", 1, true), out)
+    rc, out = check([[
+    { name = "news", hosts = { "news.example" },
+      billing = { type = "connect", url = "http://127.0.0.1:7001", token_file = "missing.token" } },]])
+    assert.are.equal(1, rc, out)
+    assert.truthy(out:find("tenants[1].billing.token_file: cannot read", 1, true), out)
+    rc, out = check([[
+    { name = "news", hosts = { "news.example" },
+      billing = { type = "connect", url = "ftp://billing.example", token_file = "billing.token" } },]],
+      { ["billing.token"] = "billing-token-0123" })
+    assert.are.equal(1, rc, out)
+    assert.truthy(out:find("billing.url: 'ftp://billing.example' is not an http(s) URL", 1, true), out)
+    rc, out = check([[
+    { name = "news", hosts = { "news.example" },
+      billing = { type = "connect", url = "http://127.0.0.1:7001", token_file = "billing.token",
+                  deadline_ms = 0 } },]], { ["billing.token"] = "billing-token-0123" })
+    assert.are.equal(1, rc, out)
+    assert.truthy(out:find("billing.deadline_ms: '0' is not an integer in 1..60000", 1, true), out)
     rc, out = check([[
     { name = "news", hosts = { "news.example" },
       signer = { type = "nginx_secure_link", key = "k" } },]])

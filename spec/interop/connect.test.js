@@ -309,10 +309,14 @@ describe("Connect interop", () => {
     });
   }
 
-  it("ReportUsage is unimplemented for now", async () => {
+  it("ReportUsage: a report without a billing reference is invalid, an unknown transaction not found", async () => {
     await expectCode(client(gw).reportUsage({
       aiSystem, transactionId: "t-1", usage: [{ offerId: "o-1", consumedTokens: 10n }],
-    }), Code.Unimplemented);
+    }), Code.InvalidArgument);
+    await expectCode(client(gw).reportUsage({
+      aiSystem: { ...aiSystem, billingReference: "acct-interop" }, transactionId: "tx_unknown",
+      usage: [{ offerId: "o-1", consumedTokens: 10n }],
+    }), Code.NotFound);
   });
 
   it("gzip both ways with the client's compressionGzip", async () => {

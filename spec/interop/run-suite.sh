@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interop suite: the real tollgate binary against Node Connect clients, the CDN signers'
-# reference implementations, and the x402/t402 clients and facilitators on a local chain.
+# reference implementations, the x402/t402 clients and facilitators on a local chain, and a
+# publisher's billing service (lib/billing_service.js) for the remote billing adapter.
 # Usage: run-suite.sh <tollgate-binary> <build-dir>
 # Prints node's TAP output, then one line "N passed, N failed, N skipped". Exits non-zero on failure.
 set -uo pipefail
@@ -25,6 +26,8 @@ command -v openssl >/dev/null || fail_setup "openssl is not installed (Debian pa
 command -v promtool >/dev/null || fail_setup "promtool is not installed (Debian package prometheus)"
 # The x402 test shares a Redis between two gateway instances (its own, on a free port).
 command -v redis-server >/dev/null || fail_setup "redis-server is not installed (Debian package redis-server)"
+# The billing test's service holds its port bound, not listening, with python3 while "down".
+command -v python3 >/dev/null || fail_setup "python3 is not installed (Debian package python3)"
 
 cd "$here" || fail_setup "cannot enter $here"
 # npm ci only when the installed tree is missing or older than the lock file; a package
@@ -38,13 +41,13 @@ fi
 rm -rf gen && mkdir -p gen
 protoc --plugin=protoc-gen-es=node_modules/.bin/protoc-gen-es \
   --es_out=gen --es_opt=target=js,import_extension=js \
-  -I ../../proto ramp/v1/exchange.proto comp/v1/ai_system.proto \
+  -I ../../proto ramp/v1/exchange.proto comp/v1/ai_system.proto billing/v1/billing.proto \
   || fail_setup "protoc-gen-es failed"
 
 mkdir -p "$build_dir"
 log="$build_dir/interop.tap"
 rm -rf "$build_dir/interop-logs"
-TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js eip3009.test.js x402.test.js 2>&1 | tee "$log"
+TOLLGATE_BIN="$bin" TOLLGATE_LOG_DIR="$build_dir/interop-logs" node --test --test-reporter=tap connect.test.js tls.test.js signers.test.js eip3009.test.js x402.test.js billing.test.js 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 # node's closing counts: "# pass N", "# fail N", "# cancelled N", "# skipped N", "# todo N".
