@@ -7,6 +7,7 @@
 -- instances.
 package.path = (debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "?.lua;" .. package.path
 local h = require("helpers")
+local loadgen = require("loadgen")
 
 local GOOD = [[
 local P = {}
@@ -142,54 +143,7 @@ describe("a broken policy at start-up", function()
 end)
 
 -- wrk's Lua: counts answers by status per thread and prints them at the end.
-local WRK_COUNT = [[
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args) counts = {} end
-function response(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
-function done(summary, latency, requests)
-  local total = {}
-  for _, t in ipairs(threads) do
-    local c = t:get("counts")
-    for k, v in pairs(c) do total[k] = (total[k] or 0) + v end
-  end
-  local parts = {}
-  for k, v in pairs(total) do parts[#parts + 1] = k .. "=" .. v end
-  io.write("STATUS " .. table.concat(parts, " ") .. "\n")
-  io.write(string.format("ERRORS connect=%d read=%d write=%d timeout=%d status=%d\n",
-    summary.errors.connect, summary.errors.read, summary.errors.write,
-    summary.errors.timeout, summary.errors.status))
-  io.write(string.format("LATENCY max_us=%d\n", latency.max))
-end
-]]
-
-local function wrk_async(dir, port, host, path, seconds, conns)
-  local script = dir .. "/count.lua"
-  h.write_file(script, WRK_COUNT .. string.format('wrk.headers["Host"] = %q\n', host))
-  local out = dir .. "/wrk." .. port .. ".out"
-  os.execute(string.format("wrk -t2 -c%d -d%ds -s %s http://127.0.0.1:%d%s > %s 2>&1 &",
-    conns or 16, seconds, h.sh_quote(script), port, path, h.sh_quote(out)))
-  return out
-end
-
-local function wrk_result(out, wait)
-  local deadline = h.now() + wait
-  local text
-  repeat
-    h.sleep(0.2)
-    text = h.read_file(out) or ""
-  until text:find("ERRORS") or h.now() > deadline
-  local counts = {}
-  for code, n in (text:match("STATUS ([^\n]*)") or ""):gmatch("(%d+)=(%d+)") do
-    counts[tonumber(code)] = tonumber(n)
-  end
-  local errors = {}
-  for k, v in (text:match("ERRORS ([^\n]*)") or ""):gmatch("(%a+)=(%d+)") do
-    errors[k] = tonumber(v)
-  end
-  errors.max_latency = tonumber(text:match("LATENCY max_us=(%d+)") or "")
-  return counts, errors, text
-end
+local wrk_async, wrk_result = loadgen.wrk_async, loadgen.wrk_result
 
 describe("reload storm under load", function()
   local gw
