@@ -426,6 +426,7 @@ struct tg_billing_runner {
   uint32_t *backoff, *max_backoff, *health_ms;
   uint64_t *next_health;
   bool *probing;
+  bool *blocked;      /* per tenant, this fill: no adapter, or its circuit is open (fail fast: wait) */
   uint32_t in_flight; /* jobs and health probes */
   bool closing, timer_closed;
   bool filling;       /* fill() is running (a job that ends at once must not recurse) */
@@ -448,6 +449,7 @@ static void runner_maybe_free(tg_billing_runner_t *r) {
   free(r->health_ms);
   free(r->next_health);
   free(r->probing);
+  free(r->blocked);
   free(r);
 }
 
@@ -598,7 +600,7 @@ static size_t claim(tg_billing_runner_t *r, job_t **out, size_t max) {
   pthread_mutex_lock(&b->mu);
   for (size_t k = 0; k < BUCKETS && n < max; k++)
     for (owed_t *e = b->b[k]; e && n < max; e = e->next) {
-      if (e->claimed || e->due_ms > now || e->tenant >= r->ntenants)
+      if (e->claimed || e->due_ms > now || e->tenant >= r->ntenants || r->blocked[e->tenant])
         continue;
       job_t *j = calloc(1, sizeof *j);
       if (j == NULL || (j->ref = strdup(e->ref)) == NULL || (j->ai = strdup(e->ai)) == NULL) {
@@ -658,6 +660,13 @@ static void fill(tg_billing_runner_t *r) {
   if (r->filling || r->closing)
     return;
   r->filling = true;
+  /* A tenant whose circuit is open would fail every charge at once: its
+   * charges wait for the probe that closes it (a purchase's, or ours once
+   * the cool-down is over). */
+  for (size_t ti = 0; ti < r->ntenants; ti++) {
+    tg_billing_t *a = r->hooks.adapter(r->hooks.ud, ti);
+    r->blocked[ti] = a == NULL || a->ops->health(a) != 0;
+  }
   while (r->in_flight < r->max_in_flight) {
     job_t *jobs[64];
     size_t room = r->max_in_flight - r->in_flight;
@@ -709,8 +718,9 @@ int tg_billing_runner_new(tg_billing_book_t *b, uv_loop_t *loop, tg_wal_client_t
   r->health_ms = copy_u32(o->health_ms, r->ntenants, 0);
   r->next_health = calloc(r->ntenants ? r->ntenants : 1, sizeof *r->next_health);
   r->probing = calloc(r->ntenants ? r->ntenants : 1, sizeof *r->probing);
+  r->blocked = calloc(r->ntenants ? r->ntenants : 1, sizeof *r->blocked);
   int rc = -ENOMEM;
-  if (r->backoff && r->max_backoff && r->health_ms && r->next_health && r->probing &&
+  if (r->backoff && r->max_backoff && r->health_ms && r->next_health && r->probing && r->blocked &&
       (rc = uv_timer_init(loop, &r->timer)) == 0) {
     r->timer.data = r;
     uv_timer_start(&r->timer, on_tick, 0, r->tick_ms);
