@@ -10,6 +10,7 @@
 typedef struct folder {
   uv_fs_event_t ev;
   tg_watch_t *w;
+  char dir[1024];           /* as configured: re-resolved at each re-arm */
   int active;               /* 0: failed to start, already closing */
 } folder_t;
 
@@ -22,8 +23,25 @@ struct tg_watch {
   size_t open_handles;      /* freed when the last close callback ran */
 };
 
+static void on_fs_event(uv_fs_event_t *ev, const char *filename, int events, int status);
+
+/* A folder reached through a symlink (a ConfigMap's ..data/policies) is
+ * watched by its inode, which the kubelet deletes after each update: watch
+ * the path again, so the next update is seen in the folder it points to now. */
+static void rearm(tg_watch_t *w) {
+  for (size_t k = 0; k < w->nfolders; k++) {
+    folder_t *f = &w->folders[k];
+    if (!f->active)
+      continue;
+    uv_fs_event_stop(&f->ev);
+    if (uv_fs_event_start(&f->ev, on_fs_event, f->dir, 0) != 0)
+      tg_log(TG_LOG_WARN, "cannot watch policy folder", "dir", f->dir, NULL);
+  }
+}
+
 static void on_debounced(uv_timer_t *t) {
   tg_watch_t *w = t->data;
+  rearm(w);
   tg_reload_policies(w->registry, NULL, NULL);
 }
 
@@ -81,6 +99,7 @@ tg_watch_t *tg_watch_start(tg_policy_registry_t *r, uv_loop_t *loop, uint32_t de
      * closing when the next one would take its place. */
     folder_t *f = &w->folders[w->nfolders++];
     f->w = w;
+    snprintf(f->dir, sizeof f->dir, "%s", dir);
     f->ev.data = w;
     w->open_handles++;
     uv_fs_event_init(loop, &f->ev);
