@@ -2,11 +2,14 @@
 # The two set-up commands of the README, for a Debian bookworm machine:
 #   deploy/dev.sh run    install what is missing, build, start the demo gateway
 #   deploy/dev.sh test   install what is missing, build, run every suite
-# Works as root, or as a user with sudo (only apt-get and the service switches run under sudo).
+# Works as root, or as a user with sudo (only apt-get, the service switches and the image
+# step run under sudo).
 # Environment: TG_BUILD_DIR (default build), TG_BUILD_TYPE (default RelWithDebInfo),
 # TG_CTEST_JOBS (default 1), TG_FUZZ_SECONDS (default 20; 0 skips the fuzzers, counted as
 # skipped), TG_SKIP_ASAN=1 (the sanitized pass, counted as skipped), TG_DEMO_PORT and
-# TG_DEMO_ADMIN_PORT (run: the demo's public and admin ports, default 8080 and 9090).
+# TG_DEMO_ADMIN_PORT (run: the demo's public and admin ports, default 8080 and 9090),
+# TG_SKIP_IMAGE=1 (the container image step, counted as skipped), TG_IMAGE_DIR (default
+# $TG_BUILD_DIR/image), TG_IMAGE_BUILD_DIR, TG_IMAGE_BIN, TG_IMAGE_MIRROR (deploy/image.sh).
 # `test` always ends with one line "N passed, N failed, N skipped", also when a step before
 # the tests fails (apt, npm, a missing tool, the build): that step is then 1 failed, after a
 # line naming it and what to check.
@@ -21,14 +24,17 @@ fuzz_dir="${TG_FUZZ_BUILD_DIR:-build-fuzz}"
 fuzz_seconds="${TG_FUZZ_SECONDS:-20}"
 jobs="$(nproc 2>/dev/null || echo 2)"
 
-packages=(
-  build-essential cmake pkg-config clang libclang-rt-14-dev
-  libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp libmbedtls-dev
-  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
-  libhiredis-dev libjansson-dev libexpat1-dev zlib1g-dev libsecp256k1-dev
-  lua-busted lua-socket redis-server wrk nginx-light libnginx-mod-http-lua prometheus
-  openssl curl ca-certificates iproute2 procps
-)
+# The Debian packages, from one place: deploy/packages/{build,runtime,test}.txt (one package
+# a line, '#' comments). deploy/image.sh puts runtime.txt in the image and deploy/Dockerfile
+# installs build.txt and runtime.txt through `dev.sh install`.
+pkg_list() { sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$root/deploy/packages/$1.txt"; }
+package_lists=(build runtime test)
+packages=()
+for list in "${package_lists[@]}"; do
+  [ -f "deploy/packages/$list.txt" ] || { echo "dev.sh: missing deploy/packages/$list.txt" >&2; exit 1; }
+  mapfile -t -O "${#packages[@]}" packages < <(pkg_list "$list")
+done
+want_node=1 # run and test also need node and npm (install: only the lists named)
 
 # Packages that bring a service with them, and its unit. dev.sh installs them for their
 # programs (promtool, redis-server, nginx: the tests and benchmarks start their own on free
@@ -59,6 +65,8 @@ usage: deploy/dev.sh run    install, build, start the gateway on deploy/demo/tol
                             (TG_DEMO_PORT=8180 TG_DEMO_ADMIN_PORT=9190 for other ports)
        deploy/dev.sh test   install, build, run every test suite
        deploy/dev.sh fuzz [SECONDS]   only the fuzzers, SECONDS each (default 300)
+       deploy/dev.sh install LIST...  only the Debian packages of deploy/packages/LIST.txt
+                            (build, runtime, test; deploy/Dockerfile uses it)
 EOF
   exit 2
 }
@@ -84,6 +92,12 @@ hint() {
       ;;
     build*)
       echo "  check: the first compiler or cmake error above; for a clean build, rm -rf $build_dir."
+      ;;
+    image*)
+      echo "  check: the message of deploy/image.sh or spec/image/smoke.sh above; that mmdebstrap and"
+      echo "  buildah are installed (deploy/packages/test.txt) and run as root (or sudo works); the"
+      echo "  apt sources mmdebstrap reads (the host's, or TG_IMAGE_MIRROR); the logs in"
+      echo "  ${TG_IMAGE_DIR:-$build_dir/image}/ (mmdebstrap.log, smoke-*.log). TG_SKIP_IMAGE=1 counts it as skipped."
       ;;
     *) ;;
   esac
@@ -165,7 +179,9 @@ unit_enabled() {
 install_debian() {
   step="apt-get install"
   local want=("${packages[@]}") missing=() enabled_before=() p unit
-  if ! command -v node >/dev/null; then
+  if [ "$want_node" -eq 0 ]; then
+    : # dev.sh install: the named lists alone
+  elif ! command -v node >/dev/null; then
     want+=(nodejs npm)
   elif ! command -v npm >/dev/null; then
     installed nodejs || die "node $(node --version) is installed but npm is not; install npm for it"
@@ -205,6 +221,7 @@ install_debian() {
       say "$p: installed for its programs; its service is off (systemctl enable --now $unit to run it)"
     done
   fi
+  [ "$want_node" -eq 1 ] || return 0
   step="node"
   node_ok || die "node $(node --version 2>/dev/null || echo '(none)') is older than the interop clients need (>= $(node_wanted), spec/interop/package.json)"
 }
@@ -520,6 +537,43 @@ run_asan() {
     run_ctest "$asan_dir" "asan."
 }
 
+# The container image (deploy/image.sh: mmdebstrap + buildah, no daemon), then its smoke
+# test (spec/image/smoke.sh: the gateway run from the image's unpacked filesystem with
+# chroot, e2e smoke specs against it). image.sh makes its own Release build of the binary
+# (TG_IMAGE_BUILD_DIR, default build-release: about a minute); TG_IMAGE_BIN=PATH takes that
+# binary instead. It needs root (or sudo) and never skips for want of a tool: it fails with
+# a hint; TG_SKIP_IMAGE=1 counts it as one skipped.
+run_image() {
+  local work="${TG_IMAGE_DIR:-$build_dir/image}" archive="$build_dir/tollgate-image.tar"
+  local t0 counts p f k env=()
+  if [ "${TG_SKIP_IMAGE:-0}" = 1 ]; then
+    say "image: skipped (TG_SKIP_IMAGE=1)"
+    echo "0 0 1"
+    return
+  fi
+  t0=$(date +%s)
+  say "image: deploy/image.sh into $archive (work folder $work)"
+  mkdir -p "$work"
+  env=(TG_IMAGE_DIR="$work" TG_IMAGE_OUT="$archive")
+  [ -z "${TG_IMAGE_BUILD_DIR:-}" ] || env+=(TG_IMAGE_BUILD_DIR="$TG_IMAGE_BUILD_DIR")
+  [ -z "${TG_IMAGE_BIN:-}" ] || env+=(TG_IMAGE_BIN="$TG_IMAGE_BIN")
+  [ -z "${TG_IMAGE_MIRROR:-}" ] || env+=(TG_IMAGE_MIRROR="$TG_IMAGE_MIRROR")
+  if ! as_root env "${env[@]}" bash deploy/image.sh >&2; then
+    say "image: deploy/image.sh failed"
+    hint image >&2
+    echo "0 1 0"
+    return
+  fi
+  counts="$(as_root bash spec/image/smoke.sh "$archive" "$work" | tail -n 1)"
+  read -r p _ f _ k _ <<<"${counts//,/}"
+  if ! [[ "${p:-}" =~ ^[0-9]+$ && "${f:-}" =~ ^[0-9]+$ && "${k:-}" =~ ^[0-9]+$ ]]; then
+    p=0 f=1 k=0
+  fi
+  printf '  image: %s passed, %s failed, %s skipped (%s s)\n' "$p" "$f" "$k" "$(($(date +%s) - t0))" >&2
+  [ "$f" -eq 0 ] || hint image >&2
+  echo "$p $f $k"
+}
+
 # add_counts "p f s": adds one part's counts to the totals.
 total_p=0 total_f=0 total_s=0
 add_counts() {
@@ -543,6 +597,8 @@ cmd_test() {
   add_counts "$(run_asan | tail -n 1)"
   step="fuzz"
   add_counts "$(run_fuzzers | tail -n 1)"
+  step="image"
+  add_counts "$(run_image | tail -n 1)"
   close_counts
 }
 
@@ -564,6 +620,16 @@ case "$1" in
     step="fuzz"
     add_counts "$(run_fuzzers | tail -n 1)"
     close_counts ;;
+  install)
+    # Only the named lists, e.g. deploy/dev.sh install runtime (deploy/Dockerfile).
+    [ $# -ge 2 ] || usage
+    shift
+    packages=() want_node=0
+    for list in "$@"; do
+      [ -f "deploy/packages/$list.txt" ] || die "no package list deploy/packages/$list.txt"
+      mapfile -t -O "${#packages[@]}" packages < <(pkg_list "$list")
+    done
+    install_debian ;;
   -h|--help|help) usage ;;
   *) usage ;;
 esac
