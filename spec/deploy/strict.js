@@ -17,9 +17,8 @@ function load(file) {
     const src = readFileSync(file, "utf8").replace(/\/\*[\s\S]*?\*\//g, "");
     const imports = new Map();
     for (const m of src.matchAll(/import \{ (\w+) \} from "([^"]+)";/g)) {
-      const spec = m[2];
-      const path = spec.startsWith(".") ? resolve(dirname(file), spec.replace(/\.js$/, ".d.ts"))
-        : join(modules, `${spec}.d.ts`);
+      const spec = m[2].replace(/\.js$/, ""); // kubernetes-models 4 imports "./X", 5 "./X.js"
+      const path = spec.startsWith(".") ? resolve(dirname(file), `${spec}.d.ts`) : join(modules, `${spec}.d.ts`);
       imports.set(m[1], path);
     }
     const body = src.match(/export interface \w+(?: extends \w+)? \{\n([\s\S]*?)\n\}/);
