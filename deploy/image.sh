@@ -71,10 +71,10 @@ else
   bin="$bdir/tollgate"
 fi
 strip --strip-all -o "$work/tollgate" "$bin"
-# The policy sandbox and tools are lua/**/*.lua compiled into the binary (cmake/embed_lua.cmake):
+# The policy sandbox and tools are lua/**/*.lua compiled into the binary (lua/embed.cmake):
 # the image has no lua/ folder, so each file must be in the binary, by name.
 while IFS= read -r f; do
-  grep -qaF "${f#lua/}" "$work/tollgate" || die "lua file ${f#lua/} is not embedded in $bin" "cmake/embed_lua.cmake"
+  grep -qaF "${f#lua/}" "$work/tollgate" || die "lua file ${f#lua/} is not embedded in $bin" "lua/embed.cmake"
 done < <(find lua -name '*.lua' | sort)
 t_bin=$(date +%s)
 

@@ -706,13 +706,17 @@ tg_billing_t *tg_billing_connect_new(uv_loop_t *loop, tg_httpc_t *http, const tg
   static const char *const ta[] = {"tenant_id", "approved", NULL};
   static const char *const t[] = {"tenant_id", NULL};
   b->m_total = tg_metric_new(TG_METRIC_COUNTER, "billing_authorize_total",
-                             "Authorize calls to a remote billing service, by result", tr, NULL, 0);
+                             "Authorize calls to the tenant's billing service, by result: approved, declined, timeout "
+                             "(no answer by billing.deadline_ms), unavailable (an error, or the circuit open).",
+                             tr, NULL, 0);
   b->m_duration = tg_metric_new(TG_METRIC_HISTOGRAM, "billing_authorize_duration_seconds",
                                 "Time the billing adapter took to authorize a purchase (hold), by tenant and "
                                 "whether it approved.",
                                 ta, tg_billing_auth_buckets, tg_billing_auth_nbuckets);
   b->m_timeout = tg_metric_new(TG_METRIC_COUNTER, "billing_timeout_total",
-                               "Authorize calls that got no answer by the deadline", t, NULL, 0);
+                               "Authorize calls that got no answer by billing.deadline_ms; the tenant's "
+                               "on_billing_timeout hook then rejected or deferred the purchase.",
+                               t, NULL, 0);
   b->m_circuit = tg_metric_new(TG_METRIC_GAUGE, "billing_circuit_state",
                                "Circuit breaker of the billing adapter: 0 closed, 1 open, 2 half-open", t, NULL, 0);
   if (b->tenant == NULL || b->base_url == NULL || b->auth == NULL || b->m_total == NULL || b->m_duration == NULL ||

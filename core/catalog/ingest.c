@@ -17,6 +17,7 @@
 #include "net/client.h"
 #include "base/log.h"
 #include "base/metrics.h"
+#include "base/trace.h"
 #include "catalog/rsl.h"
 
 typedef struct tenant {
@@ -34,6 +35,7 @@ typedef struct tenant {
   struct timespec mtime;
   off_t size;
   char *etag, *last_modified;
+  tg_span_t *span;             /* the HTTP fetch in flight (base/trace.h); NULL: not traced */
   /* Under ing->lock: pending (asked by tg_ingest_refresh) and the status. */
   bool pending;
   tg_ingest_status_t st;
@@ -257,6 +259,11 @@ static char *dup_header(const tg_httpc_response_t *resp, const char *name) {
 static void on_fetch(int err, const tg_httpc_response_t *resp, void *ud) {
   tenant_t *t = ud;
   char detail[192];
+  if (t->span) {
+    if (err == 0)
+      tg_span_set_int(t->span, "http.response.status_code", resp->status);
+    tg_span_finish(&t->span, err != 0 ? tg_httpc_strerror(err) : resp->status >= 400 ? "http error" : NULL);
+  }
   if (err == -ECANCELED) { /* only tg_ingest_stop frees the client */
     t->busy = false;
     return;
@@ -305,9 +312,15 @@ static tg_http_header_t header(const char *name, const char *value) {
 
 static void refresh_http(tenant_t *t) {
   static const char accept[] = "application/rsl+xml, application/xml;q=0.9, text/xml;q=0.8";
-  tg_http_header_t hdr[3];
+  tg_http_header_t hdr[4];
   size_t n = 0;
+  char tp[TG_TRACEPARENT_LEN + 1];
   hdr[n++] = header("Accept", accept);
+  tg_span_finish(&t->span, "abandoned");
+  t->span = tg_span_start_root("catalog.fetch", TG_SPAN_CLIENT);
+  tg_span_set_str(t->span, "tenant", t->cfg->name);
+  if (tg_span_traceparent(t->span, tp) == 0)
+    hdr[n++] = header("traceparent", tp);
   if (t->etag)
     hdr[n++] = header("If-None-Match", t->etag);
   if (t->last_modified)
@@ -319,6 +332,7 @@ static void refresh_http(tenant_t *t) {
                             .timeout_ms = t->ing->timeout_ms};
   int rc = tg_httpc_send(t->ing->httpc, &req, on_fetch, t);
   if (rc != 0) {
+    tg_span_finish(&t->span, tg_httpc_strerror(rc));
     char detail[96];
     snprintf(detail, sizeof detail, "send: %s", tg_httpc_strerror(rc));
     finish(t, "fetch", detail, false, 0, 0);

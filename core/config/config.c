@@ -1204,7 +1204,7 @@ static int refuse_x402_price(ctx_t *c, int t) {
 
 static const char *const top_keys[] = {"listen", "admin",  "workers", "data_dir", "log_level",
                                        "limits", "redis",  "rate_limit", "exchange", "ingest",
-                                       "policy", "ledger", "instance", "tenants",  NULL};
+                                       "policy", "ledger", "instance", "tenants",  "tracing", "access_log", NULL};
 static const char *const listener_keys[] = {"host", "port", "tls_cert", "tls_key", NULL};
 static const char *const admin_keys[] = {"host", "port", "token_file", NULL};
 static const char *const limit_keys[] = {"max_header_bytes", "max_body_bytes", "header_timeout_ms",
@@ -1218,6 +1218,8 @@ static const char *const redis_keys[] = {"host", "port", "password_file", "timeo
 static const char *const rate_limit_keys[] = {"mode", "table_size", NULL};
 static const char *const ledger_keys[] = {"mode", "wal", "snapshot_every", "idempotency", "ship", "accounts", NULL};
 static const char *const ship_keys[] = {"store", "batch", "timeout_ms", NULL};
+static const char *const tracing_keys[] = {"endpoint", "sample", "service_name", "batch", "flush_ms", "queue", NULL};
+static const char *const access_log_keys[] = {"sample", "errors", NULL};
 static const char *const account_keys[] = {"billing_reference", "currency", "amount", "reference", NULL};
 
 /* The table on top of the stack as a listener (or the admin listener). */
@@ -1368,6 +1370,74 @@ static int load_redis(ctx_t *c, int root) {
   r->port = (int)port;
   r->timeout_ms = (uint32_t)timeout;
   r->db = (int)db;
+  return rc;
+}
+
+/* The optional access_log section (config.h): absent, no access log. */
+static int load_access_log(ctx_t *c, int root) {
+  tg_config_access_log_t *al = &c->cfg->access_log;
+  int rc = 0;
+  if (field(c, root, "access_log") != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    al->enabled = true;
+    al->sample = 1.0;
+    al->errors = true;
+    if (want_type(c, LUA_TTABLE, "a table { sample = 1.0, errors = true }") != 0 ||
+        check_keys(c, t, access_log_keys) != 0 || opt_boolean(c, t, "errors", &al->errors) != 0)
+      rc = -1;
+    if (rc == 0) {
+      if (field(c, t, "sample") == LUA_TNIL)
+        ;
+      else if (want_type(c, LUA_TNUMBER, "a number in 0..1") != 0)
+        rc = -1;
+      else if (!(lua_tonumber(c->L, -1) >= 0 && lua_tonumber(c->L, -1) <= 1))
+        rc = fail_here(c, "must be a number in 0..1, got %.14g", lua_tonumber(c->L, -1));
+      else
+        al->sample = lua_tonumber(c->L, -1);
+      leave(c);
+    }
+  }
+  leave(c);
+  return rc;
+}
+
+/* The optional tracing section (config.h): absent, tracing is off. */
+static int load_tracing(ctx_t *c, int root) {
+  tg_config_tracing_t *tr = &c->cfg->tracing;
+  long long batch = 512, flush = 1000, queue = 8192;
+  int rc = 0;
+  tr->sample = 1.0;
+  if (field(c, root, "tracing") != LUA_TNIL) {
+    int t = lua_gettop(c->L);
+    if (want_type(c, LUA_TTABLE, "a table { endpoint = ..., sample = ... }") != 0 ||
+        check_keys(c, t, tracing_keys) != 0 || req_string(c, t, "endpoint", &tr->endpoint) != 0 ||
+        opt_string(c, t, "service_name", &tr->service_name) != 0 ||
+        opt_integer(c, t, "batch", 1, 65536, &batch) != 0 || opt_integer(c, t, "flush_ms", 10, 600000, &flush) != 0 ||
+        opt_integer(c, t, "queue", 16, 1 << 20, &queue) != 0)
+      rc = -1;
+    if (rc == 0) {
+      if (field(c, t, "sample") == LUA_TNIL)
+        ;
+      else if (want_type(c, LUA_TNUMBER, "a number in 0..1") != 0)
+        rc = -1;
+      else if (!(lua_tonumber(c->L, -1) >= 0 && lua_tonumber(c->L, -1) <= 1))
+        rc = fail_here(c, "must be a number in 0..1, got %.14g", lua_tonumber(c->L, -1));
+      else
+        tr->sample = lua_tonumber(c->L, -1);
+      leave(c);
+    }
+    if (rc == 0 && strncmp(tr->endpoint, "http://", 7) != 0 && strncmp(tr->endpoint, "https://", 8) != 0) {
+      field(c, t, "endpoint");
+      rc = fail_here(c, "'%s' is not an http(s) URL", tr->endpoint);
+      leave(c);
+    }
+    if (rc == 0 && tr->service_name == NULL && (tr->service_name = strdup("tollgate")) == NULL)
+      rc = fail_oom(c);
+  }
+  leave(c);
+  tr->batch = (uint32_t)batch;
+  tr->flush_ms = (uint32_t)flush;
+  tr->queue = (uint32_t)queue;
   return rc;
 }
 
@@ -1893,7 +1963,7 @@ static int validate(ctx_t *c, int root) {
   }
   if (load_limits(c, root) != 0 || load_redis(c, root) != 0 || load_rate_limit(c, root) != 0 ||
       load_settings(c, root) != 0 || load_ledger(c, root) != 0 || load_instance(c, root) != 0 ||
-      load_tenants(c, root) != 0)
+      load_tracing(c, root) != 0 || load_access_log(c, root) != 0 || load_tenants(c, root) != 0)
     goto fail;
   return 0;
 fail:
@@ -2008,14 +2078,28 @@ int tg_config_load(const char *path, tg_config_t *cfg, char *err, size_t errlen)
     err[0] = '\0';
   if (read_source(&c, path) != 0)
     goto fail;
-  cfg->path = realpath(path, NULL);
-  if (cfg->path == NULL) {
-    fail_line(&c, 0, "cannot resolve path: %s", strerror(errno));
-    goto fail;
+  /* The folder is resolved, the file's own name is not: a config that is a
+   * symlink (a Kubernetes ConfigMap volume: tollgate.lua -> ..data/tollgate.lua)
+   * resolves relative paths next to the link, which follows the volume's
+   * updates, not inside the ..<timestamp> folder the kubelet later deletes. */
+  {
+    const char *base = strrchr(path, '/');
+    char *folder = base ? strndup(path, base == path ? 1 : (size_t)(base - path)) : strdup(".");
+    char *rdir = folder ? realpath(folder, NULL) : NULL;
+    int saved = errno;
+    free(folder);
+    if (rdir == NULL) {
+      fail_line(&c, 0, "cannot resolve path: %s", strerror(saved));
+      goto fail;
+    }
+    base = base ? base + 1 : path;
+    size_t n = strlen(rdir) + strlen(base) + 2;
+    cfg->path = malloc(n);
+    if (cfg->path)
+      snprintf(cfg->path, n, "%s%s%s", rdir, strcmp(rdir, "/") == 0 ? "" : "/", base);
+    cfg->dir = rdir;
   }
-  char *slash = strrchr(cfg->path, '/');
-  cfg->dir = slash == cfg->path ? strdup("/") : strndup(cfg->path, (size_t)(slash - cfg->path));
-  if (cfg->dir == NULL) {
+  if (cfg->path == NULL || cfg->dir == NULL) {
     fail_oom(&c);
     goto fail;
   }
@@ -2078,6 +2162,8 @@ void tg_config_free(tg_config_t *cfg) {
   free(cfg->redis.host);
   free(cfg->redis.password_file);
   free(cfg->instance);
+  free(cfg->tracing.endpoint);
+  free(cfg->tracing.service_name);
   for (size_t i = 0; i < cfg->ledger.naccounts; i++) {
     free(cfg->ledger.accounts[i].billing_reference);
     free(cfg->ledger.accounts[i].currency);

@@ -28,6 +28,9 @@
  *     policy = { time_limit_ms = 50, load_time_limit_ms = 1000, memory_limit = 33554432,
  *                watch_debounce_ms = 200 },
  *     instance = "gw-1",          -- default: "<host name>:<first listen port>"
+ *     tracing = { endpoint = "http://127.0.0.1:4318/v1/traces", sample = 1.0,
+ *                 service_name = "tollgate", batch = 512, flush_ms = 1000, queue = 8192 },
+ *     access_log = { sample = 1.0, errors = true },  -- absent: no access log (gateway/access.h)
  *     ledger = { mode = "local",   -- "redis": balances and idempotency keys shared (needs redis)
  *                wal = { capacity_bytes = 1073741824, segment_bytes = 67108864, batch_bytes = 65536,
  *                        batch_interval_us = 0, retention_bytes = 536870912, retention_age_s = 604800 },
@@ -133,6 +136,13 @@
  *     RSL payment type "use" the amount is per 1,000 tokens: a purchase
  *     charges ceil(amount * estimated_tokens / 1000), a report adjusts it to
  *     the tokens consumed). Absent: 0, 0, flat.
+ *   - tracing (base/trace.h, rpc/otlp.h; absent: off, nothing recorded):
+ *     endpoint (required) an http(s) OTLP/HTTP traces URL; sample 0..1, the
+ *     share of new traces kept (an incoming traceparent's flag decides for
+ *     its trace); service_name (default "tollgate"); batch 1..65536 spans
+ *     per export; flush_ms 10..600000 between exports; queue 16..2^20 spans
+ *     waiting per recording thread (about 700 bytes each, taken as the ring
+ *     fills; more are dropped and counted).
  *   - payments.x402.price is refused: prices come from the tenant's catalog
  *     (the RSL <amount>, atomic units) and its price hook, on HTTP exactly as
  *     on DiscoverResources (pipeline/quote.h).
@@ -248,6 +258,25 @@ typedef struct tg_config_tenant {
   tg_config_usage_t usage;     /* usage reports (pipeline/usage.h); absent: all zero (flat, nothing owed) */
 } tg_config_tenant_t;
 
+/* access_log = { sample = 1.0, errors = true } (gateway/access.h): one JSON
+ * line per request, a share sample (0..1, default 1) of them, and with
+ * errors (default true) every 4xx and 5xx whatever the sample. Absent: off. */
+typedef struct tg_config_access_log {
+  bool enabled;
+  double sample;
+  bool errors;
+} tg_config_access_log_t;
+
+/* The tracing section; endpoint NULL when it is absent (tracing off). */
+typedef struct tg_config_tracing {
+  char *endpoint;             /* OTLP/HTTP traces URL */
+  double sample;              /* 1.0 */
+  char *service_name;         /* "tollgate" */
+  uint32_t batch;             /* 512 spans per export */
+  uint32_t flush_ms;          /* 1000 */
+  uint32_t queue;             /* 8192 */
+} tg_config_tracing_t;
+
 typedef struct tg_config {
   char *path;                 /* the file loaded (absolute) */
   char *dir;                  /* its folder */
@@ -279,6 +308,8 @@ typedef struct tg_config {
   uint32_t policy_watch_debounce_ms;
   tg_config_ledger_t ledger;
   char *instance;                   /* this gateway's name; default "<host name>:<first listen port>" */
+  tg_config_tracing_t tracing;
+  tg_config_access_log_t access_log;
   tg_config_tenant_t *tenants;
   size_t ntenants;
 } tg_config_t;

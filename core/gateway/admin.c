@@ -16,6 +16,7 @@
 #include "base/utf8.h"
 #include "gateway/reload.h"
 #include "ledger/record.h"
+#include "pipeline/paywall.h"
 
 /* Compares in time independent of where the first difference is. */
 static int token_equal(const char *a, size_t alen, const char *b, size_t blen) {
@@ -239,6 +240,154 @@ static void refresh(const tg_admin_t *a, tg_http_req_t *req) {
     tg_http_respond_json(req, 202, json_pack("{s:s}", "refresh", "started"));
   else
     error_json(req, 404, "unknown tenant or no catalog source");
+}
+
+/* ---- Tenants: the list, per-tenant reloads, and the drain */
+
+/* Index of the tenant named by the n bytes at name, or -1. */
+static long tenant_index(const tg_admin_t *a, const char *name, size_t n) {
+  const tg_config_t *cfg = a->app->cfg;
+  for (size_t i = 0; i < cfg->ntenants; i++)
+    if (strlen(cfg->tenants[i].name) == n && strncmp(cfg->tenants[i].name, name, n) == 0)
+      return (long)i;
+  return -1;
+}
+
+static json_t *tenant_billing(const tg_admin_t *a, size_t i) {
+  tg_app_billing_health_t h;
+  tg_app_billing_health(a->app, i, &h);
+  if (!h.configured)
+    return json_pack("{s:s}", "type", "builtin");
+  /* The health probes' view: the adapter opens its circuit after
+   * breaker_failures failures in a row (billing/billconf.h). */
+  const char *bf = tg_config_get(&a->app->cfg->tenants[i].billing, "breaker_failures");
+  long limit = bf ? strtol(bf, NULL, 10) : 5;
+  if (limit <= 0)
+    limit = 5;
+  return json_pack("{s:s, s:b, s:I, s:s, s:b}", "type", "remote", "serving", h.serving,
+                   "consecutive_failures", (json_int_t)h.consecutive_failures, "circuit",
+                   h.consecutive_failures >= (uint32_t)limit ? "open" : "closed", "rejects_on_timeout",
+                   h.rejects);
+}
+
+static json_t *tenant_catalog(const tg_admin_t *a, size_t i) {
+  tg_ingest_status_t st;
+  if (a->ingest == NULL || tg_ingest_status(a->ingest, i, &st) != 0 || !st.has_source)
+    return json_null();
+  json_t *o = json_pack("{s:b, s:b, s:I, s:o}", "loaded", st.loaded, "failing", st.failing, "entries",
+                        (json_int_t)st.entries, "age_s",
+                        st.last_success ? json_integer((json_int_t)(time(NULL) - st.last_success)) : json_null());
+  if (o && st.last_error[0])
+    json_object_set_new(o, "last_error", tg_utf8_json_string(st.last_error));
+  return o ? o : json_null();
+}
+
+/* GET /admin/tenants: what each tenant runs now. No file is read. */
+static void tenants_list(const tg_admin_t *a, tg_http_req_t *req) {
+  const tg_config_t *cfg = a->app->cfg;
+  json_t *list = json_array();
+  for (size_t i = 0; list && i < cfg->ntenants; i++) {
+    const tg_config_tenant_t *t = &cfg->tenants[i];
+    json_t *hosts = json_array();
+    for (size_t k = 0; k < t->nhosts; k++)
+      json_array_append_new(hosts, json_string(t->hosts[k]));
+    json_t *policy = json_null();
+    tg_policy_info_t info;
+    if (tg_policy_info(a->app->policies, i, &info) == 0) {
+      policy = json_pack("{s:o, s:f}", "version", shown_version(info.version), "loaded_at", info.loaded_at);
+      if (policy && info.reloaded && info.last_status == TG_POLICY_RELOAD_FAILED && info.last_error[0])
+        json_object_set_new(policy, "last_error", tg_utf8_json_string(info.last_error));
+    }
+    json_array_append_new(list, json_pack("{s:s, s:o, s:o*, s:o, s:o, s:b}", "name", t->name, "hosts", hosts,
+                                          "policy", policy, "catalog", tenant_catalog(a, i), "billing",
+                                          tenant_billing(a, i), "payments_enabled",
+                                          a->app->pay != NULL && tg_paywall_enabled(a->app->pay, i)));
+  }
+  tg_http_respond_json(req, 200, json_pack("{s:o}", "tenants", list));
+}
+
+/* POST /admin/tenants/NAME/reload-policy | reload-catalog: the reload and
+ * the catalog refresh that /reload and /catalog/refresh run, for one tenant. */
+static void tenant_action(const tg_admin_t *a, tg_http_req_t *req, const char *rest) {
+  const char *slash = strchr(rest, '/');
+  long i = slash ? tenant_index(a, rest, (size_t)(slash - rest)) : -1;
+  if (i < 0) {
+    error_json(req, 404, slash ? "unknown tenant" : "not found");
+    return;
+  }
+  const char *name = a->app->cfg->tenants[i].name;
+  if (strcmp(slash, "/reload-policy") != 0 && strcmp(slash, "/reload-catalog") != 0) {
+    error_json(req, 404, "not found (reload-policy, reload-catalog)");
+  } else if (req->method != HTTP_POST) {
+    only_post(req);
+  } else if (strcmp(slash, "/reload-policy") == 0) {
+    tg_reload_respond(a->app->policies, req, name, 0);
+  } else if (a->ingest == NULL || tg_ingest_refresh(a->ingest, name) != 0) {
+    error_json(req, 409, "the tenant has no catalog source");
+  } else {
+    tg_http_respond_json(req, 202, json_pack("{s:s, s:s}", "tenant", name, "refresh", "started"));
+  }
+}
+
+static void on_drain_delay(uv_timer_t *t) {
+  tg_admin_t *a = t->data;
+  tg_log(TG_LOG_INFO, "drain: public listeners closed", NULL);
+  tg_server_close_listeners(a->server, 0, a->npublic);
+}
+
+/* POST /admin/drain[?delay_ms=N]: /readyz answers 503 "draining" at once;
+ * after delay_ms (0..60000, default 0: a load balancer's time to notice) the
+ * public listeners close, and their connections close once the request in
+ * flight is answered. The admin listener serves on. A second call changes
+ * nothing. GET /admin/drain: the state. */
+static void drain(tg_admin_t *a, tg_http_req_t *req) {
+  uint64_t conns = a->server ? tg_server_connections(a->server) : 0;
+  if (req->method == HTTP_GET) {
+    tg_http_respond_json(req, 200, json_pack("{s:b, s:I}", "draining", tg_readiness_draining(a->readiness),
+                                             "connections", (json_int_t)conns));
+    return;
+  }
+  if (req->method != HTTP_POST) {
+    only_post(req);
+    return;
+  }
+  char v[8];
+  long delay = 0;
+  int has = query_param(req->query, "delay_ms", v, sizeof v);
+  if (has == 1) {
+    char *end;
+    delay = strtol(v, &end, 10);
+    if (*end != '\0' || delay < 0 || delay > 60000)
+      has = -1;
+  }
+  if (has < 0 || has == 2) {
+    error_json(req, 400, "delay_ms: 0..60000");
+    return;
+  }
+  if (a->server == NULL) {
+    error_json(req, 503, "not serving yet");
+    return;
+  }
+  if (!tg_readiness_start_drain(a->readiness)) {
+    tg_http_respond_json(req, 200, json_pack("{s:b, s:b, s:I}", "draining", 1, "already", 1, "connections",
+                                             (json_int_t)conns));
+    return;
+  }
+  char ms[16];
+  snprintf(ms, sizeof ms, "%ld", delay);
+  tg_log_req(TG_LOG_INFO, req->request_id, "drain: readiness 503, public listeners close after delay_ms",
+             "delay_ms", ms, NULL);
+  /* The timer does not hold the worker's loop open: a stop before it fires
+   * stops everything anyway. */
+  if (delay == 0 || uv_timer_init(req->worker->loop, &a->drain_timer) != 0) {
+    tg_server_close_listeners(a->server, 0, a->npublic);
+  } else {
+    a->drain_timer.data = a;
+    uv_timer_start(&a->drain_timer, on_drain_delay, (uint64_t)delay, 0);
+    uv_unref((uv_handle_t *)&a->drain_timer);
+  }
+  tg_http_respond_json(req, 202, json_pack("{s:b, s:b, s:I, s:I}", "draining", 1, "already", 0, "delay_ms",
+                                           (json_int_t)delay, "connections", (json_int_t)conns));
 }
 
 /* ---- The built-in ledger: balances and top-ups */
@@ -527,7 +676,7 @@ static uint8_t *credit_record(const topup_t *t, int64_t n, size_t *len) {
 }
 
 void tg_admin_handle(tg_http_req_t *req, void *ud) {
-  const tg_admin_t *a = ud;
+  tg_admin_t *a = ud;
   admin_instance = a->app->cfg->instance;
   if (!authorized(a, req)) {
     static const char body[] = "{\"error\":\"unauthorized\"}";
@@ -567,6 +716,15 @@ void tg_admin_handle(tg_http_req_t *req, void *ud) {
       only_post(req);
     else
       topup(a, req);
+  } else if (strcmp(req->path, "/admin/tenants") == 0) {
+    if (req->method != HTTP_GET)
+      error_json(req, 405, "use GET");
+    else
+      tenants_list(a, req);
+  } else if (strncmp(req->path, "/admin/tenants/", 15) == 0) {
+    tenant_action(a, req, req->path + 15);
+  } else if (strcmp(req->path, "/admin/drain") == 0) {
+    drain(a, req);
   } else if (strcmp(req->path, "/catalog/refresh") == 0) {
     if (req->method != HTTP_POST)
       only_post(req);

@@ -22,9 +22,17 @@
  *                                     currency) of one account, or of the first 1000
  *   POST /ledger/topup                {"account","amount","currency","reference"}: a credit,
  *                                     logged durably before the answer; once per reference
+ *   GET  /admin/tenants               per tenant: name, hosts, policy version, catalog age
+ *                                     and last error, billing state, payments enabled
+ *   POST /admin/tenants/N/reload-policy   /reload?tenant=N
+ *   POST /admin/tenants/N/reload-catalog  /catalog/refresh?tenant=N (202; 409 no source)
+ *   POST /admin/drain[?delay_ms=D]    readiness 503 now, public listeners closed after D ms,
+ *                                     in-flight requests answered; admin serves on; idempotent
+ *   GET  /admin/drain                 {draining, connections}
  * Everything the struct points to is borrowed and outlives the listener;
  * token is a secret: it never reaches a log or an answer. Handlers run on
- * worker 0 (the admin listener is single-worker). */
+ * worker 0 (the admin listener is single-worker). server and npublic are
+ * set once the listeners are up (the drain closes listeners [0, npublic)). */
 typedef struct tg_admin {
   const char *token;
   size_t token_len;
@@ -33,6 +41,9 @@ typedef struct tg_admin {
   tg_app_t *app;
   tg_ingest_t *ingest;          /* may be NULL */
   tg_readiness_t *readiness;
+  tg_server_t *server;          /* NULL until the listeners are up */
+  size_t npublic;
+  uv_timer_t drain_timer;       /* the drain's delay (worker 0's loop) */
 } tg_admin_t;
 
 /* tg_http_handler_fn with ud a tg_admin_t. */

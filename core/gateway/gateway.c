@@ -10,6 +10,8 @@
 #include "base/log.h"
 #include "base/secret.h"
 #include "catalog/ingest.h"
+#include "base/metrics.h"
+#include "gateway/access.h"
 #include "gateway/admin.h"
 #include "gateway/readiness.h"
 #include "gateway/reload.h"
@@ -21,6 +23,7 @@
 #include "pipeline/resource.h"
 #include "pipeline/usage.h"
 #include "rpc/connect.h"
+#include "rpc/otlp.h"
 
 /* Log shipping (ledger.ship): the shipper reads segment files on its loop,
  * so it gets a loop and a thread of its own. Stopped after the log closed:
@@ -51,6 +54,8 @@ struct tg_gateway {
   bool maintaining;
   size_t nlisten;           /* public listeners; the admin one comes after them */
   shipper_t *shipper;       /* NULL: no log shipping */
+  tg_tracer_t *tracer;      /* tracing (base/trace.h); NULL: off */
+  tg_otlp_t *otlp;          /* its exporter thread */
 };
 
 static void ship_thread(void *arg) {
@@ -175,10 +180,40 @@ static void public_handler(tg_http_req_t *req, void *ud) {
   /* req->host: the absolute-form authority or the Host header, normalized by the server. */
   const tg_config_tenant_t *t = req->host ? tg_tenants_by_host(g->app.tenants, req->host, req->host_len) : NULL;
   if (t) {
+    snprintf(req->note.tenant, sizeof req->note.tenant, "%s", t->name);
     tg_resource_handle(tg_app_worker(&g->app, req->worker), t, req);
     return;
   }
   tg_http_respond_json(req, 404, json_pack("{s:s}", "error", "not found"));
+}
+
+static tg_metric_t *m_http_duration;
+
+/* The RED duration of a tenant's plain HTTP requests (402 challenges, paid
+ * and free answers, proxied ones): the Connect front has its own
+ * (exchange_rpc_duration_seconds). */
+static int http_metrics_init(void) {
+  static const char *const l[] = {"tenant_id", "code", NULL};
+  m_http_duration = tg_metric_new(TG_METRIC_HISTOGRAM, "http_request_duration_seconds",
+                                  "Time from a tenant's plain HTTP request (a resource: 402 challenge, paid, free, "
+                                  "proxied) to its answer, by tenant and status class (2xx, 3xx, 4xx, 5xx).",
+                                  l, NULL, 0);
+  return m_http_duration ? 0 : -ENOMEM;
+}
+
+/* Each answer on a public listener (the admin one is not traffic): the RED
+ * duration of tenants' plain HTTP requests, and the access log. */
+static void on_answered(const tg_http_req_t *req, int status, uint64_t bytes, void *ud) {
+  tg_gateway_t *g = ud;
+  if (req->listener >= g->nlisten)
+    return;
+  if (req->note.route == NULL && req->note.tenant[0] != '\0' && status >= 100 && status < 600) {
+    static const char *const classes[] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
+    const char *labels[] = {req->note.tenant, classes[status / 100 - 1]};
+    tg_histogram_observe(m_http_duration, labels, (double)(uv_hrtime() - req->start_ns) / 1e9);
+  }
+  if (g->cfg->access_log.enabled)
+    tg_access_log(&g->cfg->access_log, req, status, bytes);
 }
 
 static int worker_start(tg_worker_t *w, void *ud) {
@@ -191,7 +226,44 @@ static void worker_stop(tg_worker_t *w, void *ud) {
   tg_app_worker_stop(&g->app, w);
 }
 
+/* Tracing, when configured: the process tracer and its exporter thread,
+ * before anything records (ingestion, workers). */
+static int trace_start(tg_gateway_t *g, char *err, size_t errlen) {
+  const tg_config_tracing_t *tc = &g->cfg->tracing;
+  if (tc->endpoint == NULL)
+    return 0;
+  tg_tracer_opts_t to = {.sample = tc->sample, .sample_set = true, .queue = tc->queue};
+  tg_otlp_opts_t oo = {.endpoint = tc->endpoint,
+                       .service_name = tc->service_name,
+                       .instance = g->cfg->instance,
+                       .batch = tc->batch,
+                       .flush_ms = tc->flush_ms};
+  if ((g->tracer = tg_tracer_new(&to)) == NULL) {
+    snprintf(err, errlen, "tracing: out of memory");
+    return -ENOMEM;
+  }
+  if ((g->otlp = tg_otlp_start(g->tracer, &oo, err, errlen)) == NULL) {
+    tg_tracer_free(g->tracer);
+    g->tracer = NULL;
+    return -ENOMEM;
+  }
+  tg_trace_set_global(g->tracer);
+  return 0;
+}
+
+/* After the workers and ingestion stopped: export what they recorded. */
+static void trace_stop(tg_gateway_t *g) {
+  if (g->tracer == NULL)
+    return;
+  tg_trace_set_global(NULL);
+  tg_otlp_stop(g->otlp);
+  tg_tracer_free(g->tracer);
+  g->otlp = NULL;
+  g->tracer = NULL;
+}
+
 static void gateway_free(tg_gateway_t *g) {
+  trace_stop(g);
   tg_connect_router_free(g->router);
   tg_app_clear(&g->app); /* closes the log: its last records are kicked to the shipper */
   ship_stop(g);
@@ -217,6 +289,7 @@ static int start_listeners(tg_gateway_t *g, char *err, size_t errlen) {
   sc.nworkers = g->app.nworkers;
   sc.on_worker_start = worker_start;
   sc.on_worker_stop = worker_stop;
+  sc.on_answered = on_answered;
   sc.ud = g;
   sc.limits.max_header_bytes = cfg->max_header_bytes;
   sc.limits.max_body_bytes = cfg->max_body_bytes;
@@ -259,10 +332,13 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   g->exchange.app = &g->app;
   if (cfg->max_body_bytes)
     tg_connect_router_set_max_message(g->router, cfg->max_body_bytes);
-  if ((rc = tg_connect_metrics_init()) != 0 || (rc = tg_exchange_register(&g->exchange, g->router)) != 0) {
+  if ((rc = tg_connect_metrics_init()) != 0 || (rc = http_metrics_init()) != 0 ||
+      (rc = tg_exchange_register(&g->exchange, g->router)) != 0) {
     snprintf(err, errlen, "cannot register the exchange routes (%d)", rc);
     goto fail;
   }
+  if ((rc = trace_start(g, err, errlen)) != 0)
+    goto fail;
   /* Ingestion first: everything the workers read is in place before the
    * first request (an early /catalog/refresh finds its ingester). */
   if ((g->ingest = tg_ingest_start(cfg, g->app.catalogs, err, errlen)) == NULL) {
@@ -272,13 +348,20 @@ int tg_gateway_start(tg_gateway_t **out, const tg_config_t *cfg, char *err, size
   g->readiness.cfg = cfg;
   g->readiness.ingest = g->ingest;
   g->readiness.app = &g->app;
-  g->admin = (tg_admin_t){g->admin_token, g->admin_token ? strlen(g->admin_token) : 0, TG_VERSION,
-                          time(NULL), &g->app, g->ingest, &g->readiness};
+  g->admin = (tg_admin_t){.token = g->admin_token,
+                          .token_len = g->admin_token ? strlen(g->admin_token) : 0,
+                          .version = TG_VERSION,
+                          .started_at = time(NULL),
+                          .app = &g->app,
+                          .ingest = g->ingest,
+                          .readiness = &g->readiness};
   if ((rc = start_listeners(g, err, errlen)) != 0) {
     tg_ingest_stop(g->ingest);
     goto fail;
   }
   g->readiness.server = g->server; /* read only once serving is set (release) */
+  g->admin.npublic = g->nlisten;   /* the drain closes the public listeners */
+  g->admin.server = g->server;
   /* Serve with the catalogs that load quickly; /readyz names the others. */
   if (cfg->ingest_initial_wait_ms)
     tg_ingest_wait_initial(g->ingest, cfg->ingest_initial_wait_ms);

@@ -8,12 +8,20 @@
 #include "pipeline/app.h"
 
 void tg_readiness_set_serving(tg_readiness_t *r, int serving) {
-  atomic_store_explicit(&r->serving, serving, memory_order_release);
+  atomic_store_explicit(&r->serving, serving && !atomic_load(&r->draining), memory_order_release);
 }
 
 int tg_readiness_serving(const tg_readiness_t *r) {
   return atomic_load_explicit(&r->serving, memory_order_acquire);
 }
+
+int tg_readiness_start_drain(tg_readiness_t *r) {
+  int first = atomic_exchange(&r->draining, 1) == 0;
+  tg_readiness_set_serving(r, 0);
+  return first;
+}
+
+int tg_readiness_draining(const tg_readiness_t *r) { return atomic_load(&r->draining); }
 
 /* The log's fill, the shipper's lag and each remote billing service's
  * health into body; 0 when one of them makes the gateway not ready (the
@@ -67,7 +75,9 @@ static int money_path(const tg_app_t *app, json_t *body, json_t *reasons) {
 void tg_readiness_respond(tg_readiness_t *r, tg_http_req_t *req) {
   json_t *reasons = json_array();
   int ready = tg_readiness_serving(r);
-  if (!ready)
+  if (tg_readiness_draining(r))
+    json_array_append_new(reasons, json_string("draining"));
+  else if (!ready)
     json_array_append_new(reasons, json_string("not serving: starting or draining"));
   /* A tenant whose catalog never loaded has no inventory: say which and why. */
   for (size_t i = 0; r->ingest && i < r->cfg->ntenants; i++) {

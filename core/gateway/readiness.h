@@ -33,6 +33,7 @@ struct tg_app;
 
 typedef struct tg_readiness {
   _Atomic int serving;
+  _Atomic int draining;     /* the admin drain: 503 "draining" from then on */
   const tg_config_t *cfg;
   tg_ingest_t *ingest;
   tg_server_t *server;
@@ -40,6 +41,10 @@ typedef struct tg_readiness {
 } tg_readiness_t;
 
 void tg_readiness_set_serving(tg_readiness_t *r, int serving);
+/* The admin drain started: not serving, for good. Returns 1 the first time,
+ * 0 when already draining. Any thread. */
+int tg_readiness_start_drain(tg_readiness_t *r);
+int tg_readiness_draining(const tg_readiness_t *r);
 int tg_readiness_serving(const tg_readiness_t *r);
 
 /* Answers req with the JSON report. Worker thread. */

@@ -20,7 +20,10 @@ int tg_idem_metrics_init(void) {
   m_entries = tg_metric_new(TG_METRIC_GAUGE, "idempotency_entries",
                             "Idempotency keys held by the local table, pending and done", NULL, NULL, 0);
   m_hits = tg_metric_new(TG_METRIC_COUNTER, "idempotency_hits_total",
-                         "Transactions that found their idempotency key taken, by what they found", result,
+                         "ExecuteTransaction calls that found their idempotency key taken, by what they found: "
+                         "replay (the first answer again), conflict (another request: already_exists), pending "
+                         "(the first call still running).",
+                         result,
                          NULL, 0);
   m_evictions = tg_metric_new(TG_METRIC_COUNTER, "idempotency_evictions_total",
                               "Live idempotency keys dropped from a full local table (a retry of one can be "

@@ -58,7 +58,7 @@ static const char top_script[] =
 
 enum { SCRIPT_SHIP, SCRIPT_TOP };
 
-static tg_metric_t *m_errors, *m_shipped, *m_lag;
+static tg_metric_t *m_errors, *m_shipped, *m_lag, *m_pending;
 static const char *const redis_label[] = {"redis"};
 
 typedef struct chunk {
@@ -122,8 +122,14 @@ int tg_ship_metrics_init(void) {
   m_shipped = tg_metric_new(TG_METRIC_COUNTER, "txlog_shipped_records_total",
                             "Log records added to the shared store.", NULL, NULL, 0);
   m_lag = tg_metric_new(TG_METRIC_GAUGE, "txlog_ship_lag_seconds",
-                        "Age of the oldest log record not yet shipped (0: none pending).", NULL, NULL, 0);
-  return m_errors && m_shipped && m_lag ? 0 : -ENOMEM;
+                        "Age of the oldest log record not yet shipped (0: none pending); it grows while the "
+                        "store is down, and the log keeps the records until they are shipped.",
+                        NULL, NULL, 0);
+  m_pending = tg_metric_new(TG_METRIC_GAUGE, "txlog_ship_pending_records",
+                            "Durable log records not yet in the shared store (they hold their segments: a "
+                            "long outage fills the log).",
+                            NULL, NULL, 0);
+  return m_errors && m_shipped && m_lag && m_pending ? 0 : -ENOMEM;
 }
 
 static void round_start(tg_ship_t *s);
@@ -213,6 +219,8 @@ static void lag_update(tg_ship_t *s) {
   atomic_store(&s->oldest_ns, s->nmarks ? s->marks[0].t_ns : 0);
   double lag = s->nmarks ? (double)(uv_hrtime() - s->marks[0].t_ns) / 1e9 : 0;
   tg_gauge_set(m_lag, NULL, lag);
+  uint64_t durable = tg_ship_durable_seq(s);
+  tg_gauge_set(m_pending, NULL, durable > shipped ? (double)(durable - shipped) : 0);
 }
 
 static void advance(tg_ship_t *s, uint64_t seq) {

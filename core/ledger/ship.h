@@ -33,7 +33,8 @@
  * Metrics (tg_ship_metrics_init): txlog_store_errors_total{store="redis"}
  * (failed calls), txlog_shipped_records_total (records added to the stream),
  * txlog_ship_lag_seconds (gauge: how long the oldest unshipped record has
- * been known durable to the shipper; 0 when nothing is pending).
+ * been known durable to the shipper; 0 when nothing is pending),
+ * txlog_ship_pending_records (gauge: durable records not yet shipped).
  *
  * Threads: the loop's thread, except where a prototype says otherwise. */
 

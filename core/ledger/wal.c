@@ -144,7 +144,9 @@ int tg_wal_metrics_init(void) {
   m_pending_records = tg_metric_new(TG_METRIC_GAUGE, "txlog_wal_pending_records",
                                     "Records appended to the write-ahead log, not yet durable", NULL, NULL, 0);
   m_flush_seconds = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_flush_duration_seconds",
-                                  "Write and fdatasync of one write-ahead log batch", NULL, NULL, 0);
+                                  "Time to write and fdatasync one write-ahead log batch; a slow disk shows here "
+                                  "first (every purchase waits for its batch).",
+                                  NULL, NULL, 0);
   m_batch_records = tg_metric_new(TG_METRIC_HISTOGRAM, "txlog_fsync_batch_records",
                                   "Records made durable by one fdatasync", NULL, sizes,
                                   sizeof sizes / sizeof sizes[0]);

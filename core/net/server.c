@@ -64,6 +64,8 @@ typedef struct req_priv {
   unsigned no_body : 1;     /* HEAD, 204, 304: body bytes are dropped */
   unsigned want_drain : 1;  /* a write answered 1: tell the producer when output is low */
   unsigned in_notify : 1;   /* on the worker's notify list */
+  int stream_status;        /* a streamed answer's status, for on_answered */
+  uint64_t stream_bytes;    /* and its body bytes so far */
   int64_t cl_left;          /* body bytes still owed under Content-Length; -1 when not framed so */
   void (*on_drain)(void *ud);
   void *drain_ud;
@@ -79,6 +81,7 @@ typedef struct listener {
   tg_tls_ctx_t *tls;      /* per worker: mbedTLS RNG state is not shared */
   int fd;
   int opened;             /* handle initialised (owns fd) */
+  int closed;             /* handle closed by a drain (tg_server_close_listeners) */
 } listener_t;
 
 /* Parse state of the request being read. A connection takes one when bytes
@@ -204,6 +207,8 @@ struct tg_server {
   worker_priv_t **workers;
   uv_sem_t started;
   uint32_t grace_ms;
+  _Atomic int stopping;          /* tg_server_stop: stop_async means stop, not close_mask */
+  _Atomic uint64_t close_mask;   /* listeners to stop accepting on (tg_server_close_listeners) */
   _Atomic uint64_t connections;
   _Atomic uint64_t stream_peak;
   uint32_t id_salt;
@@ -716,11 +721,21 @@ static void drain_queue(conn_t *c) {
   }
 }
 
+/* The answer is taken: the application's access log hears of it. */
+static void answered(req_priv_t *r, int status, uint64_t bytes) {
+  if (r->pub.worker == NULL || r->pub.path == NULL) /* a server-made answer (error_req) */
+    return;
+  tg_server_t *s = ((worker_priv_t *)r->pub.worker)->server;
+  if (s->cfg.on_answered)
+    s->cfg.on_answered(&r->pub, status, bytes, s->cfg.ud);
+}
+
 void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *headers,
                      size_t nheaders, const void *body, size_t body_len) {
   req_priv_t *r = (req_priv_t *)req;
   conn_t *c = r->conn;
   if (c == NULL) { /* client went away while the handler worked */
+    answered(r, status, 0);
     req_free(r);
     return;
   }
@@ -736,6 +751,7 @@ void tg_http_respond(tg_http_req_t *req, int status, const tg_http_header_t *hea
     body = oops;
     body_len = sizeof oops - 1;
   }
+  answered(r, status, r->head_method ? 0 : body_len);
   int head = c->qhead == r; /* common case: the oldest request, nothing ahead of it */
   if (head)
     buf_take(c->worker, &c->wbuf);
@@ -935,6 +951,7 @@ int tg_http_stream_start(tg_http_req_t *req, int status, const tg_http_header_t 
   if (close && r->close_delim)
     queue_cut_after(c, r);
   r->streaming = 1;
+  r->stream_status = status;
   stream_flush(c);
   return 0;
 }
@@ -977,6 +994,7 @@ int tg_http_stream_write(tg_http_req_t *req, const void *data, size_t len) {
     conn_close(c);
     return -ENOMEM;
   }
+  r->stream_bytes += len;
   stream_flush(c);
   if (c->closing)
     return -ECONNRESET;
@@ -1040,11 +1058,14 @@ int tg_http_stream_end(tg_http_req_t *req, bool ok) {
   req_priv_t *r = (req_priv_t *)req;
   conn_t *c = r->conn;
   if (c == NULL) {
+    if (r->streaming)
+      answered(r, r->stream_status, r->stream_bytes);
     req_free(r);
     return -ECONNRESET;
   }
   if (!r->streaming || r->done)
     return -EINVAL;
+  answered(r, r->stream_status, r->stream_bytes);
   if (r->cl_left > 0)
     ok = false; /* fewer bytes than announced */
   if (!ok) {
@@ -1712,6 +1733,7 @@ static int on_message_complete(llhttp_t *p) {
   q->tls = c->tls != NULL;
   q->start_ns = rx->msg_start_ns;
   q->peer = peer;
+  q->listener = (size_t)(c->listener - w->listeners);
   make_request_id(w, r, rx);
   queue_push(c, r);
   tg_buf_reset(&rx->scratch);
@@ -2115,13 +2137,41 @@ static void worker_finish(worker_priv_t *w) {
   worker_free_spares(w);
 }
 
+/* A drain of some listeners: close their sockets (new connections are
+ * refused) and let their connections finish the request in flight, then close. */
+static void close_listeners(worker_priv_t *w, uint64_t mask) {
+  for (size_t i = 0; i < w->nlisteners && i < 64; i++) {
+    listener_t *l = &w->listeners[i];
+    if (!(mask & (UINT64_C(1) << i)) || !l->opened || l->closed)
+      continue;
+    l->closed = 1;
+    uv_close((uv_handle_t *)&l->handle, NULL);
+  }
+  conn_t *c = w->conns;
+  while (c) {
+    conn_t *next = c->nextc;
+    size_t li = (size_t)(c->listener - w->listeners);
+    if (li < 64 && (mask & (UINT64_C(1) << li))) {
+      c->stop_reading = 1;
+      c->close_when_done = 1;
+      if (c->queued == 0 && !c->writing)
+        conn_close(c);
+    }
+    c = next;
+  }
+}
+
 static void on_stop(uv_async_t *a) {
   worker_priv_t *w = a->data;
   if (w->draining)
     return;
+  if (!atomic_load(&w->server->stopping)) {
+    close_listeners(w, atomic_load(&w->server->close_mask));
+    return;
+  }
   w->draining = 1;
   for (size_t i = 0; i < w->nlisteners; i++)
-    if (w->listeners[i].opened)
+    if (w->listeners[i].opened && !w->listeners[i].closed)
       uv_close((uv_handle_t *)&w->listeners[i].handle, NULL);
   /* Idle connections go now; busy ones when their last answer is written. */
   conn_t *c = w->conns;
@@ -2411,6 +2461,7 @@ int tg_server_start(tg_server_t **out, const tg_server_config_t *cfg, char *err,
   return 0;
 
 fail_threads:
+  atomic_store(&s->stopping, 1);
   for (int wi = 0; wi < started; wi++) {
     uv_async_send(&s->workers[wi]->stop_async);
     pthread_join(s->workers[wi]->thread, NULL);
@@ -2456,8 +2507,18 @@ uint64_t tg_server_stream_peak(const tg_server_t *s) {
   return atomic_load_explicit(&s->stream_peak, memory_order_relaxed);
 }
 
+void tg_server_close_listeners(tg_server_t *s, size_t first, size_t n) {
+  uint64_t mask = 0;
+  for (size_t i = first; i < first + n && i < s->cfg.nlisteners && i < 64; i++)
+    mask |= UINT64_C(1) << i;
+  atomic_fetch_or(&s->close_mask, mask);
+  for (int i = 0; i < s->nworkers; i++)
+    uv_async_send(&s->workers[i]->stop_async);
+}
+
 void tg_server_stop(tg_server_t *s, uint32_t grace_ms) {
   s->grace_ms = grace_ms;
+  atomic_store(&s->stopping, 1);
   for (int i = 0; i < s->nworkers; i++)
     uv_async_send(&s->workers[i]->stop_async);
   for (int i = 0; i < s->nworkers; i++)

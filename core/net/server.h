@@ -40,6 +40,20 @@ typedef struct tg_http_header {
 
 typedef struct tg_http_req tg_http_req_t;
 
+/* What handlers note about a request for its access log line
+ * (gateway/access.h): zero when the request arrives, set by whichever layer
+ * knows, read once the answer is queued (tg_server_config_t.on_answered).
+ * Plain copies: nothing here is owned. Never a secret: payer is already
+ * redacted by whoever sets it. */
+typedef struct tg_http_note {
+  char tenant[65];             /* "" unknown */
+  const char *route;           /* static or outlives the server: the RPC method; NULL: plain HTTP */
+  bool priced;                 /* price and currency hold what was charged or quoted */
+  int64_t price;               /* atomic units */
+  char currency[33];
+  char payer[24];              /* redacted: "0x1234…abcd", "****1234" */
+} tg_http_note_t;
+
 /* Called on the worker thread once the whole request (headers and body) is in.
  * The handler answers now or later with tg_http_respond(), exactly once. */
 typedef void (*tg_http_handler_fn)(tg_http_req_t *req, void *ud);
@@ -75,6 +89,8 @@ struct tg_http_req {
   int tls;                     /* arrived over TLS */
   uint64_t start_ns;           /* uv_hrtime() when the request line arrived */
   const char *peer;            /* "ip:port" of the client */
+  size_t listener;             /* index of the listener it arrived on */
+  tg_http_note_t note;         /* for the access log; handlers write it */
 };
 
 /* Case-insensitive header lookup; NULL when absent. The first match wins. */
@@ -193,6 +209,12 @@ typedef struct tg_server_config {
    * (it undoes a partial start, or the worker's loop could not end). */
   int (*on_worker_start)(tg_worker_t *w, void *ud);
   void (*on_worker_stop)(tg_worker_t *w, void *ud);
+  /* Optional: called on the worker thread once a handler's answer is taken
+   * (tg_http_respond, or tg_http_stream_end: body_bytes is what was
+   * written), also when the client went away meanwhile; req is valid for
+   * the call only. Answers the server makes itself (400, 413, ...) never
+   * reached a handler and are not reported. */
+  void (*on_answered)(const tg_http_req_t *req, int status, uint64_t body_bytes, void *ud);
   void *ud;
 } tg_server_config_t;
 
@@ -212,6 +234,13 @@ uint64_t tg_server_connections(const tg_server_t *s);
  * tg_http_stream_write, not yet written to the socket), across workers since
  * start: what a slow client costs a stream. */
 uint64_t tg_server_stream_peak(const tg_server_t *s);
+
+/* Drain of listeners [first, first + n): their sockets close on every
+ * worker (a new connection is refused), and their connections close once
+ * the request in flight is answered (that answer says Connection: close);
+ * other listeners serve on. Idempotent; any thread; tg_server_stop later
+ * stops the rest. */
+void tg_server_close_listeners(tg_server_t *s, size_t first, size_t n);
 
 /* Graceful stop: closes listeners, lets in-flight requests finish for up to
  * grace_ms, then closes every connection, joins the workers and frees s.

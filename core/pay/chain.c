@@ -71,9 +71,10 @@ static tg_metric_t *m_latency, *m_errors;
 int tg_chain_metrics_init(void) {
   static const char *const lat_labels[] = {"provider", NULL};
   static const char *const err_labels[] = {"provider", "kind", NULL};
-  static const double buckets[] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000};
-  m_latency = tg_metric_new(TG_METRIC_HISTOGRAM, "t402_rpc_latency_ms",
-                            "Time for a JSON-RPC provider to answer a payment check, in milliseconds.",
+  static const double buckets[] = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2};
+  m_latency = tg_metric_new(TG_METRIC_HISTOGRAM, "t402_rpc_latency_seconds",
+                            "Time for a JSON-RPC provider to answer a payment check (balance, nonce state), by "
+                            "provider; a slow or failing provider is ranked down (t402_rpc_errors_total).",
                             lat_labels, buckets, sizeof buckets / sizeof buckets[0]);
   m_errors =
       tg_metric_new(TG_METRIC_COUNTER, "t402_rpc_errors_total",
@@ -453,7 +454,7 @@ static void on_http(int err, const tg_httpc_response_t *resp, void *ud) {
   } else {
     if (m_latency) {
       const char *labels[] = {v->label};
-      tg_histogram_observe(m_latency, labels, ms);
+      tg_histogram_observe(m_latency, labels, ms / 1000);
     }
     if (resp->status != 200) {
       rc = -EREMOTEIO;

@@ -26,7 +26,7 @@
  * table is full). Concurrent checks of the same key are not merged.
  *
  * Metrics (tg_chain_metrics_init):
- *   t402_rpc_latency_ms{provider}          histogram, every attempt that got an HTTP answer
+ *   t402_rpc_latency_seconds{provider}          histogram, every attempt that got an HTTP answer
  *   t402_rpc_errors_total{provider,kind}   kind: timeout|connect|http|rpc_error|bad_reply|wrong_chain
  * provider is the URL's scheme://host:port only: provider URLs often carry an
  * API key in their path, which must not reach a metrics page.

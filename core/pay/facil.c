@@ -64,6 +64,7 @@ struct call {
   uint32_t tried;                /* facilitators tried in this round (bits by index) */
   tg_facil_status_t fail_status; /* what running out of attempts reports */
   tg_facil_result_t res;         /* the answer once ready; until then, the last failure */
+  char traceparent[56];          /* sent with each attempt; "" for none */
 };
 
 /* One tg_httpc request. Outlives the pool when the pool is freed first:
@@ -88,6 +89,7 @@ struct centry {
 TAILQ_HEAD(centry_list, centry);
 
 struct tg_facil_pool {
+  char next_tp[56]; /* tg_facil_set_traceparent: for the next call only */
   uv_loop_t *loop;
   tg_httpc_t *http;
   char *tenant;
@@ -619,12 +621,13 @@ static void attempt(tg_facil_pool_t *p, call_t *c) {
     h->f = f;
     h->sent_ns = uv_hrtime();
     uint64_t left = c->deadline - now;
-    static const tg_http_header_t hdrs[] = {{"Content-Type", 12, "application/json", 16},
-                                            {"Accept", 6, "application/json", 16}};
+    tg_http_header_t hdrs[] = {{"Content-Type", 12, "application/json", 16},
+                               {"Accept", 6, "application/json", 16},
+                               {"traceparent", 11, c->traceparent, strlen(c->traceparent)}};
     tg_httpc_request_t req = {.method = "POST",
                               .url = c->settle ? f->settle_url : f->verify_url,
                               .headers = hdrs,
-                              .nheaders = 2,
+                              .nheaders = c->traceparent[0] ? 3 : 2,
                               .body = c->body,
                               .body_len = c->len,
                               .timeout_ms =
@@ -889,6 +892,8 @@ static int start(tg_facil_pool_t *p, bool settle, const uint8_t *key, const char
   }
   memcpy(c->body, body, len);
   c->len = len;
+  memcpy(c->traceparent, p->next_tp, sizeof c->traceparent);
+  p->next_tp[0] = '\0';
   c->settle = settle;
   c->cb = cb;
   c->ud = ud;
@@ -925,6 +930,15 @@ int tg_facil_verify(tg_facil_pool_t *p, const uint8_t key[32], const char *body,
 
 int tg_facil_settle(tg_facil_pool_t *p, const char *body, size_t len, tg_facil_cb cb, void *ud) {
   return start(p, true, NULL, body, len, cb, ud);
+}
+
+void tg_facil_set_traceparent(tg_facil_pool_t *p, const char *traceparent) {
+  if (p == NULL)
+    return;
+  if (traceparent == NULL || strlen(traceparent) >= sizeof p->next_tp)
+    p->next_tp[0] = '\0';
+  else
+    memcpy(p->next_tp, traceparent, strlen(traceparent) + 1);
 }
 
 /* ---- the pool ---- */
@@ -1025,8 +1039,7 @@ tg_facil_pool_t *tg_facil_pool_new(uv_loop_t *loop, tg_httpc_t *http, const char
   static const char *const ll[] = {"facilitator", NULL};
   p->m_verify =
       tg_metric_new(TG_METRIC_HISTOGRAM, "t402_verification_duration_seconds",
-                    "Time to verify an x402/t402 payment with a facilitator, by network, scheme "
-                    "and outcome (valid, invalid, error, cached).",
+                    TG_FACIL_VERIFY_HELP,
                     vl, NULL, 0);
   static const char *const sl[] = {"network", "scheme", "status", NULL};
   p->m_settle =

@@ -9,6 +9,12 @@
 
 #include "net/client.h"
 
+/* The HELP of t402_verification_duration_seconds, declared by the pool and
+ * the paywall (local verification) alike: one family, one text. */
+#define TG_FACIL_VERIFY_HELP                                                                             \
+  "Time to verify an x402/t402 payment, by network, scheme and status: valid, invalid, error (no "      \
+  "facilitator or chain answer: the payment is refused, retry), cached (a verification reused)."
+
 /* The x402/t402 facilitator pool of one tenant on one worker loop: POST
  * /verify and POST /settle to 1..TG_FACIL_MAX facilitators, ranked at run
  * time, with failover, bounded retries, a bound on verifications in flight
@@ -160,6 +166,11 @@ int tg_facil_verify(tg_facil_pool_t *p, const uint8_t key[32], const char *body,
 
 /* Settles: as tg_facil_verify without cache and bound. */
 int tg_facil_settle(tg_facil_pool_t *p, const char *body, size_t len, tg_facil_cb cb, void *ud);
+
+/* A W3C traceparent (copied; NULL or longer than 55 bytes: none) that the
+ * next tg_facil_verify or tg_facil_settle on this pool sends with each of
+ * its attempts; it applies to that one call only. Loop thread only. */
+void tg_facil_set_traceparent(tg_facil_pool_t *p, const char *traceparent);
 
 /* The base URLs in current rank order for a call of no known kind, into
  * urls (the pool's copies, valid while it lives); returns how many (at most

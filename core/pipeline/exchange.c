@@ -179,7 +179,9 @@ static void discover_gate(const tg_exchange_t *ex, tg_connect_call_t *call,
     if (uri_view(&v, call, uri, req->ai_system, t->name) != 0)
       continue; /* refused with its index when the answer is built */
     tg_policy_error_t err;
+    tg_span_t *sp = tg_span_start("policy.skip", tg_connect_call_span(call), TG_SPAN_INTERNAL);
     int rc = tg_policy_skip(h->st, &v.req, &d->skipped[i], &err);
+    tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) { /* logged and counted by the policy module */
       tg_app_decision(t->name, true, TG_DECISION_ERROR);
       d->failed = 1;
@@ -189,7 +191,9 @@ static void discover_gate(const tg_exchange_t *ex, tg_connect_call_t *call,
       continue;
     h->limit_checked = true;
     tg_policy_rate_t rate;
+    sp = tg_span_start("policy.rate_limit", tg_connect_call_span(call), TG_SPAN_INTERNAL);
     rc = tg_policy_rate_limit(h->st, &v.req, &rate, &err);
+    tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
       tg_app_decision(t->name, true, TG_DECISION_ERROR);
       d->failed = 1;
@@ -329,7 +333,11 @@ static int discover_one(disc_t *d, size_t i, Ramp__V1__ResourceResult *r, int64_
     tg_policy_error_t err;
     if (uri_view(&v, d->call, uri, d->req->ai_system, t->name) != 0)
       return -1;
-    if (tg_quote(t, h->pin.data, h->st, &v, &q, &err) != 0) {
+    tg_span_t *sp = tg_span_start("catalog.quote", tg_connect_call_span(d->call), TG_SPAN_INTERNAL);
+    tg_span_set_str(sp, "tenant", t->name);
+    int rc = tg_quote(t, h->pin.data, h->st, &v, &q, &err);
+    tg_span_finish(&sp, rc != 0 ? "quote failed" : NULL);
+    if (rc != 0) {
       tg_app_decision(t->name, true, TG_DECISION_ERROR);
       return -1;
     }

@@ -166,8 +166,7 @@ int tg_paywall_new(tg_app_t *app, tg_paywall_t **out, char *err, size_t errlen) 
                           cl, NULL, 0);
   static const char *const sl[] = {"network", "scheme", "status", NULL};
   m_verify = tg_metric_new(TG_METRIC_HISTOGRAM, "t402_verification_duration_seconds",
-                           "Payment verification time by network, scheme and status (valid, invalid, error, "
-                           "cached; local verification too).",
+                           TG_FACIL_VERIFY_HELP,
                            sl, NULL, 0);
   pw->nonces = tg_nonce_store_new(1u << 20);
   pw->settle = tg_settleq_new(cfg->instance);
@@ -250,9 +249,13 @@ typedef struct pay {
   uint64_t t0;
   char *settle_header;        /* PAYMENT-RESPONSE value, or NULL */
   char request_id[40];        /* a copy: the request is gone when the proxy is done */
+  tg_span_t *span;            /* the request's server span (base/trace.h), ended with p; NULL: not traced */
+  tg_span_t *sp_step;         /* the open verify, settle or log-append span */
 } pay_t;
 
 static void pay_free(pay_t *p) {
+  tg_span_finish(&p->sp_step, "abandoned");
+  tg_span_finish(&p->span, NULL);
   challenge_unref(p->ch);
   tg_x402_payment_free(&p->pay);
   free(p->uri);
@@ -301,6 +304,8 @@ static void nonce_release(pay_t *p);
  * authorization was not taken (a definitive no), so the payer may use it
  * again once what was wrong is fixed. */
 static void refuse(pay_t *p, int status, int code, const char *msg, const char *detail, bool release) {
+  tg_span_set_int(p->span, "http.response.status_code", status ? status : tg_t402_status(code));
+  tg_span_set_error(p->span, msg);
   if (release)
     nonce_release(p);
   tg_app_decision(p->tenant->name, false, TG_DECISION_PRICED); /* not served: still priced */
@@ -358,7 +363,11 @@ static void serve(pay_t *p) {
   tg_buf_t url = {0};
   int64_t expires;
   char why[256] = "";
-  if (tg_signer_resource(s, p->uri, (int64_t)time(NULL), &url, &expires, why, sizeof why) != 0) {
+  tg_span_t *sp = tg_span_start("signer.sign", p->span, TG_SPAN_INTERNAL);
+  int src = tg_signer_resource(s, p->uri, (int64_t)time(NULL), &url, &expires, why, sizeof why);
+  tg_span_finish(&sp, src != 0 ? "not signed" : NULL);
+  tg_span_set_int(p->span, "http.response.status_code", src != 0 ? 500 : 302);
+  if (src != 0) {
     tg_buf_free(&url);
     tg_log_req(TG_LOG_ERROR, p->http->request_id, "paid request: the URL could not be signed", "tenant",
                p->tenant->name, "reason", why, NULL);
@@ -383,6 +392,7 @@ static void serve(pay_t *p) {
 static void on_enqueued(void *ud, int status, const char *id) {
   pay_t *p = ud;
   (void)id;
+  tg_span_finish(&p->sp_step, status != 0 ? strerror(status < 0 ? -status : status) : NULL);
   if (status != 0) {
     /* Not durable: nothing is served (the settlement would not be owed by
      * anything that survives a crash). The claim stays: the log may hold it. */
@@ -422,6 +432,7 @@ static void enqueue(pay_t *p, const char *tx) {
   memcpy(it.nonce, p->pay.auth.nonce, 32);
   it.valid_before = p->valid_before;
   it.request_id = p->http->request_id;
+  p->sp_step = tg_span_start("settleq.append", p->span, TG_SPAN_INTERNAL);
   it.transaction = tx; /* a settle already submitted: the queue asks the chain before sending again */
   int rc = tg_settleq_enqueue(p->pww->pw->settle, p->aw->wal, &it, on_enqueued, p, NULL);
   if (rc != 0)
@@ -430,6 +441,8 @@ static void enqueue(pay_t *p, const char *tx) {
 
 static void on_settled(const tg_facil_result_t *r, void *ud) {
   pay_t *p = ud;
+  tg_span_set_str(p->sp_step, "facilitator.status", tg_facil_status_name(r->status));
+  tg_span_finish(&p->sp_step, r->status == TG_FACIL_OK || r->status == TG_FACIL_PENDING ? NULL : "not settled");
   char payer[43];
   tg_eip3009_format_address(p->pay.auth.from, payer);
   switch (r->status) {
@@ -466,6 +479,9 @@ static void settle_or_queue(pay_t *p) {
     return;
   }
   tg_facil_pool_t *fp = p->pww->tenants[p->ti].facil;
+  char tp[TG_TRACEPARENT_LEN + 1];
+  p->sp_step = tg_span_start("facilitator.settle", p->span, TG_SPAN_CLIENT);
+  tg_facil_set_traceparent(fp, tg_span_traceparent(p->sp_step, tp) == 0 ? tp : NULL);
   if (tg_facil_settle(fp, p->fbody, p->fbody_len, on_settled, p) != 0)
     refuse(p, 0, 2001, "out of memory", NULL, false);
 }
@@ -474,6 +490,8 @@ static void settle_or_queue(pay_t *p) {
 
 static void on_verified(const tg_facil_result_t *r, void *ud) {
   pay_t *p = ud;
+  tg_span_set_str(p->sp_step, "facilitator.status", tg_facil_status_name(r->status));
+  tg_span_finish(&p->sp_step, r->status == TG_FACIL_OK ? NULL : "not verified");
   switch (r->status) {
   case TG_FACIL_OK:
     settle_or_queue(p);
@@ -498,6 +516,7 @@ static void on_verified(const tg_facil_result_t *r, void *ud) {
 
 static void on_chain(int err, const tg_chain_state_t *st, void *ud) {
   pay_t *p = ud;
+  tg_span_finish(&p->sp_step, err != 0 ? "chain unavailable" : NULL);
   if (err != 0) {
     observe_verify(p, "error");
     refuse(p, 0, 2004, "the chain could not be asked about the payment", strerror(err < 0 ? -err : err), true);
@@ -520,6 +539,11 @@ static void on_chain(int err, const tg_chain_state_t *st, void *ud) {
 static void verify(pay_t *p) {
   pw_tenant_t *t = &p->pww->tenants[p->ti];
   int rc;
+  char tp[TG_TRACEPARENT_LEN + 1];
+  p->sp_step = tg_span_start(p->conf->verify == TG_PAY_VERIFY_LOCAL ? "chain.check" : "facilitator.verify",
+                             p->span, TG_SPAN_CLIENT);
+  if (p->conf->verify != TG_PAY_VERIFY_LOCAL)
+    tg_facil_set_traceparent(t->facil, tg_span_traceparent(p->sp_step, tp) == 0 ? tp : NULL);
   if (p->conf->verify == TG_PAY_VERIFY_LOCAL)
     rc = tg_chain_check(t->chain, p->accept->chain_id, p->accept->asset, p->pay.auth.from, p->pay.auth.nonce,
                         on_chain, p);
@@ -683,7 +707,8 @@ static const tg_http_header_t *payment_header(tg_http_req_t *req, bool *v1) {
 }
 
 void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg_http_req_t *req,
-                       tg_policy_state_t *st, const tg_view_t *view, const tg_quote_offer_t *offer) {
+                       tg_policy_state_t *st, const tg_view_t *view, const tg_quote_offer_t *offer,
+                       tg_span_t *span) {
   tg_paywall_worker_t *pww = aw->pay;
   tg_paywall_t *pw = pww->pw;
   size_t ti = tg_app_tenant_index(aw->app, tenant);
@@ -700,24 +725,33 @@ void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg
     } else {
       refuse_with(req, NULL, 500, 2001, "out of memory", NULL, NULL);
     }
+    tg_span_finish(&span, none ? "currency not sold" : "out of memory");
     return;
   }
   bool v1;
   const tg_http_header_t *ph = payment_header(req, &v1);
+  /* The access log's note (net/server.h): the price quoted or paid. */
+  req->note.priced = true;
+  req->note.price = offer->amount;
+  snprintf(req->note.currency, sizeof req->note.currency, "%s", offer->currency);
   if (ph == NULL) {
     tg_app_decision(tenant->name, false, TG_DECISION_PRICED);
     tg_http_header_t h[5];
     size_t n = base_headers(ch, NULL, true, h);
     tg_http_respond(req, 402, h, n, ch->c.body_v1, ch->c.body_v1_len);
     challenge_unref(ch);
+    tg_span_set_int(span, "http.response.status_code", 402);
+    tg_span_finish(&span, NULL);
     return;
   }
   pay_t *p = calloc(1, sizeof *p);
   if (p == NULL) {
     refuse_with(req, ch, 500, 2001, "out of memory", NULL, NULL);
     challenge_unref(ch);
+    tg_span_finish(&span, "out of memory");
     return;
   }
+  p->span = span;
   p->aw = aw;
   p->pww = pww;
   p->tenant = tenant;
@@ -734,6 +768,11 @@ void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg
   if (code != 0) {
     refuse(p, 0, code, "the payment header is not a valid payment", why, false);
     return;
+  }
+  {
+    char from[43];
+    tg_eip3009_format_address(p->pay.auth.from, from); /* logged shortened: 0x1234…abcd */
+    snprintf(req->note.payer, sizeof req->note.payer, "%.6s\xe2\x80\xa6%s", from, from + 38);
   }
   if ((code = tg_x402_payment_match(&p->pay, &ch->c, &p->idx)) != 0) {
     refuse(p, 0, code, "the payment is not for a requirement this resource offers", NULL, false);
@@ -766,7 +805,9 @@ void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg
   tg_policy_sale_t sale = {offer->amount, offer->currency, network_of(p), p->accept->asset_hex, payer, "exact"};
   tg_policy_error_t perr;
   tg_policy_settle_t dflt = conf->settle == TG_PAY_SETTLE_ASYNC ? TG_POLICY_SETTLE_ASYNC : TG_POLICY_SETTLE_SYNC;
+  tg_span_t *sp = tg_span_start("policy.settle", p->span, TG_SPAN_INTERNAL);
   int rc = tg_policy_settle(st, &view->req, &sale, dflt, &p->mode, &perr);
+  tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
     p->mode = TG_POLICY_SETTLE_SYNC;
   /* "async" needs the log as its queue: without a data_dir the hook's choice

@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "base/trace.h"
 #include "pipeline/app.h"
 #include "pipeline/quote.h"
 #include "pipeline/view.h"
@@ -74,8 +75,10 @@ void tg_paywall_worker_stop(tg_app_worker_t *aw);
 
 /* The paywall's answer to a priced resource. offer is the quote's first
  * priced offer; st and view are only used during the call. It answers req
- * now or later (exactly once). */
+ * now or later (exactly once). span (may be NULL) is the request's server
+ * span (base/trace.h): taken, and ended once the request is answered. */
 void tg_paywall_priced(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, tg_http_req_t *req,
-                       tg_policy_state_t *st, const tg_view_t *view, const tg_quote_offer_t *offer);
+                       tg_policy_state_t *st, const tg_view_t *view, const tg_quote_offer_t *offer,
+                       tg_span_t *span);
 
 #endif

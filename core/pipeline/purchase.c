@@ -82,6 +82,8 @@ typedef struct purchase {
   char req_ref[257];       /* the billing reference */
   uint8_t *resp;           /* the packed answer */
   size_t resp_len;
+  tg_span_ref_t trace;     /* the call's server span (outlives it: the capture comes after the answer) */
+  tg_span_t *sp_auth, *sp_log, *sp_cap; /* open child spans (base/trace.h); NULL: not traced */
 } purchase_t;
 
 static tg_metric_t *m_tx, *m_auth;
@@ -120,6 +122,15 @@ static const char *claimed_tenant(const purchase_t *p) {
 }
 
 static void count(const purchase_t *p, const char *status) {
+  /* Every outcome is counted just before its answer: the access log's note. */
+  tg_http_req_t *http = p->call ? tg_connect_call_http(p->call) : NULL;
+  if (http && p->req_ref[0])
+    tg_redact_ref(p->req_ref, http->note.payer, sizeof http->note.payer);
+  if (http && (strcmp(status, "approved") == 0 || strcmp(status, "deferred") == 0)) {
+    http->note.priced = true;
+    http->note.price = p->total;
+    snprintf(http->note.currency, sizeof http->note.currency, "%s", p->currency);
+  }
   if (p->nheld == 0) {
     const char *labels[] = {claimed_tenant(p), status};
     tg_counter_add(m_tx, labels, 1);
@@ -136,6 +147,9 @@ static void on_timer_closed(uv_handle_t *h) {
 }
 
 static void purchase_free(purchase_t *p) {
+  tg_span_finish(&p->sp_auth, "abandoned");
+  tg_span_finish(&p->sp_log, "abandoned");
+  tg_span_finish(&p->sp_cap, "abandoned");
   for (size_t k = 0; k < p->nheld; k++) {
     tg_snapshot_release(p->aw->catalog_readers[p->held[k].tenant], p->held[k].pin);
     if (p->held[k].st)
@@ -255,6 +269,7 @@ static void on_capture_logged(void *arg, int status, uint64_t seq) {
 
 static void on_captured(void *arg, const tg_billing_result_t *r) {
   purchase_t *p = arg;
+  tg_span_finish(&p->sp_cap, r->status == TG_BILLING_APPROVED ? NULL : r->detail);
   tg_billing_book_t *book = p->remote ? p->aw->app->billing_book : NULL;
   if (r->status != TG_BILLING_APPROVED) {
     /* Owed: captured again later (once per transaction id): by the main
@@ -298,6 +313,7 @@ static void on_shared(void *arg, int st, const void *resp, size_t len) {
 
 static void on_durable(void *arg, int status, uint64_t seq) {
   purchase_t *p = arg;
+  tg_span_finish(&p->sp_log, status != 0 ? strerror(-status) : NULL);
   if (status != 0) {
     char msg[160];
     tg_log_req(TG_LOG_ERROR, p->request_id, "transaction log append failed", "transaction", p->txid, "error",
@@ -338,6 +354,8 @@ static void answer(purchase_t *p) {
     p->has_hold = false;
     if (shared_ledger(p))
       tg_owed_add(p->aw->app->owed, p->txid, p->req_ref, p->currency, p->total, p->hold);
+    p->sp_cap = tg_span_start_ref("billing.capture", &p->trace, TG_SPAN_CLIENT);
+    tg_span_set_str(p->sp_cap, "billing.adapter", p->billing->ops->name);
     p->billing->ops->capture(p->billing, p->hold, on_captured, p);
     return;
   }
@@ -521,17 +539,21 @@ static void sign_failed(purchase_t *p, size_t i, const char *why) {
 static void sign_and_log(purchase_t *p) {
   const tg_app_t *app = p->aw->app;
   int64_t now = (int64_t)time(NULL);
+  tg_span_t *sp = tg_span_start_ref("signer.sign", &p->trace, TG_SPAN_INTERNAL);
+  tg_span_set_int(sp, "items", (int64_t)p->nitems);
   for (size_t i = 0; i < p->nitems; i++) {
     item_t *it = &p->items[i];
     const tg_signer_t *s = &app->signers[it->tenant];
     char why[256] = "";
     tg_buf_t url = {0};
     if (s->type == TG_SIGNER_NONE) {
+      tg_span_finish(&sp, "no signer");
       sign_failed(p, i, "no signer is configured for the tenant");
       return;
     }
     if (tg_signer_resource(s, it->offer.uri, now, &url, &it->url_expires, why, sizeof why) != 0) {
       tg_buf_free(&url);
+      tg_span_finish(&sp, why[0] ? why : "out of memory");
       sign_failed(p, i, why[0] ? why : "out of memory");
       return;
     }
@@ -541,6 +563,7 @@ static void sign_and_log(purchase_t *p) {
         (p->report_due == 0 || due < p->report_due))
       p->report_due = due;
   }
+  tg_span_finish(&sp, NULL);
   size_t len;
   uint8_t *rec = NULL;
   Ledger__V1__TransactionOutcome outcome = p->deferred ? LEDGER__V1__TRANSACTION_OUTCOME__TRANSACTION_OUTCOME_DEFERRED
@@ -566,10 +589,13 @@ static void sign_and_log(purchase_t *p) {
     }
     p->booked = true;
   }
+  p->sp_log = tg_span_start_ref("wal.append", &p->trace, TG_SPAN_INTERNAL);
+  tg_span_set_int(p->sp_log, "bytes", (int64_t)len);
   int rc = tg_wal_append(p->aw->wal, rec, len, on_durable, p, NULL);
   free(rec);
   if (rc == 0)
     return;
+  tg_span_finish(&p->sp_log, strerror(-rc));
   char msg[200];
   if (rc == -ENOSPC)
     snprintf(msg, sizeof msg, "the transaction log is full: nothing was charged; purchases resume once the "
@@ -638,7 +664,9 @@ static void billing_failed(purchase_t *p, const tg_billing_result_t *r) {
   txn.request_id = p->request_id;
   tg_policy_billing_t decision = TG_POLICY_BILLING_REJECT;
   tg_policy_error_t err;
+  tg_span_t *sp = tg_span_start_ref("policy.on_billing_timeout", &p->trace, TG_SPAN_INTERNAL);
   int rc = tg_policy_on_billing_timeout(p->held[0].st, &txn, &decision, &err);
+  tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
     decision = TG_POLICY_BILLING_REJECT; /* logged by the policy module */
   if (book)
@@ -674,6 +702,11 @@ static void billing_failed(purchase_t *p, const tg_billing_result_t *r) {
 
 static void on_authorized(void *arg, const tg_billing_result_t *r) {
   purchase_t *p = arg;
+  tg_span_set_str(p->sp_auth, "billing.result", r->status == TG_BILLING_APPROVED   ? "approved"
+                                                : r->status == TG_BILLING_DECLINED ? "declined"
+                                                                                   : "failed");
+  tg_span_finish(&p->sp_auth,
+                 r->status == TG_BILLING_APPROVED || r->status == TG_BILLING_DECLINED ? NULL : r->detail);
   uint64_t took = uv_hrtime() - p->auth_started;
   if (!p->remote) /* a billing service's adapter counts its own */
     for (size_t k = 0; k < p->nheld; k++) {
@@ -711,7 +744,13 @@ static void authorize(purchase_t *p) {
   size_t tl;
   const char *tp = tg_view_call_header(p->call, "traceparent", 11, &tl);
   char trace[64];
-  if (tp && tl == 55) { /* version-traceid-parentid-flags, as W3C Trace Context sizes it */
+  p->sp_auth = tg_span_start_ref("billing.authorize", &p->trace, TG_SPAN_CLIENT);
+  tg_span_set_str(p->sp_auth, "billing.adapter", p->billing->ops->name);
+  tg_span_set_int(p->sp_auth, "amount", p->total);
+  tg_span_set_str(p->sp_auth, "currency", p->currency);
+  if (tg_span_traceparent(p->sp_auth, trace) == 0) { /* traced: billing's call is this span's child */
+    a.traceparent = trace;
+  } else if (tp && tl == 55) { /* version-traceid-parentid-flags, as W3C Trace Context sizes it */
     memcpy(trace, tp, tl);
     trace[tl] = '\0';
     a.traceparent = trace;
@@ -740,13 +779,19 @@ static int still_offered(purchase_t *p, size_t i) {
   if (tg_view_connect(&v, "ExecuteTransaction", it->offer.uri, tg_connect_call_http(p->call), t->name,
                       tg_view_call_header, p->call, p->req->ai_system) != 0)
     return 0;
+  tg_span_t *sp = tg_span_start_ref("policy.skip", &p->trace, TG_SPAN_INTERNAL);
   int rc = tg_policy_skip(h->st, &v.req, &skip, &err);
+  tg_span_set_str(sp, "tenant", t->name);
+  tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK)
     return -1;
   if (skip)
     return 1; /* free now: the offer the agent accepted stands */
   tg_quote_t quote, *q = &quote;
+  sp = tg_span_start_ref("catalog.quote", &p->trace, TG_SPAN_INTERNAL);
+  tg_span_set_str(sp, "tenant", t->name);
   rc = tg_quote(t, h->pin.data, h->st, &v, q, &err);
+  tg_span_finish(&sp, rc != 0 ? "quote failed" : NULL);
   int found = rc == 0 ? 0 : -1;
   for (size_t k = 0; rc == 0 && k < q->n && !found; k++) {
     const tg_quote_offer_t *o = &q->offers[k];
@@ -826,7 +871,10 @@ static void limit(purchase_t *p) {
       p->failed = true; /* no view, no limit decided: refuse rather than sell unlimited */
       break;
     }
+    tg_span_t *sp = tg_span_start_ref("policy.rate_limit", &p->trace, TG_SPAN_INTERNAL);
+    tg_span_set_str(sp, "tenant", tn);
     int rc = tg_policy_rate_limit(h->st, &v.req, &rate, &err);
+    tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
     if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
       p->failed = true;
       break;
@@ -1052,6 +1100,7 @@ void tg_purchase_execute(tg_app_worker_t *aw, tg_connect_call_t *call,
   p->call = call;
   p->req = req;
   p->nitems = req->n_items;
+  tg_span_ref(tg_connect_call_span(call), &p->trace);
   snprintf(p->request_id, sizeof p->request_id, "%s", tg_connect_call_http(call)->request_id);
   snprintf(p->req_ref, sizeof p->req_ref, "%s", req->ai_system->billing_reference);
   new_txid(p->txid);

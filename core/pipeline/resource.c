@@ -24,6 +24,7 @@ typedef struct pass {
   tg_snapshot_pin_t catalog; /* pinned while the rate limit decides */
   size_t ti;                 /* the tenant's index */
   tg_view_t view;
+  tg_span_t *span;           /* the request's server span (base/trace.h); NULL: not traced */
 } pass_t;
 
 static const char *header_cb(void *ud, const char *name, size_t namelen, size_t *vlen) {
@@ -39,6 +40,7 @@ static const char *header_cb(void *ud, const char *name, size_t namelen, size_t 
  * body is built with jansson: paths and ids come from the client. */
 /* Ends the pass without answering (someone else answers). */
 static void release(pass_t *p) {
+  tg_span_finish(&p->span, NULL);
   if (p->st)
     tg_policy_release(p->st);
   if (p->catalog.handle)
@@ -47,6 +49,9 @@ static void release(pass_t *p) {
 }
 
 static void finish(pass_t *p, int status, const tg_http_header_t *extra, json_t *body) {
+  tg_span_set_int(p->span, "http.response.status_code", status);
+  if (status >= 500)
+    tg_span_set_error(p->span, "server error");
   if (extra == NULL) {
     tg_http_respond_json(p->http, status, body);
   } else {
@@ -106,7 +111,10 @@ static const char *reason_name(tg_quote_status_t s) {
 static void priced(pass_t *p) {
   tg_quote_t q;
   tg_policy_error_t err;
-  if (tg_quote(p->tenant, p->catalog.data, p->st, &p->view, &q, &err) != 0) {
+  tg_span_t *sp = tg_span_start("catalog.quote", p->span, TG_SPAN_INTERNAL);
+  int rc = tg_quote(p->tenant, p->catalog.data, p->st, &p->view, &q, &err);
+  tg_span_finish(&sp, rc != 0 ? "quote failed" : NULL);
+  if (rc != 0) {
     fail_policy(p, &err);
     return;
   }
@@ -132,7 +140,8 @@ static void priced(pass_t *p) {
     return;
   }
   if (tg_paywall_enabled(p->aw->app->pay, p->ti)) {
-    tg_paywall_priced(p->aw, p->tenant, p->http, p->st, &p->view, first);
+    tg_paywall_priced(p->aw, p->tenant, p->http, p->st, &p->view, first, p->span);
+    p->span = NULL; /* the paywall's now */
     release(p);
     return;
   }
@@ -175,6 +184,12 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
   p->aw = aw;
   p->tenant = tenant;
   p->http = req;
+  if (tg_trace_global()) {
+    const tg_http_header_t *tp = tg_http_req_header(req, "traceparent");
+    p->span = tg_span_start_server("HTTP resource", tp ? tp->value : NULL, tp ? tp->value_len : 0);
+    tg_span_set_str(p->span, "tenant", tenant->name);
+    tg_span_set_str(p->span, "url.path", req->path);
+  }
   p->st = tg_policy_acquire(aw->policy, tenant->name);
   if (p->st == NULL) {
     tg_policy_error_t err = {TG_POLICY_ERR_RUNTIME, "no usable policy state"};
@@ -190,7 +205,9 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
 
   tg_policy_error_t err;
   bool skip = false;
+  tg_span_t *sp = tg_span_start("policy.skip", p->span, TG_SPAN_INTERNAL);
   int rc = tg_policy_skip(p->st, v, &skip, &err);
+  tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
     fail_policy(p, &err);
     return;
@@ -200,7 +217,9 @@ void tg_resource_handle(tg_app_worker_t *aw, const tg_config_tenant_t *tenant, t
     return;
   }
   tg_policy_rate_t rate;
+  sp = tg_span_start("policy.rate_limit", p->span, TG_SPAN_INTERNAL);
   rc = tg_policy_rate_limit(p->st, v, &rate, &err);
+  tg_span_finish(&sp, rc != 0 && rc != TG_POLICY_ERR_NOHOOK ? "policy error" : NULL);
   if (rc != 0 && rc != TG_POLICY_ERR_NOHOOK) {
     fail_policy(p, &err);
     return;

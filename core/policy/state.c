@@ -84,7 +84,8 @@ void tg_policy_metrics_get(tg_policy_metrics_t *m) {
   static const double buckets[] = {5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6,
                                    500e-6, 1e-3, 5e-3, 10e-3, 50e-3};
   m->errors = tg_metric_new(TG_METRIC_COUNTER, "policy_errors_total",
-                            "Policy hook calls that failed, by kind (error, timeout, memory, type)",
+                            "Policy hook calls that failed, by kind (error, timeout, memory, type); the request "
+                            "failed closed, and the gateway log has the policy's file:line.",
                             l_err, NULL, 0);
   m->reloads = tg_metric_new(TG_METRIC_COUNTER, "policy_reloads_total",
                              "Policy reloads that published (ok) or were refused (error)",

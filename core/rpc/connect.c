@@ -202,6 +202,7 @@ struct tg_connect_call {
   uint64_t deadline_ns; /* 0: no deadline */
   uv_timer_t timer;
   char tenant[64];
+  tg_span_t *span; /* the server span (base/trace.h); NULL: not traced */
   tg_http_header_t extra[EXTRA_HEADERS_MAX]; /* sent with the answer; strings in the arena */
   unsigned nextra;
   ProtobufCAllocator allocator; /* protobuf-c view of the arena */
@@ -266,6 +267,7 @@ static tg_connect_call_t *call_new(tg_http_req_t *req, const route_t *route) {
 }
 
 static void call_free(tg_connect_call_t *call) {
+  tg_span_finish(&call->span, NULL);
   if (call->request && !call->request_in_arena)
     protobuf_c_message_free_unpacked(call->request, NULL);
   arena_block_t *b = call->blocks;
@@ -446,6 +448,13 @@ static inflate_rc_t gzip_inflate(const void *in, size_t in_len, size_t max, unsi
 }
 
 static void record(tg_connect_call_t *call, tg_connect_code_t code) {
+  if (call->span) {
+    tg_span_set_str(call->span, "tenant", call->tenant);
+    tg_span_set_str(call->span, "rpc.connect.code", tg_connect_code_name(code));
+    if (code != TG_CONNECT_OK)
+      tg_span_set_error(call->span, tg_connect_code_name(code));
+    tg_span_finish(&call->span, NULL);
+  }
   if (metric_total == NULL)
     return;
   const char *name = call->route->name;
@@ -692,6 +701,8 @@ void tg_connect_fail_detail(tg_connect_call_t *call, tg_connect_code_t code, con
 
 tg_http_req_t *tg_connect_call_http(tg_connect_call_t *call) { return call->req; }
 
+tg_span_t *tg_connect_call_span(const tg_connect_call_t *call) { return call->span; }
+
 int tg_connect_call_expired(const tg_connect_call_t *call) { return call->expired; }
 
 uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call) {
@@ -709,6 +720,8 @@ void tg_connect_call_set_tenant(tg_connect_call_t *call, const char *tenant_id) 
   if (n)
     memcpy(call->tenant, tenant_id, n);
   call->tenant[n] = '\0';
+  if (call->req) /* the access log's (net/server.h) */
+    snprintf(call->req->note.tenant, sizeof call->req->note.tenant, "%s", call->tenant);
 }
 
 /* Request parsing helpers. */
@@ -1213,6 +1226,7 @@ int tg_connect_handle(const tg_connect_router_t *r, tg_http_req_t *req) {
     tg_http_respond_simple(req, 404, "text/plain; charset=utf-8", body, sizeof body - 1);
     return 1;
   }
+  req->note.route = route->name; /* the access log's (net/server.h); the router outlives requests */
 
   int is_get = req->method == HTTP_GET;
   if (req->method != HTTP_POST && !(is_get && route->m.no_side_effects)) {
@@ -1246,6 +1260,11 @@ int tg_connect_handle(const tg_connect_router_t *r, tg_http_req_t *req) {
   }
   call->is_get = is_get;
   call->codec = (codec_t)codec;
+  if (tg_trace_global()) {
+    const tg_http_header_t *tp = tg_http_req_header(req, "traceparent");
+    call->span = tg_span_start_server(route->m.name, tp ? tp->value : NULL, tp ? tp->value_len : 0);
+    tg_span_set_str(call->span, "rpc.method", route->m.name);
+  }
   if (!serve(r, call))
     call_free(call); /* answered before the handler ran */
   return 1;

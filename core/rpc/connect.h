@@ -5,6 +5,7 @@
 
 #include <protobuf-c/protobuf-c.h>
 
+#include "base/trace.h"
 #include "net/server.h"
 
 /* Connect protocol, unary over HTTP/1.1: routing by /<pkg>.<Service>/<Method>,
@@ -99,6 +100,11 @@ void tg_connect_fail_detail(tg_connect_call_t *call, tg_connect_code_t code, con
                            const char *msg);
 
 int tg_connect_call_expired(const tg_connect_call_t *call);
+/* The call's server span (base/trace.h: the incoming traceparent's trace, or
+ * a new one), the parent of the pipeline's spans; NULL when tracing is off
+ * or the trace is not sampled. It ends when the call is answered: a child
+ * must be started before that (it may end later). */
+tg_span_t *tg_connect_call_span(const tg_connect_call_t *call);
 /* Milliseconds left before the deadline; UINT32_MAX when there is none. */
 uint32_t tg_connect_call_remaining_ms(const tg_connect_call_t *call);
 /* Sets the tenant_id label the call is counted under in exchange_rpc_total

@@ -521,8 +521,8 @@ run_paid() {
   local vs vc rs rc ss sc
   vs="$(metric t402_verification_duration_seconds_sum "$e")"; vs="$(awk -v a="$vs" -v b="$(metric t402_verification_duration_seconds_sum "$b")" 'BEGIN { print a - b }')"
   vc="$(metric t402_verification_duration_seconds_count "$e")"; vc="$(awk -v a="$vc" -v b="$(metric t402_verification_duration_seconds_count "$b")" 'BEGIN { print a - b }')"
-  rs="$(metric t402_rpc_latency_ms_sum "$e")"; rs="$(awk -v a="$rs" -v b="$(metric t402_rpc_latency_ms_sum "$b")" 'BEGIN { print a - b }')"
-  rc="$(metric t402_rpc_latency_ms_count "$e")"; rc="$(awk -v a="$rc" -v b="$(metric t402_rpc_latency_ms_count "$b")" 'BEGIN { print a - b }')"
+  rs="$(metric t402_rpc_latency_seconds_sum "$e")"; rs="$(awk -v a="$rs" -v b="$(metric t402_rpc_latency_seconds_sum "$b")" 'BEGIN { print (a - b) * 1000 }')"
+  rc="$(metric t402_rpc_latency_seconds_count "$e")"; rc="$(awk -v a="$rc" -v b="$(metric t402_rpc_latency_seconds_count "$b")" 'BEGIN { print a - b }')"
   ss="$(metric t402_settlement_duration_seconds_sum "$a")"; ss="$(awk -v a="$ss" -v b="$(metric t402_settlement_duration_seconds_sum "$b")" 'BEGIN { print a - b }')"
   sc="$(metric t402_settlement_duration_seconds_count "$a")"; sc="$(awk -v a="$sc" -v b="$(metric t402_settlement_duration_seconds_count "$b")" 'BEGIN { print a - b }')"
   local failed retry queued_end

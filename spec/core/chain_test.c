@@ -679,9 +679,9 @@ TEST(metrics_label_hides_the_url_path) {
   if (strstr(text, want) == NULL)
     fprintf(stderr, "%s", text);
   CHECK(strstr(text, want) != NULL);
-  snprintf(want, sizeof want, "t402_rpc_latency_ms_count{provider=\"http://127.0.0.1:%d\"} 1", good);
+  snprintf(want, sizeof want, "t402_rpc_latency_seconds_count{provider=\"http://127.0.0.1:%d\"} 1", good);
   CHECK(strstr(text, want) != NULL);
-  CHECK(strstr(text, "t402_rpc_latency_ms_bucket{provider=") != NULL);
+  CHECK(strstr(text, "t402_rpc_latency_seconds_bucket{provider=") != NULL);
   CHECK(strstr(text, "secret") == NULL);
   free(text);
   tg_metrics_reset();

@@ -71,6 +71,96 @@ end
 -- test run that race is rare enough, and start() reports it plainly.)
 M.write_file = write_file
 
+-- ---- the suite's log folder and secret registry (spec/e2e/zz_secrets_spec.lua) ----
+
+-- TOLLGATE_LOG_DIR (set by run-suite.sh): every gateway started here logs
+-- into it, <its folder's name>.tollgate[.<launch>].log, kept after a clean
+-- stop, and every secret the suite hands a gateway is listed, one a line, in
+-- its secrets.txt, so the last spec can grep every log line for every one.
+M.LOG_DIR = os.getenv("TOLLGATE_LOG_DIR")
+if M.LOG_DIR == "" then
+  M.LOG_DIR = nil
+end
+
+local registered = {}
+-- Registers a secret (token, key, password, full billing reference). Strings
+-- under 6 bytes are too short to grep for without false alarms: skipped.
+function M.secret(value)
+  if not M.LOG_DIR or type(value) ~= "string" then
+    return
+  end
+  value = value:gsub("^%s+", ""):gsub("%s+$", "")
+  if #value < 6 or registered[value] or value:find("\n") then
+    return
+  end
+  registered[value] = true
+  local f = io.open(M.LOG_DIR .. "/secrets.txt", "ab")
+  if f then
+    f:write(value, "\n")
+    f:close()
+  end
+end
+
+-- The secrets in a secret file's content: the whole of a one-line file, else
+-- each line of 16 bytes or more that is not a PEM armor line.
+local function secret_content(content)
+  if not content then
+    return
+  end
+  local lines = {}
+  for line in content:gmatch("[^\r\n]+") do
+    lines[#lines + 1] = line
+  end
+  if #lines == 1 then
+    M.secret(lines[1])
+  else
+    for _, line in ipairs(lines) do
+      if #line >= 16 and not line:find("^%-%-%-%-%-") then
+        M.secret(line)
+      end
+    end
+  end
+end
+
+-- What a configuration in dir hands the gateway: the content of every
+-- *_file it names (tokens, keys, passwords), and every billing reference.
+local function register_config_secrets(dir, config_path)
+  if not M.LOG_DIR then
+    return
+  end
+  local text = read_file(config_path) or ""
+  for key, file in text:gmatch("([%w_]+_file)%s*=%s*\"([^\"]+)\"") do
+    if key ~= "policy_file" then
+      secret_content(read_file(file:sub(1, 1) == "/" and file or (dir .. "/" .. file)))
+    end
+  end
+  for ref in text:gmatch("billing_reference%s*=%s*\"([^\"]+)\"") do
+    M.secret(ref)
+  end
+end
+M.register_config_secrets = register_config_secrets
+
+-- Billing references (and ledger accounts) in a JSON request body.
+local function register_body_secrets(body)
+  if not M.LOG_DIR or not body then
+    return
+  end
+  for _, key in ipairs({ "billingReference", "billing_reference", "account" }) do
+    for ref in body:gmatch('"' .. key .. '"%s*:%s*"([^"]+)"') do
+      M.secret(ref)
+    end
+  end
+end
+
+-- The log file of a gateway in folder dir, launch n (nil: the first of start()).
+local function log_file(dir, n)
+  local suffix = n and ("." .. n) or ""
+  if M.LOG_DIR then
+    return M.LOG_DIR .. "/" .. dir:match("([^/]+)/*$") .. ".tollgate" .. suffix .. ".log"
+  end
+  return dir .. "/tollgate" .. suffix .. ".log"
+end
+
 function M.free_port()
   local s = assert(socket.tcp4())
   assert(s:bind(M.HOST, 0))
@@ -96,11 +186,25 @@ local function mktemp_dir()
   return dir
 end
 
+-- In the suite (TOLLGATE_LOG_DIR) every gateway writes the access log (every
+-- error, 5% of the rest: the load specs send 10^5 requests), so the secret
+-- grep reads request lines too; a spec that sets its own
+-- access_log, or opts.access_log = false, keeps its choice.
+local function default_access_log(opts)
+  if not M.LOG_DIR or opts.access_log == false or (opts.extra or ""):find("access_log", 1, true) then
+    return ""
+  end
+  local extra = (opts.extra or ""):gsub("%s+$", "")
+  local sep = (extra == "" or extra:find("[,;]$")) and "" or ","
+  return sep .. "\n  access_log = { sample = 0.05, errors = true },"
+end
+
 -- Writes the configuration (format in core/config.h) into dir and returns its
 -- path. opts.workers (default 1: one event loop makes "others are served while
 -- a slow client trickles" a real check).
 function M.write_config(dir, ports, token, opts)
   opts = opts or {}
+  M.secret(token)
   write_file(dir .. "/admin.token", token .. "\n", "600")
   os.execute("mkdir -p " .. sh_quote(dir .. "/data"))
   local l = M.LIMITS
@@ -123,7 +227,7 @@ return {
     l.max_header_bytes, l.max_body_bytes, l.header_timeout_ms, l.body_timeout_ms,
     l.idle_timeout_ms,
     opts.tenants or string.format("{ name = \"news\", hosts = { %q } },", M.TENANT_HOST),
-    opts.extra or "")
+    (opts.extra or "") .. default_access_log(opts))
   -- Files the configuration refers to (policies), relative to dir.
   for name, content in pairs(opts.files or {}) do
     write_file(dir .. "/" .. name, content)
@@ -190,7 +294,8 @@ function M.start(opts)
     token = M.random_hex(16),
   }
   gw.config = M.write_config(dir, { public = gw.port, admin = gw.admin_port }, gw.token, opts)
-  gw.log_path = dir .. "/tollgate.log"
+  register_config_secrets(dir, gw.config)
+  gw.log_path = log_file(dir)
   gw.rc_path = dir .. "/exit.rc"
   local cmd = string.format(
     "cd %s && { %s run -c %s >%s 2>&1 </dev/null & pid=$!; echo $pid; wait $pid; echo $? >%s; } &",
@@ -316,6 +421,7 @@ end
 
 -- A request with a body and a Content-Length. headers: list of "Name: value".
 function M.body_req(method, path, headers, body)
+  register_body_secrets(body)
   local lines = { method .. " " .. path .. " HTTP/1.1", "Host: " .. M.TENANT_HOST }
   for _, h in ipairs(headers or {}) do
     lines[#lines + 1] = h
@@ -586,6 +692,7 @@ end
 -- An admin request (Bearer token) on gw's admin listener; body (a string)
 -- makes it carry Content-Length. Returns the response.
 function M.admin(gw, method, path, body)
+  register_body_secrets(body)
   local lines = { method .. " " .. path .. " HTTP/1.1", "Host: 127.0.0.1", "Authorization: Bearer " .. gw.token }
   if body then
     lines[#lines + 1] = "Content-Type: application/json"
@@ -611,7 +718,8 @@ end
 -- retried for up to 10 s. Returns gw, or raises with the log.
 function M.relaunch(gw)
   gw.launches = (gw.launches or 1) + 1
-  gw.log_path = gw.dir .. "/tollgate." .. gw.launches .. ".log"
+  gw.log_path = log_file(gw.dir, gw.launches)
+  register_config_secrets(gw.dir, gw.config)
   gw.rc_path = gw.dir .. "/exit." .. gw.launches .. ".rc"
   gw.stopped, gw.stop_result = nil, nil
   local deadline = M.now() + 10

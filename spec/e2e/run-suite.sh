@@ -28,6 +28,14 @@ command -v redis-server >/dev/null || fail_setup "redis-server is not installed 
 mkdir -p "$build_dir"
 build_dir="$(cd "$build_dir" && pwd)"
 log="$build_dir/e2e.log"
+# Every gateway the specs start logs here, and the secrets they hand one are
+# listed here (helpers.lua); zz_secrets_spec.lua, last, greps the one for the other.
+if [ -z "${TOLLGATE_LOG_DIR:-}" ]; then
+  TOLLGATE_LOG_DIR="$build_dir/e2e-logs"
+  rm -rf "$TOLLGATE_LOG_DIR"
+fi
+mkdir -p "$TOLLGATE_LOG_DIR" || fail_setup "cannot create $TOLLGATE_LOG_DIR"
+export TOLLGATE_LOG_DIR
 cd "$here" || fail_setup "cannot enter $here"
 # Specs run in file order; each file starts and stops its own gateway.
 TOLLGATE_BIN="$bin" busted --lua=luajit --output=plainTerminal --verbose --no-auto-insulate \

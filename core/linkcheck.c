@@ -1,3 +1,3 @@
 /* Linked with one layer's every object and only the layers below it: see
- * cmake/layers.cmake. It is never run. */
+ * core/layers.cmake. It is never run. */
 int main(void) { return 0; }
