@@ -696,6 +696,21 @@ static int opt_boolean(ctx_t *c, int t, const char *key, bool *out) {
   return rc;
 }
 
+/* An optional number in 0..1 (a share: sampling). */
+static int opt_fraction(ctx_t *c, int t, const char *key, double *out) {
+  int rc = 0;
+  if (field(c, t, key) == LUA_TNIL)
+    ;
+  else if (want_type(c, LUA_TNUMBER, "a number in 0..1") != 0)
+    rc = -1;
+  else if (!(lua_tonumber(c->L, -1) >= 0 && lua_tonumber(c->L, -1) <= 1))
+    rc = fail_here(c, "must be a number in 0..1, got %.14g", lua_tonumber(c->L, -1));
+  else
+    *out = lua_tonumber(c->L, -1);
+  leave(c);
+  return rc;
+}
+
 /* Resolves p against the config's folder and drops "." and ".." lexically:
  * the folder comes from realpath, so this matches what the kernel sees
  * unless p itself walks out of a symlink. */
@@ -1383,19 +1398,9 @@ static int load_access_log(ctx_t *c, int root) {
     al->sample = 1.0;
     al->errors = true;
     if (want_type(c, LUA_TTABLE, "a table { sample = 1.0, errors = true }") != 0 ||
-        check_keys(c, t, access_log_keys) != 0 || opt_boolean(c, t, "errors", &al->errors) != 0)
+        check_keys(c, t, access_log_keys) != 0 || opt_boolean(c, t, "errors", &al->errors) != 0 ||
+        opt_fraction(c, t, "sample", &al->sample) != 0)
       rc = -1;
-    if (rc == 0) {
-      if (field(c, t, "sample") == LUA_TNIL)
-        ;
-      else if (want_type(c, LUA_TNUMBER, "a number in 0..1") != 0)
-        rc = -1;
-      else if (!(lua_tonumber(c->L, -1) >= 0 && lua_tonumber(c->L, -1) <= 1))
-        rc = fail_here(c, "must be a number in 0..1, got %.14g", lua_tonumber(c->L, -1));
-      else
-        al->sample = lua_tonumber(c->L, -1);
-      leave(c);
-    }
   }
   leave(c);
   return rc;
@@ -1413,19 +1418,8 @@ static int load_tracing(ctx_t *c, int root) {
         check_keys(c, t, tracing_keys) != 0 || req_string(c, t, "endpoint", &tr->endpoint) != 0 ||
         opt_string(c, t, "service_name", &tr->service_name) != 0 ||
         opt_integer(c, t, "batch", 1, 65536, &batch) != 0 || opt_integer(c, t, "flush_ms", 10, 600000, &flush) != 0 ||
-        opt_integer(c, t, "queue", 16, 1 << 20, &queue) != 0)
+        opt_integer(c, t, "queue", 16, 1 << 20, &queue) != 0 || opt_fraction(c, t, "sample", &tr->sample) != 0)
       rc = -1;
-    if (rc == 0) {
-      if (field(c, t, "sample") == LUA_TNIL)
-        ;
-      else if (want_type(c, LUA_TNUMBER, "a number in 0..1") != 0)
-        rc = -1;
-      else if (!(lua_tonumber(c->L, -1) >= 0 && lua_tonumber(c->L, -1) <= 1))
-        rc = fail_here(c, "must be a number in 0..1, got %.14g", lua_tonumber(c->L, -1));
-      else
-        tr->sample = lua_tonumber(c->L, -1);
-      leave(c);
-    }
     if (rc == 0 && strncmp(tr->endpoint, "http://", 7) != 0 && strncmp(tr->endpoint, "https://", 8) != 0) {
       field(c, t, "endpoint");
       rc = fail_here(c, "'%s' is not an http(s) URL", tr->endpoint);

@@ -178,12 +178,18 @@ function M.random_hex(nbytes)
   end))
 end
 
-local function mktemp_dir()
-  local p = assert(io.popen("mktemp -d " .. sh_quote((os.getenv("TMPDIR") or "/tmp") .. "/tollgate-e2e-XXXXXX")))
+-- A new folder /tmp/tollgate-e2e-<tag>-XXXXXX (tag default "d"), for a spec's files.
+function M.tmpdir(tag)
+  local p = assert(io.popen("mktemp -d " .. sh_quote((os.getenv("TMPDIR") or "/tmp") .. "/tollgate-e2e-"
+    .. (tag or "d") .. "-XXXXXX")))
   local dir = p:read("*l")
   p:close()
   assert(dir and dir ~= "", "mktemp -d failed")
   return dir
+end
+
+local function mktemp_dir()
+  return M.tmpdir()
 end
 
 -- In the suite (TOLLGATE_LOG_DIR) every gateway writes the access log (every

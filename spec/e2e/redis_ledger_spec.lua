@@ -20,13 +20,7 @@ local ACCOUNTS = {
   ["r-restart"] = 100000,
 }
 
-local function tmpdir(tag)
-  local p = assert(io.popen("mktemp -d /tmp/tollgate-e2e-" .. tag .. "-XXXXXX"))
-  local dir = p:read("*l")
-  p:close()
-  assert(dir and dir ~= "", "mktemp -d failed")
-  return dir
-end
+local tmpdir = h.tmpdir
 
 local KEYS = tmpdir("rkeys")
 h.write_file(KEYS .. "/news.key", "news-secret-" .. h.random_hex(8) .. "\n", "600")

@@ -21,13 +21,7 @@ local ACCOUNT = "acct-scale"
 local FUNDS = 1000000000000
 local RATE, BURST = 50, 10
 
-local function tmpdir(tag)
-  local p = assert(io.popen("mktemp -d /tmp/tollgate-e2e-" .. tag .. "-XXXXXX"))
-  local dir = p:read("*l")
-  p:close()
-  assert(dir and dir ~= "", "mktemp -d failed")
-  return dir
-end
+local tmpdir = h.tmpdir
 
 local function policy(price)
   return string.format([[

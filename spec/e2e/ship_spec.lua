@@ -20,13 +20,7 @@ local CAPACITY = 1048576
 local SEGMENT = 65536
 local SOCKETS = 8
 
-local function tmpdir(tag)
-  local p = assert(io.popen("mktemp -d /tmp/tollgate-e2e-" .. tag .. "-XXXXXX"))
-  local dir = p:read("*l")
-  p:close()
-  assert(dir and dir ~= "", "mktemp -d failed")
-  return dir
-end
+local tmpdir = h.tmpdir
 
 local redis_call, stream = redisc.call, redisc.stream
 
