@@ -156,7 +156,8 @@ tg_tracer_t *tg_tracer_new(const tg_tracer_opts_t *opts) {
   double sample = opts && opts->sample_set ? opts->sample : 1.0;
   uint32_t q = opts && opts->queue ? opts->queue : 8192;
   t->sample_all = sample >= 1.0;
-  t->sample_below = sample <= 0 ? 0 : (uint64_t)(sample * 18446744073709551615.0);
+  /* 2^64 * sample, computed where it fits (a double of 2^64 does not convert) */
+  t->sample_below = sample <= 0 ? 0 : sample >= 1.0 ? UINT64_MAX : (uint64_t)(sample * 0x1.0p63) << 1;
   t->ring_size = 16;
   while (t->ring_size < q)
     t->ring_size <<= 1;

@@ -329,10 +329,23 @@ static void tenant_action(const tg_admin_t *a, tg_http_req_t *req, const char *r
   }
 }
 
+static void drain_timer_close(tg_admin_t *a) {
+  if (a->drain_loop == NULL)
+    return;
+  a->drain_loop = NULL;
+  uv_close((uv_handle_t *)&a->drain_timer, NULL); /* its memory is a's */
+}
+
 static void on_drain_delay(uv_timer_t *t) {
   tg_admin_t *a = t->data;
   tg_log(TG_LOG_INFO, "drain: public listeners closed", NULL);
   tg_server_close_listeners(a->server, 0, a->npublic);
+  drain_timer_close(a);
+}
+
+void tg_admin_worker_stop(tg_admin_t *a, tg_worker_t *w) {
+  if (a->drain_loop == w->loop)
+    drain_timer_close(a);
 }
 
 /* POST /admin/drain[?delay_ms=N]: /readyz answers 503 "draining" at once;
@@ -383,6 +396,7 @@ static void drain(tg_admin_t *a, tg_http_req_t *req) {
     tg_server_close_listeners(a->server, 0, a->npublic);
   } else {
     a->drain_timer.data = a;
+    a->drain_loop = req->worker->loop;
     uv_timer_start(&a->drain_timer, on_drain_delay, (uint64_t)delay, 0);
     uv_unref((uv_handle_t *)&a->drain_timer);
   }

@@ -44,9 +44,14 @@ typedef struct tg_admin {
   tg_server_t *server;          /* NULL until the listeners are up */
   size_t npublic;
   uv_timer_t drain_timer;       /* the drain's delay (worker 0's loop) */
+  uv_loop_t *drain_loop;        /* the loop drain_timer is open on; NULL: closed or never opened */
 } tg_admin_t;
 
 /* tg_http_handler_fn with ud a tg_admin_t. */
 void tg_admin_handle(tg_http_req_t *req, void *ud);
+
+/* Worker w stops: the drain's delay timer, when it is open on w's loop, is
+ * closed (its loop could not be closed otherwise). On w's thread. */
+void tg_admin_worker_stop(tg_admin_t *a, tg_worker_t *w);
 
 #endif

@@ -223,6 +223,7 @@ static int worker_start(tg_worker_t *w, void *ud) {
 
 static void worker_stop(tg_worker_t *w, void *ud) {
   tg_gateway_t *g = ud;
+  tg_admin_worker_stop(&g->admin, w);
   tg_app_worker_stop(&g->app, w);
 }
 
